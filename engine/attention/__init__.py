@@ -1,0 +1,90 @@
+"""Attention backends over the paged KV cache, chosen once at start.
+
+A backend turns the step's chunks into its own metadata (built once per step, shared by
+every layer) and computes attention for a flat batch of tokens, writing the new keys
+and values into the cache first.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from engine.step import ScheduledChunk
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class KVCache:
+    """One layer's cache; k and v are [num_blocks, block_size, num_kv_heads, head_dim]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+class AttentionMetadata(Protocol):
+    slot_mapping: torch.Tensor  # [T] flat cache slot of each token
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def build_metadata(
+        self, chunks: list[ScheduledChunk], block_size: int, device: torch.device
+    ) -> AttentionMetadata: ...
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor: ...
+
+
+def flash_available() -> bool:
+    return importlib.util.find_spec("vllm_flash_attn") is not None
+
+
+def select_backend(name: str, device: torch.device, head_dim: int) -> AttentionBackend:
+    """``auto``: vllm-flash-attn's paged kernels on CUDA when importable, else torch."""
+    from engine.attention.torch_paged import TorchPagedAttention
+
+    if name == "auto":
+        name = "flash" if device.type == "cuda" and flash_available() else "torch"
+    if name == "flash":
+        if device.type != "cuda" or not flash_available():
+            raise ValueError(
+                "attention_backend: 'flash' needs CUDA and the vllm-flash-attn package"
+            )
+        from engine.attention.flash import FlashAttention
+
+        backend: AttentionBackend = FlashAttention(head_dim)
+    else:
+        backend = TorchPagedAttention(head_dim)
+    logger.info("attention backend: %s on %s", backend.name, device)
+    return backend
+
+
+def slot_mapping(chunks: list[ScheduledChunk], block_size: int) -> list[int]:
+    """The flat cache slot of every token in the step, in batch order."""
+    slots: list[int] = []
+    for c in chunks:
+        for pos in range(c.start_pos, c.context_len):
+            slots.append(c.block_table[pos // block_size] * block_size + pos % block_size)
+    return slots
+
+
+__all__ = [
+    "AttentionBackend",
+    "AttentionMetadata",
+    "KVCache",
+    "select_backend",
+    "slot_mapping",
+]

@@ -1,0 +1,216 @@
+"""The step-level engine that the offline API and the workers drive.
+
+A request's path: ``add_request`` validates it and puts it in the scheduler's waiting
+queue; each ``step`` asks the scheduler for a plan (prefill chunks and decode tokens
+within the token budget), runs it through the model runner, appends the sampled
+tokens, detokenizes them, checks stop conditions and frees the blocks of finished
+requests. ``abort`` frees a request's blocks at any point.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence as Seq
+
+import torch
+
+from engine import envs
+from engine.attention import select_backend
+from engine.block_manager import BlockManager
+from engine.config import CacheConfig, EngineConfig, ModelConfig
+from engine.kv_cache import allocate_kv_cache, num_blocks_for
+from engine.loader import load_model
+from engine.model_runner import ModelRunner
+from engine.models import LlamaForCausalLM
+from engine.output_processor import RequestState
+from engine.outputs import EngineStats, RequestOutput
+from engine.sampler import SamplingRequest
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+from engine.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # bf16 matmuls crash some CPUs' oneDNN paths; fp32 is the CPU default.
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return _DTYPES[name]
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        tokenizer: Tokenizer,
+        runner: ModelRunner,
+        scheduler: Scheduler,
+    ):
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.runner = runner
+        self.scheduler = scheduler
+        self.max_model_len = model_config.max_position_embeddings
+        self._states: dict[str, RequestState] = {}
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLMEngine:
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+        loaded = load_model(config.model, dtype=dtype)
+        torch.manual_seed(config.seed)
+        model = LlamaForCausalLM.from_weights(loaded.config, loaded.weights, device, dtype)
+        loaded.weights.clear()
+        cache: CacheConfig = config.cache
+        num_blocks = num_blocks_for(loaded.config, cache, dtype, device)
+        caches = allocate_kv_cache(loaded.config, num_blocks, cache.block_size, dtype, device)
+        name = (
+            config.attention_backend
+            if config.attention_backend != "auto"
+            else envs.attention_backend()
+        )
+        backend = select_backend(name, device, loaded.config.head_dim)
+        runner = ModelRunner(model, caches, backend, cache.block_size, device)
+        blocks = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        logger.info(
+            "loaded %s: %s, %d KV blocks of %d tokens, attention %s",
+            loaded.source,
+            dtype,
+            num_blocks,
+            cache.block_size,
+            backend.name,
+        )
+        return cls(loaded.config, loaded.tokenizer, runner, Scheduler(config.scheduler, blocks))
+
+    @property
+    def block_manager(self) -> BlockManager:
+        return self.scheduler.blocks
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | None = None,
+        params: SamplingParams | None = None,
+        *,
+        prompt_token_ids: Seq[int] | None = None,
+    ) -> None:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params: must be SamplingParams, got {type(params).__name__}")
+        if request_id in self._states:
+            raise ValueError(f"request_id: {request_id!r} is already running")
+        ids = self._prompt_ids(prompt, prompt_token_ids)
+        self._check_fits(ids, params)
+        seq = Sequence(request_id, ids, params)
+        self._states[request_id] = RequestState(seq, self.tokenizer, self.max_model_len)
+        self.scheduler.add(seq)
+
+    def _prompt_ids(self, prompt: str | None, prompt_token_ids: Seq[int] | None) -> list[int]:
+        if prompt_token_ids is not None:
+            ids = list(prompt_token_ids)
+            vocab = self.model_config.vocab_size
+            bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ValueError(f"prompt_token_ids: {bad!r} is not a token id in [0, {vocab})")
+        elif isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            raise ValueError(f"prompt: must be a str, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("prompt: must not be empty")
+        return ids
+
+    def _check_fits(self, ids: list[int], params: SamplingParams) -> None:
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt: {len(ids)} tokens does not fit the model's context of "
+                f"{self.max_model_len} tokens (at least one must be left to generate)"
+            )
+        blocks = self.block_manager
+        longest = min(len(ids) + params.max_tokens, self.max_model_len)
+        if blocks.blocks_needed(longest) > blocks.num_blocks:
+            raise ValueError(
+                f"max_tokens: prompt ({len(ids)}) + max_tokens ({params.max_tokens}) needs "
+                f"{blocks.blocks_needed(longest)} KV blocks; the cache has {blocks.num_blocks}"
+            )
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        rows = {
+            c.request_id: self._sampling_row(self._states[c.request_id].seq)
+            for c in plan.chunks
+            if c.sample
+        }
+        sampled, out = self.runner.execute(plan, rows)
+        self.scheduler.commit(plan)
+        now = time.monotonic()
+        outputs = []
+        for i, request_id in enumerate(sampled):
+            state = self._states[request_id]
+            seq = state.seq
+            if seq.metrics.first_token_time is None:
+                seq.metrics.first_token_time = now
+            token = out.token_ids[i]
+            delta, reason = state.process(token, out.logprobs[i] if out.logprobs else None)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                del self._states[request_id]
+            outputs.append(self._output(state, [token], delta))
+        return outputs
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRequest:
+        return SamplingRequest(
+            seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.generator
+        )
+
+    def _output(self, state: RequestState, new: list[int], delta: str) -> RequestOutput:
+        seq = state.seq
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=seq.output_token_ids,
+            text=state.text,
+            new_token_ids=new,
+            delta_text=delta,
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+            logprobs=state.logprobs,
+            num_cached_tokens=seq.num_cached_tokens,
+            metrics=seq.metrics,
+        )
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request wherever it is and free its blocks; None if it is unknown."""
+        state = self._states.pop(request_id, None)
+        if state is None:
+            return None
+        self.scheduler.finish(state.seq, "abort")
+        return self._output(state, [], "")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            num_waiting=len(s.waiting),
+            num_running=len(s.running),
+            free_blocks=s.blocks.num_free_blocks,
+            total_blocks=s.blocks.num_blocks,
+            num_preemptions=s.num_preemptions,
+        )

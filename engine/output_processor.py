@@ -1,0 +1,53 @@
+"""Turns sampled tokens into text deltas and finish decisions, per request."""
+
+from __future__ import annotations
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.sequence import Sequence
+from engine.stop import StopChecker
+from engine.tokenizer import Tokenizer
+
+
+class RequestState:
+    """The output side of one request: detokenizer, stop checker, text released so far."""
+
+    def __init__(self, seq: Sequence, tokenizer: Tokenizer, max_model_len: int):
+        self.seq = seq
+        self.max_model_len = max_model_len
+        self.detokenizer = IncrementalDetokenizer(
+            tokenizer, seq.prompt_token_ids, skip_special_tokens=seq.params.skip_special_tokens
+        )
+        self.stop = StopChecker(seq.params, tokenizer.eos_token_ids)
+        self.released = 0
+        self.logprobs: list[list[tuple[int, float]]] | None = (
+            [] if seq.params.logprobs is not None else None
+        )
+
+    @property
+    def text(self) -> str:
+        return self.detokenizer.text[: self.released]
+
+    def process(
+        self, token_id: int, logprobs: list[tuple[int, float]] | None
+    ) -> tuple[str, str | None]:
+        """Record one sampled token; returns the text it releases and the finish reason."""
+        seq = self.seq
+        seq.token_ids.append(token_id)
+        if self.logprobs is not None and logprobs is not None:
+            self.logprobs.append(logprobs)
+        self.detokenizer.push([token_id])
+        decision = self.stop.check(seq.output_token_ids, token_id, self.detokenizer.text)
+        reason = decision.finish_reason
+        text_end = decision.text_end
+        if reason is None and seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None and decision.finish_reason is None:
+            # Finished for a reason the stop checker did not see: release what it held back.
+            self.detokenizer.flush()
+            text_end = len(self.detokenizer.text)
+        elif reason is not None and text_end == len(self.detokenizer.text):
+            self.detokenizer.flush()
+            text_end = len(self.detokenizer.text)
+        delta = self.detokenizer.text[self.released : text_end]
+        self.released = max(self.released, text_end)
+        return delta, reason
