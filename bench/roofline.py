@@ -1,0 +1,100 @@
+"""This machine's ceilings, measured in the same run as the benchmark they judge.
+
+Two numbers: fp32 matmul throughput (the compute roofline: a decode step of B tokens
+cannot beat ``B * 2 * params`` FLOPs at this rate) and memory read bandwidth (the memory
+roofline: a batch-1 decode step cannot beat reading every weight once). Both use torch with
+its thread count as set, because that is what the engine runs with.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Roofline:
+    matmul_gflops: float  # fp32, best trial
+    read_gbps: float  # GB/s (1e9 bytes), best trial
+    threads: int
+    matmul_size: int
+    read_bytes: int
+
+
+def measure_matmul_gflops(n: int = 2048, repeats: int = 3, trials: int = 5) -> float:
+    """Best-of-``trials`` fp32 GFLOP/s of ``repeats`` back-to-back [n, n] @ [n, n] products."""
+    a = torch.randn(n, n, dtype=torch.float32)
+    b = torch.randn(n, n, dtype=torch.float32)
+    c = torch.empty(n, n, dtype=torch.float32)
+    torch.mm(a, b, out=c)  # warm-up: thread pool start, oneDNN/MKL kernel selection
+    best = float("inf")
+    for _ in range(trials):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            torch.mm(a, b, out=c)
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n**3 * repeats / best / 1e9
+
+
+def measure_read_gbps(nbytes: int = 1 << 30, trials: int = 5) -> float:
+    """Best-of-``trials`` GB/s of summing an fp32 tensor of ``nbytes`` (far larger than cache)."""
+    x = torch.empty(nbytes // 4, dtype=torch.float32)
+    x.fill_(1.0)  # touch every page so the first trial does not time page faults
+    x.sum()
+    best = float("inf")
+    for _ in range(trials):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best / 1e9
+
+
+def measure(matmul_size: int = 2048, read_bytes: int = 1 << 30) -> Roofline:
+    return Roofline(
+        matmul_gflops=measure_matmul_gflops(matmul_size),
+        read_gbps=measure_read_gbps(read_bytes),
+        threads=torch.get_num_threads(),
+        matmul_size=matmul_size,
+        read_bytes=read_bytes,
+    )
+
+
+def parameter_count(path: str) -> int:
+    """Number of weights stored in a GGUF file or a Hugging Face safetensors directory.
+
+    Read from the file headers, without loading tensors. A tied embedding is stored once and
+    counted once; as the LM head it is also read and multiplied once per decode step, so
+    ``2 * parameter_count`` is the matmul FLOPs per token (the embedding gather aside).
+    """
+    if os.path.isdir(path):
+        return _safetensors_parameter_count(path)
+    if path.endswith(".gguf"):
+        return _gguf_parameter_count(path)
+    raise ValueError(f"model: expected a .gguf file or a directory, got {path!r}")
+
+
+def _gguf_parameter_count(path: str) -> int:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    return sum(int(t.n_elements) for t in reader.tensors)
+
+
+def _safetensors_parameter_count(path: str) -> int:
+    from safetensors import safe_open
+
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise ValueError(f"model: no *.safetensors files in {path!r}")
+    total = 0
+    for name in files:
+        with safe_open(os.path.join(path, name), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                numel = 1
+                for dim in f.get_slice(key).get_shape():
+                    numel *= dim
+                total += numel
+    return total

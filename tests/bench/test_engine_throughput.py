@@ -1,0 +1,90 @@
+"""The engine benchmark's own parts: prompts, subsets, rooflines, parameter counts, report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import engine_throughput as et
+from bench import roofline
+from bench.report import DecodeResult, Report, Throughput, format_report
+
+
+def test_prompts_are_deterministic_and_in_range() -> None:
+    a = et.make_prompts(20, 50, 500, 1000, seed=3, allowed=lambda i: i >= 10)
+    assert a == et.make_prompts(20, 50, 500, 1000, seed=3, allowed=lambda i: i >= 10)
+    assert a != et.make_prompts(20, 50, 500, 1000, seed=4, allowed=lambda i: i >= 10)
+    assert all(50 <= len(p) <= 500 for p in a)
+    assert all(10 <= t < 1000 for p in a for t in p)
+
+
+def test_spread_subset_spans_the_lengths() -> None:
+    prompts = [[0] * n for n in range(1, 101)]
+    subset = et.spread_subset(prompts, 4)
+    assert [len(p) for p in subset] == [13, 38, 63, 88]
+    assert et.spread_subset(prompts[:3], 5) == prompts[:3]
+
+
+def test_bad_options_exit_with_usage_error() -> None:
+    with pytest.raises(SystemExit) as exc:
+        et.main(["--num-prompts", "0"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit):
+        et.main(["--decode-batches", "1,x"])
+
+
+def test_roofline_measurements_are_positive() -> None:
+    assert roofline.measure_matmul_gflops(n=64, repeats=1, trials=2) > 0
+    assert roofline.measure_read_gbps(nbytes=1 << 20, trials=2) > 0
+
+
+def test_parameter_count_of_a_safetensors_dir(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(3, 4), "b": torch.zeros(5)}, str(tmp_path / "model.safetensors"))
+    assert roofline.parameter_count(str(tmp_path)) == 17
+
+
+def test_parameter_count_of_the_default_gguf() -> None:
+    from engine.loader.default import default_model_path
+
+    # SmolLM2-135M: tied embeddings, stored (and counted) once.
+    assert roofline.parameter_count(default_model_path()) == 134_515_008
+
+
+def _report(transformers: bool) -> Report:
+    roof = roofline.Roofline(matmul_gflops=200.0, read_gbps=20.0, threads=2, matmul_size=2048,
+                             read_bytes=1 << 30)
+    r = Report(model="m.gguf", parameters=100_000_000, weight_bytes=400_000_000,
+               torch_version="2.13.0", roof=roof, num_prompts=64, prompt_len=(50, 500),
+               output_len=128, seed=0)
+    r.throughput.append(Throughput("Baton", 64, 8192, 10.0))  # 819.2 tok/s
+    r.decode.append(DecodeResult(batch=1, steps=8, tokens_per_s=40.0, median_step_s=0.025))
+    r.decode.append(DecodeResult(batch=64, steps=8, tokens_per_s=600.0, median_step_s=0.1))
+    if transformers:
+        r.throughput.append(Throughput("transformers, one at a time", 4, 512, 10.0))
+        r.throughput.append(Throughput("transformers, padded batches of 32", 64, 8192, 100.0))
+        r.hf_decode_step_s = 0.030
+    return r
+
+
+def test_report_judges_the_targets() -> None:
+    text = format_report(_report(transformers=True))
+    # roofline: 200e9 / 2e8 = 1000 tok/s; batch 64 at 600 tok/s is 60%.
+    assert "| 64 | 600.0 | 100.0 | 1000 | 60.0% | >= 50%: met |" in text
+    assert "4 of 64 (rate extrapolated) | 51.2 | 16.0x | >= 15x: met |" in text
+    assert "| 64 | 81.9 | 10.0x | >= 4x: met |" in text
+    # memory roofline: 400 MB / 20 GB/s = 20 ms; 25 ms is 1.25x: missed.
+    assert "| 20.0 | 1.25 | <= 1.2: missed |" in text
+    assert "| 30.0 | 0.83 | <= 1: met |" in text
+
+
+def test_report_without_transformers_and_its_json() -> None:
+    r = _report(transformers=False)
+    assert "transformers" not in format_report(r)
+    data = r.to_json()
+    assert data["throughput"][0]["tokens_per_s"] == pytest.approx(819.2)
+    assert data["decode"][1]["compute_roofline_share"] == pytest.approx(0.6)
+    assert data["memory_roofline_step_s"] == pytest.approx(0.02)

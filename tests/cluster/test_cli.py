@@ -1,0 +1,104 @@
+"""The `baton` command line: argument handling, fast help, errors without tracebacks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from cluster import cli
+
+
+def test_help_does_not_import_torch() -> None:
+    # `baton --help` must stay fast: the engine is imported inside the subcommands only.
+    code = "import sys, cluster.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    assert exc.value.code == 0
+    assert "generate" in capsys.readouterr().out
+
+
+def test_generate_help_says_offline(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    assert "offline" in capsys.readouterr().out
+
+
+def test_bench_forwards_its_options() -> None:
+    args = cli.build_parser().parse_args(["bench", "engine", "--num-prompts", "3", "--json-out",
+                                          "x.json"])
+    assert args.target == "engine"
+    assert args.args == ["--num-prompts", "3", "--json-out", "x.json"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "field"),
+    [
+        (["--temperature", "-1"], "temperature"),
+        (["--max-tokens", "0"], "max_tokens"),
+        (["--top-p", "1.5"], "top_p"),
+    ],
+)
+def test_bad_sampling_flag_is_one_line_error(
+    flags: list[str], field: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["generate", "hello", *flags]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {field}")
+    assert "Traceback" not in err
+
+
+def test_missing_model_is_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["generate", "hello", "--model", "/nonexistent/model.gguf"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model") and "/nonexistent/model.gguf" in err
+
+
+@pytest.fixture(scope="module")
+def shared_llm() -> Any:
+    from engine import LLM
+
+    return LLM()  # loading is the slow part: every CLI call in this module reuses this one
+
+
+@pytest.fixture
+def real_engine(shared_llm: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    import engine.llm
+
+    monkeypatch.setattr(engine.llm, "LLM", lambda model=None: shared_llm)
+    yield shared_llm
+    stats = shared_llm.engine.stats()
+    assert (stats.num_waiting, stats.num_running) == (0, 0)
+    assert stats.free_blocks == stats.total_blocks  # the CLI left nothing allocated
+
+
+@pytest.mark.slow
+def test_generate_and_stream_print_the_same_greedy_text(
+    real_engine: Any, capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["generate", "The capital of France is", "--temperature", "0", "--max-tokens", "8"]
+    assert cli.main(argv) == 0
+    plain = capsys.readouterr().out
+    assert cli.main([*argv, "--stream"]) == 0
+    streamed = capsys.readouterr().out
+    assert plain.strip()
+    assert streamed == plain
+
+
+@pytest.mark.slow
+def test_chat_same_seed_same_text_streamed_or_not(
+    real_engine: Any, capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["generate", "--chat", "Say hello.", "--max-tokens", "6", "--seed", "1"]
+    assert cli.main(argv) == 0
+    plain = capsys.readouterr().out
+    assert plain.strip()
+    assert cli.main([*argv, "--stream"]) == 0
+    assert capsys.readouterr().out == plain
