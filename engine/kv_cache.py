@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention import KVCache
+from engine.attention import AttentionBackend, KVCache
 from engine.config import CacheConfig, ModelConfig
 
 # When neither a block count nor a memory fraction is given on CPU, use this many bytes:
@@ -46,9 +46,14 @@ def _available_memory() -> int:
 
 
 def allocate_kv_cache(
-    model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+    model: ModelConfig,
+    num_blocks: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    backend: AttentionBackend,
 ) -> list[KVCache]:
-    shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
+    shape = backend.cache_shape(num_blocks, block_size, model.num_kv_heads, model.head_dim)
     return [
         KVCache(
             torch.zeros(shape, dtype=dtype, device=device),

@@ -76,13 +76,13 @@ class LLMEngine:
         loaded.weights.clear()
         cache: CacheConfig = config.cache
         num_blocks = num_blocks_for(loaded.config, cache, dtype, device)
-        caches = allocate_kv_cache(loaded.config, num_blocks, cache.block_size, dtype, device)
-        name = (
-            config.attention_backend
-            if config.attention_backend != "auto"
-            else envs.attention_backend()
-        )
+        name = config.attention_backend
+        if name == "auto":
+            name = envs.attention_backend()
         backend = select_backend(name, device, loaded.config.head_dim)
+        caches = allocate_kv_cache(
+            loaded.config, num_blocks, cache.block_size, dtype, device, backend
+        )
         runner = ModelRunner(model, caches, backend, cache.block_size, device)
         blocks = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         logger.info(

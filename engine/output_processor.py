@@ -36,18 +36,13 @@ class RequestState:
         if self.logprobs is not None and logprobs is not None:
             self.logprobs.append(logprobs)
         self.detokenizer.push([token_id])
+        at_context_end = seq.num_tokens >= self.max_model_len
+        if at_context_end or seq.num_output_tokens >= seq.params.max_tokens:
+            self.detokenizer.flush()  # the last token: release any incomplete character
         decision = self.stop.check(seq.output_token_ids, token_id, self.detokenizer.text)
-        reason = decision.finish_reason
-        text_end = decision.text_end
-        if reason is None and seq.num_tokens >= self.max_model_len:
-            reason = "length"
-        if reason is not None and decision.finish_reason is None:
-            # Finished for a reason the stop checker did not see: release what it held back.
-            self.detokenizer.flush()
-            text_end = len(self.detokenizer.text)
-        elif reason is not None and text_end == len(self.detokenizer.text):
-            self.detokenizer.flush()
-            text_end = len(self.detokenizer.text)
+        reason, text_end = decision.finish_reason, decision.text_end
+        if reason is None and at_context_end:
+            reason, text_end = "length", len(self.detokenizer.text)
         delta = self.detokenizer.text[self.released : text_end]
         self.released = max(self.released, text_end)
         return delta, reason

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class KVCache:
-    """One layer's cache; k and v are [num_blocks, block_size, num_kv_heads, head_dim]."""
+    """One layer's cache; the backend chooses the layout (see its ``cache_shape``)."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -33,6 +33,11 @@ class AttentionMetadata(Protocol):
 
 class AttentionBackend(Protocol):
     name: str
+
+    @staticmethod
+    def cache_shape(
+        num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+    ) -> tuple[int, ...]: ...
 
     def build_metadata(
         self, chunks: list[ScheduledChunk], block_size: int, device: torch.device

@@ -35,6 +35,12 @@ class FlashAttention:
         self._varlen = flash_attn_varlen_func
         self.scale = 1.0 / math.sqrt(head_dim)
 
+    @staticmethod
+    def cache_shape(
+        num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+    ) -> tuple[int, ...]:
+        return (num_blocks, block_size, num_kv_heads, head_dim)
+
     def build_metadata(
         self, chunks: list[ScheduledChunk], block_size: int, device: torch.device
     ) -> FlashMetadata:

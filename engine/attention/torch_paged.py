@@ -1,10 +1,15 @@
 """Paged attention in plain torch: works on CPU and, slower than flash, on GPU.
 
+The cache is head-major, ``[Hkv, num_blocks, block_size, Dh]``, so gathering blocks
+along dim 1 yields, for each request and head, one contiguous ``[L, Dh]`` slab that
+SDPA reads without another copy.
+
 Decode tokens (one new token per request) are attended together: each request's
-blocks are gathered into a padded [B, L] view in one indexing op and masked past its
-length. Prefill chunks are attended one request at a time; a chunk that starts at
-position 0 uses its fresh keys directly, a later chunk (or a prefix-cache hit) gathers
-its earlier context from the cache.
+blocks are gathered, in one ``index_select`` into a buffer allocated once per step and
+reused by every layer, into a padded ``[B, Hkv, L, Dh]`` view masked past each length.
+Prefill chunks are attended one request at a time; a chunk that starts at position 0
+uses its fresh keys directly, a later chunk (or a prefix-cache hit) gathers its earlier
+context from the cache.
 """
 
 from __future__ import annotations
@@ -34,9 +39,12 @@ class PrefillSegment:
 class TorchMetadata:
     slot_mapping: torch.Tensor
     num_decode: int
-    decode_block_tables: torch.Tensor | None = None  # [Bd, max_blocks]
-    decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, max_blocks * block_size]
+    decode_blocks: torch.Tensor | None = None  # [Bd * max_blocks] block ids, padded with 0
+    decode_bias: torch.Tensor | None = None  # [1, Bd, 1, L]: 0 inside each context, -inf past it
     prefills: list[PrefillSegment] = field(default_factory=list)
+    # Gather buffers shared by every layer of the step: [Hkv, Bd * max_blocks, bs, Dh].
+    k_buf: torch.Tensor | None = None
+    v_buf: torch.Tensor | None = None
 
 
 class TorchPagedAttention:
@@ -44,6 +52,12 @@ class TorchPagedAttention:
 
     def __init__(self, head_dim: int):
         self.scale = 1.0 / math.sqrt(head_dim)
+
+    @staticmethod
+    def cache_shape(
+        num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+    ) -> tuple[int, ...]:
+        return (num_kv_heads, num_blocks, block_size, head_dim)
 
     def build_metadata(
         self, chunks: list[ScheduledChunk], block_size: int, device: torch.device
@@ -54,11 +68,13 @@ class TorchPagedAttention:
         meta = TorchMetadata(slot_mapping=slots, num_decode=len(decode))
         if decode:
             width = max(len(c.block_table) for c in decode)
-            tables = [c.block_table + [0] * (width - len(c.block_table)) for c in decode]
-            meta.decode_block_tables = torch.tensor(tables, dtype=torch.long, device=device)
+            tables = [b for c in decode for b in c.block_table + [0] * (width - len(c.block_table))]
+            meta.decode_blocks = torch.tensor(tables, dtype=torch.long, device=device)
             lens = torch.tensor([c.context_len for c in decode], device=device)
             positions = torch.arange(width * block_size, device=device)
-            meta.decode_mask = (positions[None, :] < lens[:, None])[:, None, None, :]
+            inside = positions[None, :] < lens[:, None]  # [Bd, L]
+            bias = torch.zeros(inside.shape, dtype=torch.float32, device=device)
+            meta.decode_bias = bias.masked_fill_(~inside, float("-inf"))[None, :, None, :]
         offset = len(decode)
         for c in chunks[len(decode) :]:
             seg = PrefillSegment(offset, c.num_tokens, c.start_pos, None, None)
@@ -77,37 +93,55 @@ class TorchPagedAttention:
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, meta: TorchMetadata
     ) -> torch.Tensor:
-        # q: [T, H, Dh]; k, v: [T, Hkv, Dh]; cache.k/v: [N, bs, Hkv, Dh]
-        num_kv_heads, head_dim = k.shape[1], k.shape[2]
-        cache.k.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-        cache.v.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+        # q: [T, H, Dh]; k, v: [T, Hkv, Dh]; cache.k/v: [Hkv, N, bs, Dh]
+        hkv, _, bs, dh = cache.k.shape
+        cache.k.view(hkv, -1, dh).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+        cache.v.view(hkv, -1, dh).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
         out = torch.empty_like(q)
         nd = meta.num_decode
         if nd:
-            assert meta.decode_block_tables is not None
-            kg = cache.k[meta.decode_block_tables].flatten(1, 2)  # [Bd, L, Hkv, Dh]
-            vg = cache.v[meta.decode_block_tables].flatten(1, 2)
-            o = self._sdpa(
-                q[:nd].unsqueeze(2), kg.transpose(1, 2), vg.transpose(1, 2), meta.decode_mask
-            )
-            out[:nd] = o.squeeze(2)  # [Bd, H, 1, Dh] -> [Bd, H, Dh]
+            assert meta.decode_blocks is not None and meta.decode_bias is not None
+            if meta.k_buf is None or meta.v_buf is None:
+                shape = (hkv, meta.decode_blocks.numel(), bs, dh)
+                meta.k_buf = cache.k.new_empty(shape)
+                meta.v_buf = cache.v.new_empty(shape)
+            torch.index_select(cache.k, 1, meta.decode_blocks, out=meta.k_buf)
+            torch.index_select(cache.v, 1, meta.decode_blocks, out=meta.v_buf)
+            out[:nd] = self._decode(q[:nd], meta.k_buf, meta.v_buf, meta.decode_bias, hkv)
         for seg in meta.prefills:
             sl = slice(seg.start, seg.start + seg.length)
             if seg.block_ids is None:
-                ks, vs = k[sl], v[sl]
+                ks, vs = k[sl].transpose(0, 1), v[sl].transpose(0, 1)  # [Hkv, S, Dh]
             else:
                 ctx = seg.start_pos + seg.length
-                ks = cache.k[seg.block_ids].flatten(0, 1)[:ctx]
-                vs = cache.v[seg.block_ids].flatten(0, 1)[:ctx]
+                ks = cache.k.index_select(1, seg.block_ids).view(hkv, -1, dh)[:, :ctx]
+                vs = cache.v.index_select(1, seg.block_ids).view(hkv, -1, dh)[:, :ctx]
             o = self._sdpa(
                 q[sl].transpose(0, 1).unsqueeze(0),  # [1, H, S, Dh]
-                ks.transpose(0, 1).unsqueeze(0),
-                vs.transpose(0, 1).unsqueeze(0),
+                ks.unsqueeze(0),
+                vs.unsqueeze(0),
                 seg.mask,
                 causal=seg.mask is None,
             )
             out[sl] = o[0].transpose(0, 1)
         return out
+
+    def _decode(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, hkv: int
+    ) -> torch.Tensor:
+        """One query per request against its gathered context, as two batched matmuls.
+
+        SDPA's CPU kernels carry a fixed cost per call that dwarfs a single query's work;
+        plain matmuls over the head-major buffer need no copy of the keys at all.
+        """
+        bd, h, dh = q.shape
+        qg = q.view(bd, hkv, h // hkv, dh).transpose(0, 1)  # [Hkv, Bd, G, Dh]
+        k = k.view(hkv, bd, -1, dh)  # [Hkv, Bd, L, Dh]
+        v = v.view(hkv, bd, -1, dh)
+        scores = torch.matmul(qg, k.transpose(-1, -2)).mul_(self.scale)  # [Hkv, Bd, G, L]
+        probs = scores.add_(bias.to(scores.dtype)).softmax(dim=-1)
+        out = torch.matmul(probs, v)  # [Hkv, Bd, G, Dh]
+        return out.transpose(0, 1).reshape(bd, h, dh)
 
     def _sdpa(
         self,

@@ -1,0 +1,45 @@
+"""Engine test fixtures: engines are built once per session and checked after every test.
+
+Every engine a test used must end the test with nothing running and every KV block
+free again (cached prefix blocks count as free: they are evictable).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from engine import LLM
+
+_ENGINES: dict[tuple[Any, ...], LLM] = {}
+
+
+def get_llm(model: str | None = None, **kwargs: Any) -> LLM:
+    key = (model, tuple(sorted(kwargs.items())))
+    if key not in _ENGINES:
+        _ENGINES[key] = LLM(model, **kwargs)
+    return _ENGINES[key]
+
+
+@pytest.fixture
+def make_llm() -> Callable[..., LLM]:
+    return get_llm
+
+
+@pytest.fixture(scope="session")
+def smollm() -> LLM:
+    return get_llm(None)
+
+
+@pytest.fixture(autouse=True)
+def _kv_blocks_released() -> Iterator[None]:
+    yield
+    for llm in _ENGINES.values():
+        engine = llm.engine
+        stats = engine.stats()
+        leaked = (stats.num_waiting, stats.num_running, stats.total_blocks - stats.free_blocks)
+        for request_id in list(engine._states):  # leave the next test a clean engine
+            engine.abort(request_id)
+        assert leaked == (0, 0, 0), f"(waiting, running, blocks in use) after the test: {leaked}"
