@@ -115,7 +115,7 @@ class LLMEngine:
         ids = self._prompt_ids(prompt, prompt_token_ids)
         self._check_fits(ids, params)
         seq = Sequence(request_id, ids, params)
-        self._states[request_id] = RequestState(seq, self.tokenizer, self.max_model_len)
+        self._states[request_id] = RequestState(seq, self.tokenizer)
         self.scheduler.add(seq)
 
     def _prompt_ids(self, prompt: str | None, prompt_token_ids: Seq[int] | None) -> list[int]:
@@ -134,13 +134,14 @@ class LLMEngine:
         return ids
 
     def _check_fits(self, ids: list[int], params: SamplingParams) -> None:
-        if len(ids) >= self.max_model_len:
+        longest = len(ids) + params.max_tokens
+        if longest > self.max_model_len:
+            field = "prompt" if len(ids) >= self.max_model_len else "max_tokens"
             raise ValueError(
-                f"prompt: {len(ids)} tokens does not fit the model's context of "
-                f"{self.max_model_len} tokens (at least one must be left to generate)"
+                f"{field}: prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
+                f"exceeds the model's context of {self.max_model_len} tokens"
             )
         blocks = self.block_manager
-        longest = min(len(ids) + params.max_tokens, self.max_model_len)
         if blocks.blocks_needed(longest) > blocks.num_blocks:
             raise ValueError(
                 f"max_tokens: prompt ({len(ids)}) + max_tokens ({params.max_tokens}) needs "

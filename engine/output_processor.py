@@ -11,9 +11,8 @@ from engine.tokenizer import Tokenizer
 class RequestState:
     """The output side of one request: detokenizer, stop checker, text released so far."""
 
-    def __init__(self, seq: Sequence, tokenizer: Tokenizer, max_model_len: int):
+    def __init__(self, seq: Sequence, tokenizer: Tokenizer):
         self.seq = seq
-        self.max_model_len = max_model_len
         self.detokenizer = IncrementalDetokenizer(
             tokenizer, seq.prompt_token_ids, skip_special_tokens=seq.params.skip_special_tokens
         )
@@ -36,13 +35,11 @@ class RequestState:
         if self.logprobs is not None and logprobs is not None:
             self.logprobs.append(logprobs)
         self.detokenizer.push([token_id])
-        at_context_end = seq.num_tokens >= self.max_model_len
-        if at_context_end or seq.num_output_tokens >= seq.params.max_tokens:
+        # add_request checked that prompt + max_tokens fits the context, so max_tokens
+        # is the only length limit here.
+        if seq.num_output_tokens >= seq.params.max_tokens:
             self.detokenizer.flush()  # the last token: release any incomplete character
         decision = self.stop.check(seq.output_token_ids, token_id, self.detokenizer.text)
-        reason, text_end = decision.finish_reason, decision.text_end
-        if reason is None and at_context_end:
-            reason, text_end = "length", len(self.detokenizer.text)
-        delta = self.detokenizer.text[self.released : text_end]
-        self.released = max(self.released, text_end)
-        return delta, reason
+        delta = self.detokenizer.text[self.released : decision.text_end]
+        self.released = max(self.released, decision.text_end)
+        return delta, decision.finish_reason

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -43,13 +43,14 @@ class AttentionBackend(Protocol):
         self, chunks: list[ScheduledChunk], block_size: int, device: torch.device
     ) -> AttentionMetadata: ...
 
+    # Each backend takes the metadata type its own build_metadata returned.
     def forward(
         self,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
         cache: KVCache,
-        meta: AttentionMetadata,
+        meta: Any,
     ) -> torch.Tensor: ...
 
 

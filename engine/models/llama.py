@@ -8,6 +8,7 @@ and where their KV lives in the paged cache.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
 
 
 class RotaryEmbedding(nn.Module):
+    cos: torch.Tensor  # [P, Dh]
+    sin: torch.Tensor
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -209,7 +213,8 @@ class LlamaForCausalLM(nn.Module):
         if not self.config.tie_word_embeddings:
             self.lm_head.weight.copy_(take("lm_head.weight"))
         remaining.pop("lm_head.weight", None)
-        for i, layer in enumerate(self.layers):
+        for i, module in enumerate(self.layers):
+            layer = cast(DecoderLayer, module)
             p = f"model.layers.{i}."
             attn = layer.self_attn
             attn.qkv_proj.weight.copy_(

@@ -104,6 +104,10 @@ def test_logprobs_are_returned_per_token(smollm: LLM) -> None:
         ({"prompt_token_ids": [[1, 2, 10**9]]}, "prompt_token_ids"),
         ({"prompt_token_ids": [[1] * 9000]}, "prompt"),
         ({"prompts": ["hi"], "params": SamplingParams(max_tokens=10**7)}, "max_tokens"),
+        (
+            {"prompt_token_ids": [[1] * 8000], "params": SamplingParams(max_tokens=500)},
+            "max_tokens",
+        ),
         ({"prompts": ["a", "b"], "params": [SamplingParams()]}, "params"),
     ],
 )
