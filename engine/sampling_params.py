@@ -1,0 +1,191 @@
+"""Per-request sampling settings, validated once when the request arrives.
+
+A bad value raises ``ValueError`` naming the field and the value, so the HTTP/gRPC
+front door can answer 400 with the message as is, before the request reaches a batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn
+
+MAX_LOGPROBS = 20
+# torch.Generator.manual_seed accepts exactly this range.
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
+
+
+def _fail(name: str, message: str) -> NoReturn:
+    raise ValueError(f"{name}: {message}")
+
+
+def _type_name(value: object) -> str:
+    return type(value).__name__
+
+
+def _check_int(name: str, value: object) -> int:
+    # bool is an int subclass; max_tokens=True is a client bug, not 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(name, f"must be an int, got {_type_name(value)} {value!r}")
+    return value
+
+
+def _check_float(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(name, f"must be a number, got {_type_name(value)} {value!r}")
+    if not math.isfinite(value):
+        _fail(name, f"must be finite, got {value!r}")
+    return float(value)
+
+
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        _fail(name, f"must be a bool, got {_type_name(value)} {value!r}")
+    return bool(value)
+
+
+def _normalise_stop(value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    items: tuple[object, ...]
+    if isinstance(value, str):
+        items = (value,)
+    elif isinstance(value, (list, tuple)):
+        items = tuple(value)
+    else:
+        raise ValueError(f"stop: must be a str or a list of str, got {_type_name(value)}")
+    for item in items:
+        if not isinstance(item, str):
+            _fail("stop", f"every stop must be a str, got {_type_name(item)}")
+        if not item:
+            _fail("stop", "stop strings must be non-empty, got ''")
+    return tuple(str(s) for s in items)
+
+
+def _normalise_stop_token_ids(value: object) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"stop_token_ids: must be a list of int, got {_type_name(value)}")
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, int):
+            _fail("stop_token_ids", f"every id must be an int, got {_type_name(item)} {item!r}")
+        if item < 0:
+            _fail("stop_token_ids", f"ids must be >= 0, got {item}")
+    return tuple(int(i) for i in value)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick the tokens of one request (vLLM's names and meanings).
+
+    ``temperature == 0`` is greedy. ``top_k`` of -1 or 0 disables it. ``stop`` accepts
+    a str, a list of str or None and is stored as a tuple; ``stop_token_ids`` likewise.
+    ``logprobs=N`` returns the sampled token's logprob and the top-N of the model's
+    raw distribution for every generated token.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    if TYPE_CHECKING:
+        # The signature callers type-check against: stop and stop_token_ids take any
+        # sequence (or None) and are stored as tuples. At run time the dataclass's own
+        # __init__ is used; tests check this list matches the fields.
+        def __init__(
+            self,
+            max_tokens: int = 16,
+            temperature: float = 1.0,
+            top_p: float = 1.0,
+            top_k: int = -1,
+            min_p: float = 0.0,
+            seed: int | None = None,
+            repetition_penalty: float = 1.0,
+            presence_penalty: float = 0.0,
+            frequency_penalty: float = 0.0,
+            stop: str | Sequence[str] | None = (),
+            stop_token_ids: Sequence[int] | None = (),
+            ignore_eos: bool = False,
+            logprobs: int | None = None,
+            skip_special_tokens: bool = True,
+        ) -> None: ...
+
+    def __post_init__(self) -> None:
+        self._validate_ints()
+        self._validate_floats()
+        set_ = object.__setattr__  # frozen: normalised values are written once, here
+        set_(self, "stop", _normalise_stop(self.stop))
+        set_(self, "stop_token_ids", _normalise_stop_token_ids(self.stop_token_ids))
+        _check_bool("ignore_eos", self.ignore_eos)
+        _check_bool("skip_special_tokens", self.skip_special_tokens)
+
+    def _validate_ints(self) -> None:
+        if _check_int("max_tokens", self.max_tokens) < 1:
+            _fail("max_tokens", f"must be >= 1, got {self.max_tokens}")
+        if _check_int("top_k", self.top_k) < -1:
+            _fail("top_k", f"must be -1 or 0 (disabled) or >= 1, got {self.top_k}")
+        if self.seed is not None and not _SEED_MIN <= _check_int("seed", self.seed) <= _SEED_MAX:
+            _fail("seed", f"must be in [-2**63, 2**64 - 1], got {self.seed}")
+        n_logprobs = self.logprobs
+        if n_logprobs is not None and not 0 <= _check_int("logprobs", n_logprobs) <= MAX_LOGPROBS:
+            _fail("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+
+    def _validate_floats(self) -> None:
+        ranges = {
+            "temperature": (lambda v: v >= 0, "must be >= 0"),
+            "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+            "min_p": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+            "repetition_penalty": (lambda v: v > 0, "must be > 0"),
+            "presence_penalty": (lambda v: -2 <= v <= 2, "must be in [-2, 2]"),
+            "frequency_penalty": (lambda v: -2 <= v <= 2, "must be in [-2, 2]"),
+        }
+        for name, (ok, rule) in ranges.items():
+            value = _check_float(name, getattr(self, name))
+            if not ok(value):
+                _fail(name, f"{rule}, got {value}")
+            object.__setattr__(self, name, value)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SamplingParams:
+        """Build from a request body's fields; unknown keys are an error, named."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"sampling params: must be an object, got {_type_name(data)}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(str(k) for k in data if k not in known)
+        if unknown:
+            names = ", ".join(repr(k) for k in unknown)
+            raise ValueError(f"{unknown[0]}: unknown sampling parameter(s) {names}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able fields (tuples become lists); ``from_dict`` inverts it."""
+        out = dataclasses.asdict(self)
+        out["stop"] = list(self.stop)
+        out["stop_token_ids"] = list(self.stop_token_ids)
+        return out
