@@ -57,13 +57,20 @@ class RotaryEmbedding(nn.Module):
         self.cos = emb.cos().to(device or self.cos.device)
         self.sin = emb.sin().to(device or self.sin.device)
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    def tables(
+        self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # q: [T, H, Dh], k: [T, Hkv, Dh]; rotate-half layout, as in Hugging Face weights.
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        """cos and sin for the step's positions, [T, 1, Dh]; looked up once per step."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(
+            dtype
+        )
+
+
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # q: [T, H, Dh], k: [T, Hkv, Dh]; rotate-half layout, as in Hugging Face weights.
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -101,8 +108,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rope: RotaryEmbedding,
+        rope: tuple[torch.Tensor, torch.Tensor],
         backend: AttentionBackend,
         meta: AttentionMetadata,
         cache: KVCache,
@@ -113,7 +119,7 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
+        q, k = apply_rope(q, k, *rope)
         out = backend.forward(q, k, v, cache, meta)  # [T, H, Dh]
         return self.o_proj(out.reshape(t, self.q_size))
 
@@ -141,13 +147,12 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rope: RotaryEmbedding,
+        rope: tuple[torch.Tensor, torch.Tensor],
         backend: AttentionBackend,
         meta: AttentionMetadata,
         cache: KVCache,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, backend, meta, cache)
+        x = x + self.self_attn(self.input_layernorm(x), rope, backend, meta, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -173,8 +178,9 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         # input_ids, positions: [T] -> hidden states [T, D]
         x = self.embed_tokens(input_ids)
+        rope = self.rope.tables(positions, x.dtype)
         for layer, cache in zip(self.layers, caches, strict=True):
-            x = layer(x, positions, self.rope, backend, meta, cache)
+            x = layer(x, rope, backend, meta, cache)
         return self.norm(x)
 
     @classmethod
