@@ -12,6 +12,7 @@ talk to a running ``baton serve``.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -86,9 +87,7 @@ def _stream(llm: Any, args: argparse.Namespace, params: Any) -> None:
     engine = llm.engine
     request_id = "cli-0"
     if args.chat:
-        # Same tokenization as LLM.chat: the template already carries the special tokens.
-        text = llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
-        ids = llm.tokenizer.encode(text, add_special_tokens=False)
+        ids = llm.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
         engine.add_request(request_id, params=params, prompt_token_ids=ids)
     else:
         engine.add_request(request_id, args.prompt, params)
@@ -110,6 +109,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from engine import envs  # reads the environment only; imports no torch
+
+    logging.basicConfig(level=envs.log_level(), format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

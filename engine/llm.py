@@ -103,8 +103,7 @@ class LLM:
         """Apply the model's chat template to each conversation, then generate."""
         one = bool(messages) and isinstance(messages[0], dict)
         conversations = [messages] if one else messages
-        prompts = [self.tokenizer.apply_chat_template(list(m)) for m in conversations]  # type: ignore[arg-type]
-        ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        ids = [self.tokenizer.encode_chat(list(m)) for m in conversations]  # type: ignore[arg-type]
         return self.generate(prompt_token_ids=ids, params=params, use_tqdm=use_tqdm)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

@@ -112,6 +112,13 @@ class Tokenizer:
         except jinja2.TemplateError as err:
             raise ValueError(f"chat_template: {err}") from err
 
+    def encode_chat(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Token ids of a conversation: the rendered template carries its own special tokens."""
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        return self.encode(text, add_special_tokens=False)
+
     @classmethod
     def from_hf_dir(cls, path: str) -> Tokenizer:
         file = os.path.join(path, "tokenizer.json")
