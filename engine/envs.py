@@ -13,3 +13,14 @@ def attention_backend() -> str:
 def log_level() -> str:
     """BATON_LOG_LEVEL: a logging level name, WARNING by default."""
     return os.environ.get("BATON_LOG_LEVEL", "WARNING").upper()
+
+
+def cache_dir() -> str:
+    """BATON_CACHE_DIR: where compiled kernels are kept (default ~/.cache/baton)."""
+    default = os.path.join(os.path.expanduser("~"), ".cache", "baton")
+    return os.environ.get("BATON_CACHE_DIR", default)
+
+
+def native_kernels() -> bool:
+    """BATON_NATIVE_KERNELS=0 turns the compiled CPU decode kernel off."""
+    return os.environ.get("BATON_NATIVE_KERNELS", "1") not in ("0", "false", "no")

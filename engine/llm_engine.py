@@ -16,7 +16,7 @@ from collections.abc import Sequence as Seq
 import torch
 
 from engine import envs
-from engine.attention import select_backend
+from engine.attention import describe, select_backend
 from engine.block_manager import BlockManager
 from engine.config import CacheConfig, EngineConfig, ModelConfig
 from engine.kv_cache import allocate_kv_cache, num_blocks_for
@@ -79,7 +79,7 @@ class LLMEngine:
         name = config.attention_backend
         if name == "auto":
             name = envs.attention_backend()
-        backend = select_backend(name, device, loaded.config.head_dim)
+        backend = select_backend(name, device, loaded.config.head_dim, dtype)
         caches = allocate_kv_cache(
             loaded.config, num_blocks, cache.block_size, dtype, device, backend
         )
@@ -91,7 +91,7 @@ class LLMEngine:
             dtype,
             num_blocks,
             cache.block_size,
-            backend.name,
+            describe(backend),
         )
         return cls(loaded.config, loaded.tokenizer, runner, Scheduler(config.scheduler, blocks))
 

@@ -58,8 +58,12 @@ def flash_available() -> bool:
     return importlib.util.find_spec("vllm_flash_attn") is not None
 
 
-def select_backend(name: str, device: torch.device, head_dim: int) -> AttentionBackend:
-    """``auto``: vllm-flash-attn's paged kernels on CUDA when importable, else torch."""
+def select_backend(
+    name: str, device: torch.device, head_dim: int, dtype: torch.dtype = torch.float32
+) -> AttentionBackend:
+    """``auto``: vllm-flash-attn's paged kernels on CUDA when importable, else torch
+    (with the compiled C decode kernel for fp32 on CPU when a compiler is at hand)."""
+    from engine.attention import native
     from engine.attention.torch_paged import TorchPagedAttention
 
     if name == "auto":
@@ -73,9 +77,15 @@ def select_backend(name: str, device: torch.device, head_dim: int) -> AttentionB
 
         backend: AttentionBackend = FlashAttention(head_dim)
     else:
-        backend = TorchPagedAttention(head_dim)
-    logger.info("attention backend: %s on %s", backend.name, device)
+        use_native = device.type == "cpu" and dtype == torch.float32
+        backend = TorchPagedAttention(head_dim, native.load() if use_native else None)
+    logger.info("attention backend: %s on %s", describe(backend), device)
     return backend
+
+
+def describe(backend: AttentionBackend) -> str:
+    """The backend's name, with '+native' when the C decode kernel is in use."""
+    return backend.name + ("+native" if getattr(backend, "native", None) is not None else "")
 
 
 def slot_mapping(chunks: list[ScheduledChunk], block_size: int) -> list[int]:
@@ -91,6 +101,7 @@ __all__ = [
     "AttentionBackend",
     "AttentionMetadata",
     "KVCache",
+    "describe",
     "select_backend",
     "slot_mapping",
 ]

@@ -1,27 +1,33 @@
 """Paged attention in plain torch: works on CPU and, slower than flash, on GPU.
 
 The cache is head-major, ``[Hkv, num_blocks, block_size, Dh]``, so gathering blocks
-along dim 1 yields, for each request and head, one contiguous ``[L, Dh]`` slab that
-SDPA reads without another copy.
+along dim 1 yields, for each request and head, one contiguous ``[L, Dh]`` slab.
 
-Decode tokens (one new token per request) are attended together: each request's
-blocks are gathered, in one ``index_select`` into a buffer allocated once per step and
-reused by every layer, into a padded ``[B, Hkv, L, Dh]`` view masked past each length.
-Prefill chunks are attended one request at a time; a chunk that starts at position 0
-uses its fresh keys directly, a later chunk (or a prefix-cache hit) gathers its earlier
-context from the cache.
+Decode tokens (one new token per request) are attended together. On CPU in fp32, with
+at least ``NATIVE_MIN_BATCH`` of them, a small C kernel (``native.py``) reads keys and
+values straight from the blocks. Otherwise each request's blocks are gathered, with one
+``index_select`` into a buffer allocated once per step and reused by every layer, into a
+padded ``[B, Hkv, L, Dh]`` view masked past each length, and attended with two matmuls.
+
+Prefill chunks are attended one request at a time with SDPA; a chunk that starts at
+position 0 uses its fresh keys directly, a later chunk (or a prefix-cache hit) gathers
+its earlier context from the cache.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from engine.attention import KVCache, slot_mapping
+from engine.attention import KVCache, native, slot_mapping
 from engine.step import ScheduledChunk
+
+# Below this many decode tokens the kernel's thread start-up costs more than the gather.
+NATIVE_MIN_BATCH = 4
 
 _HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
@@ -45,13 +51,21 @@ class TorchMetadata:
     # Gather buffers shared by every layer of the step: [Hkv, Bd * max_blocks, bs, Dh].
     k_buf: torch.Tensor | None = None
     v_buf: torch.Tensor | None = None
+    # The native kernel's inputs: block tables [Bd, max_blocks], lengths [Bd], and a
+    # score buffer shared by every layer of the step.
+    native_tables: torch.Tensor | None = None
+    native_lens: torch.Tensor | None = None
+    native_max_len: int = 0
+    scratch: torch.Tensor | None = None
 
 
 class TorchPagedAttention:
     name = "torch"
 
-    def __init__(self, head_dim: int):
+    def __init__(self, head_dim: int, native_kernel: ctypes.CDLL | None = None):
+        """``native_kernel``: the loaded C decode kernel, for fp32 caches on CPU only."""
         self.scale = 1.0 / math.sqrt(head_dim)
+        self.native = native_kernel
 
     @staticmethod
     def cache_shape(
@@ -66,17 +80,21 @@ class TorchPagedAttention:
         slots = torch.tensor(slot_mapping(chunks, block_size), dtype=torch.long, device=device)
         decode = [c for c in chunks if c.num_tokens == 1 and c.start_pos > 0]
         meta = TorchMetadata(slot_mapping=slots, num_decode=len(decode))
-        if decode:
-            width = max(len(c.block_table) for c in decode)
-            tables = [b for c in decode for b in c.block_table + [0] * (width - len(c.block_table))]
-            meta.decode_blocks = torch.tensor(tables, dtype=torch.long, device=device)
-            lens = torch.tensor([c.context_len for c in decode], device=device)
-            positions = torch.arange(width * block_size, device=device)
-            inside = positions[None, :] < lens[:, None]  # [Bd, L]
-            bias = torch.zeros(inside.shape, dtype=torch.float32, device=device)
-            meta.decode_bias = bias.masked_fill_(~inside, float("-inf"))[None, :, None, :]
-        offset = len(decode)
-        for c in chunks[len(decode) :]:
+        if decode and self.native is not None and len(decode) >= NATIVE_MIN_BATCH:
+            _plan_native_decode(meta, decode)
+        elif decode:
+            _plan_gather_decode(meta, decode, block_size, device)
+        return self._add_prefills(meta, chunks, block_size, device)
+
+    def _add_prefills(
+        self,
+        meta: TorchMetadata,
+        chunks: list[ScheduledChunk],
+        block_size: int,
+        device: torch.device,
+    ) -> TorchMetadata:
+        offset = meta.num_decode
+        for c in chunks[meta.num_decode :]:
             seg = PrefillSegment(offset, c.num_tokens, c.start_pos, None, None)
             if c.start_pos > 0:
                 nblocks = -(-c.context_len // block_size)
@@ -99,7 +117,23 @@ class TorchPagedAttention:
         cache.v.view(hkv, -1, dh).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
         out = torch.empty_like(q)
         nd = meta.num_decode
-        if nd:
+        if nd and meta.native_tables is not None:
+            assert self.native is not None and meta.native_lens is not None
+            if meta.scratch is None:
+                groups = q.shape[1] // hkv
+                meta.scratch = q.new_empty(nd * hkv, groups * meta.native_max_len)
+            out[:nd] = native.paged_decode(
+                self.native,
+                q[:nd],
+                cache.k,
+                cache.v,
+                meta.native_tables,
+                meta.native_lens,
+                meta.scratch,
+                meta.native_max_len,
+                self.scale,
+            )
+        elif nd:
             assert meta.decode_blocks is not None and meta.decode_bias is not None
             if meta.k_buf is None or meta.v_buf is None:
                 shape = (hkv, meta.decode_blocks.numel(), bs, dh)
@@ -160,3 +194,28 @@ class TorchPagedAttention:
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale, **kwargs
         )
+
+
+def _padded_tables(decode: list[ScheduledChunk]) -> list[list[int]]:
+    width = max(len(c.block_table) for c in decode)
+    return [c.block_table + [0] * (width - len(c.block_table)) for c in decode]
+
+
+def _plan_native_decode(meta: TorchMetadata, decode: list[ScheduledChunk]) -> None:
+    meta.native_tables = torch.tensor(_padded_tables(decode), dtype=torch.long)
+    meta.native_lens = torch.tensor([c.context_len for c in decode], dtype=torch.long)
+    meta.native_max_len = max(c.context_len for c in decode)
+
+
+def _plan_gather_decode(
+    meta: TorchMetadata, decode: list[ScheduledChunk], block_size: int, device: torch.device
+) -> None:
+    tables = _padded_tables(decode)
+    meta.decode_blocks = torch.tensor(
+        [b for row in tables for b in row], dtype=torch.long, device=device
+    )
+    lens = torch.tensor([c.context_len for c in decode], device=device)
+    positions = torch.arange(len(tables[0]) * block_size, device=device)
+    inside = positions[None, :] < lens[:, None]  # [Bd, L]
+    bias = torch.zeros(inside.shape, dtype=torch.float32, device=device)
+    meta.decode_bias = bias.masked_fill_(~inside, float("-inf"))[None, :, None, :]

@@ -1,0 +1,56 @@
+/* Paged decode attention on CPU: one query token per request, read straight from the
+ * block-paged cache, so no gathered copy of the context is ever made.
+ *
+ * Cache layout (the torch backend's): [Hkv, N, bs, D], float32. For each (request, kv
+ * head) the keys are read once for all G = H / Hkv query heads that share them (GQA).
+ * Softmax is computed in two passes over a per-head score buffer of the context length.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+static void one(const float *q, const float *kc, const float *vc, const int64_t *table,
+                int64_t len, float *out, float *scores, int64_t G, int64_t D, int64_t bs,
+                int64_t N, int64_t kvh, float scale) {
+    const float *kbase = kc + kvh * N * bs * D;
+    const float *vbase = vc + kvh * N * bs * D;
+    for (int64_t j = 0; j < len; j++) {
+        const float *k = kbase + (table[j / bs] * bs + j % bs) * D;
+        for (int64_t g = 0; g < G; g++) {
+            const float *qg = q + g * D;
+            float dot = 0.f;
+            for (int64_t d = 0; d < D; d++) dot += qg[d] * k[d];
+            scores[g * len + j] = dot * scale;
+        }
+    }
+    for (int64_t g = 0; g < G; g++) {
+        float *s = scores + g * len, m = -INFINITY, sum = 0.f;
+        for (int64_t j = 0; j < len; j++) m = s[j] > m ? s[j] : m;
+        for (int64_t j = 0; j < len; j++) { s[j] = expf(s[j] - m); sum += s[j]; }
+        float inv = 1.f / sum;
+        for (int64_t j = 0; j < len; j++) s[j] *= inv;
+        for (int64_t d = 0; d < D; d++) out[g * D + d] = 0.f;
+    }
+    for (int64_t j = 0; j < len; j++) {
+        const float *v = vbase + (table[j / bs] * bs + j % bs) * D;
+        for (int64_t g = 0; g < G; g++) {
+            float p = scores[g * len + j], *o = out + g * D;
+            for (int64_t d = 0; d < D; d++) o[d] += p * v[d];
+        }
+    }
+}
+
+/* q, out: [B, H, D]; tables: [B, W]; lens: [B]; scratch: [B * Hkv, G * max_len]. */
+int paged_decode_attention(const float *q, const float *kc, const float *vc,
+                           const int64_t *tables, const int64_t *lens, float *out,
+                           float *scratch, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                           int64_t bs, int64_t N, int64_t W, int64_t max_len, float scale) {
+    const int64_t G = H / Hkv;
+#pragma omp parallel for schedule(dynamic)
+    for (int64_t i = 0; i < B * Hkv; i++) {
+        int64_t b = i / Hkv, kvh = i % Hkv;
+        one(q + (b * H + kvh * G) * D, kc, vc, tables + b * W, lens[b],
+            out + (b * H + kvh * G) * D, scratch + i * G * max_len, G, D, bs, N, kvh, scale);
+    }
+    return 0;
+}
