@@ -15,7 +15,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from engine import envs
+from engine import envs, native
 from engine.attention import describe, select_backend
 from engine.block_manager import BlockManager
 from engine.config import CacheConfig, EngineConfig, ModelConfig
@@ -73,6 +73,8 @@ class LLMEngine:
         loaded = load_model(config.model, dtype=dtype)
         torch.manual_seed(config.seed)
         model = LlamaForCausalLM.from_weights(loaded.config, loaded.weights, device, dtype)
+        if device.type == "cpu" and dtype == torch.float32:
+            model.use_native_kernel(native.load())
         loaded.weights.clear()
         cache: CacheConfig = config.cache
         num_blocks = num_blocks_for(loaded.config, cache, dtype, device)

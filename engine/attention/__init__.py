@@ -63,7 +63,7 @@ def select_backend(
 ) -> AttentionBackend:
     """``auto``: vllm-flash-attn's paged kernels on CUDA when importable, else torch
     (with the compiled C decode kernel for fp32 on CPU when a compiler is at hand)."""
-    from engine.attention import native
+    from engine import native
     from engine.attention.torch_paged import TorchPagedAttention
 
     if name == "auto":

@@ -4,7 +4,7 @@ The cache is head-major, ``[Hkv, num_blocks, block_size, Dh]``, so gathering blo
 along dim 1 yields, for each request and head, one contiguous ``[L, Dh]`` slab.
 
 Decode tokens (one new token per request) are attended together. On CPU in fp32, with
-at least ``NATIVE_MIN_BATCH`` of them, a small C kernel (``native.py``) reads keys and
+at least ``NATIVE_MIN_BATCH`` of them, a small C kernel (``engine/native``) reads keys and
 values straight from the blocks. Otherwise each request's blocks are gathered, with one
 ``index_select`` into a buffer allocated once per step and reused by every layer, into a
 padded ``[B, Hkv, L, Dh]`` view masked past each length, and attended with two matmuls.
@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from engine.attention import KVCache, native, slot_mapping
+from engine import native
+from engine.attention import KVCache, slot_mapping
 from engine.step import ScheduledChunk
 
 # Below this many decode tokens the kernel's thread start-up costs more than the gather.

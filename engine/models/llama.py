@@ -7,6 +7,7 @@ and where their KV lives in the paged cache.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from typing import cast
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import native
 from engine.attention import AttentionBackend, AttentionMetadata, KVCache
 from engine.config import ModelConfig, RopeScaling
 
@@ -78,6 +80,22 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+# Inputs of at most this many rows go to the native kernel when it is enabled.
+SMALL_LINEAR_MAX_ROWS = 4
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that can hand inputs of a few rows (small-batch decode) to the native
+    GEMV, which streams the weights at memory bandwidth where MKL's sgemv does not."""
+
+    kernel: ctypes.CDLL | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None and x.shape[0] <= SMALL_LINEAR_MAX_ROWS:
+            return native.small_linear(self.kernel, x, self.weight, self.bias)
+        return super().forward(x)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -100,10 +118,10 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
-        self.qkv_proj = nn.Linear(
+        self.qkv_proj = Linear(
             config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
         )
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
 
     def forward(
         self,
@@ -128,8 +146,8 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -164,7 +182,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rope = RotaryEmbedding(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -200,6 +218,12 @@ class LlamaForCausalLM(nn.Module):
         model.rope.build_tables(device)
         model.load_weights(weights)
         return model.eval()
+
+    def use_native_kernel(self, kernel: ctypes.CDLL | None) -> None:
+        """Route few-row matmuls to the native GEMV (CPU, fp32 weights only), or stop."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.kernel = kernel
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [N, V]

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.attention import KVCache, native
+from engine import native
+from engine.attention import KVCache
 from engine.attention.torch_paged import NATIVE_MIN_BATCH, TorchMetadata, TorchPagedAttention
 from engine.step import ScheduledChunk
 

@@ -91,6 +91,9 @@ def test_tiny_random_models_equal_transformers(
     ref_model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     ref = hf_greedy(ref_model.eval(), prompts, 24)
     assert [o.token_ids for o in ours] == ref
+    # Alone, a request decodes through the small-batch paths (native GEMV on CPU).
+    [alone] = llm.generate(prompt_token_ids=[prompts[4]], params=params)
+    assert alone.token_ids == ref[4]
 
 
 def _prompts(llm: LLM, lengths: list[int]) -> list[list[int]]:

@@ -1,6 +1,10 @@
-"""The C paged-decode kernel (csrc/paged_decode.c), compiled on first use and loaded
-with ctypes: a plain C file builds in about a second with the system compiler and needs
-neither ninja nor torch's headers.
+"""CPU kernels in plain C (``csrc/``), compiled on first use and loaded with ctypes.
+
+- ``paged_decode``: decode attention read straight from the paged KV cache.
+- ``small_linear``: ``x @ W.T`` for a few rows, where MKL's sgemv is bandwidth-starved.
+
+Plain C files build in about a second with the system compiler and need neither ninja
+nor torch's headers.
 
 The build lands in a cache keyed by the source, the flags and the CPU model (it is built
 with -march=native). No compiler, or a failed build, means ``load()`` returns None and
@@ -26,7 +30,7 @@ from engine import envs
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_decode.c"
+SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.c"))
 # Reassociation lets the compiler vectorize the dot products; no other fast-math license.
 FLAGS = [
     "-O3",
@@ -50,9 +54,10 @@ def _cpu_model() -> str:
 
 
 def _build(compiler: str) -> Path:
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_model().encode()).hexdigest()[:16]
-    target = Path(envs.cache_dir()) / "kernels" / f"paged_decode-{key}.so"
+    digest = hashlib.sha256(" ".join(FLAGS).encode() + _cpu_model().encode())
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    target = Path(envs.cache_dir()) / "kernels" / f"baton-{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -61,7 +66,7 @@ def _build(compiler: str) -> Path:
     os.close(fd)
     try:
         subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"],
+            [compiler, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"],
             check=True,
             capture_output=True,
             text=True,
@@ -80,17 +85,20 @@ def load() -> ctypes.CDLL | None:
         return None
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
-        logger.info("no C compiler: decode attention uses the pure-torch path")
+        logger.info("no C compiler: the CPU kernels fall back to torch")
         return None
     try:
         lib = ctypes.CDLL(str(_build(compiler)))
     except (OSError, subprocess.SubprocessError) as err:
         detail = getattr(err, "stderr", "") or err
-        logger.warning("native decode kernel unavailable (%s); using the torch path", detail)
+        logger.warning("native CPU kernels unavailable (%s); falling back to torch", detail)
         return None
     fn = lib.paged_decode_attention
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 8 + [ctypes.c_float]
+    fn = lib.small_linear
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
     return lib
 
 
@@ -127,5 +135,23 @@ def paged_decode(
         tables.shape[1],
         max_len,
         scale,
+    )
+    return out
+
+
+def small_linear(
+    lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x: [T, I] fp32 with few rows; weight: [O, I] contiguous; returns [T, O]."""
+    x = x.contiguous()
+    out = x.new_empty(x.shape[0], weight.shape[0])
+    lib.small_linear(
+        x.data_ptr(),
+        weight.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+        x.shape[0],
+        weight.shape[0],
+        weight.shape[1],
     )
     return out
