@@ -55,11 +55,20 @@ def test_parameter_count_of_the_default_gguf() -> None:
 
 
 def _report(transformers: bool) -> Report:
-    roof = roofline.Roofline(matmul_gflops=200.0, read_gbps=20.0, threads=2, matmul_size=2048,
-                             read_bytes=1 << 30)
-    r = Report(model="m.gguf", parameters=100_000_000, weight_bytes=400_000_000,
-               torch_version="2.13.0", roof=roof, num_prompts=64, prompt_len=(50, 500),
-               output_len=128, seed=0)
+    roof = roofline.Roofline(
+        matmul_gflops=200.0, read_gbps=20.0, threads=2, matmul_size=2048, read_bytes=1 << 30
+    )
+    r = Report(
+        model="m.gguf",
+        parameters=100_000_000,
+        weight_bytes=400_000_000,
+        torch_version="2.13.0",
+        roof=roof,
+        num_prompts=64,
+        prompt_len=(50, 500),
+        output_len=128,
+        seed=0,
+    )
     r.throughput.append(Throughput("Baton", 64, 8192, 10.0))  # 819.2 tok/s
     r.decode.append(DecodeResult(batch=1, steps=8, tokens_per_s=40.0, median_step_s=0.025))
     r.decode.append(DecodeResult(batch=64, steps=8, tokens_per_s=600.0, median_step_s=0.1))

@@ -32,8 +32,9 @@ def test_generate_help_says_offline(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_bench_forwards_its_options() -> None:
-    args = cli.build_parser().parse_args(["bench", "engine", "--num-prompts", "3", "--json-out",
-                                          "x.json"])
+    args = cli.build_parser().parse_args(
+        ["bench", "engine", "--num-prompts", "3", "--json-out", "x.json"]
+    )
     assert args.target == "engine"
     assert args.args == ["--num-prompts", "3", "--json-out", "x.json"]
 
@@ -81,7 +82,8 @@ def real_engine(shared_llm: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[An
 
 @pytest.mark.slow
 def test_generate_and_stream_print_the_same_greedy_text(
-    real_engine: Any, capsys: pytest.CaptureFixture[str],
+    real_engine: Any,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     argv = ["generate", "The capital of France is", "--temperature", "0", "--max-tokens", "8"]
     assert cli.main(argv) == 0
@@ -94,7 +96,8 @@ def test_generate_and_stream_print_the_same_greedy_text(
 
 @pytest.mark.slow
 def test_chat_same_seed_same_text_streamed_or_not(
-    real_engine: Any, capsys: pytest.CaptureFixture[str],
+    real_engine: Any,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     argv = ["generate", "--chat", "Say hello.", "--max-tokens", "6", "--seed", "1"]
     assert cli.main(argv) == 0
