@@ -24,3 +24,8 @@ def cache_dir() -> str:
 def native_kernels() -> bool:
     """BATON_NATIVE_KERNELS=0 turns the compiled CPU decode kernel off."""
     return os.environ.get("BATON_NATIVE_KERNELS", "1") not in ("0", "false", "no")
+
+
+def c_compiler() -> str:
+    """CC: the C compiler that builds the native kernels (default cc)."""
+    return os.environ.get("CC", "cc")

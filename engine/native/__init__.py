@@ -83,7 +83,7 @@ def _build(compiler: str) -> Path:
 def load() -> ctypes.CDLL | None:
     if not envs.native_kernels():
         return None
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    compiler = shutil.which(envs.c_compiler()) or shutil.which("gcc")
     if compiler is None:
         logger.info("no C compiler: the CPU kernels fall back to torch")
         return None
