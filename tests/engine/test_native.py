@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,7 @@ from engine.models.llama import SMALL_LINEAR_MAX_ROWS, Linear
 
 
 @pytest.fixture(scope="module")
-def kernel():  # type: ignore[no-untyped-def]
+def kernel() -> ctypes.CDLL:
     lib = native.load()
     if lib is None:
         pytest.skip("no C compiler here: the native kernels are not built")
@@ -20,7 +22,7 @@ def kernel():  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("rows", [1, 2, 3, SMALL_LINEAR_MAX_ROWS])
 @pytest.mark.parametrize("bias", [False, True])
-def test_small_linear_equals_torch(kernel, rows: int, bias: bool) -> None:  # type: ignore[no-untyped-def]
+def test_small_linear_equals_torch(kernel: ctypes.CDLL, rows: int, bias: bool) -> None:
     gen = torch.Generator().manual_seed(rows)
     layer = Linear(77, 130, bias=bias)  # sizes that are not multiples of the vector width
     with torch.no_grad():
@@ -35,7 +37,7 @@ def test_small_linear_equals_torch(kernel, rows: int, bias: bool) -> None:  # ty
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
 
 
-def test_linear_uses_torch_above_the_row_limit(kernel) -> None:  # type: ignore[no-untyped-def]
+def test_linear_uses_torch_above_the_row_limit(kernel: ctypes.CDLL) -> None:
     layer = Linear(8, 8, bias=False)
     layer.kernel = kernel
     x = torch.randn(SMALL_LINEAR_MAX_ROWS + 1, 8)
@@ -43,5 +45,5 @@ def test_linear_uses_torch_above_the_row_limit(kernel) -> None:  # type: ignore[
         assert torch.equal(layer(x), F.linear(x, layer.weight))
 
 
-def test_the_build_is_cached(kernel) -> None:  # type: ignore[no-untyped-def]
+def test_the_build_is_cached(kernel: ctypes.CDLL) -> None:
     assert native.load() is kernel
