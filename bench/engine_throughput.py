@@ -178,20 +178,22 @@ def run(args: argparse.Namespace) -> Report:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     path = resolve_model_path(args.model)
-    params = roofline.parameter_count(path)
     _say("measuring fp32 matmul and memory read rooflines")
     roof = roofline.measure(args.matmul_size, args.read_bytes)
+    kwargs: dict[str, Any] = {"dtype": "float32"}
+    if args.max_num_batched_tokens is not None:
+        kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
+    _say(f"loading {path} into Baton")
+    llm = LLM(model=path, **kwargs)
+    # A tied embedding is one tensor, read once per step as the LM head: 2 x this many
+    # FLOPs per token (the embedding gather aside).
+    params = llm.engine.num_parameters
     report = Report(
         model=path, parameters=params, weight_bytes=params * 4, torch_version=torch.__version__,
         roof=roof, num_prompts=args.num_prompts,
         prompt_len=(args.min_prompt_len, args.max_prompt_len),
         output_len=args.output_len, seed=args.seed,
     )
-    kwargs: dict[str, Any] = {"dtype": "float32"}
-    if args.max_num_batched_tokens is not None:
-        kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
-    _say(f"loading {path} into Baton")
-    llm = LLM(model=path, **kwargs)
     tok = llm.tokenizer
     prompts = make_prompts(args.num_prompts, args.min_prompt_len, args.max_prompt_len,
                            tok.vocab_size, args.seed, lambda i: not tok.is_special(i))

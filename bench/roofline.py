@@ -8,7 +8,6 @@ its thread count as set, because that is what the engine runs with.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 
@@ -60,41 +59,3 @@ def measure(matmul_size: int = 2048, read_bytes: int = 1 << 30) -> Roofline:
         matmul_size=matmul_size,
         read_bytes=read_bytes,
     )
-
-
-def parameter_count(path: str) -> int:
-    """Number of weights stored in a GGUF file or a Hugging Face safetensors directory.
-
-    Read from the file headers, without loading tensors. A tied embedding is stored once and
-    counted once; as the LM head it is also read and multiplied once per decode step, so
-    ``2 * parameter_count`` is the matmul FLOPs per token (the embedding gather aside).
-    """
-    if os.path.isdir(path):
-        return _safetensors_parameter_count(path)
-    if path.endswith(".gguf"):
-        return _gguf_parameter_count(path)
-    raise ValueError(f"model: expected a .gguf file or a directory, got {path!r}")
-
-
-def _gguf_parameter_count(path: str) -> int:
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
-    return sum(int(t.n_elements) for t in reader.tensors)
-
-
-def _safetensors_parameter_count(path: str) -> int:
-    from safetensors import safe_open
-
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
-        raise ValueError(f"model: no *.safetensors files in {path!r}")
-    total = 0
-    for name in files:
-        with safe_open(os.path.join(path, name), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
-                numel = 1
-                for dim in f.get_slice(key).get_shape():
-                    numel *= dim
-                total += numel
-    return total

@@ -46,9 +46,6 @@ class BlockManager:
     def ref_count(self, block_id: int) -> int:
         return self._ref_counts[block_id]
 
-    def cached_block(self, block_hash: int) -> int | None:
-        return self._hash_to_block.get(block_hash)
-
     def find_cached_prefix(self, token_ids: Sequence[int], max_blocks: int) -> list[int]:
         """Ids of the blocks that already hold the longest cached prefix of ``token_ids``.
 

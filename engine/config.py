@@ -86,17 +86,6 @@ class ModelConfig:
             f"only 'silu' is supported, got {self.hidden_act!r}",
         )
 
-    @property
-    def num_parameters(self) -> int:
-        """Parameter count (embeddings counted once when tied)."""
-        d, h, kv, hd = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
-        attn = d * h * hd * 2 + d * kv * hd * 2
-        if self.attention_bias:
-            attn += h * hd + 2 * kv * hd
-        per_layer = attn + 3 * d * self.intermediate_size + 2 * d
-        embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * per_layer + embed + d
-
 
 @dataclass(frozen=True)
 class CacheConfig:

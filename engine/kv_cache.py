@@ -23,14 +23,11 @@ def num_blocks_for(
     if cache.num_blocks is not None:
         return cache.num_blocks
     per_block = bytes_per_block(model, cache.block_size, dtype)
-    if cache.memory_fraction is None:
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            return max(1, int(free * 0.9) // per_block)
-        return max(1, DEFAULT_CPU_CACHE_BYTES // per_block)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return max(1, int(free * cache.memory_fraction) // per_block)
+        return max(1, int(free * (cache.memory_fraction or 0.9)) // per_block)
+    if cache.memory_fraction is None:
+        return max(1, DEFAULT_CPU_CACHE_BYTES // per_block)
     return max(1, int(_available_memory() * cache.memory_fraction) // per_block)
 
 

@@ -98,6 +98,11 @@ class LLMEngine:
         return cls(loaded.config, loaded.tokenizer, runner, Scheduler(config.scheduler, blocks))
 
     @property
+    def num_parameters(self) -> int:
+        """Weights in the model; a tied embedding/LM head counts once."""
+        return sum(p.numel() for p in self.runner.model.parameters())
+
+    @property
     def block_manager(self) -> BlockManager:
         return self.scheduler.blocks
 

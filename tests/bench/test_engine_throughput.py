@@ -1,11 +1,8 @@
-"""The engine benchmark's own parts: prompts, subsets, rooflines, parameter counts, report."""
+"""The engine benchmark's own parts: prompts, subsets, rooflines, report."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import torch
 
 from bench import engine_throughput as et
 from bench import roofline
@@ -38,20 +35,6 @@ def test_bad_options_exit_with_usage_error() -> None:
 def test_roofline_measurements_are_positive() -> None:
     assert roofline.measure_matmul_gflops(n=64, repeats=1, trials=2) > 0
     assert roofline.measure_read_gbps(nbytes=1 << 20, trials=2) > 0
-
-
-def test_parameter_count_of_a_safetensors_dir(tmp_path: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file({"a": torch.zeros(3, 4), "b": torch.zeros(5)}, str(tmp_path / "model.safetensors"))
-    assert roofline.parameter_count(str(tmp_path)) == 17
-
-
-def test_parameter_count_of_the_default_gguf() -> None:
-    from engine.loader.default import default_model_path
-
-    # SmolLM2-135M: tied embeddings, stored (and counted) once.
-    assert roofline.parameter_count(default_model_path()) == 134_515_008
 
 
 def _report(transformers: bool) -> Report:

@@ -23,6 +23,10 @@ def test_generate_and_chat_return_text_and_finish_reasons(smollm: LLM) -> None:
     assert chat.text and "<|im_end|>" not in chat.text
 
 
+def test_parameter_count_counts_the_tied_embedding_once(smollm: LLM) -> None:
+    assert smollm.engine.num_parameters == 134_515_008  # SmolLM2-135M, as its GGUF stores it
+
+
 def test_streamed_deltas_concatenate_to_the_final_text(smollm: LLM) -> None:
     engine = smollm.engine
     engine.add_request(
