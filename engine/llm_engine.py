@@ -19,6 +19,7 @@ from engine import envs, native
 from engine.attention import describe, select_backend
 from engine.block_manager import BlockManager
 from engine.config import CacheConfig, EngineConfig, ModelConfig
+from engine.kv_blocks import DTYPE_NAMES, KVBlocks, KVLayout
 from engine.kv_cache import allocate_kv_cache, num_blocks_for
 from engine.loader import load_model
 from engine.model_runner import ModelRunner
@@ -106,6 +107,21 @@ class LLMEngine:
     def block_manager(self) -> BlockManager:
         return self.scheduler.blocks
 
+    @property
+    def kv_blocks(self) -> KVBlocks:
+        """Whole-block access to this engine's KV cache, for transfers."""
+        caches = self.runner.caches
+        cfg = self.model_config
+        layout = KVLayout(
+            num_layers=len(caches),
+            block_size=self.block_manager.block_size,
+            num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            dtype=DTYPE_NAMES[caches[0].k.dtype],
+            order=self.runner.backend.kv_order,
+        )
+        return KVBlocks(caches, layout)
+
     def add_request(
         self,
         request_id: str,
@@ -124,6 +140,74 @@ class LLMEngine:
         seq = Sequence(request_id, ids, params)
         self._states[request_id] = RequestState(seq, self.tokenizer)
         self.scheduler.add(seq)
+
+    def add_prefilled(
+        self,
+        request_id: str,
+        prompt_token_ids: Seq[int],
+        first_token: int,
+        params: SamplingParams,
+        *,
+        block_table: list[int] | None = None,
+        generator_state: bytes | None = None,
+        first_logprobs: list[tuple[int, float]] | None = None,
+    ) -> None:
+        """Continue a request whose prompt another instance prefilled.
+
+        ``first_token`` was sampled there (and already reported). With ``block_table``
+        (blocks holding the prompt's KV, pulled from that instance) the request joins the
+        running batch at once; without it the prompt is recomputed here first. A seeded
+        request passes its generator's state so that sampling continues the same stream.
+        """
+        if request_id in self._states:
+            raise ValueError(f"request_id: {request_id!r} is already running")
+        ids = self._prompt_ids(None, prompt_token_ids)
+        self._check_fits(ids, params)
+        seq = Sequence(request_id, ids, params)
+        if generator_state is not None and seq.generator is not None:
+            seq.generator.set_state(torch.frombuffer(bytearray(generator_state), dtype=torch.uint8))
+        state = RequestState(seq, self.tokenizer)
+        # Replays the stop checker and detokenizer exactly as the prefill side ran them;
+        # the text it releases was reported there.
+        _, reason = state.process(first_token, first_logprobs)
+        if reason is not None:
+            raise ValueError(f"first_token: {first_token} already finishes the request")
+        seq.metrics.first_token_time = time.monotonic()
+        self._states[request_id] = state
+        if block_table is None:
+            self.scheduler.add(seq)
+            return
+        if self.block_manager.blocks_needed(len(ids)) > len(block_table):
+            raise ValueError(
+                f"block_table: {len(block_table)} blocks cannot hold {len(ids)} prompt tokens"
+            )
+        seq.block_table = list(block_table)
+        seq.num_computed_tokens = len(ids)
+        self.scheduler.add_running(seq)
+
+    def detach(self, request_id: str) -> tuple[Sequence, list[int]]:
+        """Take a running request out of this engine, keeping its KV blocks allocated.
+
+        The caller owns the returned blocks and must :meth:`free_blocks` them."""
+        state = self._states.pop(request_id, None)
+        if state is None:
+            raise ValueError(f"request_id: {request_id!r} is not running")
+        return state.seq, self.scheduler.detach(state.seq)
+
+    def free_blocks(self, block_ids: list[int]) -> None:
+        """Release blocks a caller took with :meth:`detach` or :meth:`reserve_blocks`."""
+        self.block_manager.free(list(reversed(block_ids)))
+
+    def reserve_blocks(self, n: int) -> list[int]:
+        """Allocate ``n`` blocks outside the scheduler, e.g. to pull KV into."""
+        return self.block_manager.allocate(n)
+
+    def validate_request(self, prompt_token_ids: Seq[int], params: SamplingParams) -> None:
+        """Raise ValueError naming the field if the request cannot run here. Reads only
+        fixed limits, so any thread may call it."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params: must be SamplingParams, got {type(params).__name__}")
+        self._check_fits(self._prompt_ids(None, prompt_token_ids), params)
 
     def _prompt_ids(self, prompt: str | None, prompt_token_ids: Seq[int] | None) -> list[int]:
         if prompt_token_ids is not None:

@@ -29,3 +29,30 @@ class EngineStats:
     free_blocks: int
     total_blocks: int
     num_preemptions: int
+
+
+@dataclass(frozen=True)
+class InstanceStats:
+    """One serving instance's load, as the cluster and the router see it."""
+
+    name: str
+    role: str  # "prefill" | "decode" | "colocated"
+    num_waiting: int  # in the engine's waiting queue
+    num_running: int  # in the running batch
+    free_blocks: int
+    total_blocks: int
+    num_preemptions: int
+    # Role-specific gauges and counters: leases, pending transfers, recomputes, bytes...
+    counters: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "role": self.role,
+            "num_waiting": self.num_waiting,
+            "num_running": self.num_running,
+            "free_blocks": self.free_blocks,
+            "total_blocks": self.total_blocks,
+            "num_preemptions": self.num_preemptions,
+            "counters": dict(self.counters),
+        }

@@ -30,6 +30,14 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def add_running(self, seq: Sequence) -> None:
+        """Join a request whose KV is already in its block table (pulled from a prefill
+        instance) straight to the running batch; the caller checked capacity."""
+        seq.status = SequenceStatus.RUNNING
+        if seq.metrics.first_scheduled_time is None:
+            seq.metrics.first_scheduled_time = time.monotonic()
+        self.running.append(seq)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -152,6 +160,15 @@ class Scheduler:
                         hash_block(parent, seq.token_ids[j * bs : (j + 1) * bs])
                     )
                 self.blocks.register(seq.block_table[i], seq.block_hashes[i])
+
+    def detach(self, seq: Sequence) -> list[int]:
+        """Take a running request out of the batch *keeping* its blocks, whose ownership
+        passes to the caller (a prefill instance holding them for a transfer)."""
+        self.running.remove(seq)
+        blocks, seq.block_table = seq.block_table, []
+        seq.status = SequenceStatus.FINISHED
+        seq.metrics.finish_time = time.monotonic()
+        return blocks
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Retire a request (finished or aborted) and free its blocks."""

@@ -33,6 +33,7 @@ class AttentionMetadata(Protocol):
 
 class AttentionBackend(Protocol):
     name: str
+    kv_order: str  # where the block index sits in a cache tensor; see engine.kv_blocks
 
     @staticmethod
     def cache_shape(

@@ -28,6 +28,7 @@ class FlashMetadata:
 
 class FlashAttention:
     name = "flash"
+    kv_order = "block_major"  # see engine.kv_blocks
 
     def __init__(self, head_dim: int):
         from vllm_flash_attn import flash_attn_varlen_func

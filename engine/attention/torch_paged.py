@@ -62,6 +62,7 @@ class TorchMetadata:
 
 class TorchPagedAttention:
     name = "torch"
+    kv_order = "head_major"  # see engine.kv_blocks
 
     def __init__(self, head_dim: int, native_kernel: ctypes.CDLL | None = None):
         """``native_kernel``: the loaded C decode kernel, for fp32 caches on CPU only."""
