@@ -1,8 +1,78 @@
-"""Moving KV-cache blocks between instances (not built yet).
+"""Moving KV-cache blocks between instances.
 
-This package will own one small transfer interface with backends registered by name and
-imported lazily (``torch``: torch.distributed with NCCL on CUDA and gloo on CPU; ``grpc``;
-``local`` for one process), re-sharding when the prefill and decode sides use different
-tensor/pipeline-parallel layouts, leases and timeouts. It may import only the types of
-``engine``. Nothing is implemented here yet.
+One small interface (:mod:`kv_transfer.base`): a sender on the prefill side publishes a
+request's blocks under its lease, a receiver on the decode side pulls them into blocks
+it reserved. Backends are registered by name and imported only when chosen:
+
+- ``torch``: torch.distributed point-to-point, NCCL on CUDA and gloo on CPU, over
+  two-rank groups made per (sender, receiver) pair on demand through the receiver's
+  rendezvous store, so instances join and leave without a fixed world; pipelined by
+  chunks of layers.
+- ``grpc``: KV bytes streamed in bounded protobuf chunks; TLS-capable; for clusters where
+  the collective library cannot connect the two sides.
+- ``local``: an in-process copy, for one-process tests.
+
+Leases (:mod:`kv_transfer.lease`) bound how long a sender holds blocks nobody pulls.
+This package imports only ``engine`` types.
 """
+
+from __future__ import annotations
+
+import importlib
+
+from engine.kv_blocks import KVBlocks
+from kv_transfer.base import (
+    KVDescriptor,
+    KVReceiver,
+    KVSender,
+    RequestSend,
+    TransferError,
+    TransferResult,
+    TransferStatus,
+)
+from kv_transfer.config import BACKENDS, TLSConfig, TransferConfig
+
+# name -> module defining ``Sender`` and ``Receiver``; imported on first use.
+_BACKENDS: dict[str, str] = {
+    "torch": "kv_transfer.torch_backend",
+    "grpc": "kv_transfer.grpc_backend",
+    "local": "kv_transfer.local_backend",
+}
+
+
+def register_backend(name: str, module: str) -> None:
+    """Make ``module`` (defining ``Sender`` and ``Receiver``) available as ``name``."""
+    _BACKENDS[name] = module
+
+
+def _module(name: str):  # type: ignore[no-untyped-def]
+    if name not in _BACKENDS:
+        raise ValueError(f"transport: unknown backend {name!r} (known: {', '.join(_BACKENDS)})")
+    return importlib.import_module(_BACKENDS[name])
+
+
+def create_sender(name: str, blocks: KVBlocks, config: TransferConfig) -> KVSender:
+    sender: KVSender = _module(config.backend).Sender(name, blocks, config)
+    return sender
+
+
+def create_receiver(name: str, blocks: KVBlocks, config: TransferConfig) -> KVReceiver:
+    receiver: KVReceiver = _module(config.backend).Receiver(name, blocks, config)
+    return receiver
+
+
+__all__ = [
+    "BACKENDS",
+    "KVDescriptor",
+    "KVReceiver",
+    "KVSender",
+    "RequestSend",
+    "TLSConfig",
+    "TransferConfig",
+    "TransferError",
+    "TransferResult",
+    "TransferStatus",
+    "create_receiver",
+    "create_sender",
+    "register_backend",
+]
