@@ -1,8 +1,7 @@
-"""A decode instance (not built yet).
+"""A decode instance: admits prefilled requests when KV blocks are free, pulls their KV
+(recomputing the prompt when a pull fails), decodes them in a continuous batch, and
+streams token events to the router side. Also the colocated instance, which prefills too.
 
-This package will own the decode side of a disaggregated request: admitting a request when
-KV blocks are free for it, pulling its KV blocks from the prefill instance (recomputing the
-prompt when the pull fails), continuous batching, sampling, stop conditions, and streaming
-tokens back to the router. It builds on ``engine`` and ``kv_transfer``. Nothing is
-implemented here yet.
+See :mod:`decode_workers.worker` for a request's path through its queues. The Ray
+wiring lives in ``cluster``; this package builds on ``engine`` and ``kv_transfer``.
 """

@@ -1,8 +1,6 @@
-"""A prefill instance (not built yet).
+"""A prefill instance: computes a prompt's KV cache and first token, then holds the KV
+under a lease until a decode instance has pulled it.
 
-This package will own the prefill side of a disaggregated request: the queue of incoming
-prompts, batching by token budget, chunked prefill of long prompts, the prefix cache,
-sampling the first token, and holding the request's KV blocks under a lease until a decode
-instance has pulled them (or the lease expires). It builds on ``engine`` and
-``kv_transfer``. Nothing is implemented here yet.
+See :mod:`prefill_workers.worker` for a request's path through its queues. The Ray
+wiring lives in ``cluster``; this package builds on ``engine`` and ``kv_transfer``.
 """

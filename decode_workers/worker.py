@@ -1,0 +1,377 @@
+"""A decode instance: pulls a prefilled request's KV and generates the rest.
+
+A request's path, through the queues named as the classes below:
+
+1. ``add_handoff`` (from the prefill instance) puts the request in the
+   :class:`PendingQueue`: it waits for KV blocks here, and every heartbeat renews its
+   lease on the prefill side so the KV is still there when blocks free up.
+2. Admission, oldest first: when the free blocks cover the prompt's KV plus a reserve
+   kept for the running batch to grow into, and the batch has room, the instance
+   reserves the blocks and the request moves to the :class:`TransferQueue`, where a
+   transfer thread pulls the KV into them.
+3. When the pull is done the request joins the engine's running batch with its KV in
+   place (continuous batching; the engine's scheduler, sampler and stop checks). A pull
+   that fails or times out frees the reserved blocks and the request joins the batch
+   to recompute its prompt here instead; that fallback is counted. Either way the
+   prefill instance is told to release its copy.
+4. Each step's new tokens go to the router as token events.
+5. Finishing or aborting frees the blocks; the engine preempts (and later recomputes)
+   the newest requests when blocks run out, as it does offline.
+
+In colocated mode ``add_request`` hands a fresh prompt straight to the engine, which
+prefills and decodes it here with no transfer.
+
+Everything that touches the engine runs on the instance's :class:`WorkerLoop` thread;
+transfers run on their own threads and post their results back to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from engine.events import EventSink, TokenEvent
+from engine.llm_engine import LLMEngine
+from engine.outputs import InstanceStats, RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.worker_loop import Tombstones, WorkerLoop
+from kv_transfer.base import KVReceiver, TransferResult, TransferStatus
+from kv_transfer.handoff import HandOff
+
+logger = logging.getLogger(__name__)
+
+
+class PrefillPeers(Protocol):
+    """Control calls to prefill instances, by name; all return at once."""
+
+    def renew(self, instance: str, request_ids: list[str]) -> None: ...
+
+    def release(self, instance: str, request_id: str) -> None: ...
+
+    def request_send(self, instance: str, request_id: str, peer: dict[str, str]) -> None: ...
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    lease_ttl_s: float = 30.0  # the prefill side's; heartbeats go out at a third of it
+    # Blocks kept free for the running batch to grow into when admitting a pull.
+    reserve_blocks: int = 4
+    max_concurrent_pulls: int = 4
+
+    def __post_init__(self) -> None:
+        if not self.lease_ttl_s > 0:
+            raise ValueError(f"lease_ttl_s: must be > 0, got {self.lease_ttl_s}")
+        if self.reserve_blocks < 0:
+            raise ValueError(f"reserve_blocks: must be >= 0, got {self.reserve_blocks}")
+        if self.max_concurrent_pulls < 1:
+            raise ValueError(f"max_concurrent_pulls: must be >= 1, got {self.max_concurrent_pulls}")
+
+
+class PendingQueue:
+    """Hand-offs waiting for blocks, oldest first."""
+
+    def __init__(self) -> None:
+        self._items: OrderedDict[str, HandOff] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, handoff: HandOff) -> None:
+        self._items[handoff.request_id] = handoff
+
+    def peek(self) -> HandOff | None:
+        return next(iter(self._items.values()), None)
+
+    def pop(self, request_id: str) -> HandOff | None:
+        return self._items.pop(request_id, None)
+
+    def values(self) -> list[HandOff]:
+        return list(self._items.values())
+
+
+@dataclass
+class Pull:
+    handoff: HandOff
+    block_ids: list[int]
+    aborted: bool = False
+
+
+class TransferQueue:
+    """Hand-offs whose KV is being pulled into reserved blocks."""
+
+    def __init__(self) -> None:
+        self._items: dict[str, Pull] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, pull: Pull) -> None:
+        self._items[pull.handoff.request_id] = pull
+
+    def get(self, request_id: str) -> Pull | None:
+        return self._items.get(request_id)
+
+    def pop(self, request_id: str) -> Pull | None:
+        return self._items.pop(request_id, None)
+
+    def values(self) -> list[Pull]:
+        return list(self._items.values())
+
+
+class DecodeWorker:
+    def __init__(
+        self,
+        name: str,
+        engine: LLMEngine,
+        receiver: KVReceiver | None,
+        events: EventSink,
+        peers: PrefillPeers | None,
+        config: DecodeConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        role: str = "decode",
+    ):
+        """``receiver`` and ``peers`` may be None for a colocated instance."""
+        self.name = name
+        self.role = role
+        self.engine = engine
+        self.receiver = receiver
+        self.events = events
+        self.peers = peers
+        self.config = config or DecodeConfig()
+        self.pending = PendingQueue()
+        self.transfers = TransferQueue()
+        self.loop = WorkerLoop(name, self._tick)
+        self.endpoint = ""
+        self._clock = clock
+        self._aborted = Tombstones()
+        self._pool: ThreadPoolExecutor | None = None
+        self._next_heartbeat = 0.0
+        # Per running request: when the instance took it on, and the transfer's time.
+        self._started: dict[str, float] = {}
+        self._first_timings: dict[str, dict[str, float]] = {}
+        self._counters: dict[str, float] = {
+            "pulls": 0,
+            "recomputes": 0,
+            "kv_bytes": 0,
+            "kv_seconds": 0.0,
+        }
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> str:
+        if self.receiver is not None:
+            self.endpoint = self.receiver.start()
+            self._pool = ThreadPoolExecutor(
+                self.config.max_concurrent_pulls, thread_name_prefix=f"{self.name}-pull"
+            )
+        self.loop.start()
+        return self.endpoint
+
+    def stop(self) -> None:
+        self.loop.stop()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.receiver is not None:
+            self.receiver.stop()
+        self.events.close()
+
+    # -- control calls (any thread) ---------------------------------------------------
+
+    def add_handoff(self, handoff: dict[str, Any]) -> None:
+        self.loop.post(self._add_handoff, HandOff.from_dict(handoff))
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
+        """Colocated mode: prefill and decode a prompt here."""
+        self.engine.validate_request(prompt_token_ids, params)
+        self.loop.post(self._add_request, request_id, list(prompt_token_ids), params)
+
+    def abort(self, request_id: str) -> None:
+        self.loop.post(self._abort, request_id)
+
+    def stats(self) -> InstanceStats:
+        return self.loop.call(self._stats)
+
+    # -- the loop thread ----------------------------------------------------------------
+
+    def _add_request(self, request_id: str, ids: list[int], params: SamplingParams) -> None:
+        if request_id in self._aborted:
+            return
+        try:
+            self.engine.add_request(request_id, params=params, prompt_token_ids=ids)
+        except ValueError as e:
+            self._send_error(request_id, str(e))
+            return
+        self._started[request_id] = self._clock()
+
+    def _add_handoff(self, handoff: HandOff) -> None:
+        if handoff.request_id in self._aborted:
+            self._release(handoff)
+            return
+        self.pending.add(handoff)
+
+    def _tick(self) -> bool:
+        self._heartbeat()
+        self._admit()
+        if not self.engine.has_unfinished():
+            return False
+        try:
+            outputs = self.engine.step()
+        except Exception as e:
+            logger.exception("%s: step failed", self.name)
+            for request_id in list(self._started):
+                self.engine.abort(request_id)
+                self._started.pop(request_id)
+                self._send_error(request_id, f"decode step failed: {e}")
+            return True
+        for out in outputs:
+            self._emit(out)
+        return True
+
+    def _heartbeat(self) -> None:
+        now = self._clock()
+        if self.peers is None or now < self._next_heartbeat:
+            return
+        self._next_heartbeat = now + self.config.lease_ttl_s / 3
+        by_source: dict[str, list[str]] = {}
+        for h in self.pending.values() + [p.handoff for p in self.transfers.values()]:
+            by_source.setdefault(h.source, []).append(h.request_id)
+        for source, ids in by_source.items():
+            self.peers.renew(source, ids)
+
+    def _admit(self) -> None:
+        blocks = self.engine.block_manager
+        while (handoff := self.pending.peek()) is not None:
+            running = len(self.engine.scheduler.running) + len(self.transfers)
+            if running >= self.engine.scheduler.config.max_num_seqs:
+                return
+            need = handoff.kv.num_blocks
+            if blocks.num_free_blocks < need + self.config.reserve_blocks:
+                return
+            self.pending.pop(handoff.request_id)
+            pull = Pull(handoff, self.engine.reserve_blocks(need))
+            self.transfers.add(pull)
+            assert self._pool is not None
+            self._pool.submit(self._pull, pull)
+
+    def _pull(self, pull: Pull) -> None:
+        """On a transfer thread: move the KV, then hand the result to the loop."""
+        h = pull.handoff
+        assert self.receiver is not None and self.peers is not None
+        peers = self.peers
+
+        def request_send(request_id: str, peer: dict[str, str]) -> None:
+            peers.request_send(h.source, request_id, peer)
+
+        try:
+            result = self.receiver.pull(h.kv, h.source_endpoint, pull.block_ids, request_send)
+        except Exception as e:  # a backend bug must not strand the request
+            logger.exception("%s: pull of %s raised", self.name, h.request_id)
+            result = TransferResult(h.request_id, TransferStatus.FAILED, error=repr(e))
+        self.loop.post(self._on_pulled, pull, result)
+
+    def _on_pulled(self, pull: Pull, result: TransferResult) -> None:
+        h = pull.handoff
+        self.transfers.pop(h.request_id)
+        self._release(h)
+        if pull.aborted:
+            self.engine.free_blocks(pull.block_ids)
+            return
+        timings = {"kv_transfer": result.seconds}
+        block_table: list[int] | None = pull.block_ids
+        if result.status is TransferStatus.DONE:
+            self._counters["pulls"] += 1
+            self._counters["kv_bytes"] += result.nbytes
+            self._counters["kv_seconds"] += result.seconds
+        else:
+            logger.warning(
+                "%s: pull of %s failed (%s); recomputing", self.name, h.request_id, result.error
+            )
+            self._counters["recomputes"] += 1
+            self.engine.free_blocks(pull.block_ids)
+            block_table = None
+            timings["recomputed"] = 1.0
+        try:
+            self.engine.add_prefilled(
+                h.request_id,
+                h.prompt_token_ids,
+                h.first_token,
+                h.params,
+                block_table=block_table,
+                generator_state=h.generator_state,
+                first_logprobs=h.first_logprobs,
+            )
+        except ValueError as e:
+            if block_table is not None:
+                self.engine.free_blocks(block_table)
+            self._send_error(h.request_id, str(e))
+            return
+        self._started[h.request_id] = self._clock()
+        self._first_timings[h.request_id] = timings
+
+    def _emit(self, out: RequestOutput) -> None:
+        new = list(out.new_token_ids)
+        timings = self._first_timings.pop(out.request_id, {})
+        if out.finished:
+            started = self._started.pop(out.request_id, None)
+            if started is not None:
+                timings["decode"] = self._clock() - started
+        self.events.send(
+            TokenEvent(
+                request_id=out.request_id,
+                index=len(out.token_ids) - len(new),
+                token_ids=new,
+                text=out.delta_text,
+                finish_reason=out.finish_reason,
+                source=self.name,
+                logprobs=None if out.logprobs is None else out.logprobs[-len(new) :],
+                num_prompt_tokens=len(out.prompt_token_ids),
+                num_cached_tokens=out.num_cached_tokens,
+                timings=timings,
+            )
+        )
+
+    def _abort(self, request_id: str) -> None:
+        self._aborted.add(request_id)
+        handoff = self.pending.pop(request_id)
+        if handoff is not None:
+            self._release(handoff)
+            return
+        pull = self.transfers.get(request_id)
+        if pull is not None:
+            pull.aborted = True  # _on_pulled frees its blocks
+            return
+        if self._started.pop(request_id, None) is not None:
+            self._first_timings.pop(request_id, None)
+            self.engine.abort(request_id)
+
+    def _release(self, handoff: HandOff) -> None:
+        if self.peers is not None:
+            self.peers.release(handoff.source, handoff.request_id)
+
+    def _send_error(self, request_id: str, message: str) -> None:
+        self.events.send(
+            TokenEvent(request_id, 0, [], finish_reason="error", source=self.name, error=message)
+        )
+
+    def _stats(self) -> InstanceStats:
+        s = self.engine.stats()
+        counters = dict(self._counters)
+        counters["pending"] = len(self.pending)
+        counters["transferring"] = len(self.transfers)
+        return InstanceStats(
+            name=self.name,
+            role=self.role,
+            num_waiting=s.num_waiting,
+            num_running=s.num_running,
+            free_blocks=s.free_blocks,
+            total_blocks=s.total_blocks,
+            num_preemptions=s.num_preemptions,
+            counters=counters,
+        )

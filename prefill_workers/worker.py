@@ -1,0 +1,272 @@
+"""A prefill instance: computes a prompt's KV cache and first token, then holds the KV
+until a decode instance has pulled it.
+
+A request's path, through the queues named as the classes below:
+
+1. ``add_request`` (from the router side) validates the request and puts it in the
+   :class:`PrefillQueue`, which hands it to the engine's waiting queue. The engine's
+   scheduler batches prompts up to its token budget, chunks long ones across steps, and
+   skips blocks the prefix cache already holds.
+2. When the engine samples the first token, the instance sends a first-token event to
+   the router (this is the request's TTFT). If that token already finishes the request
+   (a stop token, ``max_tokens=1``) the engine frees the blocks and the request is done.
+3. Otherwise the engine *detaches* the request, keeping its blocks; they go under a
+   lease in the :class:`~kv_transfer.lease.LeaseTable`, the transfer sender publishes
+   them, and a :class:`~kv_transfer.handoff.HandOff` goes to the chosen decode instance.
+4. The decode instance renews the lease while the request waits for blocks there,
+   pulls the KV, and calls ``release``. The lease also ends when nobody renews it in
+   time or the request is aborted. Whichever comes first retracts the blocks from the
+   sender and frees them.
+
+Everything that touches the engine runs on the instance's :class:`WorkerLoop` thread;
+the public methods only validate and post work to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.events import EventSink, TokenEvent
+from engine.llm_engine import LLMEngine
+from engine.outputs import InstanceStats, RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.worker_loop import Tombstones, WorkerLoop
+from kv_transfer.base import KVDescriptor, KVSender
+from kv_transfer.handoff import HandOff
+from kv_transfer.lease import Lease, LeaseTable
+
+logger = logging.getLogger(__name__)
+
+# (decode instance name, HandOff.to_dict()) -> None; the cluster makes it an actor call.
+HandOffFn = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class QueuedPrefill:
+    request_id: str
+    num_prompt_tokens: int
+    decode_instance: str
+    arrival: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class PrefillQueue:
+    """Requests in the engine that have not produced their first token yet."""
+
+    def __init__(self) -> None:
+        self._items: dict[str, QueuedPrefill] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._items
+
+    def add(self, item: QueuedPrefill) -> None:
+        self._items[item.request_id] = item
+
+    def pop(self, request_id: str) -> QueuedPrefill | None:
+        return self._items.pop(request_id, None)
+
+    def ids(self) -> list[str]:
+        return list(self._items)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """The dispatch signal: prompt tokens still ahead of a newly queued request."""
+        return sum(item.num_prompt_tokens for item in self._items.values())
+
+
+class PrefillWorker:
+    def __init__(
+        self,
+        name: str,
+        engine: LLMEngine,
+        sender: KVSender,
+        events: EventSink,
+        hand_off: HandOffFn,
+        lease_ttl_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.name = name
+        self.engine = engine
+        self.sender = sender
+        self.events = events
+        self.hand_off = hand_off
+        self.queue = PrefillQueue()
+        self.leases = LeaseTable(lease_ttl_s, clock)
+        self.loop = WorkerLoop(name, self._tick)
+        self.endpoint = ""
+        self._clock = clock
+        self._aborted = Tombstones()
+        self._layout = engine.kv_blocks.layout
+        self._counters = {"handoffs": 0, "finished_at_prefill": 0, "expired_leases": 0}
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> str:
+        """Open the transfer sender and start the loop; returns the sender's endpoint."""
+        self.endpoint = self.sender.start()
+        self.loop.start()
+        return self.endpoint
+
+    def stop(self) -> None:
+        self.loop.stop()
+        self.sender.stop()
+        self.events.close()
+
+    # -- control calls (any thread) ---------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        decode_instance: str,
+    ) -> None:
+        """Queue a prompt; ValueError naming the field if it cannot run."""
+        self.engine.validate_request(prompt_token_ids, params)
+        self.loop.post(self._add, request_id, list(prompt_token_ids), params, decode_instance)
+
+    def abort(self, request_id: str) -> None:
+        self.loop.post(self._abort, request_id)
+
+    def renew(self, request_ids: list[str]) -> None:
+        """The decode side's heartbeat for requests it has not pulled yet."""
+        self.loop.post(self.leases.renew, list(request_ids))
+
+    def release(self, request_id: str) -> None:
+        """The decode side is done with the request's KV (pulled, or gave up)."""
+        self.loop.post(self._end_lease, request_id)
+
+    def send_kv(self, request_id: str, peer: dict[str, str]) -> None:
+        """Push-style transports: the receiver asks for the KV to be sent to ``peer``."""
+        self.sender.send(request_id, peer)
+
+    def stats(self) -> InstanceStats:
+        return self.loop.call(self._stats)
+
+    # -- the loop thread ----------------------------------------------------------------
+
+    def _add(
+        self, request_id: str, ids: list[int], params: SamplingParams, decode_instance: str
+    ) -> None:
+        if request_id in self._aborted:
+            return
+        try:
+            self.engine.add_request(request_id, params=params, prompt_token_ids=ids)
+        except ValueError as e:  # e.g. a duplicate id; validation ran before
+            self._send_error(request_id, str(e))
+            return
+        self.queue.add(QueuedPrefill(request_id, len(ids), decode_instance, self._clock()))
+
+    def _tick(self) -> bool:
+        for lease in self.leases.expire():
+            logger.warning("%s: lease of %s expired unpulled", self.name, lease.request_id)
+            self._counters["expired_leases"] += 1
+            self._free(lease)
+        if not self.engine.has_unfinished():
+            return False
+        try:
+            outputs = self.engine.step()
+        except Exception as e:
+            logger.exception("%s: step failed", self.name)
+            for request_id in self.queue.ids():
+                self.engine.abort(request_id)
+                self.queue.pop(request_id)
+                self._send_error(request_id, f"prefill step failed: {e}")
+            return True
+        for out in outputs:
+            self._on_first_token(out)
+        return True
+
+    def _on_first_token(self, out: RequestOutput) -> None:
+        item = self.queue.pop(out.request_id)
+        if item is None:
+            return
+        now = self._clock()
+        metrics = out.metrics
+        started = metrics.first_scheduled_time if metrics else None
+        timings = {
+            "queue": (started or now) - item.arrival,
+            "prefill": now - (started or now),
+        }
+        event = TokenEvent(
+            request_id=out.request_id,
+            index=0,
+            token_ids=list(out.new_token_ids),
+            text=out.delta_text,
+            finish_reason=out.finish_reason,
+            source=self.name,
+            logprobs=out.logprobs,
+            num_prompt_tokens=len(out.prompt_token_ids),
+            num_cached_tokens=out.num_cached_tokens,
+            timings=timings,
+        )
+        if out.finished:
+            self._counters["finished_at_prefill"] += 1
+            self.events.send(event)
+            return
+        seq, blocks = self.engine.detach(out.request_id)
+        desc = KVDescriptor(out.request_id, seq.num_prompt_tokens, tuple(blocks), self._layout)
+        self.leases.grant(out.request_id, blocks)
+        self.sender.publish(desc)
+        self.events.send(event)
+        state = None if seq.generator is None else bytes(seq.generator.get_state().tolist())
+        handoff = HandOff(
+            request_id=out.request_id,
+            prompt_token_ids=seq.prompt_token_ids,
+            first_token=out.new_token_ids[0],
+            params=seq.params,
+            kv=desc,
+            source=self.name,
+            source_endpoint=self.endpoint,
+            generator_state=state,
+            first_logprobs=out.logprobs[0] if out.logprobs else None,
+            num_cached_tokens=out.num_cached_tokens,
+            timings=timings,
+        )
+        self._counters["handoffs"] += 1
+        self.hand_off(item.decode_instance, handoff.to_dict())
+
+    def _abort(self, request_id: str) -> None:
+        self._aborted.add(request_id)
+        if self.queue.pop(request_id) is not None:
+            self.engine.abort(request_id)
+        else:
+            self._end_lease(request_id)
+
+    def _end_lease(self, request_id: str) -> None:
+        lease = self.leases.end(request_id)
+        if lease is not None:
+            self._free(lease)
+
+    def _free(self, lease: Lease) -> None:
+        self.sender.retract(lease.request_id)  # waits out a send still reading the blocks
+        self.engine.free_blocks(lease.block_ids)
+
+    def _send_error(self, request_id: str, message: str) -> None:
+        self.events.send(
+            TokenEvent(request_id, 0, [], finish_reason="error", source=self.name, error=message)
+        )
+
+    def _stats(self) -> InstanceStats:
+        s = self.engine.stats()
+        counters: dict[str, float] = dict(self._counters)
+        counters["leases"] = len(self.leases)
+        counters["leased_blocks"] = self.leases.num_blocks
+        counters["queued_prompt_tokens"] = self.queue.num_prompt_tokens
+        return InstanceStats(
+            name=self.name,
+            role="prefill",
+            num_waiting=s.num_waiting,
+            num_running=s.num_running,
+            free_blocks=s.free_blocks,
+            total_blocks=s.total_blocks,
+            num_preemptions=s.num_preemptions,
+            counters=counters,
+        )
