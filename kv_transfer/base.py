@@ -13,12 +13,14 @@ decode side can fall back to recomputing the prompt.
 from __future__ import annotations
 
 import enum
+import queue
 import random
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 
@@ -288,3 +290,62 @@ def _write(blocks: KVBlocks, layers: range, block_ids: Sequence[int], src: torch
         for kv, dst in enumerate((cache.k, cache.v)):
             for pos, first, n in runs:
                 dst.narrow(dim, first, n).copy_(src[i, kv].narrow(dim, pos, n))
+
+
+_T = TypeVar("_T")
+
+
+def _ahead(
+    items: Iterator[_T],
+    depth: int,
+    timeout_s: float,
+    name: str,
+    stop: threading.Event | None = None,
+    on_exit: Callable[[], None] | None = None,
+) -> Generator[_T, None, None]:
+    """``items`` run by a helper thread up to ``depth`` items ahead of the consumer.
+
+    Overlaps producing (gathering, receiving) with consuming (sending, scattering). Closing
+    the returned generator, or setting ``stop``, ends the helper at its next item; it then
+    closes ``items`` and calls ``on_exit``, on its own thread."""
+    slots: queue.Queue[tuple[int, Any]] = queue.Queue(depth)
+    stop = stop or threading.Event()
+
+    def put(kind: int, value: Any) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put((kind, value), timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(0, item):
+                    return
+            put(1, None)
+        except Exception as e:  # handed to the consumer, which raises it
+            put(2, e)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+            if on_exit is not None:
+                on_exit()
+
+    threading.Thread(target=produce, name=name, daemon=True).start()
+    try:
+        while True:
+            try:
+                kind, value = slots.get(timeout=timeout_s)
+            except queue.Empty:
+                raise TransferError(f"{name}: nothing produced in {timeout_s:.1f}s") from None
+            if kind == 1:
+                return
+            if kind == 2:
+                raise value
+            yield value
+    finally:
+        stop.set()

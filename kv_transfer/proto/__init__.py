@@ -1,0 +1,1 @@
+"""Generated grpc stubs for the grpc backend; regenerate with ``scripts/gen_protos.sh``."""
