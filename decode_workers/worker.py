@@ -159,6 +159,8 @@ class DecodeWorker:
             "recomputes": 0,
             "kv_bytes": 0,
             "kv_seconds": 0.0,
+            "steps": 0,
+            "step_seconds": 0.0,
         }
 
     # -- lifecycle -------------------------------------------------------------------
@@ -221,6 +223,7 @@ class DecodeWorker:
         self._admit()
         if not self.engine.has_unfinished():
             return False
+        started = time.perf_counter()
         try:
             outputs = self.engine.step()
         except Exception as e:
@@ -230,6 +233,9 @@ class DecodeWorker:
                 self._started.pop(request_id)
                 self._send_error(request_id, f"decode step failed: {e}")
             return True
+        # The engine's own step time, beside which the router's overhead is measured.
+        self._counters["steps"] += 1
+        self._counters["step_seconds"] += time.perf_counter() - started
         for out in outputs:
             self._emit(out)
         return True

@@ -1,10 +1,21 @@
-"""What the engine reports about a request after a step."""
+"""What the engine reports about a request after a step.
+
+No torch here: the router side (cluster streams, the router) builds these too."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.sequence import RequestMetrics
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    # Durations (seconds) measured by serving instances: "queue", "prefill",
+    # "kv_transfer", "decode"; "recomputed" = 1.0 after a failed KV pull.
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -104,7 +104,13 @@ class PrefillWorker:
         self._clock = clock
         self._aborted = Tombstones()
         self._layout = engine.kv_blocks.layout
-        self._counters = {"handoffs": 0, "finished_at_prefill": 0, "expired_leases": 0}
+        self._counters: dict[str, float] = {
+            "handoffs": 0,
+            "finished_at_prefill": 0,
+            "expired_leases": 0,
+            "steps": 0,
+            "step_seconds": 0.0,
+        }
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -171,6 +177,7 @@ class PrefillWorker:
             self._free(lease)
         if not self.engine.has_unfinished():
             return False
+        started = time.perf_counter()
         try:
             outputs = self.engine.step()
         except Exception as e:
@@ -180,6 +187,8 @@ class PrefillWorker:
                 self.queue.pop(request_id)
                 self._send_error(request_id, f"prefill step failed: {e}")
             return True
+        self._counters["steps"] += 1
+        self._counters["step_seconds"] += time.perf_counter() - started
         for out in outputs:
             self._on_first_token(out)
         return True

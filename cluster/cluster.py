@@ -1,0 +1,395 @@
+"""The cluster as the router and the tests use it: ``from cluster import Cluster``.
+
+``Cluster(prefill=1, decode=1).start()`` starts (or joins) Ray, creates the instances,
+loads the model in each, and binds the socket their token events arrive on. A request
+goes to the prefill instance with the fewest queued prompt tokens, with the decode
+instance serving the fewest requests named as its destination; in colocated mode it
+goes to the least busy instance, which does both. Outputs are the engine's
+``RequestOutput``, streamed (``stream``) or collected (``generate``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import ray
+
+from cluster import builder
+from cluster.actors import InstanceSpec
+from cluster.dispatch import InstanceLoad, RoutePolicy, RouteRequest, default_policy
+from cluster.health import HealthMonitor
+from cluster.stream import EventReceiver, RequestStream, RequestTrace
+from engine.outputs import InstanceStats, RequestOutput
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+PREFIX_CHARS = 64  # of a text prompt, for the cache-affinity key
+PREFIX_TOKENS = 16  # of a token prompt: one KV block
+
+
+def prefix_key(ids: list[int] | None, text: str | None) -> int | None:
+    """A key for the start of a prompt: requests sharing it likely share cached blocks."""
+    if ids is not None:
+        return hash(tuple(ids[:PREFIX_TOKENS])) if len(ids) >= PREFIX_TOKENS else None
+    if text is not None and len(text) >= PREFIX_CHARS:
+        return hash(text[:PREFIX_CHARS])
+    return None
+
+
+MODES = ("disaggregated", "colocated")
+TRANSPORTS = ("torch", "grpc", "local")
+
+
+class Cluster:
+    def __init__(
+        self,
+        model: str | None = None,
+        prefill: int = 1,
+        decode: int = 1,
+        transport: str = "torch",
+        mode: str = "disaggregated",
+        *,
+        address: str | None = None,
+        num_kv_blocks: int | None = None,
+        cpus_per_instance: float | None = None,
+        max_num_batched_tokens: int = 2048,
+        dtype: str = "auto",
+        lease_ttl_s: float = 30.0,
+        transfer_timeout_s: float = 30.0,
+        fault_injection: float = 0.0,
+        checksum: bool = False,
+        start_timeout_s: float = 600.0,
+        health_interval_s: float = 2.0,
+        policy: RoutePolicy | None = None,
+    ):
+        """``policy`` chooses instances per request (see ``cluster.dispatch``); the
+        default sends prompts to the fewest queued prompt tokens and decodes to the
+        fewest active requests."""
+        if mode not in MODES:
+            raise ValueError(f"mode: must be one of {', '.join(MODES)}, got {mode!r}")
+        if transport not in TRANSPORTS or (transport == "local" and mode != "colocated"):
+            raise ValueError(
+                f"transport: must be torch or grpc between instances, got {transport!r}"
+            )
+        for field, value in (("prefill", prefill), ("decode", decode)):
+            if not isinstance(value, int) or value < (1 if mode == "disaggregated" else 0):
+                raise ValueError(f"{field}: must be a positive number of instances, got {value!r}")
+        self.model = model
+        self.mode = mode
+        self.transport = transport
+        self.address = address
+        self.num_prefill = prefill if mode == "disaggregated" else 0
+        # Colocated instances do both jobs; the total count is kept.
+        self.num_decode = decode if mode == "disaggregated" else prefill + decode
+        self.cpus_per_instance = cpus_per_instance
+        self.start_timeout_s = start_timeout_s
+        self.health_interval_s = health_interval_s
+        self.policy: RoutePolicy = policy or default_policy
+        self._polled: dict[str, InstanceStats] = {}
+        self._spec: dict[str, Any] = dict(
+            model=model,
+            dtype=dtype,
+            num_kv_blocks=num_kv_blocks,
+            max_num_batched_tokens=max_num_batched_tokens,
+            transport=transport,
+            transfer_timeout_s=transfer_timeout_s,
+            fault_injection=fault_injection,
+            checksum=checksum,
+            lease_ttl_s=lease_ttl_s,
+        )
+        self.instances: list[builder.Instance] = []
+        # Tells this cluster's placement groups from another's sharing the same Ray.
+        self.id = uuid.uuid4().hex[:8]
+        self._receiver: EventReceiver | None = None
+        self._health: HealthMonitor | None = None
+        self._started_ray = False
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> Cluster:
+        n = self.num_prefill + self.num_decode
+        self._started_ray = builder.init_ray(self.address, n)
+        gpus = 1 if builder.has_gpus() else 0
+        cpus = self.cpus_per_instance or max(1, (os.cpu_count() or 1) // n)
+        host = "127.0.0.1" if self.address is None else ray.util.get_node_ip_address()
+        roles = ["prefill"] * self.num_prefill
+        roles += ["decode" if self.mode == "disaggregated" else "colocated"] * self.num_decode
+        counts: dict[str, int] = {}
+        try:
+            for role in roles:
+                name = f"{role}-{counts.setdefault(role, 0)}"
+                counts[role] += 1
+                spec = InstanceSpec(
+                    name=name, role=role, num_threads=max(1, int(cpus)), host=host, **self._spec
+                )
+                self.instances.append(
+                    builder.create(spec, cpus, gpus, self.start_timeout_s, self.id)
+                )
+            self._receiver = EventReceiver(host)
+            self._receiver.start()
+            builder.start_all(self.instances, self._receiver.address, self.start_timeout_s)
+            self._health = HealthMonitor(
+                self.instances, self._restart, self._lost, self.health_interval_s, self._poll
+            )
+            self._health.start()
+        except BaseException:
+            self.stop()
+            raise
+        logger.info("cluster started: %s", [i.name for i in self.instances])
+        return self
+
+    def stop(self) -> None:
+        if self._health is not None:
+            self._health.stop()
+            self._health = None
+        if self._receiver is not None:
+            for request_id in list(self._receiver.streams()):
+                self.abort(request_id)
+        if self.instances:
+            builder.destroy(self.instances)
+            self.instances = []
+        if self._receiver is not None:
+            self._receiver.stop()
+            self._receiver = None
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False
+
+    def __enter__(self) -> Cluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _restart(self, instance: builder.Instance) -> None:
+        handles = {i.name: i.actor for i in self.instances}
+        address = self._require_started().address
+        ref = instance.actor.start.remote(address, handles)
+        instance.info = ray.get(ref, timeout=self.start_timeout_s)
+
+    def _lost(self, instance: builder.Instance) -> None:
+        """An instance lost its state: fail (and abort elsewhere) the requests it held."""
+        for request_id, stream in self._require_started().streams().items():
+            if instance.name in (stream.trace.prefill, stream.trace.decode):
+                self.abort(request_id, reason="error", error=f"instance {instance.name} failed")
+
+    def health(self) -> dict[str, str]:
+        """Each instance's state: serving, restarting or dead."""
+        if self._health is None:
+            return {}
+        return {name: h.value for name, h in self._health.state.items()}
+
+    @property
+    def max_model_len(self) -> int:
+        return min(i.info["max_model_len"] for i in self.instances)
+
+    # -- requests ------------------------------------------------------------------
+
+    def _loads(self) -> list[InstanceLoad]:
+        """Each serving instance's load: the cluster's in-flight count plus polled stats."""
+        receiver = self._require_started()
+        serving = self._health.serving() if self._health is not None else None
+        live = [i for i in self.instances if serving is None or i.name in serving]
+        queued = dict.fromkeys((i.name for i in live), 0)
+        active = dict.fromkeys((i.name for i in live), 0)
+        for stream in receiver.streams().values():
+            t = stream.trace
+            if t.prefill in queued and not t.token_times:
+                queued[t.prefill] += stream.num_prompt_tokens
+            for name in {t.prefill, t.decode}:
+                if name in active:
+                    active[name] += 1
+        loads = []
+        for i in live:
+            polled = self._polled.get(i.name)
+            loads.append(
+                InstanceLoad(
+                    name=i.name,
+                    role=i.spec.role,
+                    queued_prompt_tokens=queued[i.name],
+                    active=active[i.name],
+                    free_blocks=polled.free_blocks if polled else i.info.get("total_blocks", 0),
+                    total_blocks=i.info.get("total_blocks", 0),
+                    running=polled.num_running if polled else 0,
+                )
+            )
+        return loads
+
+    def _route(self, request: RouteRequest) -> tuple[builder.Instance, builder.Instance | None]:
+        """(the instance that gets the prompt, the decode destination or None)."""
+        loads = self._loads()
+        roles = {x.role for x in loads}
+        if not roles - {"prefill"} or (self.mode == "disaggregated" and "prefill" not in roles):
+            raise RuntimeError("cluster: no instance is serving right now")
+        first, dest = self.policy(request, loads)
+        by_name = {i.name: i for i in self.instances}
+        return by_name[first], None if dest is None else by_name[dest]
+
+    def _poll(self) -> None:
+        """Refresh the polled part of every instance's load (the health thread calls it)."""
+        self._polled = {s.name: s for s in self.stats(timeout_s=10.0)}
+
+    def _send(
+        self,
+        prompt: str | None,
+        prompt_token_ids: Sequence[int] | None,
+        params: SamplingParams | None,
+        request_id: str | None,
+        messages: list[dict[str, str]] | None = None,
+    ) -> tuple[RequestStream, Any]:
+        """Route and send a request; returns its stream and the reference to the
+        instance's reply. The stream is registered first, so the load it adds counts
+        for the next request routed even before the reply arrives."""
+        arrival = time.monotonic()
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params: must be SamplingParams, got {type(params).__name__}")
+        request_id = request_id or uuid.uuid4().hex
+        receiver = self._require_started()
+        if receiver.get(request_id) is not None:
+            raise ValueError(f"request_id: {request_id!r} is already running")
+        ids = None if prompt_token_ids is None else list(prompt_token_ids)
+        # About four characters a token, until the instance says how many there are.
+        text = prompt if messages is None else "".join(str(m) for m in messages)
+        estimate = len(ids) if ids is not None else len(text or "") // 4
+        first, dest = self._route(RouteRequest(request_id, estimate, prefix_key(ids, text)))
+        trace = RequestTrace(first.name if dest else None, (dest or first).name, arrival)
+        stream = RequestStream(request_id, ids or [], trace, estimate)
+        receiver.register(stream)
+        ref = first.actor.add_request.remote(
+            request_id,
+            prompt,
+            ids,
+            params.to_dict(),
+            None if dest is None else dest.name,
+            messages,
+        )
+        return stream, ref
+
+    def _accepted(self, stream: RequestStream, reply: dict[str, Any]) -> RequestStream:
+        if "error" in reply:
+            self._require_started().unregister(stream.request_id)
+            raise ValueError(reply["error"])
+        stream.set_prompt(reply["prompt_token_ids"])
+        return stream
+
+    def _require_started(self) -> EventReceiver:
+        if self._receiver is None:
+            raise RuntimeError("cluster: call start() first")
+        return self._receiver
+
+    def submit(
+        self,
+        prompt: str | None = None,
+        params: SamplingParams | None = None,
+        *,
+        prompt_token_ids: Sequence[int] | None = None,
+        messages: list[dict[str, str]] | None = None,
+        request_id: str | None = None,
+    ) -> RequestStream:
+        """Send one request; read its outputs with ``stream.get()``. ValueError (naming
+        the field) when the request cannot run."""
+        stream, ref = self._send(prompt, prompt_token_ids, params, request_id, messages)
+        return self._accepted(stream, ray.get(ref))
+
+    async def stream(
+        self,
+        prompt: str | None = None,
+        params: SamplingParams | None = None,
+        *,
+        prompt_token_ids: Sequence[int] | None = None,
+        messages: list[dict[str, str]] | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield a snapshot of the request's output as tokens arrive; leaving the loop
+        early (or cancelling the task) aborts the request everywhere."""
+        stream, ref = self._send(prompt, prompt_token_ids, params, request_id, messages)
+        outputs = stream.attach_loop(asyncio.get_running_loop())
+        try:
+            self._accepted(stream, await ref)
+            while True:
+                out = await outputs.get()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            if not stream.finished:
+                self.abort(stream.request_id)
+
+    def generate(
+        self,
+        prompts: Sequence[str] | None = None,
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
+        timeout_s: float | None = 600.0,
+    ) -> list[RequestOutput]:
+        """Run a batch of requests to completion; outputs in the order of the inputs."""
+        inputs: list[tuple[str | None, Sequence[int] | None]]
+        if prompt_token_ids is not None:
+            inputs = [(None, ids) for ids in prompt_token_ids]
+        elif prompts is not None:
+            inputs = [(p, None) for p in prompts]
+        else:
+            raise ValueError("prompts: give prompts or prompt_token_ids")
+        if params is None or isinstance(params, SamplingParams):
+            per_request = [params] * len(inputs)
+        else:
+            per_request = list(params)
+            if len(per_request) != len(inputs):
+                raise ValueError(f"params: {len(per_request)} given for {len(inputs)} prompts")
+        streams: list[RequestStream] = []
+        try:
+            for (prompt, ids), p in zip(inputs, per_request, strict=True):
+                streams.append(self.submit(prompt, p, prompt_token_ids=ids))
+            return [self._final(s, timeout_s) for s in streams]
+        except BaseException:
+            for s in streams:
+                if not s.finished:
+                    self.abort(s.request_id)
+            raise
+
+    @staticmethod
+    def _final(stream: RequestStream, timeout_s: float | None) -> RequestOutput:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            out = stream.get(timeout=left)
+            if out.finished:
+                return out
+
+    def abort(self, request_id: str, reason: str = "abort", error: str | None = None) -> bool:
+        """Stop a request on every instance it touched; False if it is not running."""
+        if self._receiver is None:
+            return False
+        stream = self._receiver.unregister(request_id)
+        if stream is None:
+            return False
+        by_name = {i.name: i for i in self.instances}
+        for name in {stream.trace.prefill, stream.trace.decode}:
+            if name in by_name:
+                by_name[name].actor.abort.remote(request_id)
+        stream.finish(reason, error)
+        return True
+
+    def stats(self, timeout_s: float = 30.0) -> list[InstanceStats]:
+        """Per serving instance: queues, running batch, free and total KV blocks, counters.
+
+        Instances that are restarting or dead are left out (see :meth:`health`)."""
+        refs = [i.actor.stats.remote() for i in self.instances]
+        out = []
+        for ref in refs:
+            try:
+                reply = ray.get(ref, timeout=timeout_s)
+            except ray.exceptions.RayActorError:  # includes "being restarted"
+                continue
+            if reply is not None:
+                out.append(InstanceStats(**reply))
+        return out

@@ -1,0 +1,103 @@
+"""Keeping instances serving: ping each one, bring back the ones Ray restarted.
+
+Ray restarts a crashed instance actor (up to ``builder.MAX_RESTARTS`` times), but the new
+process only ran the constructor: it has no model loaded and none of the old requests.
+The monitor notices (``ping`` says not started), tells the cluster to give up on the
+requests that instance held, and starts it again with the same peers. An actor Ray has
+given up on is reported dead and never routed to again.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import ray
+
+from cluster.builder import Instance
+
+logger = logging.getLogger(__name__)
+
+
+class Health(enum.Enum):
+    SERVING = "serving"
+    RESTARTING = "restarting"
+    DEAD = "dead"
+
+
+class HealthMonitor:
+    def __init__(
+        self,
+        instances: list[Instance],
+        restart: Callable[[Instance], None],
+        lost: Callable[[Instance], None],
+        interval_s: float = 2.0,
+        poll: Callable[[], None] | None = None,
+        ping_timeout_s: float = 10.0,
+    ):
+        """``lost(instance)``: fail the requests it held; ``restart(instance)``: start it;
+        ``poll()``: called after every round (the cluster refreshes its load figures)."""
+        self.instances = instances
+        self.state = {inst.name: Health.SERVING for inst in instances}
+        self._restart = restart
+        self._poll = poll
+        self._lost = lost
+        self._interval_s = interval_s
+        self._ping_timeout_s = ping_timeout_s
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="baton-health", daemon=True)
+
+    def serving(self) -> set[str]:
+        return {name for name, h in self.state.items() if h is Health.SERVING}
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join(self._ping_timeout_s + 5)
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self._interval_s):
+            self.check()
+            if self._poll is not None:
+                try:
+                    self._poll()
+                except Exception:  # a slow instance; the figures are only a hint
+                    logger.debug("polling stats failed", exc_info=True)
+
+    def check(self) -> dict[str, Health]:
+        """Ping every instance once and act on what changed."""
+        for inst in self.instances:
+            if self.state[inst.name] is Health.DEAD or self._stopping.is_set():
+                continue
+            started = self._ping(inst)
+            if started is None:
+                logger.error("instance %s is dead", inst.name)
+                self.state[inst.name] = Health.DEAD
+                self._lost(inst)
+            elif not started:
+                logger.warning("instance %s was restarted by Ray; starting it again", inst.name)
+                self.state[inst.name] = Health.RESTARTING
+                self._lost(inst)
+                try:
+                    self._restart(inst)
+                except Exception:
+                    logger.exception("restarting %s failed; will retry", inst.name)
+                    continue
+                self.state[inst.name] = Health.SERVING
+        return dict(self.state)
+
+    def _ping(self, inst: Instance) -> bool | None:
+        """Whether the instance is started; None when the actor is gone for good."""
+        try:
+            reply: dict[str, Any] = ray.get(inst.actor.ping.remote(), timeout=self._ping_timeout_s)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
+            return True  # busy, or being restarted by Ray: look again next round
+        except ray.exceptions.RayActorError:
+            return None
+        return bool(reply["started"])
