@@ -14,9 +14,9 @@ at least 70% of raw socket throughput for transfers of 16 MiB and more, grpc at 
 Every process runs torch with ``--threads`` intra-op threads (default 1: the copies are
 memory-bound, and more threads than free cores stall them).
 
-Usage: ``python -m bench.kv_transfer [--quick] [--json-out FILE]``. Unless ``--quick``, it then
-measures the transfer's share of TTFT on a real local cluster (``bench/kv_ttft.py``). the child processes
-are :mod:`bench.kv_peers`.
+Usage: ``python -m bench.kv_transfer [--quick] [--json-out FILE]``. Unless ``--quick``, it
+then measures the transfer's share of TTFT on a real local cluster (``bench/kv_ttft.py``).
+The child processes are :mod:`bench.kv_peers`.
 """
 
 from __future__ import annotations
