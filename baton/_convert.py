@@ -1,0 +1,159 @@
+"""Between the SDK's types and the ``baton.v1`` messages.
+
+A value protobuf cannot hold (a str for a float, a token id past 2**31) is the caller's
+mistake: it raises :class:`~baton.errors.InvalidArgument` naming the field, as the
+server would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+
+from baton.errors import InvalidArgument
+from baton.types import (
+    Chunk,
+    ClusterStatus,
+    Completion,
+    InstanceStatus,
+    Logprobs,
+    Message,
+    ModelInfo,
+    PoolStatus,
+    Prompt,
+    SamplingParams,
+    TokenLogprob,
+    Usage,
+)
+from baton.v1 import baton_pb2 as pb
+
+FINISH_REASONS = {
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_ABORT: "abort",
+}
+HEALTH = {
+    pb.INSTANCE_HEALTH_SERVING: "serving",
+    pb.INSTANCE_HEALTH_RESTARTING: "restarting",
+    pb.INSTANCE_HEALTH_DEAD: "dead",
+}
+_SEQUENCES = ("stop", "stop_token_ids")  # repeated fields: empty means "none"
+
+
+def sampling_params(params: SamplingParams) -> pb.SamplingParams:
+    out = pb.SamplingParams()
+    for f in dataclasses.fields(params):
+        value = getattr(params, f.name)
+        try:
+            if f.name in _SEQUENCES:
+                getattr(out, f.name).extend(value)
+            elif value is not None:
+                setattr(out, f.name, value)
+        except (TypeError, ValueError) as e:
+            raise InvalidArgument(f"{f.name}: {e}") from e
+    return out
+
+
+def _set_messages(request: pb.GenerateRequest, messages: Sequence[Message]) -> None:
+    request.messages.SetInParent()  # an empty chat is still a chat (the server refuses it)
+    for i, m in enumerate(messages):
+        try:
+            request.messages.messages.add(role=m["role"], content=m["content"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise InvalidArgument(f"messages[{i}]: needs str role and content ({e})") from e
+
+
+def generate_request(
+    prompt: Prompt | None = None,
+    messages: Sequence[Message] | None = None,
+    params: SamplingParams | None = None,
+    model: str | None = None,
+    request_id: str | None = None,
+) -> pb.GenerateRequest:
+    """At most one of ``prompt`` (text or token ids) and ``messages``."""
+    request = pb.GenerateRequest(model=model or "", request_id=request_id or "")
+    if messages is not None:
+        _set_messages(request, messages)
+    elif isinstance(prompt, str):
+        request.prompt = prompt
+    elif prompt is not None:
+        try:
+            request.prompt_token_ids.SetInParent()
+            request.prompt_token_ids.ids.extend(prompt)
+        except (TypeError, ValueError) as e:
+            raise InvalidArgument(f"prompt: must be a str or a sequence of int ({e})") from e
+    if params is not None:
+        if not isinstance(params, SamplingParams):
+            raise InvalidArgument(f"params: must be SamplingParams, got {type(params).__name__}")
+        request.params.CopyFrom(sampling_params(params))
+    return request
+
+
+def usage(u: pb.Usage) -> Usage:
+    return Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
+
+
+def logprobs(items: Iterable[pb.Logprobs]) -> tuple[Logprobs, ...] | None:
+    def one(t: pb.TokenLogprob) -> TokenLogprob:
+        return TokenLogprob(t.token_id, t.logprob)
+
+    out = tuple(Logprobs(one(x.sampled), tuple(one(t) for t in x.top)) for x in items)
+    return out or None  # not asked for (or nothing generated)
+
+
+def completion(r: pb.GenerateResponse) -> Completion:
+    return Completion(
+        request_id=r.request_id,
+        model=r.model,
+        text=r.text,
+        token_ids=tuple(r.token_ids),
+        finish_reason=FINISH_REASONS.get(r.finish_reason),
+        usage=usage(r.usage),
+        logprobs=logprobs(r.logprobs),
+    )
+
+
+def chunk(r: pb.GenerateStreamResponse) -> Chunk:
+    return Chunk(
+        request_id=r.request_id,
+        text=r.text,
+        token_ids=tuple(r.token_ids),
+        finish_reason=FINISH_REASONS.get(r.finish_reason),
+        usage=usage(r.usage) if r.HasField("usage") else None,
+        logprobs=logprobs(r.logprobs),
+    )
+
+
+def models(r: pb.ListModelsResponse) -> list[ModelInfo]:
+    return [ModelInfo(m.id, m.max_model_len, m.created) for m in r.models]
+
+
+def _instance(i: pb.InstanceStatus) -> InstanceStatus:
+    return InstanceStatus(
+        name=i.name,
+        role=i.role,
+        health=HEALTH.get(i.health, "unknown"),
+        num_waiting=i.num_waiting,
+        num_running=i.num_running,
+        free_blocks=i.free_blocks,
+        total_blocks=i.total_blocks,
+        kv_usage=i.kv_usage,
+        num_preemptions=i.num_preemptions,
+        counters=dict(i.counters),
+    )
+
+
+def status(r: pb.StatusResponse) -> ClusterStatus:
+    pools = tuple(
+        PoolStatus(
+            role=p.role,
+            instances=tuple(_instance(i) for i in p.instances),
+            num_waiting=p.num_waiting,
+            num_running=p.num_running,
+            free_blocks=p.free_blocks,
+            total_blocks=p.total_blocks,
+            kv_usage=p.kv_usage,
+        )
+        for p in r.pools
+    )
+    return ClusterStatus(r.model, r.mode, r.transport, pools)

@@ -1,0 +1,136 @@
+"""The SDK's request and response types: frozen dataclasses, no protobuf in sight.
+
+The field names follow the server's (and vLLM's). The SDK does not validate sampling
+values itself: the server does, and answers INVALID_ARGUMENT naming the field, so one
+set of rules holds for every client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+Message = Mapping[str, str]  # {"role": "user", "content": "..."}
+Prompt = str | Sequence[int]  # text, or token ids
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. A field left at None takes the server's default (max_tokens
+    16, temperature 1.0, top_p 1.0, top_k -1, min_p 0.0, penalties off, no logprobs,
+    skip_special_tokens True). ``temperature=0`` is greedy. ``stop`` takes a str or a
+    sequence of str and is stored as a tuple."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool | None = None
+    logprobs: int | None = None  # the top-N per token, 0..20
+    skip_special_tokens: bool | None = None
+
+    def __post_init__(self) -> None:
+        # Frozen: the normalised sequences are written once, here, so instances hash.
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+
+
+@dataclass(frozen=True)
+class Logprobs:
+    """One generated token's logprobs, of the model's raw distribution."""
+
+    sampled: TokenLogprob
+    top: tuple[TokenLogprob, ...] = ()  # best first
+
+
+@dataclass(frozen=True)
+class Completion:
+    request_id: str
+    model: str
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None  # "stop" | "length" | "abort"
+    usage: Usage
+    logprobs: tuple[Logprobs, ...] | None = None  # one per token, when asked for
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """What one stream message adds. Text can lag the tokens (an incomplete character, a
+    possible stop string); the chunks' text concatenated is the completion's text."""
+
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None = None  # set on the last chunk only
+    usage: Usage | None = None  # set on the last chunk only
+    logprobs: tuple[Logprobs, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    max_model_len: int
+    created: int  # unix seconds
+
+
+@dataclass(frozen=True)
+class InstanceStatus:
+    name: str
+    role: str  # "prefill" | "decode" | "colocated"
+    health: str  # "serving" | "restarting" | "dead"
+    num_waiting: int
+    num_running: int
+    free_blocks: int
+    total_blocks: int
+    kv_usage: float  # fraction of KV blocks in use
+    num_preemptions: int
+    counters: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    role: str
+    instances: tuple[InstanceStatus, ...]
+    num_waiting: int
+    num_running: int
+    free_blocks: int
+    total_blocks: int
+    kv_usage: float
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    model: str
+    mode: str  # "disaggregated" | "colocated"
+    transport: str
+    pools: tuple[PoolStatus, ...]
+
+    @property
+    def instances(self) -> tuple[InstanceStatus, ...]:
+        return tuple(i for pool in self.pools for i in pool.instances)
