@@ -1,0 +1,393 @@
+"""OpenAI's request and response shapes, with no sockets: the HTTP server's pure half.
+
+A handler turns a JSON body into an :class:`ApiRequest` (:func:`parse_completion`,
+:func:`parse_chat`), iterates ``Router.stream`` with its ``GenerateInput``, and turns the
+output snapshots into OpenAI's response objects or SSE chunks with a
+:class:`ResponseBuilder`. Every client mistake is a ``RouterError.invalid`` whose
+``param`` is the request field as the client spelled it: the engine reports its own
+names (``prompt_token_ids``, ``max_tokens``, ``logprobs``), which
+:meth:`ApiRequest.client_error` renames to the field the client sent.
+
+Not supported, and answered with a 400 naming the field: several prompts in one
+request, ``n`` or ``best_of`` other than 1, ``echo``, ``suffix``, ``logit_bias``,
+tools, and response formats other than text. Unknown fields are refused too (as
+OpenAI does), so a misspelt parameter is never silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from router.errors import RouterError
+from router.service import GenerateInput
+
+Kind = Literal["completion", "chat"]
+Body = Mapping[str, Any]
+TokenText = Callable[[int], str]
+
+# Passed to SamplingParams under the same names (vLLM's extensions included).
+SAMPLING_FIELDS = (
+    "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+    "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids", "ignore_eos",
+    "skip_special_tokens",
+)  # fmt: skip
+# Accepted and ignored: bookkeeping for OpenAI's platform, no effect on one answer.
+IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "prompt_cache_key")
+_COMMON = {"model", "stream", "stream_options", "n", "max_tokens", "logit_bias"}
+_COMMON |= {*SAMPLING_FIELDS, *IGNORED_FIELDS}
+COMPLETION_FIELDS = frozenset(_COMMON | {"prompt", "logprobs", "best_of", "echo", "suffix"})
+CHAT_FIELDS = frozenset(
+    _COMMON
+    | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools"}
+    | {"tool_choice", "parallel_tool_calls", "response_format"}
+)
+# OpenAI's chat default is "until the model stops"; without the prompt's token count
+# (the instance tokenizes) the router cannot fill the rest of the context, so a fixed
+# budget stands in. Clients that need more say so with max_tokens.
+CHAT_DEFAULT_MAX_TOKENS = 512
+
+
+def invalid(name: str, message: str) -> RouterError:
+    return RouterError.invalid(f"{name}: {message}", name)
+
+
+def json_type(value: object) -> str:
+    """The JSON name of a decoded value's type, for messages a client understands."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    names = {str: "string", int: "integer", float: "number", list: "array", dict: "object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object; a 400 naming ``body`` otherwise."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise invalid("body", f"not valid UTF-8 (byte {e.start})") from e
+    if not text.strip():
+        raise invalid("body", "empty; expected a JSON object")
+
+    def no_constants(name: str) -> None:  # NaN and Infinity are not JSON
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        data = json.loads(text, parse_constant=no_constants)
+    except (ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+        raise invalid("body", f"malformed JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise invalid("body", f"must be a JSON object, got {json_type(data)}")
+    return data
+
+
+def _get(body: Body, name: str, kind: type, default: Any = None) -> Any:
+    """An optional field of one JSON type (null = absent); bool is never an int."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+        expected = json_type(kind())
+        article = "an" if expected[0] in "aeiou" else "a"
+        raise invalid(name, f"must be {article} {expected}, got {json_type(value)}")
+    return value
+
+
+@dataclass(frozen=True)
+class ApiRequest:
+    kind: Kind
+    input: GenerateInput
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: bool = False  # render logprobs in the response
+    aliases: Mapping[str, str] = field(default_factory=dict)  # engine field -> client's
+
+    def client_error(self, error: RouterError) -> RouterError:
+        return rename_param(error, self.aliases)
+
+
+def rename_param(error: RouterError, aliases: Mapping[str, str]) -> RouterError:
+    """The error with the engine's field name replaced by the one the client sent."""
+    name = aliases.get(error.param or "")
+    if name is None or error.param is None:
+        return error
+    message = error.message
+    if message.startswith(f"{error.param}: "):
+        message = f"{name}: {message[len(error.param) + 2 :]}"
+    return RouterError(error.kind, message, name)
+
+
+def _check_common(body: Body, allowed: frozenset[str]) -> tuple[bool, bool]:
+    """Fields both endpoints share; returns (stream, include_usage)."""
+    unknown = sorted(k for k in body if k not in allowed)
+    if unknown:
+        raise invalid(unknown[0], f"unknown field(s) {', '.join(map(repr, unknown))}")
+    _get(body, "model", str)
+    if _get(body, "n", int, 1) != 1:
+        raise invalid("n", "only n=1 is supported; send one request per sample")
+    if _get(body, "logit_bias", dict):
+        raise invalid("logit_bias", "is not supported")
+    _get(body, "user", str)
+    stream = _get(body, "stream", bool, False)
+    options = _get(body, "stream_options", dict, {})
+    if set(options) - {"include_usage"}:
+        raise invalid(
+            "stream_options", f"unknown option(s) {sorted(set(options) - {'include_usage'})}"
+        )
+    include_usage = _get(options, "include_usage", bool, False)
+    return stream, include_usage
+
+
+def _sampling(body: Body, extra: dict[str, Any], aliases: Mapping[str, str]) -> SamplingParams:
+    fields = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
+    try:
+        return SamplingParams.from_dict({**fields, **extra})
+    except ValueError as e:
+        raise rename_param(RouterError.invalid(str(e)), aliases) from e
+
+
+def _prompt(value: object) -> tuple[str | None, list[int] | None]:
+    """A completion prompt: a string or token ids, alone or as a batch of one."""
+    if value is None:
+        raise invalid("prompt", "is required")
+    if isinstance(value, list) and value and all(isinstance(v, (str, list)) for v in value):
+        if len(value) > 1:
+            raise invalid("prompt", f"{len(value)} prompts: send one request per prompt")
+        value = value[0]
+    if isinstance(value, str):
+        if not value:
+            raise invalid("prompt", "must not be empty")
+        return value, None
+    if isinstance(value, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value
+    ):
+        if not value:
+            raise invalid("prompt", "must not be empty")
+        return None, list(value)
+    raise invalid("prompt", f"must be a string or an array of token ids, got {json_type(value)}")
+
+
+def parse_completion(body: Body, request_id: str) -> ApiRequest:
+    """``POST /v1/completions``."""
+    stream, include_usage = _check_common(body, COMPLETION_FIELDS)
+    if _get(body, "best_of", int, 1) != 1:
+        raise invalid("best_of", "only best_of=1 is supported")
+    if _get(body, "echo", bool, False):
+        raise invalid("echo", "is not supported")
+    if _get(body, "suffix", str):
+        raise invalid("suffix", "is not supported")
+    prompt, ids = _prompt(body.get("prompt"))
+    extra = {"logprobs": _get(body, "logprobs", int)}
+    if body.get("max_tokens") is not None:
+        extra["max_tokens"] = body["max_tokens"]
+    aliases = {"prompt_token_ids": "prompt"}
+    params = _sampling(body, extra, aliases)
+    return ApiRequest(
+        "completion",
+        GenerateInput(body.get("model"), prompt, ids, params=params, request_id=request_id),
+        stream,
+        include_usage,
+        params.logprobs is not None,
+        aliases,
+    )
+
+
+def _content(value: object, where: str) -> str:
+    """A message's content: a string, or an array of text parts (joined by newlines)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for i, part in enumerate(value):
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise invalid(f"{where}[{i}]", "only parts of type 'text' are supported")
+            texts.append(_get(part, "text", str, ""))
+        return "\n".join(texts)
+    raise invalid(where, f"must be a string or an array of text parts, got {json_type(value)}")
+
+
+def _messages(value: object) -> list[dict[str, str]]:
+    if value is None:
+        raise invalid("messages", "is required")
+    if not isinstance(value, list) or not value:
+        raise invalid("messages", f"must be a non-empty array, got {json_type(value)}")
+    out = []
+    for i, m in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise invalid(where, "must be an object with role and content")
+        role = m.get("role")
+        if not isinstance(role, str) or not role:
+            raise invalid(f"{where}.role", f"must be a non-empty string, got {json_type(role)}")
+        out.append({"role": role, "content": _content(m.get("content"), f"{where}.content")})
+    return out
+
+
+def _check_chat_unsupported(body: Body) -> None:
+    if _get(body, "tools", list):
+        raise invalid("tools", "tool calling is not supported")
+    if body.get("tool_choice") not in (None, "none", "auto"):
+        raise invalid("tool_choice", "tool calling is not supported")
+    _get(body, "parallel_tool_calls", bool)
+    if _get(body, "response_format", dict, {}).get("type", "text") != "text":
+        raise invalid("response_format", "only the 'text' format is supported")
+
+
+def parse_chat(body: Body, request_id: str) -> ApiRequest:
+    """``POST /v1/chat/completions``."""
+    stream, include_usage = _check_common(body, CHAT_FIELDS)
+    _check_chat_unsupported(body)
+    messages = _messages(body.get("messages"))
+    want_logprobs = _get(body, "logprobs", bool, False)
+    top = _get(body, "top_logprobs", int)
+    if top is not None and not want_logprobs:
+        raise invalid("top_logprobs", "requires logprobs: true")
+    limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else None
+    limit = limit or ("max_tokens" if body.get("max_tokens") is not None else None)
+    extra = {
+        "logprobs": (top or 0) if want_logprobs else None,
+        "max_tokens": body[limit] if limit else CHAT_DEFAULT_MAX_TOKENS,
+    }
+    aliases = {"prompt": "messages", "prompt_token_ids": "messages", "logprobs": "top_logprobs"}
+    aliases["max_tokens"] = limit or "max_tokens"
+    params = _sampling(body, extra, aliases)
+    return ApiRequest(
+        "chat",
+        GenerateInput(body.get("model"), messages=messages, params=params, request_id=request_id),
+        stream,
+        include_usage,
+        want_logprobs,
+        aliases,
+    )
+
+
+# -- responses -------------------------------------------------------------------------
+
+
+def token_id_text(token_id: int) -> str:
+    # vLLM's --return-tokens-as-token-ids spelling: the router holds no tokenizer.
+    return f"token_id:{token_id}"
+
+
+class ResponseBuilder:
+    """OpenAI's objects for one request, whole or as stream chunks."""
+
+    def __init__(self, api: ApiRequest, model: str, token_text: TokenText | None = None):
+        self.api = api
+        self.model = model
+        prefix = "chatcmpl" if api.kind == "chat" else "cmpl"
+        self.id = f"{prefix}-{api.input.request_id}"
+        self.created = int(time.time())
+        self._text = token_text or token_id_text
+        self._has_text = token_text is not None
+        self._role_sent = False
+        self._logprobs_sent = 0  # tokens whose logprobs went out in earlier chunks
+
+    def _envelope(self, chunk: bool) -> dict[str, Any]:
+        kinds = {"chat": "chat.completion", "completion": "text_completion"}
+        obj = kinds[self.api.kind] + (".chunk" if chunk and self.api.kind == "chat" else "")
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    @staticmethod
+    def usage(out: RequestOutput) -> dict[str, Any]:
+        prompt, completion = len(out.prompt_token_ids), len(out.token_ids)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens},
+        }
+
+    def response(self, out: RequestOutput) -> dict[str, Any]:
+        """The whole (non-streamed) response from the final snapshot."""
+        choice: dict[str, Any] = {"index": 0}
+        if self.api.kind == "chat":
+            choice["message"] = {"role": "assistant", "content": out.text}
+        else:
+            choice["text"] = out.text
+        choice["logprobs"] = self._logprobs(out.logprobs or []) if self.api.logprobs else None
+        choice["finish_reason"] = out.finish_reason
+        return {**self._envelope(False), "choices": [choice], "usage": self.usage(out)}
+
+    def chunks(self, out: RequestOutput) -> list[dict[str, Any]]:
+        """The stream chunks one snapshot adds (none while the detokenizer holds text)."""
+        rows = (out.logprobs or [])[self._logprobs_sent :] if self.api.logprobs else []
+        self._logprobs_sent += len(rows)
+        deltas: list[tuple[dict[str, Any], list[Any], str | None]] = []
+        if self.api.kind == "chat" and not self._role_sent:
+            self._role_sent = True
+            deltas.append(({"role": "assistant", "content": ""}, [], None))
+        if out.delta_text or rows:
+            deltas.append(({"content": out.delta_text}, rows, None))
+        if out.finished:
+            if self.api.kind == "completion" and deltas:
+                deltas[-1] = (*deltas[-1][:2], out.finish_reason)
+            else:
+                deltas.append(({}, [], out.finish_reason))
+        return [self._chunk(delta, r, reason) for delta, r, reason in deltas]
+
+    def _chunk(self, delta: dict[str, Any], rows: list[Any], reason: str | None) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0}
+        if self.api.kind == "chat":
+            choice["delta"] = delta
+        else:
+            choice["text"] = delta.get("content", "")
+        choice["logprobs"] = self._logprobs(rows) if rows else None
+        choice["finish_reason"] = reason
+        chunk = {**self._envelope(True), "choices": [choice]}
+        if self.api.include_usage:
+            chunk["usage"] = None  # as OpenAI: only the final chunk carries usage
+        return chunk
+
+    def usage_chunk(self, out: RequestOutput) -> dict[str, Any]:
+        return {**self._envelope(True), "choices": [], "usage": self.usage(out)}
+
+    def _logprobs(self, rows: list[list[tuple[int, float]]]) -> dict[str, Any]:
+        """Each row is (sampled token, logprob) then the top-N of the distribution."""
+        if self.api.kind == "chat":
+            return {"content": [self._chat_logprob(row) for row in rows], "refusal": None}
+        return {
+            "tokens": [self._text(row[0][0]) for row in rows],
+            "token_logprobs": [row[0][1] for row in rows],
+            # OpenAI lists the top N plus the sampled token when it is not among them.
+            "top_logprobs": [{self._text(t): lp for t, lp in [*row[1:], row[0]]} for row in rows],
+            "text_offset": None,  # per-token text boundaries need a tokenizer
+        }
+
+    def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        text = self._text(token_id)
+        data = list(text.encode("utf-8")) if self._has_text else None
+        return {"token": text, "logprob": logprob, "bytes": data}
+
+    def _chat_logprob(self, row: list[tuple[int, float]]) -> dict[str, Any]:
+        top = [self._entry(t, lp) for t, lp in row[1:]]
+        return {**self._entry(*row[0]), "top_logprobs": top}
+
+
+# -- framing ---------------------------------------------------------------------------
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse(data: Mapping[str, Any]) -> bytes:
+    """One server-sent event; JSON escapes newlines, so the data stays on one line."""
+    return b"data: " + json.dumps(data, ensure_ascii=False).encode("utf-8") + b"\n\n"
+
+
+def error_body(error: RouterError) -> dict[str, Any]:
+    """OpenAI's error object; the type comes from the one error table."""
+    return {
+        "error": {
+            "message": error.message,
+            "type": error.mapping.openai_type,
+            "param": error.param,
+            "code": None,
+        }
+    }

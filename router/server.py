@@ -1,0 +1,127 @@
+"""`baton serve`: one asyncio process running the cluster's front door.
+
+It starts (or joins) the cluster, then the gRPC API and the OpenAI-compatible HTTP API
+over one :class:`~router.service.Router`, prints the endpoints once the model is loaded
+everywhere, and on SIGINT or SIGTERM stops taking requests, drains the servers, and
+stops the cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from router.policies import make_policy
+from router.service import Router
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str | None = None
+    prefill: int = 1
+    decode: int = 1
+    transport: str = "torch"
+    mode: str = "disaggregated"
+    address: str | None = None
+    host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    http_port: int = 8000
+    policy: str = "load"
+    api_key: str | None = None
+    served_model_name: str | None = None
+    cluster_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("grpc_port", "http_port"):
+            port = getattr(self, name)
+            if not 0 <= port <= 65535:
+                raise ValueError(f"{name.replace('_', '-')}: must be in 0..65535, got {port}")
+        make_policy(self.policy)  # validates the name
+
+
+@dataclass
+class Endpoints:
+    grpc: str
+    http: str
+
+
+async def serve(
+    config: ServeConfig,
+    stop: asyncio.Event,
+    on_ready: Callable[[Endpoints], None] | None = None,
+) -> None:
+    """Run until ``stop`` is set; ``on_ready`` gets the bound endpoints."""
+    from cluster import Cluster
+    from router.grpc_server import start_grpc_server
+    from router.http_server import start_http_server
+    from router.metrics import RouterMetrics
+
+    cluster = Cluster(
+        config.model,
+        prefill=config.prefill,
+        decode=config.decode,
+        transport=config.transport,
+        mode=config.mode,
+        address=config.address,
+        policy=make_policy(config.policy),
+        **config.cluster_options,
+    )
+    await asyncio.to_thread(cluster.start)
+    grpc_server = http_runner = None
+    try:
+        metrics = RouterMetrics()
+        router = Router(cluster, config.served_model_name, metrics)
+        grpc_server, grpc_port = await start_grpc_server(
+            router, config.host, config.grpc_port, api_key=config.api_key
+        )
+        http_runner, http_port = await start_http_server(
+            router, config.host, config.http_port, metrics=metrics, api_key=config.api_key
+        )
+        if on_ready is not None:
+            on_ready(Endpoints(f"{config.host}:{grpc_port}", f"http://{config.host}:{http_port}"))
+        await stop.wait()
+    finally:
+        logger.info("shutting down")
+        if grpc_server is not None:
+            await grpc_server.stop(grace=5)
+        if http_runner is not None:
+            await http_runner.cleanup()
+        await asyncio.to_thread(cluster.stop)
+
+
+def run(config: ServeConfig, out: TextIO = sys.stdout) -> int:
+    """The blocking entry point of `baton serve`."""
+
+    def ready(endpoints: Endpoints) -> None:
+        mode = (
+            f"{config.prefill} prefill + {config.decode} decode over {config.transport}"
+            if config.mode == "disaggregated"
+            else f"{config.prefill + config.decode} colocated"
+        )
+        print(
+            f"baton serve: ready ({mode})\n"
+            f"  gRPC    {endpoints.grpc}   (baton.v1.Baton)\n"
+            f"  HTTP    {endpoints.http}/v1   (OpenAI-compatible)\n"
+            f"  metrics {endpoints.http}/metrics\n"
+            "Ctrl-C stops.",
+            file=out,
+            flush=True,
+        )
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(config, stop, ready)
+
+    asyncio.run(main())
+    print("baton serve: stopped", file=out, flush=True)
+    return 0

@@ -1,0 +1,169 @@
+"""The router's core, shared by the gRPC and HTTP front ends.
+
+It owns no sockets: a front end turns its wire request into a :class:`GenerateInput`
+(building ``SamplingParams``, whose ValueError names the field), and iterates
+:meth:`Router.stream`, which checks the model name, sends the request into the cluster
+(where the prefill instance tokenizes and validates it), yields the engine's
+``RequestOutput`` snapshots as tokens arrive, and records the request's latencies for
+the metrics. Leaving the iteration early (a client that disconnects or cancels) aborts
+the request on every instance it touched. Every failure is a :class:`RouterError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from engine.outputs import InstanceStats, RequestOutput
+from engine.sampling_params import SamplingParams
+from router.errors import ErrorKind, RouterError
+
+if TYPE_CHECKING:
+    from cluster.cluster import Cluster
+
+
+@dataclass(frozen=True)
+class GenerateInput:
+    """One request, whatever API it came in on: exactly one of the three prompt forms."""
+
+    model: str | None = None
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    messages: list[dict[str, str]] | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    max_model_len: int
+    created: int  # unix seconds, when the router started serving it
+
+
+@dataclass
+class RequestRecord:
+    """What the metrics keep of one finished request (seconds)."""
+
+    model: str
+    prompt_tokens: int
+    output_tokens: int
+    finish_reason: str
+    e2e_s: float
+    ttft_s: float | None = None
+    tpot_s: float | None = None  # (e2e - ttft) / (output tokens - 1)
+    itl_s: list[float] = field(default_factory=list)  # between consecutive outputs
+    kv_transfer_s: float | None = None
+    recomputed: bool = False
+
+
+class MetricsSink(Protocol):
+    def request_finished(self, record: RequestRecord) -> None: ...
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    model: str
+    mode: str
+    transport: str
+    instances: list[InstanceStats]
+    health: dict[str, str]
+
+
+def served_model_name(model: str | None) -> str:
+    """The id clients use: a path's file or directory name without the GGUF suffix."""
+    if model is None:
+        return "SmolLM2-135M-Instruct"
+    name = os.path.basename(os.path.normpath(model))
+    if name.endswith(".gguf"):
+        name = name[: -len(".gguf")].split(".")[0]  # drop quantisation tags: .Q4_1
+    return name
+
+
+class Router:
+    def __init__(
+        self, cluster: Cluster, model_name: str | None = None, metrics: MetricsSink | None = None
+    ):
+        self.cluster = cluster
+        self.model_name = model_name or served_model_name(cluster.model)
+        self.metrics = metrics
+        self._created = int(time.time())
+
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(self.model_name, self.cluster.max_model_len, self._created)]
+
+    def _check_model(self, model: str | None) -> None:
+        if model not in (None, "", self.model_name):
+            raise RouterError.invalid(
+                f"model: unknown model {model!r} (this server serves {self.model_name!r})",
+                "model",
+            )
+
+    async def stream(self, request: GenerateInput) -> AsyncIterator[RequestOutput]:
+        """Yield output snapshots until the request finishes; RouterError on failure."""
+        self._check_model(request.model)
+        start = time.monotonic()
+        times: list[float] = []
+        last: RequestOutput | None = None
+        try:
+            async for out in self.cluster.stream(
+                request.prompt,
+                request.params,
+                prompt_token_ids=request.prompt_token_ids,
+                messages=request.messages,
+                request_id=request.request_id,
+            ):
+                if out.finish_reason == "error":
+                    raise RouterError(ErrorKind.INTERNAL, "the request failed on an instance")
+                if out.new_token_ids:
+                    times.append(time.monotonic())
+                last = out
+                yield out
+        except ValueError as e:
+            raise RouterError.invalid(str(e)) from e
+        except RuntimeError as e:  # no instance serving
+            raise RouterError(ErrorKind.UNAVAILABLE, str(e)) from e
+        if last is not None and self.metrics is not None:
+            self.metrics.request_finished(self._record(last, start, times))
+
+    async def generate(self, request: GenerateInput) -> RequestOutput:
+        last: RequestOutput | None = None
+        async for out in self.stream(request):
+            last = out
+        if last is None:
+            raise RouterError(ErrorKind.INTERNAL, "the request produced no output")
+        return last
+
+    def _record(self, out: RequestOutput, start: float, times: Sequence[float]) -> RequestRecord:
+        end = time.monotonic()
+        n = len(out.token_ids)
+        ttft = times[0] - start if times else None
+        # Durations the instances measured (the KV pull, a recompute), next to the
+        # router's own clock for everything the client sees.
+        timings = out.metrics.timings if out.metrics else {}
+        return RequestRecord(
+            model=self.model_name,
+            prompt_tokens=len(out.prompt_token_ids),
+            output_tokens=n,
+            finish_reason=out.finish_reason or "abort",
+            e2e_s=end - start,
+            ttft_s=ttft,
+            tpot_s=(end - times[0]) / (n - 1) if ttft is not None and n > 1 else None,
+            itl_s=[b - a for a, b in zip(times, times[1:], strict=False)],
+            kv_transfer_s=timings.get("kv_transfer"),
+            recomputed=bool(timings.get("recomputed")),
+        )
+
+    async def status(self) -> ClusterStatus:
+        instances = await asyncio.to_thread(self.cluster.stats)
+        return ClusterStatus(
+            model=self.model_name,
+            mode=self.cluster.mode,
+            transport=self.cluster.transport,
+            instances=instances,
+            health=self.cluster.health(),
+        )
