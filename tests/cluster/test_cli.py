@@ -50,16 +50,27 @@ def test_bench_forwards_its_options() -> None:
 def test_bad_sampling_flag_is_one_line_error(
     flags: list[str], field: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert cli.main(["generate", "hello", *flags]) == cli.EXIT_USAGE
+    assert cli.main(["generate", "--offline", "hello", *flags]) == cli.EXIT_USAGE
     err = capsys.readouterr().err
     assert err.startswith(f"error: {field}")
     assert "Traceback" not in err
 
 
 def test_missing_model_is_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["generate", "hello", "--model", "/nonexistent/model.gguf"]) == 2
+    argv = ["generate", "--offline", "hello", "--model", "/nonexistent/model.gguf"]
+    assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: model") and "/nonexistent/model.gguf" in err
+
+
+def test_generate_without_a_server_says_how_to_start_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Port 9 (discard) on loopback: nothing listens there.
+    assert cli.main(["generate", "hello", "--target", "127.0.0.1:9"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("error: no server answers at 127.0.0.1:9")
+    assert "baton serve" in err and "Traceback" not in err
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +96,8 @@ def test_generate_and_stream_print_the_same_greedy_text(
     real_engine: Any,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    argv = ["generate", "The capital of France is", "--temperature", "0", "--max-tokens", "8"]
+    argv = ["generate", "--offline", "The capital of France is", "--temperature", "0"]
+    argv += ["--max-tokens", "8"]
     assert cli.main(argv) == 0
     plain = capsys.readouterr().out
     assert cli.main([*argv, "--stream"]) == 0
@@ -99,7 +111,7 @@ def test_chat_same_seed_same_text_streamed_or_not(
     real_engine: Any,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    argv = ["generate", "--chat", "Say hello.", "--max-tokens", "6", "--seed", "1"]
+    argv = ["generate", "--offline", "--chat", "Say hello.", "--max-tokens", "6", "--seed", "1"]
     assert cli.main(argv) == 0
     plain = capsys.readouterr().out
     assert plain.strip()
