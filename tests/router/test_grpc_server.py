@@ -20,7 +20,7 @@ from baton.v1 import baton_pb2_grpc as pb_grpc
 from cluster import Cluster
 from router.grpc_server import ServerTLS
 from router.service import Router
-from tests.router.grpc_helpers import ServerThread, wait_cluster_idle
+from tests.router.servers import ServerThread, wait_cluster_idle
 
 GREEDY = pb.SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 

@@ -5,14 +5,11 @@ input, which must be a 400 naming the field while the server keeps serving."""
 
 from __future__ import annotations
 
-import asyncio
-import http.client
 import json
 import socket
-import threading
 import time
-from collections.abc import Coroutine, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import openai
 import pytest
@@ -23,7 +20,7 @@ from cluster import Cluster
 from engine import LLM, SamplingParams
 from engine.outputs import RequestOutput
 from router.errors import RouterError
-from router.http_server import MAX_BODY_BYTES, start_http_server
+from router.http_server import MAX_BODY_BYTES
 from router.metrics import RouterMetrics
 from router.openai_protocol import (
     CHAT_DEFAULT_MAX_TOKENS,
@@ -34,8 +31,7 @@ from router.openai_protocol import (
     sse,
 )
 from router.service import Router
-
-T = TypeVar("T")
+from tests.router.servers import HttpServerThread, wait_cluster_idle
 
 # -- without a server ------------------------------------------------------------------
 
@@ -196,58 +192,20 @@ def test_chat_chunks_and_usage() -> None:
 # -- a real server ---------------------------------------------------------------------
 
 
-class ServerThread:
-    """The HTTP server in an event loop of its own on a background thread."""
-
-    def __init__(self, router: Router, **kwargs: Any):
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-        self.runner, self.port = self.call(start_http_server(router, "127.0.0.1", 0, **kwargs))
-
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self) -> None:
-        try:
-            self.call(self.runner.cleanup())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(timeout=10)
-            self.loop.close()
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: bytes | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> tuple[int, Any]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            data = response.read()
-            ctype = response.getheader("Content-Type", "")
-            return response.status, json.loads(data) if "json" in ctype else data.decode()
-        finally:
-            conn.close()
-
-
 @pytest.fixture(scope="module")
 def metrics() -> RouterMetrics:
     return RouterMetrics()
 
 
 @pytest.fixture(scope="module")
-def server(cluster: Cluster, metrics: RouterMetrics) -> Iterator[ServerThread]:
-    st = ServerThread(Router(cluster, metrics=metrics), metrics=metrics)
+def server(cluster: Cluster, metrics: RouterMetrics) -> Iterator[HttpServerThread]:
+    st = HttpServerThread(Router(cluster, metrics=metrics), metrics=metrics)
     yield st
     st.stop()
 
 
 @pytest.fixture(scope="module")
-def client(server: ServerThread) -> openai.OpenAI:
+def client(server: HttpServerThread) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x", max_retries=0)
 
 
@@ -261,27 +219,12 @@ def offline() -> LLM:
     return LLM(None)
 
 
-def wait_cluster_idle(cluster: Cluster, timeout_s: float = 10.0) -> None:
-    """Nothing waiting or running, and every KV block free, on every instance."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        busy = {
-            s.name: (s.num_waiting, s.num_running, s.total_blocks - s.free_blocks)
-            for s in cluster.stats()
-            if (s.num_waiting, s.num_running, s.total_blocks - s.free_blocks) != (0, 0, 0)
-        }
-        if not busy:
-            return
-        assert time.monotonic() < deadline, f"(waiting, running, blocks in use): {busy}"
-        time.sleep(0.1)
-
-
 PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 QUESTION = "What is the capital of France?"
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": QUESTION}]
 
 
-def test_models(server: ServerThread, client: openai.OpenAI, cluster: Cluster) -> None:
+def test_models(server: HttpServerThread, client: openai.OpenAI, cluster: Cluster) -> None:
     models = client.models.list().data
     assert [m.id for m in models] == ["SmolLM2-135M-Instruct"]
     assert models[0].model_extra == {"max_model_len": cluster.max_model_len}
@@ -420,7 +363,7 @@ def _bad_cases(model: str, max_len: int) -> list[tuple[str, bytes, str]]:
 
 
 def test_bad_requests_are_400_naming_the_field(
-    server: ServerThread, client: openai.OpenAI, model: str, cluster: Cluster
+    server: HttpServerThread, client: openai.OpenAI, model: str, cluster: Cluster
 ) -> None:
     for path, body, param in _bad_cases(model, cluster.max_model_len):
         status, reply = server.request("POST", path, body, {"Content-Type": "application/json"})
@@ -438,7 +381,7 @@ def test_bad_requests_are_400_naming_the_field(
 
 
 def test_api_key(cluster: Cluster) -> None:
-    keyed = ServerThread(Router(cluster), metrics=RouterMetrics(), api_key="s3cret")
+    keyed = HttpServerThread(Router(cluster), metrics=RouterMetrics(), api_key="s3cret")
     try:
         for key in ("wrong", None):
             headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -463,7 +406,7 @@ def _decode_running(cluster: Cluster) -> int:
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_client_disconnect_aborts_the_request(
-    server: ServerThread, model: str, cluster: Cluster, stream: bool
+    server: HttpServerThread, model: str, cluster: Cluster, stream: bool
 ) -> None:
     # Thousands of tokens: far longer than the 10 s the cluster gets to go idle.
     body = json.dumps(
@@ -486,7 +429,7 @@ def test_client_disconnect_aborts_the_request(
 
 
 def test_metrics_endpoint(
-    server: ServerThread, client: openai.OpenAI, model: str, cluster: Cluster
+    server: HttpServerThread, client: openai.OpenAI, model: str, cluster: Cluster
 ) -> None:
     for prompt in PROMPTS:
         client.completions.create(
