@@ -161,6 +161,10 @@ class DecodeWorker:
             "kv_seconds": 0.0,
             "steps": 0,
             "step_seconds": 0.0,
+            # Each step's time once per request it advanced: over token_steps, the step
+            # time the average output token waited for, however the batch size varied.
+            "token_steps": 0,
+            "token_step_seconds": 0.0,
         }
 
     # -- lifecycle -------------------------------------------------------------------
@@ -234,8 +238,11 @@ class DecodeWorker:
                 self._send_error(request_id, f"decode step failed: {e}")
             return True
         # The engine's own step time, beside which the router's overhead is measured.
+        elapsed = time.perf_counter() - started
         self._counters["steps"] += 1
-        self._counters["step_seconds"] += time.perf_counter() - started
+        self._counters["step_seconds"] += elapsed
+        self._counters["token_steps"] += len(outputs)
+        self._counters["token_step_seconds"] += elapsed * len(outputs)
         for out in outputs:
             self._emit(out)
         return True

@@ -37,7 +37,7 @@ def test_a_short_run_writes_json_and_plot(
     out_json, out_png = tmp_path / "serve.json", tmp_path / "serve.png"
     argv = ["--base-url", http.base_url, "--grpc-target", grpc.target, "--num-prompts", "6"]
     argv += ["--input-len", "24", "--output-len", "6", "--request-rate", "8,inf"]
-    argv += ["--overhead", "--overhead-streams", "4", "--no-progress"]
+    argv += ["--overhead", "--overhead-streams", "4", "--overhead-rounds", "2", "--no-progress"]
     argv += ["--json-out", str(out_json), "--plot-out", str(out_png)]
     assert serving.main(argv) == 0
 
@@ -48,7 +48,8 @@ def test_a_short_run_writes_json_and_plot(
         assert 0 < run["ttft_s"]["mean"] <= run["e2el_s"]["p99"]
         assert 0.0 <= run["slo_attainment"] <= 1.0
     overhead = data["overhead"]
-    assert overhead["streams"] == 4
+    assert overhead["streams"] == 4 and len(overhead["rounds"]) == 2
+    assert overhead["overhead"] in overhead["overheads"]
     assert overhead["engine_step_mean_s"] > 0 and overhead["e2e_tpot_median_s"] > 0
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
