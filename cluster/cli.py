@@ -2,6 +2,7 @@
 
 Subcommands:
   baton serve               the cluster and its gRPC + OpenAI-compatible HTTP APIs
+  baton plan ...            the placement planner: layouts and instance counts per SLO
   baton generate "PROMPT"   a completion from a running server (--offline: in-process)
   baton bench engine|serve|kv-transfer ...   the README's benchmarks (bench/)
 
@@ -68,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_cmd_generate)
 
     _add_serve(sub)
+    from cluster.planner.cli import add_parsers as add_plan  # pure Python, quick to import
+
+    add_plan(sub)
 
     bench = sub.add_parser(
         "bench",
@@ -78,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         "target",
         choices=list(_BENCHES),
         help="engine: bench/engine_throughput.py; serve: bench/serving.py (against a "
-        "running `baton serve`); kv-transfer: bench/kv_transfer.py",
+        "running `baton serve`); kv-transfer: bench/kv_transfer.py; planner: "
+        "bench/planner.py (planning time)",
     )
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options passed to the benchmark")
     bench.set_defaults(func=_cmd_bench)
@@ -248,6 +253,7 @@ _BENCHES = {
     "engine": "bench.engine_throughput",
     "serve": "bench.serving",
     "kv-transfer": "bench.kv_transfer",
+    "planner": "bench.planner",
 }
 
 

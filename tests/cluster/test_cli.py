@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -117,3 +118,24 @@ def test_chat_same_seed_same_text_streamed_or_not(
     assert plain.strip()
     assert cli.main([*argv, "--stream"]) == 0
     assert capsys.readouterr().out == plain
+
+
+PLAN_ARGS = [
+    "plan", "--model", "llama-13b", "--nodes", "1", "--gpus-per-node", "8", "--gpu",
+    "A100-80G", "--workload", "synthetic:in=512,out=128", "--ttft-slo", "0.25",
+    "--tpot-slo", "0.1", "--attainment", "0.9", "--rate", "10",
+]  # fmt: skip
+
+
+def test_plan_is_wired_in_and_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main([*PLAN_ARGS, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    roles = {i["role"] for i in plan["instances"]}
+    assert roles <= {"prefill", "decode"} and roles
+
+
+def test_plan_bad_slo_is_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [("-1" if a == "0.25" else a) for a in PLAN_ARGS]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("error: ttft") and "Traceback" not in err
