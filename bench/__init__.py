@@ -1,6 +1,10 @@
-"""Benchmark harnesses whose numbers go in the README.
+"""Benchmark harnesses whose numbers go in the README (each also ``baton bench NAME``).
 
-Today: ``bench.engine_throughput`` (also ``baton bench engine``), the offline engine
-against transformers and against this machine's compute and memory rooflines. Serving and
-planner benchmarks come with the issues that build those parts.
+- ``bench.engine_throughput`` (``engine``): the offline engine against transformers and
+  against this machine's compute and memory rooflines.
+- ``bench.kv_transfer`` (``kv-transfer``): each KV transfer backend beside raw loopback
+  TCP, and the transfer's share of TTFT on a real local cluster (``bench.kv_ttft``).
+- ``bench.serving`` (``serve``): a client in the style of vLLM's ``bench serve`` against a
+  running ``baton serve``: latencies, SLO attainment, goodput, the router's overhead.
+- ``bench.planner`` (``planner``): planning time of ``baton plan``.
 """

@@ -7,7 +7,7 @@
   class underneath.
 - ``cluster/stream.py``: the token events' socket and the per-request streams.
 - ``cluster/cli.py``: the ``baton`` command-line tool.
-- ``cluster/planner``: the placement planner (not built yet).
+- ``cluster/planner``: the placement planner (pure Python; ``baton plan``).
 
 ``import cluster`` is cheap: Ray and the engine load on first use.
 """

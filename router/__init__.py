@@ -1,8 +1,14 @@
-"""The front door of a Baton cluster (not built yet).
+"""The front door of a Baton cluster.
 
-This package will own the gRPC API server and the OpenAI-compatible HTTP server, the
-dispatch policies that pick a prefill and a decode instance for each request, the fan-in
-of token streams coming back from the decode instances, SLO tracking (TTFT and TPOT),
-metrics and the SLO dashboard. It may import ``baton`` and handles from ``cluster``, and
-never torch. Nothing is implemented here yet.
+- :mod:`router.service`: the ``Router`` core both APIs share: model check, the request
+  into the cluster, output snapshots out, per-request latencies to the metrics.
+- :mod:`router.grpc_server` (+ :mod:`router.grpc_wire`): the ``baton.v1`` gRPC API, with
+  health checking, reflection and an optional API key.
+- :mod:`router.http_server` (+ :mod:`router.openai_protocol`): the OpenAI-compatible HTTP
+  API.
+- :mod:`router.policies`: which prefill and decode instance a request goes to.
+- :mod:`router.metrics`: Prometheus metrics; :mod:`router.errors`: the one error table.
+- :mod:`router.server`: ``baton serve``.
+
+It imports ``baton`` and handles from ``cluster``, and never torch.
 """
