@@ -21,11 +21,18 @@ _EXPORTS = {
     "CacheConfig": "engine.config",
     "EngineConfig": "engine.config",
     "ModelConfig": "engine.config",
+    "ParallelConfig": "engine.config",
     "SchedulerConfig": "engine.config",
 }
 
 if TYPE_CHECKING:
-    from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from engine.config import (
+        CacheConfig,
+        EngineConfig,
+        ModelConfig,
+        ParallelConfig,
+        SchedulerConfig,
+    )
     from engine.llm import LLM
     from engine.llm_engine import LLMEngine
     from engine.outputs import EngineStats, RequestOutput
@@ -45,6 +52,7 @@ __all__ = [
     "EngineStats",
     "LLMEngine",
     "ModelConfig",
+    "ParallelConfig",
     "RequestOutput",
     "SamplingParams",
     "SchedulerConfig",

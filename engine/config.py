@@ -131,6 +131,58 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """An instance's layout: ``pp`` pipeline stages of ``tp`` tensor-parallel ranks each.
+
+    Ranks are numbered stage-major (``rank = stage * tp + tp_rank``) so that a stage's TP
+    ranks, which all-reduce twice per layer, are neighbours (one node, one NVLink island).
+    What fits a particular model is checked by :meth:`check_model` once its shape is known.
+    """
+
+    tp: int = 1
+    pp: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp"):
+            value = getattr(self, name)
+            _require(
+                isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                name,
+                f"must be a positive int, got {value!r}",
+            )
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp
+
+    def check_model(self, model: ModelConfig) -> None:
+        """Raise ValueError naming ``tp`` or ``pp`` if this layout cannot split ``model``."""
+        tp, kv = self.tp, model.num_kv_heads
+        _require(
+            model.num_heads % tp == 0,
+            "tp",
+            f"must divide the model's num_heads={model.num_heads}, got {tp}",
+        )
+        # Below the KV head count each rank holds kv/tp of them; above it, each holds one
+        # (replicated): either way a rank's query heads must share its KV heads.
+        _require(
+            kv % tp == 0 or tp % kv == 0,
+            "tp",
+            f"must divide the model's num_kv_heads={kv} or be a multiple of it, got {tp}",
+        )
+        _require(
+            model.intermediate_size % tp == 0,
+            "tp",
+            f"must divide the model's intermediate_size={model.intermediate_size}, got {tp}",
+        )
+        _require(
+            self.pp <= model.num_layers,
+            "pp",
+            f"must not exceed the model's num_layers={model.num_layers}, got {self.pp}",
+        )
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """The root: what to load and how to run it."""
 
@@ -141,6 +193,8 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     seed: int = 0
+    # tp x pp > 1 runs on ranks started by engine.parallel.worker, never by from_config.
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         _require(

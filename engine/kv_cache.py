@@ -1,6 +1,12 @@
-"""The KV cache tensors: one key and one value tensor per layer, carved into blocks."""
+"""The KV cache tensors: one key and one value tensor per layer, carved into blocks.
+
+Sized by a :class:`KVShape`, which is the whole model in one process and, in a TP x PP
+instance, one rank's share: its stage's layers and its KV heads (``engine.parallel``).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -12,17 +18,31 @@ from engine.config import CacheConfig, ModelConfig
 DEFAULT_CPU_CACHE_BYTES = 2 << 30
 
 
-def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+@dataclass(frozen=True)
+class KVShape:
+    """What one process's KV cache holds per token: layers x KV heads x head_dim."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, model: ModelConfig) -> KVShape:
+        """The whole model's: a single-process engine holds every layer and head."""
+        return cls(model.num_layers, model.num_kv_heads, model.head_dim)
+
+
+def bytes_per_block(shape: KVShape, block_size: int, dtype: torch.dtype) -> int:
     elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * elem
+    return 2 * shape.num_layers * block_size * shape.num_kv_heads * shape.head_dim * elem
 
 
 def num_blocks_for(
-    model: ModelConfig, cache: CacheConfig, dtype: torch.dtype, device: torch.device
+    shape: KVShape, cache: CacheConfig, dtype: torch.dtype, device: torch.device
 ) -> int:
     if cache.num_blocks is not None:
         return cache.num_blocks
-    per_block = bytes_per_block(model, cache.block_size, dtype)
+    per_block = bytes_per_block(shape, cache.block_size, dtype)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return max(1, int(free * (cache.memory_fraction or 0.9)) // per_block)
@@ -43,18 +63,18 @@ def _available_memory() -> int:
 
 
 def allocate_kv_cache(
-    model: ModelConfig,
+    shape: KVShape,
     num_blocks: int,
     block_size: int,
     dtype: torch.dtype,
     device: torch.device,
     backend: AttentionBackend,
 ) -> list[KVCache]:
-    shape = backend.cache_shape(num_blocks, block_size, model.num_kv_heads, model.head_dim)
+    dims = backend.cache_shape(num_blocks, block_size, shape.num_kv_heads, shape.head_dim)
     return [
         KVCache(
-            torch.zeros(shape, dtype=dtype, device=device),
-            torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(dims, dtype=dtype, device=device),
+            torch.zeros(dims, dtype=dtype, device=device),
         )
-        for _ in range(model.num_layers)
+        for _ in range(shape.num_layers)
     ]

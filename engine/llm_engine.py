@@ -20,9 +20,9 @@ from engine.attention import describe, select_backend
 from engine.block_manager import BlockManager
 from engine.config import CacheConfig, EngineConfig, ModelConfig
 from engine.kv_blocks import DTYPE_NAMES, KVBlocks, KVLayout
-from engine.kv_cache import allocate_kv_cache, num_blocks_for
+from engine.kv_cache import KVShape, allocate_kv_cache, num_blocks_for
 from engine.loader import load_model
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, Runner
 from engine.models import LlamaForCausalLM
 from engine.output_processor import RequestState
 from engine.outputs import EngineStats, RequestOutput
@@ -57,7 +57,7 @@ class LLMEngine:
         self,
         model_config: ModelConfig,
         tokenizer: Tokenizer,
-        runner: ModelRunner,
+        runner: Runner,
         scheduler: Scheduler,
     ):
         self.model_config = model_config
@@ -69,6 +69,11 @@ class LLMEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
+        if config.parallel.world_size > 1:
+            raise ValueError(
+                f"parallel: tp={config.parallel.tp} x pp={config.parallel.pp} runs on one "
+                "process per rank; start them with engine.parallel.worker.run_rank"
+            )
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
         loaded = load_model(config.model, dtype=dtype)
@@ -78,14 +83,13 @@ class LLMEngine:
             model.use_native_kernel(native.load())
         loaded.weights.clear()
         cache: CacheConfig = config.cache
-        num_blocks = num_blocks_for(loaded.config, cache, dtype, device)
+        kv_shape = KVShape.of(loaded.config)
+        num_blocks = num_blocks_for(kv_shape, cache, dtype, device)
         name = config.attention_backend
         if name == "auto":
             name = envs.attention_backend()
         backend = select_backend(name, device, loaded.config.head_dim, dtype)
-        caches = allocate_kv_cache(
-            loaded.config, num_blocks, cache.block_size, dtype, device, backend
-        )
+        caches = allocate_kv_cache(kv_shape, num_blocks, cache.block_size, dtype, device, backend)
         runner = ModelRunner(model, caches, backend, cache.block_size, device)
         blocks = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         logger.info(
@@ -100,7 +104,8 @@ class LLMEngine:
 
     @property
     def num_parameters(self) -> int:
-        """Weights in the model; a tied embedding/LM head counts once."""
+        """Weights in the model (this rank's shard under TP/PP); a tied embedding/LM head
+        counts once."""
         return sum(p.numel() for p in self.runner.model.parameters())
 
     @property
@@ -109,14 +114,14 @@ class LLMEngine:
 
     @property
     def kv_blocks(self) -> KVBlocks:
-        """Whole-block access to this engine's KV cache, for transfers."""
+        """Whole-block access to this engine's KV cache (rank 0's share under TP/PP)."""
         caches = self.runner.caches
-        cfg = self.model_config
+        shape = self.runner.kv_shape
         layout = KVLayout(
             num_layers=len(caches),
             block_size=self.block_manager.block_size,
-            num_kv_heads=cfg.num_kv_heads,
-            head_dim=cfg.head_dim,
+            num_kv_heads=shape.num_kv_heads,
+            head_dim=shape.head_dim,
             dtype=DTYPE_NAMES[caches[0].k.dtype],
             order=self.runner.backend.kv_order,
         )
@@ -293,6 +298,10 @@ class LLMEngine:
             return None
         self.scheduler.finish(state.seq, "abort")
         return self._output(state, [], "")
+
+    def close(self) -> None:
+        """Release the runner; under TP/PP this stops the instance's other ranks."""
+        self.runner.close()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
