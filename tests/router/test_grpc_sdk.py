@@ -19,7 +19,7 @@ from engine import LLM
 from engine import SamplingParams as EngineParams
 from engine.outputs import RequestOutput
 from router.service import Router
-from tests.router.grpc_helpers import ServerThread, wait_cluster_idle
+from tests.router.servers import ServerThread, wait_cluster_idle
 
 PROMPTS = ["The history of computing is", "Write a haiku about the sea."]
 CHAT = [{"role": "user", "content": "Name three colours."}]
