@@ -3,6 +3,7 @@
 Subcommands:
   baton serve               the cluster and its gRPC + OpenAI-compatible HTTP APIs
   baton plan ...            the placement planner: layouts and instance counts per SLO
+  baton profile             this engine's latencies here, as a profile for `baton plan`
   baton generate "PROMPT"   a completion from a running server (--offline: in-process)
   baton bench engine|serve|kv-transfer ...   the README's benchmarks (bench/)
 
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cluster.planner.cli import add_parsers as add_plan  # pure Python, quick to import
 
     add_plan(sub)
+    from cluster.profiler import add_parser as add_profile  # torch loads only when it runs
+
+    add_profile(sub)
 
     bench = sub.add_parser(
         "bench",

@@ -1,0 +1,237 @@
+"""``baton profile``: this engine's batch latencies on this machine, fitted into the
+planner's latency model.
+
+The planner (``cluster/planner``) predicts with DistServe's form: a prefill batch of
+prompt lengths ``l`` takes ``a + b*sum(l) + c*sum(l^2)`` ms, a decode step over contexts
+``ctx`` takes ``a + b*sum(ctx) + c*batch`` ms. This module measures both on a real
+``LLMEngine`` in this process, one ``step()`` at a time:
+
+- prefill: batches of ``batch`` prompts of ``length`` random tokens, each asking for one
+  token, so that the timed step is exactly the batch's prefill (the budget is set to hold
+  the whole batch, the prefix cache is off);
+- decode: ``batch`` requests of ``context`` prompt tokens are prefilled untimed, then
+  ``decode_steps`` steps that advance every one of them are timed.
+
+Each shape is repeated and its median kept; ``fit_profile`` then fits the coefficients by
+least squares on relative error, and the result is a profile file for
+``baton plan --profile``. One process is one (TP=1, PP=1) layout; other layouts borrow
+its coefficients in the planner (DistServe's assumption) until they are measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from cluster.planner.latency import (
+    DecodeSample,
+    LatencyProfile,
+    PrefillSample,
+    ProfileSet,
+    fit_profile,
+    save_profiles,
+)
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ProfileGrid:
+    """The shapes to time (a prefill batch holds ``batch`` prompts of ``length``)."""
+
+    prefill_lengths: tuple[int, ...] = (16, 64, 128, 256, 512, 1024)
+    prefill_batches: tuple[int, ...] = (1, 2, 4)
+    decode_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    decode_contexts: tuple[int, ...] = (64, 256, 1024)
+    decode_steps: int = 4
+    repeats: int = 3
+    max_batch_tokens: int = 4096  # prefill shapes above this are skipped
+
+    def __post_init__(self) -> None:
+        for name in ("prefill_lengths", "prefill_batches", "decode_batches", "decode_contexts"):
+            values = getattr(self, name)
+            if not values or any(not isinstance(v, int) or v < 1 for v in values):
+                raise ValueError(f"{name}: must be positive integers, got {values!r}")
+        for name in ("decode_steps", "repeats", "max_batch_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
+    def prefill_shapes(self) -> list[tuple[int, int]]:
+        return [
+            (batch, length)
+            for length in self.prefill_lengths
+            for batch in self.prefill_batches
+            if batch * length <= self.max_batch_tokens
+        ]
+
+    def decode_shapes(self) -> list[tuple[int, int]]:
+        return [(b, c) for c in self.decode_contexts for b in self.decode_batches]
+
+
+QUICK_GRID = ProfileGrid(
+    prefill_lengths=(16, 128, 512),
+    prefill_batches=(1, 2),
+    decode_batches=(1, 4, 16),
+    decode_contexts=(64, 512),
+    decode_steps=2,
+    repeats=1,
+)
+
+
+class EngineProfiler:
+    """Times prefill batches and decode steps on one engine (any ``LLMEngine``)."""
+
+    def __init__(self, engine: Any, seed: int = 0):
+        self.engine = engine
+        self._rng = random.Random(seed)
+        self._n = 0
+        vocab = engine.model_config.vocab_size
+        self._vocab = (min(1000, vocab - 1), vocab - 1)  # ordinary tokens, no specials
+
+    def _ids(self, n: int) -> list[int]:
+        return [self._rng.randint(*self._vocab) for _ in range(n)]
+
+    def _add(self, length: int, max_tokens: int) -> str:
+        from engine.sampling_params import SamplingParams
+
+        self._n += 1
+        request_id = f"profile-{self._n}"
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        self.engine.add_request(request_id, params=params, prompt_token_ids=self._ids(length))
+        return request_id
+
+    def prefill_ms(self, batch: int, length: int) -> float:
+        """One step that prefills ``batch`` prompts of ``length`` tokens and finishes them."""
+        ids = [self._add(length, max_tokens=1) for _ in range(batch)]
+        started = time.perf_counter()
+        outputs = self.engine.step()
+        elapsed = time.perf_counter() - started
+        finished = {o.request_id for o in outputs if o.finished}
+        if finished != set(ids):  # a step budget too small for the batch: not one step
+            for request_id in ids:
+                self.engine.abort(request_id)
+            raise RuntimeError(f"prefill of {batch} x {length} tokens did not fit one step")
+        return 1e3 * elapsed
+
+    def decode_ms(self, batch: int, context: int, steps: int) -> list[DecodeSample]:
+        """``steps`` timed decode steps over ``batch`` requests of ``context`` tokens."""
+        # A batch whose prompts span several steps is prefilled in chunks; the requests
+        # done first decode meanwhile, so each asks for enough tokens to outlast that.
+        budget = self.engine.scheduler.config.max_num_batched_tokens
+        ahead = -(-batch * context // budget) + 1
+        ids = [self._add(context, max_tokens=steps + ahead + 1) for _ in range(batch)]
+        started: set[str] = set()
+        while len(started) < batch:  # prefill, untimed
+            started.update(o.request_id for o in self.engine.step() if o.new_token_ids)
+        samples: list[DecodeSample] = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            outputs = self.engine.step()
+            elapsed = time.perf_counter() - t0
+            if len(outputs) != batch:
+                raise RuntimeError(f"a decode step advanced {len(outputs)} of {batch} requests")
+            contexts = [len(o.prompt_token_ids) + len(o.token_ids) for o in outputs]
+            samples.append((contexts, 1e3 * elapsed))
+        for request_id in ids:
+            self.engine.abort(request_id)
+        return samples
+
+    def run(
+        self, grid: ProfileGrid, progress: Progress | None = None
+    ) -> tuple[list[PrefillSample], list[DecodeSample]]:
+        say = progress or (lambda _: None)
+        self.prefill_ms(1, 16)  # warm-up: first-use kernel builds, allocator
+        prefill: list[PrefillSample] = []
+        for batch, length in grid.prefill_shapes():
+            ms = statistics.median(self.prefill_ms(batch, length) for _ in range(grid.repeats))
+            prefill.append(([length] * batch, ms))
+            say(f"prefill {batch} x {length} tokens: {ms:.1f} ms")
+        decode: list[DecodeSample] = []
+        for batch, context in grid.decode_shapes():
+            runs = [self.decode_ms(batch, context, grid.decode_steps) for _ in range(grid.repeats)]
+            steps = sorted((s for run in runs for s in run), key=lambda s: s[1])
+            decode.append(steps[len(steps) // 2])  # the median step, with its contexts
+            say(f"decode {batch} x {context} context: {ms:.1f} ms")
+        return prefill, decode
+
+
+def profile_engine(
+    engine: Any, grid: ProfileGrid, seed: int = 0, progress: Progress | None = None
+) -> LatencyProfile:
+    prefill, decode = EngineProfiler(engine, seed).run(grid, progress)
+    return fit_profile(prefill, decode, tp=1, pp=1)
+
+
+def build_engine(model: str | None, grid: ProfileGrid, dtype: str = "auto") -> Any:
+    """An engine whose step budget holds the largest prefill batch and whose cache holds
+    the largest decode batch."""
+    from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from engine.llm_engine import LLMEngine
+
+    block = 16
+    budget = max(grid.max_batch_tokens, max(grid.decode_batches))
+    # Per request: its prompt, the tokens it decodes while the batch is still prefilling
+    # (see decode_ms), the timed steps; in whole blocks.
+    blocks = max(
+        b * (-(-(c + -(-b * c // budget) + grid.decode_steps + 2) // block))
+        for b, c in grid.decode_shapes()
+    )
+    config = EngineConfig(
+        model=model,
+        dtype=dtype,
+        cache=CacheConfig(num_blocks=blocks + 16, enable_prefix_caching=False),
+        scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=512),
+    )  # fmt: skip
+    return LLMEngine.from_config(config)
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "profile",
+        help="measure this engine's prefill/decode latency here; write a planner profile",
+        description=(
+            "Time prefill batches and decode steps of the engine on this machine (TP=1, "
+            "PP=1), fit the planner's latency model (DistServe's form) by least squares on "
+            "relative error, and write a profile file for `baton plan --profile`."
+        ),
+    )
+    p.add_argument("--model", default=None, help="HF directory or .gguf (default: SmolLM2)")
+    p.add_argument("--out", default="profile.json", help="default: %(default)s")
+    p.add_argument(
+        "--gpu", default=None, help="the name stored in the profile (default: the device)"
+    )
+    p.add_argument("--quick", action="store_true", help="a small grid, one repeat (a minute)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_profile)
+
+
+def run_profile(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    import torch
+
+    out = out or sys.stdout
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"threads: must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    grid = QUICK_GRID if args.quick else ProfileGrid()
+    engine = build_engine(args.model, grid)
+    device = engine.runner.caches[0].k.device
+    gpu = args.gpu or (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+    profile = profile_engine(
+        engine, grid, args.seed, lambda line: print(f"profile: {line}", file=sys.stderr)
+    )
+    name = args.model or "SmolLM2-135M-Instruct"
+    save_profiles(ProfileSet({(1, 1): profile}, model=name, gpu=gpu), args.out)
+    a, b, c = profile.prefill
+    print(f"prefill ms = {a:.3g} + {b:.3g}*sum(l) + {c:.3g}*sum(l^2)", file=out)
+    for label, (a, b, c) in (("small", profile.decode_small), ("large", profile.decode_large)):
+        print(f"decode ({label} batch) ms = {a:.3g} + {b:.3g}*sum(ctx) + {c:.3g}*batch", file=out)
+    print(f"decode batch threshold: {profile.decode_threshold}; written to {args.out}", file=out)
+    return 0
