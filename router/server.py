@@ -56,8 +56,10 @@ async def serve(
     config: ServeConfig,
     stop: asyncio.Event,
     on_ready: Callable[[Endpoints], None] | None = None,
+    on_started: Callable[[], None] | None = None,
 ) -> None:
-    """Run until ``stop`` is set; ``on_ready`` gets the bound endpoints."""
+    """Run until ``stop`` is set; ``on_started`` runs once the cluster is up, ``on_ready``
+    gets the bound endpoints."""
     from cluster import Cluster
     from router.grpc_server import start_grpc_server
     from router.http_server import start_http_server
@@ -74,6 +76,8 @@ async def serve(
         **config.cluster_options,
     )
     await asyncio.to_thread(cluster.start)
+    if on_started is not None:
+        on_started()
     grpc_server = http_runner = None
     try:
         metrics = RouterMetrics()
@@ -118,9 +122,15 @@ def run(config: ServeConfig, out: TextIO = sys.stdout) -> int:
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(config, stop, ready)
+
+        def handle_signals() -> None:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+
+        handle_signals()
+        # Again once Ray is up: its core worker installs a C-level handler that prints a
+        # stack trace on SIGTERM, which a clean shutdown should not show.
+        await serve(config, stop, ready, on_started=handle_signals)
 
     asyncio.run(main())
     print("baton serve: stopped", file=out, flush=True)

@@ -118,4 +118,6 @@ def test_a_cancelled_stream_frees_every_instance(server: subprocess.Popen[str]) 
 def test_sigterm_shuts_down_cleanly(server: subprocess.Popen[str]) -> None:
     server.send_signal(signal.SIGTERM)
     assert server.wait(120) == 0
-    assert "stopped" in "".join(server.lines)  # type: ignore[attr-defined]
+    text = "".join(server.lines)  # type: ignore[attr-defined]
+    assert "stopped" in text
+    assert "SIGTERM received" not in text  # Ray's C-level handler, replaced once it is up
