@@ -7,4 +7,6 @@
 - ``bench.serving`` (``serve``): a client in the style of vLLM's ``bench serve`` against a
   running ``baton serve``: latencies, SLO attainment, goodput, the router's overhead.
 - ``bench.planner`` (``planner``): planning time of ``baton plan``.
+- ``bench.planner_validation`` (``planner-validation``): the planner's simulator against
+  the real local cluster, disaggregated against colocated.
 """

@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(_BENCHES),
         help="engine: bench/engine_throughput.py; serve: bench/serving.py (against a "
         "running `baton serve`); kv-transfer: bench/kv_transfer.py; planner: "
-        "bench/planner.py (planning time)",
+        "bench/planner.py (planning time); planner-validation: bench/planner_validation.py "
+        "(simulated against measured attainment, disaggregated against colocated)",
     )
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options passed to the benchmark")
     bench.set_defaults(func=_cmd_bench)
@@ -258,6 +259,7 @@ _BENCHES = {
     "serve": "bench.serving",
     "kv-transfer": "bench.kv_transfer",
     "planner": "bench.planner",
+    "planner-validation": "bench.planner_validation",
 }
 
 

@@ -1,0 +1,237 @@
+"""The planner's simulator against the real cluster: disaggregated against colocated.
+
+On this machine, for a prefill-heavy workload with a tight TPOT SLO:
+
+1. ``baton profile``'s measurement of this engine (one torch thread, as each instance
+   gets one CPU), fitted into the planner's latency model (or ``--profile FILE``);
+2. for each deployment, 1 prefill + 1 decode instance (``disaggregated``) and 2
+   ``colocated`` instances, one CPU each: ``baton serve`` is launched and the serving
+   benchmark's client sends the same requests (lengths and Poisson arrivals) at each
+   rate; the planner's simulator runs the very same requests through the same
+   deployment;
+3. per rate, measured and predicted SLO attainment (DistServe's: both TTFT and TPOT met)
+   over the same window of requests (the simulator's: the first and last tenth left
+   out), and per deployment the goodput at the attainment target: the highest rate
+   tried that meets it, measured and predicted.
+
+Target: predicted and measured attainment within 10 points.
+
+Usage: ``python -m bench.planner_validation [--json-out FILE]`` (about 15 minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+from dataclasses import dataclass
+
+from bench import serving
+from cluster.planner.cluster_spec import SLOs
+from cluster.planner.latency import LatencyProfile, ProfileSet, load_profiles
+from cluster.planner.simulator import SimConfig, SimInstance, SimResult, simulate
+from cluster.profiler import ProfileGrid
+
+TARGET_POINTS = 10.0
+GRPC_PORT, HTTP_PORT = 50071, 8071  # away from a default `baton serve`
+BLOCK = 16
+MODES = ("disaggregated", "colocated")
+GRID = ProfileGrid(
+    prefill_lengths=(64, 128, 256, 512, 768),
+    prefill_batches=(1, 2, 4),
+    decode_batches=(1, 2, 4, 8, 16),
+    decode_contexts=(128, 512),
+    decode_steps=3,
+    repeats=2,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.planner_validation", description=__doc__)
+    p.add_argument("--profile", default=None, help="a profile file (default: measure one)")
+    p.add_argument("--rates", default="0.3,0.6,0.9,1.2", help="req/s, comma-separated")
+    p.add_argument("--num-prompts", type=int, default=40)
+    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=24)
+    p.add_argument("--length-cv", type=float, default=0.3)
+    p.add_argument("--ttft-slo", type=float, default=3.0)
+    p.add_argument("--tpot-slo", type=float, default=0.1)
+    p.add_argument("--attainment", type=float, default=0.9)
+    p.add_argument("--num-kv-blocks", type=int, default=1024)
+    p.add_argument("--kv-gbps", type=float, default=2.0, help="KV link (GB/s) in the simulator")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json-out", default=None)
+    return p
+
+
+def measure_profile() -> LatencyProfile:
+    import torch
+
+    from cluster.profiler import build_engine, profile_engine
+
+    torch.set_num_threads(1)  # as each instance has one CPU
+    engine = build_engine(None, GRID)
+    return profile_engine(engine, GRID, progress=lambda s: print(f"profile: {s}", file=sys.stderr))
+
+
+def kv_bytes_per_token() -> int:
+    """SmolLM2-135M in fp32: layers x (K and V) x KV heads x head_dim x 4 bytes."""
+    return 30 * 2 * 3 * 64 * 4
+
+
+@dataclass(frozen=True)
+class Case:
+    mode: str
+    rate: float
+    measured: float
+    predicted: float
+    measured_ttft_p90: float
+    predicted_ttft_p90: float
+    measured_tpot_p90: float
+    predicted_tpot_p90: float
+
+    @property
+    def gap_points(self) -> float:
+        return 100 * abs(self.measured - self.predicted)
+
+
+def _p90(values: list[float]) -> float:
+    finite = sorted(v for v in values if math.isfinite(v))
+    return finite[min(len(finite) - 1, math.ceil(0.9 * len(finite)) - 1)] if finite else math.inf
+
+
+def predict(
+    mode: str, profile: LatencyProfile, args: argparse.Namespace, lengths: list[tuple[int, int]],
+    gaps: list[float], rate: float,
+) -> SimResult:  # fmt: skip
+    capacity = args.num_kv_blocks * BLOCK
+    if mode == "disaggregated":
+        instances = [SimInstance("prefill", profile), SimInstance("decode", profile, capacity)]
+    else:
+        instances = [SimInstance("colocated", profile, capacity) for _ in range(2)]
+    config = SimConfig(
+        prefill_token_budget=2048,  # the engine's max_num_batched_tokens
+        chunk_tokens=2048,
+        kv_bytes_per_token=kv_bytes_per_token(),
+        intra_node_gbps=args.kv_gbps,  # both instances sit on this one "node"
+    )
+    return simulate(instances, lengths, [g * rate for g in gaps], rate, config)
+
+
+def run_mode(
+    mode: str, profile: LatencyProfile, args: argparse.Namespace, slos: SLOs
+) -> list[Case]:
+    bench_args = serving.build_parser().parse_args(
+        [
+            "--num-prompts", str(args.num_prompts), "--input-len", str(args.input_len),
+            "--output-len", str(args.output_len), "--length-cv", str(args.length_cv),
+            "--seed", str(args.seed), "--no-progress",
+            "--base-url", f"http://127.0.0.1:{HTTP_PORT}", "--grpc-target",
+            f"127.0.0.1:{GRPC_PORT}", "--serve-args", f"--mode {mode} --prefill 1 --decode 1 "
+            f"--num-kv-blocks {args.num_kv_blocks} --grpc-port {GRPC_PORT} "
+            f"--http-port {HTTP_PORT}",
+        ]
+    )  # fmt: skip
+    requests = serving.make_requests(bench_args)
+    lengths = [(len(r.prompt_ids), r.output_len) for r in requests]
+    proc = serving._launch(bench_args)
+    try:
+        return asyncio.run(_rates(mode, profile, args, slos, bench_args, requests, lengths))
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+async def _rates(
+    mode: str, profile: LatencyProfile, args: argparse.Namespace, slos: SLOs,
+    bench_args: argparse.Namespace, requests: list[serving.Request],
+    lengths: list[tuple[int, int]],
+) -> list[Case]:  # fmt: skip
+    model = await asyncio.to_thread(serving._server_model, bench_args.base_url)
+    await serving.run_rate(bench_args, requests[:4], math.inf, model)  # warm-up
+    cases = []
+    for rate in (float(x) for x in args.rates.split(",")):
+        gaps = serving.arrival_gaps(len(requests), rate, 1.0, args.seed)
+        results, _ = await serving.run_rate(bench_args, requests, rate, model)
+        sim = predict(mode, profile, args, lengths, gaps, rate)
+        lo, hi = sim.window
+        window = results[lo:hi]
+        meets = [
+            r for r in window
+            if r.ok and r.ttft <= slos.ttft_s and (r.tpot is None or r.tpot <= slos.tpot_s)
+        ]  # fmt: skip
+        case = Case(
+            mode, rate, len(meets) / len(window), sim.attainment(slos),
+            _p90([r.ttft for r in window if r.ok]), _p90(list(sim.ttft_s[lo:hi])),
+            _p90([t for r in window if r.ok and (t := r.tpot) is not None]),
+            _p90([t for t in sim.tpot_s[lo:hi] if t > 0]),
+        )  # fmt: skip
+        print(f"{mode} @ {rate:g}: measured {case.measured:.0%}, predicted "
+              f"{case.predicted:.0%}", file=sys.stderr)  # fmt: skip
+        cases.append(case)
+    return cases
+
+
+def goodput(cases: list[Case], target: float, measured: bool) -> float:
+    """The highest rate tried whose attainment meets ``target`` (0 when none does)."""
+    ok = [c.rate for c in cases if (c.measured if measured else c.predicted) >= target]
+    return max(ok, default=0.0)
+
+
+def format_markdown(cases: list[Case], target: float) -> str:
+    lines = [
+        "| deployment | rate (req/s) | attainment measured | predicted | gap (points) "
+        "| TTFT p90 measured / predicted (s) | TPOT p90 measured / predicted (s) |",
+        "|---|---:|---:|---:|---:|---|---|",
+    ]
+    for c in cases:
+        lines.append(
+            f"| {c.mode} | {c.rate:g} | {c.measured:.0%} | {c.predicted:.0%} | "
+            f"{c.gap_points:.0f} | {c.measured_ttft_p90:.2f} / {c.predicted_ttft_p90:.2f} | "
+            f"{c.measured_tpot_p90:.3f} / {c.predicted_tpot_p90:.3f} |"
+        )
+    lines += ["", f"| deployment | goodput at {target:.0%} measured (req/s) | predicted |",
+              "|---|---:|---:|"]  # fmt: skip
+    for mode in dict.fromkeys(c.mode for c in cases):
+        mine = [c for c in cases if c.mode == mode]
+        lines.append(
+            f"| {mode} | {goodput(mine, target, True):g} | {goodput(mine, target, False):g} |"
+        )
+    worst = max(c.gap_points for c in cases)
+    within = sum(c.gap_points <= TARGET_POINTS for c in cases)
+    lines += ["", f"{within} of {len(cases)} cases within {TARGET_POINTS:.0f} points "
+              f"(largest gap {worst:.0f} points)."]  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    slos = SLOs(args.ttft_slo, args.tpot_slo, args.attainment)
+    profile = load_profiles(args.profile).get(1, 1) if args.profile else measure_profile()
+    cases: list[Case] = []
+    for mode in args.modes.split(","):
+        cases += run_mode(mode, profile, args, slos)
+    print(format_markdown(cases, args.attainment))
+    if args.json_out:
+        out = {
+            "config": vars(args),
+            "profile": ProfileSet({(1, 1): profile}).profiles[(1, 1)].to_dict(),
+            "cases": [{**c.__dict__, "gap_points": c.gap_points} for c in cases],
+            "goodput": {
+                m: {
+                    "measured": goodput([c for c in cases if c.mode == m], args.attainment, True),
+                    "predicted": goodput([c for c in cases if c.mode == m], args.attainment, False),
+                }
+                for m in dict.fromkeys(c.mode for c in cases)
+            },
+        }
+        with open(args.json_out, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
