@@ -42,14 +42,17 @@ def server() -> Iterator[subprocess.Popen[str]]:
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
-            if "ready" in line:
+            if line.startswith("baton serve: ready"):
                 ready.set()
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    if not ready.wait(300):
-        proc.kill()
-        pytest.fail("baton serve did not get ready:\n" + "".join(lines[-40:]))
+    deadline = time.monotonic() + 300
+    while not ready.wait(1):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            reader.join(10)
+            pytest.fail("baton serve did not get ready:\n" + "".join(lines[-80:]))
     proc.lines = lines  # type: ignore[attr-defined]
     yield proc
     if proc.poll() is None:
