@@ -157,7 +157,7 @@ class EngineProfiler:
             runs = [self.decode_ms(batch, context, grid.decode_steps) for _ in range(grid.repeats)]
             steps = sorted((s for run in runs for s in run), key=lambda s: s[1])
             decode.append(steps[len(steps) // 2])  # the median step, with its contexts
-            say(f"decode {batch} x {context} context: {ms:.1f} ms")
+            say(f"decode {batch} x {context} context: {decode[-1][1]:.1f} ms")
         return prefill, decode
 
 
