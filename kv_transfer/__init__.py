@@ -12,6 +12,10 @@ it reserved. Backends are registered by name and imported only when chosen:
   the collective library cannot connect the two sides.
 - ``local``: an in-process copy, for one-process tests.
 
+Between instances of different TP x PP layouts the KV moves part by part (some layers
+and KV heads of one rank, :mod:`kv_transfer.parts`), orchestrated by
+:mod:`kv_transfer.sharded` over the same backends.
+
 Leases (:mod:`kv_transfer.lease`) bound how long a sender holds blocks nobody pulls.
 This package imports only ``engine`` types.
 """
@@ -31,6 +35,8 @@ from kv_transfer.base import (
     TransferStatus,
 )
 from kv_transfer.config import BACKENDS, TLSConfig, TransferConfig
+from kv_transfer.parts import KVPart
+from kv_transfer.sharded import RankTransfer, ShardedReceiver, ShardedSender
 
 # name -> module defining ``Sender`` and ``Receiver``; imported on first use.
 _BACKENDS: dict[str, str] = {
@@ -64,9 +70,13 @@ def create_receiver(name: str, blocks: KVBlocks, config: TransferConfig) -> KVRe
 __all__ = [
     "BACKENDS",
     "KVDescriptor",
+    "KVPart",
     "KVReceiver",
     "KVSender",
+    "RankTransfer",
     "RequestSend",
+    "ShardedReceiver",
+    "ShardedSender",
     "TLSConfig",
     "TransferConfig",
     "TransferError",

@@ -8,6 +8,10 @@ backends (grpc, local) serve the pull from the sender directly; push-style backe
 ``request_send`` callback that the control plane (Ray actor calls) provides. Every wait
 has a timeout; a pull returns a :class:`TransferResult` rather than raising, so the
 decode side can fall back to recomputing the prompt.
+
+A descriptor may name a :class:`~kv_transfer.parts.KVPart` (some layers and KV heads of
+one sender rank): every backend serves and writes parts through views of the caches, so
+instances of different TP x PP layouts exchange KV part by part (``kv_transfer.sharded``).
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import torch
 
 from engine.kv_blocks import HEAD_MAJOR, KVBlocks, KVLayout, layer_groups
 from kv_transfer.config import TransferConfig
+from kv_transfer.parts import KVPart, select
 
 
 class TransferStatus(enum.Enum):
@@ -41,12 +46,21 @@ class TransferError(RuntimeError):
 
 @dataclass(frozen=True)
 class KVDescriptor:
-    """What a receiver needs to pull one request's KV: the sender's blocks and layout."""
+    """What a receiver needs to pull one request's KV: the sender's blocks and layout.
+
+    From a TP x PP sender, ``layout`` is the whole model's KV (every layer and KV head, in
+    the sender's order and dtype), ``parallel`` its (tp, pp) and ``endpoints`` each of its
+    ranks' endpoints, rank 0 first; the receiver works out which rank holds what. A
+    descriptor with a ``part`` asks for that part only, and its ``layout`` is the part's.
+    """
 
     request_id: str
     num_tokens: int  # tokens whose KV the blocks hold
-    block_ids: tuple[int, ...]  # on the sender
-    layout: KVLayout  # the sender's
+    block_ids: tuple[int, ...]  # on the sender; every rank of an instance shares block ids
+    layout: KVLayout  # the sender's (see above)
+    parallel: tuple[int, int] = (1, 1)  # the sender's (tp, pp)
+    endpoints: tuple[str, ...] = ()  # per sender rank; () for one rank: the hand-off's
+    part: KVPart | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -71,6 +85,9 @@ class KVDescriptor:
                 "dtype": lay.dtype,
                 "order": lay.order,
             },
+            "parallel": list(self.parallel),
+            "endpoints": list(self.endpoints),
+            "part": None if self.part is None else self.part.to_list(),
         }
 
     @classmethod
@@ -81,11 +98,21 @@ class KVDescriptor:
         block_ids = d["block_ids"]
         if not isinstance(block_ids, (list, tuple)):
             raise ValueError("block_ids: must be a list")
+        parallel = d.get("parallel", (1, 1))
+        endpoints = d.get("endpoints", ())
+        if not isinstance(parallel, (list, tuple)) or len(parallel) != 2:
+            raise ValueError(f"parallel: must be [tp, pp], got {parallel!r}")
+        if not isinstance(endpoints, (list, tuple)):
+            raise ValueError("endpoints: must be a list")
+        part = d.get("part")
         return cls(
             request_id=str(d["request_id"]),
             num_tokens=int(d["num_tokens"]),  # type: ignore[call-overload]
             block_ids=tuple(int(b) for b in block_ids),
             layout=KVLayout(**layout),
+            parallel=(int(parallel[0]), int(parallel[1])),
+            endpoints=tuple(str(e) for e in endpoints),
+            part=None if part is None else KVPart.from_list(part),
         )
 
 
@@ -125,6 +152,10 @@ class KVSender(ABC):
     def start(self) -> str:
         """Open whatever the backend listens on; returns the endpoint receivers pull from."""
 
+    def describe(self, request_id: str, num_tokens: int, block_ids: Sequence[int]) -> KVDescriptor:
+        """The descriptor a hand-off carries for these blocks of this sender's cache."""
+        return KVDescriptor(request_id, num_tokens, tuple(block_ids), self.blocks.layout)
+
     @abstractmethod
     def publish(self, desc: KVDescriptor) -> None:
         """Make ``desc``'s blocks pullable; the caller keeps them allocated until retracted."""
@@ -163,11 +194,14 @@ class KVReceiver(ABC):
         source: str,
         dst_block_ids: Sequence[int],
         request_send: RequestSend | None = None,
+        into: KVBlocks | None = None,
     ) -> TransferResult:
         """Copy ``desc``'s blocks from the sender at ``source`` into ``dst_block_ids``.
 
-        Blocks until done, failed, or ``config.timeout_s``; never raises for transfer
-        failures. Safe to call from several threads at once."""
+        ``into``: where to write (default: the receiver's whole cache); a view of part of
+        it (``kv_transfer.parts.select``) when ``desc`` names a part. Blocks until done,
+        failed, or ``config.timeout_s``; never raises for transfer failures. Safe to call
+        from several threads at once."""
 
     @abstractmethod
     def stop(self) -> None: ...
@@ -197,6 +231,17 @@ def _precheck(
     if bad is not None:
         return f"dst_block_ids: {bad} is not a block in [0, {blocks.num_blocks})"
     return None
+
+
+def _part_of(
+    published: KVDescriptor, part: KVPart | None, blocks: KVBlocks
+) -> tuple[KVDescriptor, KVBlocks]:
+    """What a sender serves for a pull of ``part`` of a published request: the part's
+    descriptor and a view of its blocks. ValueError when the part is not in the cache."""
+    if part is None:
+        return published, blocks
+    view = select(blocks, part.layers, part.heads)
+    return replace(published, layout=view.layout, part=part), view
 
 
 def _checksum(buf: torch.Tensor) -> int:

@@ -13,6 +13,8 @@ The sender runs a ``grpc.server`` (``grpc://host:port``; TLS with client certifi
    with an optional checksum. A helper thread gathers and encodes up to two messages
    ahead of grpc's sending; its read of the blocks ends after the last group is gathered
    or once the call ended, and ``retract`` waits for that.
+   A request naming a ``part`` (some layers and KV heads of one sender rank) is served
+   from a view of the cache holding just that part; the stream is the same.
 3. The receiver checks each message's place (index, layers, offset, total) before using
    it, scatters a group once complete (a single-message group straight from the received
    bytes), and fails if the stream ends short.
@@ -52,11 +54,13 @@ from kv_transfer.base import (
     _checksum,
     _chunk_groups,
     _failed,
+    _part_of,
     _precheck,
     _Publications,
     _write,
 )
 from kv_transfer.config import TLSConfig, TransferConfig
+from kv_transfer.parts import KVPart
 from kv_transfer.proto import kv_transfer_pb2 as pb
 
 SCHEME = "grpc://"
@@ -228,6 +232,12 @@ class Sender(KVSender):
         if desc is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"request {rid!r} is not published")
         assert desc is not None
+        try:
+            part = KVPart.from_list(list(request.part)) if request.part else None
+            desc, blocks = _part_of(desc, part, self.blocks)
+        except ValueError as e:
+            self._pubs.end_read(rid)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"request {rid!r}: {e}")
         if request.nbytes != desc.nbytes or request.num_blocks != desc.num_blocks:
             self._pubs.end_read(rid)
             context.abort(
@@ -247,7 +257,8 @@ class Sender(KVSender):
         limit = self.config.chunk_bytes
         if request.max_chunk_bytes:
             limit = min(limit, request.max_chunk_bytes)
-        chunks = self._chunks(desc, limit, request.checksum or self.config.checksum, release)
+        checksum = request.checksum or self.config.checksum
+        chunks = self._chunks(desc, blocks, limit, checksum, release)
         stop = threading.Event()
         context.add_callback(stop.set)  # the call ended: done, cancelled or past its deadline
         # A helper thread gathers and encodes the next chunk while grpc sends this one.
@@ -255,16 +266,21 @@ class Sender(KVSender):
         yield from _ahead(chunks, 2, self.config.timeout_s, name, stop, on_exit=release)
 
     def _chunks(
-        self, desc: KVDescriptor, limit: int, checksum: bool, release: Callable[[], None]
+        self,
+        desc: KVDescriptor,
+        blocks: KVBlocks,
+        limit: int,
+        checksum: bool,
+        release: Callable[[], None],
     ) -> Iterator[bytes]:
         piece = max(4, limit - limit % 64)  # keep pieces int32-aligned for the checksum
         groups = _chunk_groups(desc.layout, desc.num_blocks, piece)
-        staging = self.blocks.empty(len(groups[0]), desc.num_blocks)
+        staging = blocks.empty(len(groups[0]), desc.num_blocks)
         per_layer = desc.layout.bytes_per_layer(desc.num_blocks)
         num_chunks = sum(-(-len(g) * per_layer // piece) for g in groups)
         index = 0
         for gi, layers in enumerate(groups):
-            buf = self.blocks.read(layers, desc.block_ids, staging[: len(layers)])
+            buf = blocks.read(layers, desc.block_ids, staging[: len(layers)])
             if gi == len(groups) - 1:
                 release()
             flat = buf.reshape(-1).view(torch.uint8).cpu()
@@ -306,9 +322,11 @@ class Receiver(KVReceiver):
         source: str,
         dst_block_ids: Sequence[int],
         request_send: RequestSend | None = None,
+        into: KVBlocks | None = None,
     ) -> TransferResult:
         started = time.perf_counter()
-        reason = _precheck(desc, self.blocks, dst_block_ids, self.config)
+        blocks = self.blocks if into is None else into
+        reason = _precheck(desc, blocks, dst_block_ids, self.config)
         if reason is None and not source.startswith(SCHEME):
             reason = f"source: not a {SCHEME} endpoint: {source!r}"
         if reason is not None:
@@ -319,10 +337,11 @@ class Receiver(KVReceiver):
             num_blocks=desc.num_blocks,
             checksum=self.config.checksum,
             max_chunk_bytes=self.config.chunk_bytes,
+            part=[] if desc.part is None else desc.part.to_list(),
         )
         stream = self._pull_call(source)(request, timeout=self.config.timeout_s)
         try:
-            self._receive(stream, desc, dst_block_ids)
+            self._receive(stream, desc, dst_block_ids, blocks)
         except grpc.RpcError as e:
             code = e.code() if isinstance(e, grpc.Call) else None
             details = e.details() if isinstance(e, grpc.Call) else str(e)
@@ -361,15 +380,23 @@ class Receiver(KVReceiver):
             return self._channels[source][1]
 
     def _receive(
-        self, stream: Iterator[Chunk], desc: KVDescriptor, dst_block_ids: Sequence[int]
+        self,
+        stream: Iterator[Chunk],
+        desc: KVDescriptor,
+        dst_block_ids: Sequence[int],
+        blocks: KVBlocks,
     ) -> None:
         # A helper thread takes the next chunk off the stream while this one is scattered.
         chunks = _ahead(stream, 2, self.config.timeout_s, f"kv-grpc-recv-{self.name}")
         with contextlib.closing(chunks):
-            self._scatter(chunks, desc, dst_block_ids)
+            self._scatter(chunks, desc, dst_block_ids, blocks)
 
     def _scatter(
-        self, chunks: Iterator[Chunk], desc: KVDescriptor, dst_block_ids: Sequence[int]
+        self,
+        chunks: Iterator[Chunk],
+        desc: KVDescriptor,
+        dst_block_ids: Sequence[int],
+        blocks: KVBlocks,
     ) -> None:
         lay, nb = desc.layout, desc.num_blocks
         per_layer = lay.bytes_per_layer(nb)
@@ -401,7 +428,7 @@ class Receiver(KVReceiver):
             filled += len(data)
             if filled == group_bytes:
                 group = buf.view(lay.torch_dtype).view(lay.group_shape(len(layers), nb))
-                _write(self.blocks, layers, dst_block_ids, convert(group, lay, self.blocks.layout))
+                _write(blocks, layers, dst_block_ids, convert(group, lay, blocks.layout))
                 next_layer, filled = msg.layer_end, 0
         if next_layer != lay.num_layers or filled or index + 1 != msg.num_chunks:
             raise TransferError(f"stream ended at layer {next_layer} of {lay.num_layers}")

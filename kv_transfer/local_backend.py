@@ -23,6 +23,7 @@ from kv_transfer.base import (
     TransferStatus,
     _chunk_groups,
     _failed,
+    _part_of,
     _precheck,
     _Publications,
     _write,
@@ -71,9 +72,11 @@ class Receiver(KVReceiver):
         source: str,
         dst_block_ids: Sequence[int],
         request_send: RequestSend | None = None,
+        into: KVBlocks | None = None,
     ) -> TransferResult:
         started = time.perf_counter()
-        reason = _precheck(desc, self.blocks, dst_block_ids, self.config)
+        blocks = self.blocks if into is None else into
+        reason = _precheck(desc, blocks, dst_block_ids, self.config)
         if reason is not None:
             return _failed(desc.request_id, reason, started)
         with _registry_lock:
@@ -86,6 +89,7 @@ class Receiver(KVReceiver):
                 desc.request_id, f"{source}: request {desc.request_id!r} is not published", started
             )
         try:
+            published, src = _part_of(published, desc.part, sender.blocks)
             if published.layout != desc.layout:
                 return _failed(
                     desc.request_id,
@@ -100,7 +104,7 @@ class Receiver(KVReceiver):
                     f"{published.nbytes} bytes, the receiver expects {desc.nbytes}",
                     started,
                 )
-            self._copy(sender.blocks, published, dst_block_ids)
+            self._copy(src, published, dst_block_ids, blocks)
         except (ValueError, RuntimeError) as e:
             return _failed(desc.request_id, f"copy failed: {e}", started)
         finally:
@@ -109,12 +113,14 @@ class Receiver(KVReceiver):
             desc.request_id, TransferStatus.DONE, desc.nbytes, time.perf_counter() - started
         )
 
-    def _copy(self, src: KVBlocks, desc: KVDescriptor, dst_block_ids: Sequence[int]) -> None:
+    def _copy(
+        self, src: KVBlocks, desc: KVDescriptor, dst_block_ids: Sequence[int], dst: KVBlocks
+    ) -> None:
         groups = _chunk_groups(desc.layout, desc.num_blocks, self.config.chunk_bytes)
         staging = src.empty(len(groups[0]), desc.num_blocks)
         for group in groups:
             buf = src.read(group, desc.block_ids, staging[: len(group)])
-            _write(self.blocks, group, dst_block_ids, convert(buf, desc.layout, self.blocks.layout))
+            _write(dst, group, dst_block_ids, convert(buf, desc.layout, dst.layout))
 
     def stop(self) -> None:
         pass

@@ -18,7 +18,9 @@ pair key in that store (sender rank 0, receiver rank 1; gloo on CPU, NCCL on CUD
    the sender gathers the next chunk while earlier ones are in flight, and the receiver
    keeps the next recvs posted while it scatters one. With checksums on, each chunk is
    followed by its int64 checksum.
-5. Any other failure drops the pair's group on that side. Dropping a gloo group closes its
+5. A pull of a part (some layers and KV heads of one sender rank: ``peer["part"]``) reads
+   and writes through views of the two caches; everything above is the same.
+6. Any other failure drops the pair's group on that side. Dropping a gloo group closes its
    connections, so the other side's next wait fails at once and drops its group too; the
    receiver's next pull uses epoch + 1, and the sender ignores jobs on dead keys.
 """
@@ -58,11 +60,13 @@ from kv_transfer.base import (
     _checksum,
     _chunk_groups,
     _failed,
+    _part_of,
     _precheck,
     _Publications,
     _write,
 )
 from kv_transfer.config import TransferConfig
+from kv_transfer.parts import KVPart
 
 logger = logging.getLogger(__name__)
 
@@ -176,11 +180,19 @@ class Sender(KVSender):
                 self._pubs.end_read(request_id)
 
         try:
+            blocks = self.blocks
+            if desc is not None:
+                try:
+                    part = KVPart.decode(peer["part"]) if peer.get("part") else None
+                    desc, blocks = _part_of(desc, part, blocks)
+                except ValueError as e:
+                    logger.warning("send %s: %s", request_id, e)
+                    peer = dict(peer, nbytes="-1")  # answered as a size mismatch
             header, groups = self._header(request_id, desc, peer)
             hdr = torch.tensor(header, dtype=torch.int64, device=self.blocks.device)
             sent = group.send([hdr], 1, TAG_HEADER)  # in flight while chunk 0 is gathered
             if header[1] == OK and desc is not None:
-                self._send_chunks(group, staging, desc, groups, bool(header[7]), release)
+                self._send_chunks(group, staging, desc, blocks, groups, bool(header[7]), release)
             wait(sent, self.config.timeout_s, self.blocks.device)
         finally:
             release()
@@ -204,6 +216,7 @@ class Sender(KVSender):
         group: Group,
         staging: Staging,
         desc: KVDescriptor,
+        blocks: KVBlocks,
         groups: list[range],
         checksum: bool,
         release: Callable[[], None],
@@ -216,7 +229,7 @@ class Sender(KVSender):
             slot = i % DEPTH
             for work in pending[slot]:  # chunk i-DEPTH's sends: its buffer is free again
                 wait(work, timeout_s, device)
-            buf = self.blocks.read(layers, desc.block_ids, bufs[slot][: len(layers)])
+            buf = blocks.read(layers, desc.block_ids, bufs[slot][: len(layers)])
             pending[slot] = [group.send([buf], 1, TAG_DATA)]
             if checksum:
                 sums[slot].fill_(_checksum(buf))
@@ -259,9 +272,11 @@ class Receiver(KVReceiver):
         source: str,
         dst_block_ids: Sequence[int],
         request_send: RequestSend | None = None,
+        into: KVBlocks | None = None,
     ) -> TransferResult:
         started = time.perf_counter()
-        reason = _precheck(desc, self.blocks, dst_block_ids, self.config)
+        blocks = self.blocks if into is None else into
+        reason = _precheck(desc, blocks, dst_block_ids, self.config)
         if reason is None and request_send is None:
             reason = "the torch backend pushes: pull needs request_send"
         if reason is None and self._store is None:
@@ -275,7 +290,7 @@ class Receiver(KVReceiver):
                 desc.request_id, f"timed out queueing behind {source}'s transfers", started
             )
         try:
-            self._transfer(pair, desc, source, dst_block_ids, request_send)
+            self._transfer(pair, desc, source, dst_block_ids, request_send, blocks)
         except _Refused as e:
             return _failed(desc.request_id, str(e), started)
         except (RuntimeError, TransferError, ValueError) as e:
@@ -308,6 +323,7 @@ class Receiver(KVReceiver):
         source: str,
         dst_block_ids: Sequence[int],
         request_send: RequestSend,
+        blocks: KVBlocks,
     ) -> None:
         device, timeout_s = self.blocks.device, self.config.timeout_s
         if pair.group is None:
@@ -320,6 +336,8 @@ class Receiver(KVReceiver):
             "num_blocks": str(desc.num_blocks),
             "checksum": str(int(self.config.checksum)),
         }
+        if desc.part is not None:
+            peer["part"] = desc.part.encode()
         try:
             request_send(desc.request_id, peer)
         except Exception as e:  # the control plane's call: any failure fails this pull
@@ -330,7 +348,7 @@ class Receiver(KVReceiver):
         hdr = torch.zeros(HEADER_LEN, dtype=torch.int64, device=device)
         wait(pair.group.recv([hdr], 0, TAG_HEADER), timeout_s, device)
         lpc, checksum = self._check_header(hdr.tolist(), desc)
-        self._recv_chunks(pair, desc, dst_block_ids, lpc, checksum)
+        self._recv_chunks(pair, desc, dst_block_ids, lpc, checksum, blocks)
 
     def _check_header(self, h: list[int], desc: KVDescriptor) -> tuple[int, bool]:
         if h[0] != MAGIC or h[2] != request_tag(desc.request_id):
@@ -353,6 +371,7 @@ class Receiver(KVReceiver):
         dst_block_ids: Sequence[int],
         layers_per_chunk: int,
         checksum: bool,
+        blocks: KVBlocks,
     ) -> None:
         device, timeout_s, group = self.blocks.device, self.config.timeout_s, pair.group
         assert group is not None
@@ -378,5 +397,4 @@ class Receiver(KVReceiver):
                 pending.append(post(i + DEPTH - 1))
             if checksum and _checksum(buf) != int(sums[i % DEPTH].item()):
                 raise TransferError(f"checksum mismatch in chunk {i} (layers {layers})")
-            dst = convert(buf, desc.layout, self.blocks.layout)
-            _write(self.blocks, layers, dst_block_ids, dst)
+            _write(blocks, layers, dst_block_ids, convert(buf, desc.layout, blocks.layout))

@@ -35,7 +35,7 @@ from engine.llm_engine import LLMEngine
 from engine.outputs import InstanceStats, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.worker_loop import Tombstones, WorkerLoop
-from kv_transfer.base import KVDescriptor, KVSender
+from kv_transfer.base import KVSender
 from kv_transfer.handoff import HandOff
 from kv_transfer.lease import Lease, LeaseTable
 
@@ -103,7 +103,6 @@ class PrefillWorker:
         self.endpoint = ""
         self._clock = clock
         self._aborted = Tombstones()
-        self._layout = engine.kv_blocks.layout
         self._counters: dict[str, float] = {
             "handoffs": 0,
             "finished_at_prefill": 0,
@@ -221,7 +220,8 @@ class PrefillWorker:
             self.events.send(event)
             return
         seq, blocks = self.engine.detach(out.request_id)
-        desc = KVDescriptor(out.request_id, seq.num_prompt_tokens, tuple(blocks), self._layout)
+        # The sender describes the blocks: under TP/PP, every rank's share and endpoint.
+        desc = self.sender.describe(out.request_id, seq.num_prompt_tokens, blocks)
         self.leases.grant(out.request_id, blocks)
         self.sender.publish(desc)
         self.events.send(event)

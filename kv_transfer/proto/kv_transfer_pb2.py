@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11kv_transfer.proto\x12\x0b\x62\x61ton.kv.v1\"p\n\x0bPullRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x08\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\x04\"\xaf\x01\n\x07KVChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x12\n\nnum_chunks\x18\x02 \x01(\r\x12\x13\n\x0blayer_start\x18\x03 \x01(\r\x12\x11\n\tlayer_end\x18\x04 \x01(\r\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\x12\x14\n\x0chas_checksum\x18\x07 \x01(\x08\x12\x10\n\x08\x63hecksum\x18\x08 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x0f \x01(\x0c\x32\x46\n\nKVTransfer\x12\x38\n\x04Pull\x12\x18.baton.kv.v1.PullRequest\x1a\x14.baton.kv.v1.KVChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11kv_transfer.proto\x12\x0b\x62\x61ton.kv.v1\"~\n\x0bPullRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x08\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\x04\x12\x0c\n\x04part\x18\x06 \x03(\r\"\xaf\x01\n\x07KVChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x12\n\nnum_chunks\x18\x02 \x01(\r\x12\x13\n\x0blayer_start\x18\x03 \x01(\r\x12\x11\n\tlayer_end\x18\x04 \x01(\r\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\x12\x14\n\x0chas_checksum\x18\x07 \x01(\x08\x12\x10\n\x08\x63hecksum\x18\x08 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x0f \x01(\x0c\x32\x46\n\nKVTransfer\x12\x38\n\x04Pull\x12\x18.baton.kv.v1.PullRequest\x1a\x14.baton.kv.v1.KVChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,9 +32,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kv_transfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PULLREQUEST']._serialized_start=34
-  _globals['_PULLREQUEST']._serialized_end=146
-  _globals['_KVCHUNK']._serialized_start=149
-  _globals['_KVCHUNK']._serialized_end=324
-  _globals['_KVTRANSFER']._serialized_start=326
-  _globals['_KVTRANSFER']._serialized_end=396
+  _globals['_PULLREQUEST']._serialized_end=160
+  _globals['_KVCHUNK']._serialized_start=163
+  _globals['_KVCHUNK']._serialized_end=338
+  _globals['_KVTRANSFER']._serialized_start=340
+  _globals['_KVTRANSFER']._serialized_end=410
 # @@protoc_insertion_point(module_scope)

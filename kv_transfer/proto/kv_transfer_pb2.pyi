@@ -1,22 +1,26 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable
 from typing import ClassVar as _ClassVar, Optional as _Optional
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PullRequest(_message.Message):
-    __slots__ = ("request_id", "nbytes", "num_blocks", "checksum", "max_chunk_bytes")
+    __slots__ = ("request_id", "nbytes", "num_blocks", "checksum", "max_chunk_bytes", "part")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     nbytes: int
     num_blocks: int
     checksum: bool
     max_chunk_bytes: int
-    def __init__(self, request_id: _Optional[str] = ..., nbytes: _Optional[int] = ..., num_blocks: _Optional[int] = ..., checksum: _Optional[bool] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+    part: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., nbytes: _Optional[int] = ..., num_blocks: _Optional[int] = ..., checksum: _Optional[bool] = ..., max_chunk_bytes: _Optional[int] = ..., part: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("index", "num_chunks", "layer_start", "layer_end", "offset", "total_bytes", "has_checksum", "checksum", "data")
