@@ -1,10 +1,17 @@
-"""The serving instance as a Ray actor: a plain class that builds and drives one worker.
+"""The serving instance as Ray actors: plain classes that build and drive one worker.
 
-The builder (``cluster.builder``) wraps :class:`InstanceActor` with ``ray.remote`` and
-calls it; nothing here knows about placement groups. The constructor only stores its
-spec, so a restarted actor is cheap and ``start()`` does the real work (loading the
-model, opening the transfer and the event socket). Control methods return errors as
-values (``{"error": message}``) rather than raising across the process boundary.
+The builder (``cluster.builder``) wraps :class:`InstanceActor` and
+:class:`cluster.ranks.RankActor` with ``ray.remote`` and calls them; nothing here knows
+about placement groups. An instance of TP x PP ranks is one :class:`InstanceActor`
+(rank 0: the engine's scheduler, the worker, the handle everyone else calls) and a
+``RankActor`` per other rank. Starting one: rank 0's ``rendezvous`` opens the instance's
+store on a free port; every rank's ``start`` joins the instance's process group with
+that address and loads its share of the model; rank 0's ``attach`` then gets the other
+ranks' handles and transfer endpoints (``kv_transfer.sharded``). The constructor only
+stores its spec, so a restarted actor is cheap and ``start()`` does the real work
+(loading the model, opening the transfer and the event socket). Control methods return
+errors as values (``{"error": message}``) rather than raising across the process
+boundary.
 
 Heavy imports (torch, the engine) happen in ``start()``, so importing this module (and
 ``cluster``) costs nothing.
@@ -13,7 +20,7 @@ Heavy imports (torch, the engine) happen in ``start()``, so importing this modul
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -42,12 +49,23 @@ class InstanceSpec:
     checksum: bool = False
     lease_ttl_s: float = 30.0
     seed: int = 0
+    tp: int = 1
+    pp: int = 1
+    # Every wait on the instance's own process group (rank 0 keeps idle ranks within it).
+    group_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role: must be one of {', '.join(ROLES)}, got {self.role!r}")
         if self.num_threads < 1:
             raise ValueError(f"num_threads: must be >= 1, got {self.num_threads}")
+        for name in ("tp", "pp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,17 +110,73 @@ class RayPeers:
         self._handle(instance).add_handoff.remote(handoff)
 
 
+def engine_config(s: InstanceSpec) -> Any:
+    """The engine's configuration for an instance (every rank builds the same)."""
+    from engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+
+    return EngineConfig(
+        model=s.model,
+        dtype=s.dtype,
+        device=s.device,
+        cache=CacheConfig(
+            num_blocks=s.num_kv_blocks, enable_prefix_caching=s.enable_prefix_caching
+        ),
+        scheduler=SchedulerConfig(
+            max_num_seqs=s.max_num_seqs, max_num_batched_tokens=s.max_num_batched_tokens
+        ),
+        parallel=ParallelConfig(tp=s.tp, pp=s.pp),
+        seed=s.seed,
+    )
+
+
+def transfer_config(s: InstanceSpec) -> Any:
+    from kv_transfer import TransferConfig
+
+    return TransferConfig(
+        backend=s.transport,
+        host=s.host,
+        timeout_s=s.transfer_timeout_s,
+        fault_injection=s.fault_injection,
+        checksum=s.checksum,
+    )
+
+
+def join_group(s: InstanceSpec, rank: int, address: str, store: Any = None) -> Any:
+    """This rank's membership of its instance's process group (see engine.parallel.launch)."""
+    from engine.llm_engine import resolve_device
+    from engine.parallel.launch import join
+
+    config = engine_config(s)
+    return join(address, rank, config.parallel, resolve_device(s.device), s.group_timeout_s, store)
+
+
 class InstanceActor:
     def __init__(self, spec: dict[str, Any]):
         self.spec = InstanceSpec(**spec)
         self.worker: Any = None  # PrefillWorker | DecodeWorker once started
         self.info: dict[str, Any] = {}
+        # TP x PP only: the instance's store (rank 0 hosts it), groups, sharded transfer.
+        self._store: Any = None
+        self._store_address = ""
+        self._groups: Any = None
+        self._transfer: Any = None  # ShardedSender | ShardedReceiver
 
     def ping(self) -> dict[str, Any]:
         return {"name": self.spec.name, "started": self.worker is not None}
 
+    def rendezvous(self) -> str:
+        """A TP x PP instance's store, on a free port; its address goes to the other ranks."""
+        if self._store is None:
+            from engine.parallel.launch import host_store
+
+            self._store, self._store_address = host_store(self.spec.host, self.spec.group_timeout_s)
+        return self._store_address
+
     def start(self, events_address: str, peers: dict[str, Any]) -> dict[str, Any]:
-        """Load the model and start serving; returns what the cluster needs to know."""
+        """Load the model and start serving; returns what the cluster needs to know.
+
+        Under TP/PP the other ranks' ``start`` must run at the same time (loading is
+        collective) and ``attach`` follows before any request arrives."""
         if self.worker is not None:
             return self.info
         import torch
@@ -111,7 +185,13 @@ class InstanceActor:
         from engine.llm_engine import LLMEngine
 
         torch.set_num_threads(self.spec.num_threads)
-        engine = LLMEngine.from_config(self._engine_config())
+        if self.spec.world_size == 1:
+            engine = LLMEngine.from_config(engine_config(self.spec))
+        else:
+            self._groups = join_group(self.spec, 0, self.rendezvous(), self._store)
+            from engine.parallel.worker import create_driver
+
+            engine = create_driver(engine_config(self.spec), self._groups)
         events = ZmqEventSink(events_address)
         self.worker = self._build_worker(engine, events, RayPeers(peers))
         endpoint = self.worker.start()
@@ -121,45 +201,48 @@ class InstanceActor:
             "endpoint": endpoint,
             "total_blocks": engine.block_manager.num_blocks,
             "max_model_len": engine.max_model_len,
+            "world_size": self.spec.world_size,
         }
         logger.info("instance %s (%s) started: %s", self.spec.name, self.spec.role, self.info)
         return self.info
 
-    def _engine_config(self):  # type: ignore[no-untyped-def]
-        from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    def attach(self, ranks: list[Any], endpoints: list[str]) -> None:
+        """TP x PP: the other ranks' handles and transfer endpoints (rank 1 first)."""
+        from cluster.ranks import RayRanks
 
-        s = self.spec
-        return EngineConfig(
-            model=s.model,
-            dtype=s.dtype,
-            device=s.device,
-            cache=CacheConfig(
-                num_blocks=s.num_kv_blocks, enable_prefix_caching=s.enable_prefix_caching
-            ),
-            scheduler=SchedulerConfig(
-                max_num_seqs=s.max_num_seqs, max_num_batched_tokens=s.max_num_batched_tokens
-            ),
-            seed=s.seed,
-        )
+        calls = RayRanks(ranks, self.spec.transfer_timeout_s)
+        if self.spec.role == "prefill":
+            self._transfer.attach(calls, [self.info["endpoint"], *endpoints])
+        elif self.spec.role == "decode":
+            self._transfer.attach(calls)
+
+    def relay_send(self, request_id: str, peer: dict[str, str]) -> None:
+        """Another rank's request to the prefill side, for a pull this rank runs."""
+        if self.spec.role == "decode" and self._transfer is not None:
+            self._transfer.relay(request_id, peer)
 
     def _build_worker(self, engine: Any, events: Any, peers: RayPeers) -> Any:
         from decode_workers.worker import DecodeConfig, DecodeWorker
-        from kv_transfer import TransferConfig, create_receiver, create_sender
+        from engine.config import ParallelConfig
+        from kv_transfer import ShardedReceiver, ShardedSender, create_receiver, create_sender
         from prefill_workers.worker import PrefillWorker
 
         s = self.spec
-        transfer = TransferConfig(
-            backend=s.transport,
-            host=s.host,
-            timeout_s=s.transfer_timeout_s,
-            fault_injection=s.fault_injection,
-            checksum=s.checksum,
-        )
+        transfer = transfer_config(s)
+        parallel = ParallelConfig(tp=s.tp, pp=s.pp)
         if s.role == "prefill":
             sender = create_sender(s.name, engine.kv_blocks, transfer)
+            if s.world_size > 1:
+                cfg, lay = engine.model_config, engine.kv_blocks.layout
+                whole = replace(lay, num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads)
+                sender = self._transfer = ShardedSender(sender, parallel, whole)
             return PrefillWorker(s.name, engine, sender, events, peers.hand_off, s.lease_ttl_s)
         if s.role == "decode":
-            receiver = create_receiver(s.name, engine.kv_blocks, transfer)
+            # Wrapped at any layout: a one-rank instance may pull from a TP x PP one.
+            receiver = ShardedReceiver(
+                create_receiver(s.name, engine.kv_blocks, transfer), parallel
+            )
+            self._transfer = receiver
             config = DecodeConfig(lease_ttl_s=s.lease_ttl_s)
             return DecodeWorker(s.name, engine, receiver, events, peers, config)
         return DecodeWorker(s.name, engine, None, events, None, role="colocated")
@@ -231,4 +314,9 @@ class InstanceActor:
     def stop(self) -> None:
         if self.worker is not None:
             self.worker.stop()
+            if self._groups is not None:
+                from cluster.ranks import close_parallel
+
+                close_parallel(self.worker.engine, self._groups)
+                self._groups = None
             self.worker = None

@@ -6,6 +6,11 @@ goes to the prefill instance with the fewest queued prompt tokens, with the deco
 instance serving the fewest requests named as its destination; in colocated mode it
 goes to the least busy instance, which does both. Outputs are the engine's
 ``RequestOutput``, streamed (``stream``) or collected (``generate``).
+
+``prefill_parallel`` and ``decode_parallel`` give each pool's instances a (tp, pp)
+layout: an instance is then tp * pp ranks (Ray actors in one placement group) that the
+rest of the system sees as one, and the KV moves between the two layouts part by part
+(``kv_transfer.sharded``).
 """
 
 from __future__ import annotations
@@ -47,6 +52,17 @@ MODES = ("disaggregated", "colocated")
 TRANSPORTS = ("torch", "grpc", "local")
 
 
+def check_parallel(field: str, value: object) -> tuple[int, int]:
+    """A (tp, pp) layout as given to :class:`Cluster`; ValueError naming ``field``."""
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        raise ValueError(f"{field}: must be (tp, pp), two positive ints, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
 class Cluster:
     def __init__(
         self,
@@ -68,10 +84,14 @@ class Cluster:
         start_timeout_s: float = 600.0,
         health_interval_s: float = 2.0,
         policy: RoutePolicy | None = None,
+        prefill_parallel: tuple[int, int] = (1, 1),
+        decode_parallel: tuple[int, int] = (1, 1),
     ):
         """``policy`` chooses instances per request (see ``cluster.dispatch``); the
         default sends prompts to the fewest queued prompt tokens and decodes to the
-        fewest active requests."""
+        fewest active requests. ``prefill_parallel`` / ``decode_parallel``: each pool's
+        (tp, pp); colocated instances take ``decode_parallel``. ``cpus_per_instance`` is
+        per rank."""
         if mode not in MODES:
             raise ValueError(f"mode: must be one of {', '.join(MODES)}, got {mode!r}")
         if transport not in TRANSPORTS or (transport == "local" and mode != "colocated"):
@@ -81,6 +101,13 @@ class Cluster:
         for field, value in (("prefill", prefill), ("decode", decode)):
             if not isinstance(value, int) or value < (1 if mode == "disaggregated" else 0):
                 raise ValueError(f"{field}: must be a positive number of instances, got {value!r}")
+        self.parallel = {
+            "prefill": check_parallel("prefill_parallel", prefill_parallel),
+            "decode": check_parallel("decode_parallel", decode_parallel),
+        }
+        if mode == "colocated" and self.parallel["prefill"] != (1, 1):
+            raise ValueError("prefill_parallel: colocated instances take decode_parallel")
+        self.parallel["colocated"] = self.parallel["decode"]
         self.model = model
         self.mode = mode
         self.transport = transport
@@ -114,20 +141,27 @@ class Cluster:
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> Cluster:
-        n = self.num_prefill + self.num_decode
+        roles = ["prefill"] * self.num_prefill
+        roles += ["decode" if self.mode == "disaggregated" else "colocated"] * self.num_decode
+        n = sum(self.parallel[r][0] * self.parallel[r][1] for r in roles)  # ranks
         self._started_ray = builder.init_ray(self.address, n)
         gpus = 1 if builder.has_gpus() else 0
         cpus = self.cpus_per_instance or max(1, (os.cpu_count() or 1) // n)
         host = "127.0.0.1" if self.address is None else ray.util.get_node_ip_address()
-        roles = ["prefill"] * self.num_prefill
-        roles += ["decode" if self.mode == "disaggregated" else "colocated"] * self.num_decode
         counts: dict[str, int] = {}
         try:
             for role in roles:
                 name = f"{role}-{counts.setdefault(role, 0)}"
                 counts[role] += 1
+                tp, pp = self.parallel[role]
                 spec = InstanceSpec(
-                    name=name, role=role, num_threads=max(1, int(cpus)), host=host, **self._spec
+                    name=name,
+                    role=role,
+                    num_threads=max(1, int(cpus)),
+                    host=host,
+                    tp=tp,
+                    pp=pp,
+                    **self._spec,
                 )
                 self.instances.append(
                     builder.create(spec, cpus, gpus, self.start_timeout_s, self.id)
@@ -171,8 +205,7 @@ class Cluster:
     def _restart(self, instance: builder.Instance) -> None:
         handles = {i.name: i.actor for i in self.instances}
         address = self._require_started().address
-        ref = instance.actor.start.remote(address, handles)
-        instance.info = ray.get(ref, timeout=self.start_timeout_s)
+        builder.restart(instance, address, handles, self.start_timeout_s)
 
     def _lost(self, instance: builder.Instance) -> None:
         """An instance lost its state: fail (and abort elsewhere) the requests it held."""

@@ -5,6 +5,10 @@ process only ran the constructor: it has no model loaded and none of the old req
 The monitor notices (``ping`` says not started), tells the cluster to give up on the
 requests that instance held, and starts it again with the same peers. An actor Ray has
 given up on is reported dead and never routed to again.
+
+A TP x PP instance is its ranks together: it is serving only while every rank is, and
+one rank that died (or stopped serving rank 0's steps) restarts the whole instance
+(``builder.restart``); one that Ray gave up on makes the whole instance dead.
 """
 
 from __future__ import annotations
@@ -93,11 +97,15 @@ class HealthMonitor:
         return dict(self.state)
 
     def _ping(self, inst: Instance) -> bool | None:
-        """Whether the instance is started; None when the actor is gone for good."""
-        try:
-            reply: dict[str, Any] = ray.get(inst.actor.ping.remote(), timeout=self._ping_timeout_s)
-        except (ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
-            return True  # busy, or being restarted by Ray: look again next round
-        except ray.exceptions.RayActorError:
-            return None
-        return bool(reply["started"])
+        """Whether every rank of the instance is started; None when one is gone for good."""
+        refs = [actor.ping.remote() for actor in inst.actors]
+        started = True
+        for ref in refs:
+            try:
+                reply: dict[str, Any] = ray.get(ref, timeout=self._ping_timeout_s)
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
+                continue  # busy, or being restarted by Ray: look again next round
+            except ray.exceptions.RayActorError:
+                return None
+            started = started and bool(reply["started"])
+        return started
