@@ -139,19 +139,63 @@ def _add_serve(sub: Any) -> None:
         default=None,
         help="KV blocks per instance (default: from memory)",
     )
+    serve.add_argument(
+        "--plan",
+        default=None,
+        metavar="PLAN.json",
+        help="launch a `baton plan --out` file: its instance counts and TP/PP layouts "
+        "(overrides --prefill/--decode)",
+    )
     serve.set_defaults(func=_cmd_serve)
+
+
+def plan_deployment(path: str) -> dict[str, Any]:
+    """``Cluster`` arguments for a plan file: instance counts and one layout per role."""
+    from pathlib import Path
+
+    from cluster.planner.plan import Plan
+
+    if not Path(path).is_file():
+        raise ValueError(f"plan: no such file: {path!r}")
+    plan = Plan.from_json(Path(path).read_text())
+    layouts: dict[str, set[tuple[int, int]]] = {}
+    for inst in plan.instances:
+        layouts.setdefault(inst.role, set()).add((inst.tp, inst.pp))
+    if "colocated" in layouts and len(layouts) > 1:
+        raise ValueError("plan: colocated instances cannot be mixed with prefill/decode ones")
+    for role, found in layouts.items():
+        if len(found) > 1:
+            shown = ", ".join(f"tp{tp}pp{pp}" for tp, pp in sorted(found))
+            raise ValueError(f"plan: {role} instances must share one layout, got {shown}")
+    count = {role: sum(i.role == role for i in plan.instances) for role in layouts}
+    if "colocated" in layouts:
+        (layout,) = layouts["colocated"]
+        return {"mode": "colocated", "prefill": 0, "decode": count["colocated"],
+                "decode_parallel": layout}  # fmt: skip
+    if set(layouts) != {"prefill", "decode"}:
+        raise ValueError("plan: needs at least one prefill and one decode instance")
+    ((p_layout,), (d_layout,)) = layouts["prefill"], layouts["decode"]
+    return {"mode": "disaggregated", "prefill": count["prefill"], "decode": count["decode"],
+            "prefill_parallel": p_layout, "decode_parallel": d_layout}  # fmt: skip
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from router.server import ServeConfig, run
 
-    options = {} if args.num_kv_blocks is None else {"num_kv_blocks": args.num_kv_blocks}
+    options: dict[str, Any] = {}
+    if args.num_kv_blocks is not None:
+        options["num_kv_blocks"] = args.num_kv_blocks
+    deployment = {"prefill": args.prefill, "decode": args.decode, "mode": args.mode}
+    if args.plan is not None:
+        planned = plan_deployment(args.plan)
+        deployment = {k: planned.pop(k) for k in ("prefill", "decode", "mode")}
+        options.update(planned)
     config = ServeConfig(
         model=args.model,
-        prefill=args.prefill,
-        decode=args.decode,
+        prefill=deployment["prefill"],
+        decode=deployment["decode"],
         transport=args.transport,
-        mode=args.mode,
+        mode=deployment["mode"],
         address=args.address,
         host=args.host,
         grpc_port=args.grpc_port,

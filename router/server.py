@@ -104,10 +104,15 @@ def run(config: ServeConfig, out: TextIO = sys.stdout) -> int:
     """The blocking entry point of `baton serve`."""
 
     def ready(endpoints: Endpoints) -> None:
+        def layout(role: str) -> str:
+            tp, pp = config.cluster_options.get(f"{role}_parallel", (1, 1))
+            return "" if (tp, pp) == (1, 1) else f" (tp{tp} pp{pp})"
+
         mode = (
-            f"{config.prefill} prefill + {config.decode} decode over {config.transport}"
+            f"{config.prefill} prefill{layout('prefill')} + {config.decode} decode"
+            f"{layout('decode')} over {config.transport}"
             if config.mode == "disaggregated"
-            else f"{config.prefill + config.decode} colocated"
+            else f"{config.prefill + config.decode} colocated{layout('decode')}"
         )
         print(
             f"baton serve: ready ({mode})\n"

@@ -139,3 +139,39 @@ def test_plan_bad_slo_is_one_line_error(capsys: pytest.CaptureFixture[str]) -> N
     assert cli.main(argv) == cli.EXIT_USAGE
     err = capsys.readouterr().err
     assert err.startswith("error: ttft") and "Traceback" not in err
+
+
+def _plan_file(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> tuple[Any, dict[str, Any]]:
+    out = tmp_path / "plan.json"
+    assert cli.main([*PLAN_ARGS, "--out", str(out)]) == 0
+    capsys.readouterr()
+    return out, json.loads(out.read_text())
+
+
+def test_serve_plan_takes_counts_and_layouts_from_the_plan(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, plan = _plan_file(tmp_path, capsys)
+    got = cli.plan_deployment(str(path))
+    roles = [i["role"] for i in plan["instances"]]
+    assert got["mode"] == "disaggregated"
+    assert (got["prefill"], got["decode"]) == (roles.count("prefill"), roles.count("decode"))
+    first = {i["role"]: (i["tp"], i["pp"]) for i in plan["instances"]}
+    assert (got["prefill_parallel"], got["decode_parallel"]) == (first["prefill"], first["decode"])
+
+
+def test_serve_plan_refuses_two_layouts_in_one_role(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, plan = _plan_file(tmp_path, capsys)
+    decode = next(i for i in plan["instances"] if i["role"] == "decode")
+    other = 2 if decode["tp"] == 1 else 1
+    gpus = list(range(8 - other, 8))  # the node's last GPUs, free in this small plan
+    plan["instances"].append(
+        {**decode, "tp": other, "pp": 1, "stages": [{"node": 0, "gpus": gpus}]}
+    )
+    path.write_text(json.dumps(plan))
+    with pytest.raises(ValueError, match="^plan: decode instances must share one layout"):
+        cli.plan_deployment(str(path))
+    assert cli.main(["serve", "--plan", str(tmp_path / "nope.json")]) == cli.EXIT_USAGE
+    assert capsys.readouterr().err.startswith("error: plan: no such file")
