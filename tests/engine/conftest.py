@@ -1,4 +1,6 @@
-"""Engine test fixtures: engines are built once per session and checked after every test.
+"""Engine test fixtures: engines are built once for the engine tests and checked after
+every test; they are dropped when the engine tests end (each SmolLM2 engine holds a 2 GiB
+KV cache, and the cluster and serving tests after them start several more processes).
 
 Every engine a test used must end the test with nothing running and every KV block
 free again (cached prefix blocks count as free: they are evictable).
@@ -6,6 +8,7 @@ free again (cached prefix blocks count as free: they are evictable).
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,12 +26,19 @@ def get_llm(model: str | None = None, **kwargs: Any) -> LLM:
     return _ENGINES[key]
 
 
+@pytest.fixture(scope="package", autouse=True)
+def _drop_engines() -> Iterator[None]:
+    yield
+    _ENGINES.clear()
+    gc.collect()
+
+
 @pytest.fixture
 def make_llm() -> Callable[..., LLM]:
     return get_llm
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def smollm() -> LLM:
     return get_llm(None)
 
