@@ -26,11 +26,12 @@ import asyncio
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bench import serving
 from cluster.planner.cluster_spec import SLOs
-from cluster.planner.latency import LatencyProfile, ProfileSet, load_profiles
+from cluster.planner.latency import LatencyProfile, load_profiles
+from cluster.planner.model_spec import PRESETS
 from cluster.planner.simulator import SimConfig, SimInstance, SimResult, simulate
 from cluster.profiler import ProfileGrid
 
@@ -78,8 +79,8 @@ def measure_profile() -> LatencyProfile:
 
 
 def kv_bytes_per_token() -> int:
-    """SmolLM2-135M in fp32: layers x (K and V) x KV heads x head_dim x 4 bytes."""
-    return 30 * 2 * 3 * 64 * 4
+    """The default model's KV per token as the instances hold it here: fp32 on CPU."""
+    return replace(PRESETS["smollm2-135m"], bytes_per_param=4).kv_bytes_per_token
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ def run_mode(
     )  # fmt: skip
     requests = serving.make_requests(bench_args)
     lengths = [(len(r.prompt_ids), r.output_len) for r in requests]
-    proc = serving._launch(bench_args)
+    proc = serving.launch_server(bench_args)
     try:
         return asyncio.run(_rates(mode, profile, args, slos, bench_args, requests, lengths))
     finally:
@@ -150,7 +151,7 @@ async def _rates(
     bench_args: argparse.Namespace, requests: list[serving.Request],
     lengths: list[tuple[int, int]],
 ) -> list[Case]:  # fmt: skip
-    model = await asyncio.to_thread(serving._server_model, bench_args.base_url)
+    model = await asyncio.to_thread(serving.server_model, bench_args.base_url)
     await serving.run_rate(bench_args, requests[:4], math.inf, model)  # warm-up
     cases = []
     for rate in (float(x) for x in args.rates.split(",")):
@@ -181,6 +182,18 @@ def goodput(cases: list[Case], target: float, measured: bool) -> float:
     return max(ok, default=0.0)
 
 
+def goodputs(cases: list[Case], target: float) -> dict[str, dict[str, float]]:
+    """Per deployment, in the order tried: measured and predicted goodput."""
+    out = {}
+    for mode in dict.fromkeys(c.mode for c in cases):
+        mine = [c for c in cases if c.mode == mode]
+        out[mode] = {
+            "measured": goodput(mine, target, True),
+            "predicted": goodput(mine, target, False),
+        }
+    return out
+
+
 def format_markdown(cases: list[Case], target: float) -> str:
     lines = [
         "| deployment | rate (req/s) | attainment measured | predicted | gap (points) "
@@ -195,11 +208,8 @@ def format_markdown(cases: list[Case], target: float) -> str:
         )
     lines += ["", f"| deployment | goodput at {target:.0%} measured (req/s) | predicted |",
               "|---|---:|---:|"]  # fmt: skip
-    for mode in dict.fromkeys(c.mode for c in cases):
-        mine = [c for c in cases if c.mode == mode]
-        lines.append(
-            f"| {mode} | {goodput(mine, target, True):g} | {goodput(mine, target, False):g} |"
-        )
+    for mode, g in goodputs(cases, target).items():
+        lines.append(f"| {mode} | {g['measured']:g} | {g['predicted']:g} |")
     worst = max(c.gap_points for c in cases)
     within = sum(c.gap_points <= TARGET_POINTS for c in cases)
     lines += ["", f"{within} of {len(cases)} cases within {TARGET_POINTS:.0f} points "
@@ -218,15 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_out:
         out = {
             "config": vars(args),
-            "profile": ProfileSet({(1, 1): profile}).profiles[(1, 1)].to_dict(),
+            "profile": profile.to_dict(),
             "cases": [{**c.__dict__, "gap_points": c.gap_points} for c in cases],
-            "goodput": {
-                m: {
-                    "measured": goodput([c for c in cases if c.mode == m], args.attainment, True),
-                    "predicted": goodput([c for c in cases if c.mode == m], args.attainment, False),
-                }
-                for m in dict.fromkeys(c.mode for c in cases)
-            },
+            "goodput": goodputs(cases, args.attainment),
         }
         with open(args.json_out, "w") as f:
             json.dump(out, f, indent=2)

@@ -347,7 +347,7 @@ def plot(runs: Sequence[dict[str, Any]], path: str, title: str) -> None:
 # -- main ------------------------------------------------------------------------------------
 
 
-def _server_model(base_url: str) -> str:
+def server_model(base_url: str) -> str:
     import urllib.request
 
     with urllib.request.urlopen(f"{base_url}/v1/models", timeout=30) as resp:
@@ -355,7 +355,7 @@ def _server_model(base_url: str) -> str:
     return str(data["data"][0]["id"])
 
 
-def _launch(args: argparse.Namespace) -> subprocess.Popen[str]:
+def launch_server(args: argparse.Namespace) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "cluster.cli", "serve", *args.serve_args.split()]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
@@ -367,7 +367,7 @@ def _launch(args: argparse.Namespace) -> subprocess.Popen[str]:
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
-    model = args.model or await asyncio.to_thread(_server_model, args.base_url)
+    model = args.model or await asyncio.to_thread(server_model, args.base_url)
     requests = make_requests(args)
     # Untimed: the first requests pay for connections and first-use kernel builds.
     await run_rate(args, requests[:WARMUP_REQUESTS], float("inf"), model)
@@ -389,7 +389,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    proc = _launch(args) if args.launch else None
+    proc = launch_server(args) if args.launch else None
     try:
         out = asyncio.run(_run(args))
     finally:

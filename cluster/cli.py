@@ -208,16 +208,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return run(config)
 
 
+def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling flags, for the engine's SamplingParams and the SDK's alike."""
+    names = ("max_tokens", "temperature", "top_p", "top_k", "seed")
+    return {name: getattr(args, name) for name in names}
+
+
 def _sampling_params(args: argparse.Namespace) -> Any:
     from engine import SamplingParams
 
-    return SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-    )
+    return SamplingParams(**_sampling_kwargs(args))
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -242,13 +242,7 @@ def _generate_remote(args: argparse.Namespace) -> int:
     import baton
     from baton import errors
 
-    params = baton.SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-    )
+    params = baton.SamplingParams(**_sampling_kwargs(args))
     messages = [{"role": "user", "content": args.prompt}]
     try:
         with baton.Client(args.target, api_key=args.api_key) as client:

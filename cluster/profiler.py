@@ -84,6 +84,14 @@ QUICK_GRID = ProfileGrid(
 )
 
 
+def decode_max_tokens(batch: int, context: int, steps: int, budget: int) -> int:
+    """Output tokens a timed decode request asks for: a batch whose prompts span several
+    steps (``budget`` tokens each) is prefilled in chunks, and the requests done first
+    decode meanwhile, so each must outlast that and then the ``steps`` timed steps."""
+    prefill_steps = -(-batch * context // budget)
+    return steps + prefill_steps + 2
+
+
 class EngineProfiler:
     """Times prefill batches and decode steps on one engine (any ``LLMEngine``)."""
 
@@ -121,11 +129,9 @@ class EngineProfiler:
 
     def decode_ms(self, batch: int, context: int, steps: int) -> list[DecodeSample]:
         """``steps`` timed decode steps over ``batch`` requests of ``context`` tokens."""
-        # A batch whose prompts span several steps is prefilled in chunks; the requests
-        # done first decode meanwhile, so each asks for enough tokens to outlast that.
         budget = self.engine.scheduler.config.max_num_batched_tokens
-        ahead = -(-batch * context // budget) + 1
-        ids = [self._add(context, max_tokens=steps + ahead + 1) for _ in range(batch)]
+        max_tokens = decode_max_tokens(batch, context, steps, budget)
+        ids = [self._add(context, max_tokens=max_tokens) for _ in range(batch)]
         started: set[str] = set()
         while len(started) < batch:  # prefill, untimed
             started.update(o.request_id for o in self.engine.step() if o.new_token_ids)
@@ -176,10 +182,8 @@ def build_engine(model: str | None, grid: ProfileGrid, dtype: str = "auto") -> A
 
     block = 16
     budget = max(grid.max_batch_tokens, max(grid.decode_batches))
-    # Per request: its prompt, the tokens it decodes while the batch is still prefilling
-    # (see decode_ms), the timed steps; in whole blocks.
-    blocks = max(
-        b * (-(-(c + -(-b * c // budget) + grid.decode_steps + 2) // block))
+    blocks = max(  # per request: its prompt and every token it may decode, in whole blocks
+        b * -(-(c + decode_max_tokens(b, c, grid.decode_steps, budget)) // block)
         for b, c in grid.decode_shapes()
     )
     config = EngineConfig(

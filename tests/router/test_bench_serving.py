@@ -20,8 +20,9 @@ from tests.router.servers import HttpServerThread, ServerThread, wait_cluster_id
 
 @pytest.fixture(scope="module")
 def servers(cluster: Cluster) -> Iterator[tuple[HttpServerThread, ServerThread]]:
-    router = Router(cluster, metrics=RouterMetrics())
-    http, grpc = HttpServerThread(router, metrics=RouterMetrics()), ServerThread(router)
+    metrics = RouterMetrics()  # one: the router records into what /metrics renders
+    router = Router(cluster, metrics=metrics)
+    http, grpc = HttpServerThread(router, metrics=metrics), ServerThread(router)
     yield http, grpc
     http.stop()
     grpc.stop()
