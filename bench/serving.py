@@ -6,7 +6,9 @@ gamma process (burstiness below 1 is burstier, above 1 steadier) at each rate of
 ``--request-rate``. Prompts are token ids with ShareGPT-like lengths (lognormal around
 ``--input-len``/``--output-len`` with ``--length-cv``), or the prompt/output token counts
 of a JSONL dataset (``{"prompt_tokens": N, "output_tokens": M}`` per line). Every request
-asks for exactly its output length (``ignore_eos``).
+asks for exactly its output length (``ignore_eos``). No prompt is sent twice: the warm-up
+and every rate after the first get new token ids of the same lengths, so the prefix cache
+helps none of them.
 
 Per rate: TTFT, TPOT, ITL and E2EL (mean, median, p90, p99), request and token
 throughput, SLO attainment (DistServe's definition: a request counts when it meets both
@@ -118,9 +120,20 @@ def make_requests(args: argparse.Namespace, max_len: int = 2048) -> list[Request
             rows = [json.loads(line) for line in f if line.strip()]
         sizes = [(int(r["prompt_tokens"]), int(r["output_tokens"])) for r in rows]
         sizes = sizes[: args.num_prompts]
+    return [Request(_random_ids(rng, n), m) for n, m in sizes]
+
+
+def _random_ids(rng: random.Random, n: int) -> list[int]:
     # Token ids of ordinary words in most vocabularies; the content does not matter
     # because every request generates exactly its output length.
-    return [Request([rng.randrange(1000, 20000) for _ in range(n)], m) for n, m in sizes]
+    return [rng.randrange(1000, 20000) for _ in range(n)]
+
+
+def fresh_prompts(requests: Sequence[Request], seed: int) -> list[Request]:
+    """The same lengths with new token ids: a workload sent again (another rate, a
+    warm-up) must not find its prompts in the instances' prefix caches."""
+    rng = random.Random(f"fresh-{seed}")
+    return [Request(_random_ids(rng, len(r.prompt_ids)), r.output_len) for r in requests]
 
 
 def arrival_gaps(n: int, rate: float, burstiness: float, seed: int) -> list[float]:
@@ -370,11 +383,14 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     model = args.model or await asyncio.to_thread(server_model, args.base_url)
     requests = make_requests(args)
     # Untimed: the first requests pay for connections and first-use kernel builds.
-    await run_rate(args, requests[:WARMUP_REQUESTS], float("inf"), model)
+    warmup = fresh_prompts(requests[:WARMUP_REQUESTS], args.seed)
+    await run_rate(args, warmup, float("inf"), model)
     runs = []
-    for text in args.request_rate.split(","):
+    for i, text in enumerate(args.request_rate.split(",")):
         rate = float(text)
-        results, duration = await run_rate(args, requests, rate, model)
+        # Each rate's prompts are new to the server, so no rate is helped by the cache.
+        sent = requests if i == 0 else fresh_prompts(requests, args.seed + i)
+        results, duration = await run_rate(args, sent, rate, model)
         summary = summarize(results, duration, args.ttft_slo, args.tpot_slo)
         runs.append({"rate": rate, **summary})
     out: dict[str, Any] = {

@@ -77,3 +77,17 @@ def test_percentiles_are_nearest_rank() -> None:
     p = serving._percentiles([float(x) for x in range(1, 101)])
     assert (p["median"], p["p90"], p["p99"], p["mean"]) == (50.5, 90.0, 99.0, 50.5)
     assert all(math.isnan(v) for v in serving._percentiles([]).values())
+
+
+def test_fresh_prompts_keep_the_lengths_and_share_no_prefix() -> None:
+    reqs = serving.make_requests(_args(num_prompts=20, input_len=64, output_len=8, seed=1))
+    again = serving.fresh_prompts(reqs, seed=2)
+    assert [(len(r.prompt_ids), r.output_len) for r in again] == [
+        (len(r.prompt_ids), r.output_len) for r in reqs
+    ]
+    first_blocks = {tuple(r.prompt_ids[:16]) for r in reqs}
+    assert not first_blocks & {tuple(r.prompt_ids[:16]) for r in again}
+    assert [r.prompt_ids for r in serving.fresh_prompts(reqs, seed=2)] == [
+        r.prompt_ids for r in again
+    ]
+    assert serving.fresh_prompts(reqs, seed=3)[0].prompt_ids != again[0].prompt_ids
