@@ -10,6 +10,11 @@ takes ``1/pp`` of it) costs, in milliseconds:
   another from it up, because small batches are bound by reading the weights and large
   ones by compute.
 
+Prefill may have a second set too (``prefill_large``, for batches of ``prefill_threshold``
+prompt tokens and more): DistServe's GPUs do not need one, but on a CPU the cost per token
+rises by a fifth once a batch's activations outgrow the cache, which one set of three
+coefficients cannot follow. :func:`fit_profile` splits only where that fits much better.
+
 Coefficients come from three places: :func:`fit_profile` on measured samples (what a
 ``baton profile`` sweep of the engine will produce), DistServe's own profiler JSON
 (:func:`from_distserve`, read as is), or :mod:`cluster.planner.analytic` (datasheet FLOPs
@@ -21,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +58,8 @@ class LatencyProfile:
     decode_small: Coeffs  # a + b*sum(ctx) + c*batch, for batch < decode_threshold
     decode_large: Coeffs  # the same form, for batch >= decode_threshold
     decode_threshold: int = DISTSERVE_DEFAULT_THRESHOLD
+    prefill_large: Coeffs | None = None  # the prefill form for batches from the threshold up
+    prefill_threshold: int | None = None  # prompt tokens in the batch
 
     def __post_init__(self) -> None:
         positive_int(self.tp, "tp")
@@ -60,14 +67,29 @@ class LatencyProfile:
         positive_int(self.decode_threshold, "decode_threshold")
         for name in ("prefill", "decode_small", "decode_large"):
             object.__setattr__(self, name, _coeffs(getattr(self, name), name))
+        require(
+            (self.prefill_large is None) == (self.prefill_threshold is None),
+            "prefill_threshold",
+            "prefill_large and prefill_threshold go together",
+        )
+        if self.prefill_large is not None and self.prefill_threshold is not None:
+            object.__setattr__(self, "prefill_large", _coeffs(self.prefill_large, "prefill_large"))
+            positive_int(self.prefill_threshold, "prefill_threshold")
 
     @property
     def layout(self) -> Layout:
         return (self.tp, self.pp)
 
+    def prefill_coeffs(self, sum_tokens: float) -> Coeffs:
+        """The prefill coefficients for a batch of ``sum_tokens`` prompt tokens."""
+        large = self.prefill_large
+        if large is not None and sum_tokens >= (self.prefill_threshold or 0):
+            return large
+        return self.prefill
+
     def prefill_ms(self, sum_tokens: float, sum_sq_tokens: float) -> float:
         """One prefill pass over prompts totalling ``sum_tokens`` (sum of squares given)."""
-        a, b, c = self.prefill
+        a, b, c = self.prefill_coeffs(sum_tokens)
         return max(MIN_STEP_MS, a + b * sum_tokens + c * sum_sq_tokens)
 
     def decode_ms(self, batch: int, sum_context: float) -> float:
@@ -83,12 +105,12 @@ class LatencyProfile:
         if sum_tokens == 0:
             return self.decode_ms(batch, sum_context)
         a_decode = (self.decode_small if batch < self.decode_threshold else self.decode_large)[0]
-        shared = min(self.prefill[0], a_decode)
+        shared = min(self.prefill_coeffs(sum_tokens)[0], a_decode)
         total = self.prefill_ms(sum_tokens, sum_sq) + self.decode_ms(batch, sum_context)
         return max(MIN_STEP_MS, total - shared)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "tp": self.tp,
             "pp": self.pp,
             "prefill": list(self.prefill),
@@ -96,6 +118,10 @@ class LatencyProfile:
             "decode_large": list(self.decode_large),
             "decode_threshold": self.decode_threshold,
         }
+        if self.prefill_large is not None:
+            out["prefill_large"] = list(self.prefill_large)
+            out["prefill_threshold"] = self.prefill_threshold
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LatencyProfile:
@@ -111,6 +137,8 @@ class LatencyProfile:
             decode_small=data["decode_small"],
             decode_large=data["decode_large"],
             decode_threshold=data.get("decode_threshold", DISTSERVE_DEFAULT_THRESHOLD),
+            prefill_large=data.get("prefill_large"),
+            prefill_threshold=data.get("prefill_threshold"),
         )
 
 
@@ -138,9 +166,7 @@ class ProfileSet:
         known = ", ".join(f"tp={t} pp={p}" for t, p in sorted(self.profiles)) or "none"
         require(base is not None, "layout", f"no profile for tp={tp} pp={pp} (have {known})")
         assert base is not None
-        return LatencyProfile(
-            tp, pp, base.prefill, base.decode_small, base.decode_large, base.decode_threshold
-        )
+        return replace(base, tp=tp, pp=pp)
 
     def layouts(self) -> list[Layout]:
         return sorted(self.profiles)
@@ -308,6 +334,45 @@ def _best_threshold(samples: Sequence[DecodeSample]) -> int | None:
     return None if best is None else best[1]
 
 
+# A prefill split is kept only where one set misses by more than this RMS relative error
+# and two sets at least halve the squared error, each fitted to this many batches or more.
+PREFILL_SPLIT_MIN_RMS = 0.03
+PREFILL_SPLIT_GAIN = 0.5
+PREFILL_SPLIT_MIN_SAMPLES = 4
+
+
+def _prefill_rows(samples: Iterable[PrefillSample]) -> tuple[list[Coeffs], list[float]]:
+    rows = [(1.0, float(sum(ls)), float(sum(x * x for x in ls))) for ls, _ in samples]
+    return rows, [float(ms) for _, ms in samples]
+
+
+def _fit_prefill(samples: Sequence[PrefillSample]) -> tuple[Coeffs, Coeffs | None, int | None]:
+    """(coefficients, large-batch coefficients, threshold in batch tokens): one set, or the
+    split by total prompt tokens with the least error where it beats one set clearly."""
+    rows, ys = _prefill_rows(samples)
+    single = fit_relative(rows, ys, "prefill_samples")
+    single_sse = _relative_sse(single, rows, ys)
+    if math.sqrt(single_sse / len(ys)) <= PREFILL_SPLIT_MIN_RMS:
+        return single, None, None
+    best: tuple[float, Coeffs, Coeffs, int] | None = None
+    for t in sorted({sum(ls) for ls, _ in samples}):
+        parts = ([x for x in samples if sum(x[0]) < t], [x for x in samples if sum(x[0]) >= t])
+        if min(len(p) for p in parts) < PREFILL_SPLIT_MIN_SAMPLES:
+            continue
+        try:
+            lo, hi = (fit_relative(*_prefill_rows(p), "prefill_samples") for p in parts)
+        except ValueError:  # one side's shapes are collinear
+            continue
+        sse = _relative_sse(lo, *_prefill_rows(parts[0])) + _relative_sse(
+            hi, *_prefill_rows(parts[1])
+        )
+        if sse <= PREFILL_SPLIT_GAIN * single_sse and (best is None or sse < best[0]):
+            best = (sse, lo, hi, t)
+    if best is None:
+        return single, None, None
+    return best[1], best[2], best[3]
+
+
 def fit_profile(
     prefill_samples: Sequence[PrefillSample],
     decode_samples: Sequence[DecodeSample],
@@ -318,19 +383,23 @@ def fit_profile(
     """A profile from measured batches (what ``baton profile`` will call).
 
     ``decode_threshold=None`` picks the split batch size that fits best; with too few batch
-    shapes to split, both decode sets are the same single fit.
+    shapes to split, both decode sets are the same single fit. Prefill gets a second set
+    only where one misses clearly (see ``PREFILL_SPLIT_*``).
     """
-    rows = [(1.0, float(sum(ls)), float(sum(x * x for x in ls))) for ls, _ in prefill_samples]
-    prefill = fit_relative(rows, [float(ms) for _, ms in prefill_samples], "prefill_samples")
+    prefill, prefill_large, prefill_threshold = _fit_prefill(prefill_samples)
     threshold = (
         decode_threshold if decode_threshold is not None else _best_threshold(decode_samples)
     )
     if threshold is None:
         single = fit_relative(*_decode_rows(decode_samples), "decode_samples")
         top = max((len(ctx) for ctx, _ in decode_samples), default=1)
-        return LatencyProfile(tp, pp, prefill, single, single, top + 1)
+        return LatencyProfile(
+            tp, pp, prefill, single, single, top + 1, prefill_large, prefill_threshold
+        )
     lo = [s for s in decode_samples if len(s[0]) < threshold]
     hi = [s for s in decode_samples if len(s[0]) >= threshold]
     small = fit_relative(*_decode_rows(lo), "decode_samples (batch < threshold)")
     large = fit_relative(*_decode_rows(hi), "decode_samples (batch >= threshold)")
-    return LatencyProfile(tp, pp, prefill, small, large, threshold)
+    return LatencyProfile(
+        tp, pp, prefill, small, large, threshold, prefill_large, prefill_threshold
+    )

@@ -225,3 +225,48 @@ def test_bad_profile_files(tmp_path: Path) -> None:
         load_profiles(path)
     with pytest.raises(ValueError, match="^profile: no such file"):
         load_profiles(tmp_path / "missing.json")
+
+
+# Prefill on a CPU: per-token cost a fifth higher from 1024 batch tokens up.
+CPU_SMALL = (60.0, 1.5, 2e-4)
+CPU_LARGE = (40.0, 1.8, 2e-4)
+
+
+def _cpu_prefill(lengths: list[int]) -> float:
+    a, b, c = CPU_LARGE if sum(lengths) >= 1024 else CPU_SMALL
+    return a + b * sum(lengths) + c * sum(x * x for x in lengths)
+
+
+def _cpu_samples() -> list[tuple[list[int], float]]:
+    shapes = [(b, n) for n in (64, 128, 256, 512, 768, 1024) for b in (1, 2, 4) if b * n <= 2048]
+    return [([n] * b, _cpu_prefill([n] * b)) for b, n in shapes]
+
+
+def test_fit_splits_prefill_where_one_set_cannot_follow_the_cost() -> None:
+    _, decode = _samples(seed=1)
+    prof = fit_profile(_cpu_samples(), decode)
+    assert prof.prefill_threshold == 1024
+    assert prof.prefill == pytest.approx(CPU_SMALL, rel=1e-6)
+    assert prof.prefill_large == pytest.approx(CPU_LARGE, rel=1e-6)
+    assert prof.prefill_ms(1023, 1023**2) == pytest.approx(_cpu_prefill([1023]))
+    assert prof.prefill_ms(2048, 2 * 1024**2) == pytest.approx(_cpu_prefill([1024, 1024]))
+    # One set fits DistServe's form exactly: no split.
+    prefill, _ = _samples(seed=1)
+    assert fit_profile(prefill, decode).prefill_large is None
+
+
+def test_a_split_prefill_survives_json_and_borrowing(tmp_path: Path) -> None:
+    prof = LatencyProfile(1, 1, CPU_SMALL, SMALL, LARGE, THRESHOLD, CPU_LARGE, 1024)
+    path = tmp_path / "profiles.json"
+    save_profiles(ProfileSet({(1, 1): prof}), path)
+    assert load_profiles(path).get(1, 1) == prof
+    borrowed = ProfileSet({(1, 1): prof}).get(1, 2)
+    assert (borrowed.pp, borrowed.prefill_large, borrowed.prefill_threshold) == (2, CPU_LARGE, 1024)
+    # the mixed step's shared fixed part is the large set's, past the threshold
+    assert prof.mixed_ms(2048, 2 * 1024**2, 4, 4000) == pytest.approx(
+        prof.prefill_ms(2048, 2 * 1024**2) + prof.decode_ms(4, 4000) - 15.0
+    )
+    with pytest.raises(ValueError, match="^prefill_threshold: prefill_large and"):
+        LatencyProfile(1, 1, CPU_SMALL, SMALL, LARGE, THRESHOLD, CPU_LARGE)
+    with pytest.raises(ValueError, match="^prefill_threshold: must be"):
+        LatencyProfile(1, 1, CPU_SMALL, SMALL, LARGE, THRESHOLD, CPU_LARGE, 0)
