@@ -5,9 +5,11 @@ policy objects that keep the state a policy needs (an affinity table, a cursor).
 - Prefill: fewest queued prompt tokens, with prefix-cache affinity: a prompt whose first
   block was last sent to instance X goes to X again (its blocks are likely still cached
   there) unless X is more than ``max_imbalance_tokens`` behind the least loaded one.
-- Decode: most free KV blocks, then fewest running. Free blocks are polled (a moment
-  old) and coarse, so instances within ``block_granularity`` of each other count as
-  equal and the live count of requests routed to each decides.
+- Decode: the fewest requests routed to it and not finished, among the instances whose
+  KV cache has room (free blocks above ``reserve_fraction`` of it); the most free blocks
+  when none has. The live count comes first because free blocks are polled, a moment
+  old: by them alone a burst would all go to the instance that looked emptiest. And
+  while memory is plentiful, what slows a decode step is the batch it runs.
 - Round-robin, as an option, for both.
 """
 
@@ -35,16 +37,18 @@ def pick_prefill(
     return least.name
 
 
-def pick_decode(loads: Sequence[InstanceLoad], block_granularity: float = 0.1) -> str:
-    """Most free KV blocks (in steps of ``block_granularity`` of the cache), then fewest
-    running, then fewest requests routed to it and not finished."""
+def pick_decode(loads: Sequence[InstanceLoad], reserve_fraction: float = 0.1) -> str:
+    """With room (free blocks above ``reserve_fraction`` of the cache): the fewest active
+    requests, then the most free blocks, then the fewest running. Without: the most free
+    blocks."""
     decode = [x for x in loads if x.role != "prefill"]
     if not decode:
         raise ValueError("instances: no decode instance to choose from")
 
-    def key(x: InstanceLoad) -> tuple[int, int, int]:
-        step = max(1, int(x.total_blocks * block_granularity))
-        return (-(x.free_blocks // step), x.running, x.active)
+    def key(x: InstanceLoad) -> tuple[int, int, int, int]:
+        if x.free_blocks > x.total_blocks * reserve_fraction:
+            return (0, x.active, -x.free_blocks, x.running)
+        return (1, -x.free_blocks, x.active, x.running)
 
     return min(decode, key=key).name
 

@@ -32,11 +32,16 @@ def test_prefill_goes_to_the_fewest_queued_tokens_unless_affinity_is_close_enoug
     assert pick_prefill(loads, preferred="gone") == "b"
 
 
-def test_decode_prefers_free_blocks_then_fewest_running() -> None:
-    assert pick_decode([d("x", 40), d("y", 90)]) == "y"
-    # 85 and 89 free blocks fall in the same 10-block step, so the running count decides.
-    assert pick_decode([d("x", 89, running=5), d("y", 85, running=2)]) == "y"
-    assert pick_decode([d("x", 85, running=2, active=3), d("y", 85, running=2, active=1)]) == "y"
+def test_decode_prefers_the_fewest_active_requests_among_instances_with_room() -> None:
+    # The live count decides while both have room, whatever the (polled) free blocks say.
+    assert pick_decode([d("x", 90, active=2), d("y", 40, active=1)]) == "y"
+    assert pick_decode([d("x", 40, active=1), d("y", 90, active=1)]) == "y"
+    assert pick_decode([d("x", 85, running=2), d("y", 85, running=1)]) == "y"
+    # An instance at its reserve (10 of 100 blocks) is passed over, however idle.
+    assert pick_decode([d("x", 10, active=0), d("y", 60, active=5)]) == "y"
+    # Nowhere has room: the most free blocks.
+    assert pick_decode([d("x", 10, active=0), d("y", 5, active=0)]) == "x"
+    assert pick_decode([d("x", 40), d("y", 40)], reserve_fraction=0.5) == "x"
     with pytest.raises(ValueError, match="instances"):
         pick_decode([p("a", 0)])
 
