@@ -4,9 +4,12 @@ A request's life in the simulator, disaggregated:
 
 1. It arrives and joins a prefill instance's ``queue``. When the instance's first PP stage
    is free, it takes a batch from the head of the queue, up to ``token_budget`` prompt
-   tokens (always at least one request). The batch walks the stages; each stage takes
-   ``1/pp`` of the profile's pipeline latency and starts as soon as it is free, so up to
-   ``pp`` batches are in flight. When the last stage is done the first token exists: TTFT.
+   tokens. With ``chunking`` (the engine's chunked prefill) the last prompt taken may be
+   cut to fill the budget and goes on in the next batch; without it, whole prompts only
+   (always at least one). The batch walks the stages; each stage takes ``1/pp`` of the
+   profile's pipeline latency and starts as soon as it is free, so up to ``pp`` batches
+   are in flight. When the last stage is done with a prompt's last chunk, its first token
+   exists: TTFT.
 2. The decode instance puts it in ``waiting`` and admits it, first come first served, when
    its KV cache has room for prompt + output tokens (reserved whole, so nothing is ever
    preempted). Its KV cache then moves over the link (``transfer_s``).
@@ -71,23 +74,39 @@ class EventQueue:
 Done = Callable[[SimRequest, float], None]
 
 
+class _Chunking:
+    """A prompt part-way through chunked prefill."""
+
+    __slots__ = ("req", "done")
+
+    def __init__(self, req: SimRequest) -> None:
+        self.req = req
+        self.done = 0  # prompt tokens prefilled so far
+
+
 class PrefillInstance:
     """Batches prompts under a token budget and pipelines them through ``pp`` stages."""
 
     def __init__(
-        self, events: EventQueue, profile: LatencyProfile, token_budget: int, on_prefilled: Done
+        self,
+        events: EventQueue,
+        profile: LatencyProfile,
+        token_budget: int,
+        on_prefilled: Done,
+        chunking: bool = True,
     ) -> None:
         self.events = events
         self.profile = profile
         self.token_budget = token_budget
         self.on_prefilled = on_prefilled
-        self.queue: deque[SimRequest] = deque()
+        self.chunking = chunking
+        self.queue: deque[_Chunking] = deque()
         self.queued_tokens = 0
         self.stage_free_s = [0.0] * profile.pp
         self._wake_pending = False
 
     def submit(self, req: SimRequest, now: float) -> None:
-        self.queue.append(req)
+        self.queue.append(_Chunking(req))
         self.queued_tokens += req.prompt
         if not self._wake_pending:
             self._start(now)
@@ -103,13 +122,7 @@ class PrefillInstance:
             self._wake_pending = True
             self.events.at(self.stage_free_s[0], self._wake)
             return
-        batch: list[SimRequest] = []
-        tokens = sum_sq = 0
-        while self.queue and (not batch or tokens + self.queue[0].prompt <= self.token_budget):
-            req = self.queue.popleft()
-            batch.append(req)
-            tokens += req.prompt
-            sum_sq += req.prompt * req.prompt
+        batch, tokens, sum_sq = self._take()
         self.queued_tokens -= tokens
         stage_s = self.profile.prefill_ms(tokens, sum_sq) / 1000.0 / self.profile.pp
         t = now
@@ -120,20 +133,31 @@ class PrefillInstance:
         self._wake_pending = True
         self.events.at(self.stage_free_s[0], self._wake)
 
+    def _take(self) -> tuple[list[SimRequest], int, int]:
+        """The next batch from the queue's head: (prompts it completes, tokens, sum of
+        squares, as attention over each prompt so far)."""
+        batch: list[SimRequest] = []
+        tokens = sum_sq = 0
+        budget, queue = self.token_budget, self.queue
+        while queue and budget > 0:
+            entry = queue[0]
+            left = entry.req.prompt - entry.done
+            if left > budget and not self.chunking and tokens:
+                break  # whole prompts only, and this one does not fit beside the others
+            chunk = left if not self.chunking else min(left, budget)
+            tokens += chunk
+            sum_sq += (entry.done + chunk) ** 2 - entry.done**2
+            entry.done += chunk
+            budget -= chunk
+            if entry.done < entry.req.prompt:
+                break  # cut to the budget: it goes on in the next batch
+            batch.append(queue.popleft().req)
+        return batch, tokens, sum_sq
+
     def _finish(self, batch: list[SimRequest], now: float) -> None:
         for req in batch:
             req.first_token_s = now
             self.on_prefilled(req, now)
-
-
-class _Chunking:
-    """A prompt part-way through chunked prefill."""
-
-    __slots__ = ("req", "done")
-
-    def __init__(self, req: SimRequest) -> None:
-        self.req = req
-        self.done = 0  # prompt tokens prefilled so far
 
 
 class Lane:
@@ -251,6 +275,7 @@ class LaneInstance:
         self.waiting: deque[SimRequest] = deque()
         self.waiting_tokens = 0
         self.reserved = 0
+        self.active = 0  # submitted, not finished: the router's live count
 
     @property
     def free_tokens(self) -> int:
@@ -260,6 +285,7 @@ class LaneInstance:
         if req.need > self.kv_capacity:  # can never fit: it fails its SLOs, as in life
             self.on_finished(req, INF)
             return
+        self.active += 1
         self.waiting.append(req)
         self.waiting_tokens += req.need
         self.admit(now)
@@ -289,4 +315,5 @@ class LaneInstance:
 
     def finish(self, req: SimRequest, now: float) -> None:
         self.reserved -= req.need
+        self.active -= 1
         self.on_finished(req, now)

@@ -10,7 +10,9 @@ its TTFT and TPOT. Three shapes, by which roles are present:
 - prefill and decode, or colocated instances: both are scored.
 
 Dispatch is the router's: a new request goes to the prefill instance with the fewest
-queued prompt tokens, a prefilled one to the decode instance with the most free KV tokens.
+queued prompt tokens, a prefilled one to the decode instance with the fewest active
+requests among those with room (free KV above ``RESERVE_FRACTION`` of it), else to the one
+with the most free KV tokens.
 KV moves at NVLink speed over all the smaller side's GPUs when both instances sit on the
 same node(s), else over the node network. Only requests in the middle of the arrival
 sequence count (``warmup_fraction``, ``cooldown_fraction``): the first ones find an empty
@@ -37,6 +39,7 @@ from cluster.planner.latency import LatencyProfile
 from cluster.planner.workload import Lengths
 
 ROLES = ("prefill", "decode", "colocated")
+RESERVE_FRACTION = 0.1  # the router's: below this share of free KV, an instance is full
 LINKS = ("intra", "inter")
 
 
@@ -63,7 +66,8 @@ class SimInstance:
 class SimConfig:
     """Knobs of the simulated engine and network."""
 
-    prefill_token_budget: int = 2048  # prompt tokens per prefill batch (>= one request)
+    prefill_token_budget: int = 2048  # prompt tokens per prefill batch
+    prefill_chunking: bool = True  # cut a prompt to fill the budget (the engine's way)
     chunk_tokens: int = 512  # colocated: tokens per step, decodes included
     kv_bytes_per_token: int = 0  # 0: KV moves instantly
     intra_node_gbps: float = 300.0  # per GPU, NVLink
@@ -142,7 +146,13 @@ class _Run:
         self.events = EventQueue()
         self.specs = list(instances)
         self.prefill = [
-            PrefillInstance(self.events, s.profile, config.prefill_token_budget, self._prefilled)
+            PrefillInstance(
+                self.events,
+                s.profile,
+                config.prefill_token_budget,
+                self._prefilled,
+                config.prefill_chunking,
+            )
             for s in self.specs
             if s.role == "prefill"
         ]
@@ -215,12 +225,7 @@ class _Run:
         self._to_decode(req, now)
 
     def _to_decode(self, req: SimRequest, now: float) -> None:
-        decode = self.decode
-        best = decode[0]
-        for inst in decode:  # the most free KV tokens, the first on a tie
-            if inst.free_tokens > best.free_tokens:
-                best = inst
-        best.submit(req, now)
+        min(self.decode, key=_decode_key).submit(req, now)  # the first on a tie
 
     @staticmethod
     def _finished(req: SimRequest, now: float) -> None:
@@ -260,6 +265,13 @@ def simulate(
         scores_tpot=bool(run.decode),
         window=(lo, hi),
     )
+
+
+def _decode_key(inst: LaneInstance) -> tuple[int, int, int]:
+    """``router.policies.pick_decode``'s order, on the simulator's exact figures."""
+    if inst.free_tokens > inst.kv_capacity * RESERVE_FRACTION:
+        return (0, inst.active, -inst.free_tokens)
+    return (1, -inst.free_tokens, inst.active)
 
 
 def _tpot(req: SimRequest) -> float:

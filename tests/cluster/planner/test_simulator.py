@@ -210,3 +210,50 @@ def test_colocated_and_disaggregated_do_not_mix() -> None:
     decode = SimInstance("decode", _profile((1, 0, 0)), 100)
     with pytest.raises(ValueError, match="^instances: colocated"):
         _run([colo, decode], [(10, 2)])
+
+
+def test_prefill_chunking_fills_the_budget_like_the_engine() -> None:
+    # 1 ms per token, budget 100. A 10-token prompt at 1 ms runs alone until 11 ms; the
+    # 80-token A and B (at 2 and 3 ms) wait. The engine's chunked prefill then runs A and
+    # 20 of B's tokens (100 ms), then B's last 60; whole prompts run A, then B.
+    prof = _profile((0, 1, 0))
+    lengths = [(10, 1), (80, 1), (80, 1)]
+    chunked = _run(
+        [SimInstance("prefill", prof)],
+        lengths,
+        config=SimConfig(prefill_token_budget=100, warmup_fraction=0, cooldown_fraction=0),
+    )
+    assert chunked.ttft_s == pytest.approx((0.010, 0.109, 0.168))
+    whole = _run(
+        [SimInstance("prefill", prof)],
+        lengths,
+        config=SimConfig(
+            prefill_token_budget=100, prefill_chunking=False, warmup_fraction=0,
+            cooldown_fraction=0,
+        ),
+    )  # fmt: skip
+    assert whole.ttft_s == pytest.approx((0.010, 0.089, 0.168))
+
+
+def test_a_prefill_chunk_pays_attention_over_the_prompt_so_far() -> None:
+    # c = 1e-3 ms per token^2: one 100-token prompt in chunks of 60 and 40 costs
+    # 60^2 and then 100^2 - 60^2 of it, as the whole prompt in one step would.
+    prof = _profile((0, 0, 1e-3))
+    one = _run([SimInstance("prefill", prof)], [(100, 1)], config=EVERY)
+    chunked = _run(
+        [SimInstance("prefill", prof)],
+        [(100, 1)],
+        config=SimConfig(prefill_token_budget=60, warmup_fraction=0, cooldown_fraction=0),
+    )
+    assert one.ttft_s == pytest.approx((0.010,))
+    assert chunked.ttft_s == pytest.approx(one.ttft_s)
+
+
+def test_decode_dispatch_follows_the_router_fewest_active_then_most_free() -> None:
+    # Instance x has far more free KV, but it already runs one request: the second goes
+    # to y, as router.policies.pick_decode sends it (the live count first).
+    x = SimInstance("colocated", _profile((10, 0, 0)), kv_capacity_tokens=10_000)
+    y = SimInstance("colocated", _profile((10, 0, 0)), kv_capacity_tokens=1_000)
+    shared = _run([x, y], [(100, 50), (100, 50)], config=EVERY)
+    alone = _run([x], [(100, 50)], config=EVERY)
+    assert shared.tpot_s == pytest.approx((alone.tpot_s[0],) * 2)
