@@ -6,9 +6,10 @@ On this machine, for a prefill-heavy workload with a tight TPOT SLO:
    gets one CPU), fitted into the planner's latency model (or ``--profile FILE``);
 2. for each deployment, 1 prefill + 1 decode instance (``disaggregated``) and 2
    ``colocated`` instances, one CPU each: ``baton serve`` is launched and the serving
-   benchmark's client sends the same requests (lengths and Poisson arrivals) at each
-   rate; the planner's simulator runs the very same requests through the same
-   deployment;
+   benchmark's client sends the same requests (lengths and Poisson arrivals; new token
+   ids per rate, as the simulator has no prefix cache) at each rate; the planner's
+   simulator runs the very same requests through the same deployment, its KV link the
+   speed the warm-up's pulls measured;
 3. per rate, measured and predicted SLO attainment (DistServe's: both TTFT and TPOT met)
    over the same window of requests (the simulator's: the first and last tenth left
    out), and per deployment the goodput at the attainment target: the highest rate
@@ -39,9 +40,10 @@ TARGET_POINTS = 10.0
 GRPC_PORT, HTTP_PORT = 50071, 8071  # away from a default `baton serve`
 BLOCK = 16
 MODES = ("disaggregated", "colocated")
-GRID = ProfileGrid(
-    prefill_lengths=(64, 128, 256, 512, 768),
+GRID = ProfileGrid(  # prefill up to the instances' step budget (2048 tokens)
+    prefill_lengths=(64, 128, 256, 512, 768, 1024),
     prefill_batches=(1, 2, 4),
+    max_batch_tokens=2048,
     decode_batches=(1, 2, 4, 8, 16),
     decode_contexts=(128, 512),
     decode_steps=3,
@@ -61,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tpot-slo", type=float, default=0.1)
     p.add_argument("--attainment", type=float, default=0.9)
     p.add_argument("--num-kv-blocks", type=int, default=1024)
-    p.add_argument("--kv-gbps", type=float, default=2.0, help="KV link (GB/s) in the simulator")
+    p.add_argument(
+        "--kv-gbps", type=float, default=None,
+        help="the KV link (GB/s) in the simulator (default: measured in the warm-up)",
+    )  # fmt: skip
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", default=None)
@@ -93,6 +98,7 @@ class Case:
     predicted_ttft_p90: float
     measured_tpot_p90: float
     predicted_tpot_p90: float
+    kv_gbps: float = 0.0  # the simulated KV link (disaggregated)
 
     @property
     def gap_points(self) -> float:
@@ -106,7 +112,7 @@ def _p90(values: list[float]) -> float:
 
 def predict(
     mode: str, profile: LatencyProfile, args: argparse.Namespace, lengths: list[tuple[int, int]],
-    gaps: list[float], rate: float,
+    gaps: list[float], rate: float, kv_gbps: float = 2.0,
 ) -> SimResult:  # fmt: skip
     capacity = args.num_kv_blocks * BLOCK
     if mode == "disaggregated":
@@ -117,7 +123,7 @@ def predict(
         prefill_token_budget=2048,  # the engine's max_num_batched_tokens
         chunk_tokens=2048,
         kv_bytes_per_token=kv_bytes_per_token(),
-        intra_node_gbps=args.kv_gbps,  # both instances sit on this one "node"
+        intra_node_gbps=kv_gbps,  # both instances sit on this one "node"
     )
     return simulate(instances, lengths, [g * rate for g in gaps], rate, config)
 
@@ -152,12 +158,18 @@ async def _rates(
     lengths: list[tuple[int, int]],
 ) -> list[Case]:  # fmt: skip
     model = await asyncio.to_thread(serving.server_model, bench_args.base_url)
-    await serving.run_rate(bench_args, requests[:4], math.inf, model)  # warm-up
+    warmup = serving.fresh_prompts(requests[:4], args.seed)
+    await serving.run_rate(bench_args, warmup, math.inf, model)
+    kv_gbps = args.kv_gbps or await asyncio.to_thread(_measured_link_gbps, bench_args.grpc_target)
+    if mode == "disaggregated":
+        print(f"{mode}: KV link {kv_gbps:.2f} GB/s", file=sys.stderr)
     cases = []
-    for rate in (float(x) for x in args.rates.split(",")):
+    for i, rate in enumerate(float(x) for x in args.rates.split(",")):
         gaps = serving.arrival_gaps(len(requests), rate, 1.0, args.seed)
-        results, _ = await serving.run_rate(bench_args, requests, rate, model)
-        sim = predict(mode, profile, args, lengths, gaps, rate)
+        # New token ids per rate: the simulator has no prefix cache, so no rate may hit it.
+        sent = requests if i == 0 else serving.fresh_prompts(requests, args.seed + i)
+        results, _ = await serving.run_rate(bench_args, sent, rate, model)
+        sim = predict(mode, profile, args, lengths, gaps, rate, kv_gbps)
         lo, hi = sim.window
         window = results[lo:hi]
         meets = [
@@ -169,11 +181,24 @@ async def _rates(
             _p90([r.ttft for r in window if r.ok]), _p90(list(sim.ttft_s[lo:hi])),
             _p90([t for r in window if r.ok and (t := r.tpot) is not None]),
             _p90([t for t in sim.tpot_s[lo:hi] if t > 0]),
+            kv_gbps if mode == "disaggregated" else 0.0,
         )  # fmt: skip
         print(f"{mode} @ {rate:g}: measured {case.measured:.0%}, predicted "
               f"{case.predicted:.0%}", file=sys.stderr)  # fmt: skip
         cases.append(case)
     return cases
+
+
+def _measured_link_gbps(target: str) -> float:
+    """The decode instances' KV pulls so far (the warm-up's): bytes over seconds, or 2 GB/s
+    before any pull (colocated)."""
+    import baton
+
+    with baton.AdminClient(target) as admin:
+        status = admin.status()
+    nbytes = sum(i.counters.get("kv_bytes", 0.0) for i in status.instances)
+    seconds = sum(i.counters.get("kv_seconds", 0.0) for i in status.instances)
+    return nbytes / seconds / 1e9 if nbytes and seconds else 2.0
 
 
 def goodput(cases: list[Case], target: float, measured: bool) -> float:
