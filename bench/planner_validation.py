@@ -17,7 +17,7 @@ On this machine, for a prefill-heavy workload with a tight TPOT SLO:
 
 Target: predicted and measured attainment within 10 points.
 
-Usage: ``python -m bench.planner_validation [--json-out FILE]`` (about 15 minutes).
+Usage: ``python -m bench.planner_validation [--json-out FILE]`` (about 20 minutes).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.planner_validation", description=__doc__)
     p.add_argument("--profile", default=None, help="a profile file (default: measure one)")
     p.add_argument("--rates", default="0.3,0.6,0.9,1.2", help="req/s, comma-separated")
-    p.add_argument("--num-prompts", type=int, default=40)
+    p.add_argument("--num-prompts", type=int, default=60)
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=24)
     p.add_argument("--length-cv", type=float, default=0.3)
