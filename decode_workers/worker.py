@@ -165,7 +165,11 @@ class DecodeWorker:
             # time the average output token waited for, however the batch size varied.
             "token_steps": 0,
             "token_step_seconds": 0.0,
+            # From the start of a tick that stepped to the start of the next: the step and
+            # what the loop does around it (emitting tokens, admitting, posted calls).
+            "loop_seconds": 0.0,
         }
+        self._stepped_at: float | None = None  # when the last tick that stepped began
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -223,10 +227,15 @@ class DecodeWorker:
         self.pending.add(handoff)
 
     def _tick(self) -> bool:
+        tick = time.perf_counter()
+        if self._stepped_at is not None:
+            self._counters["loop_seconds"] += tick - self._stepped_at
+            self._stepped_at = None
         self._heartbeat()
         self._admit()
         if not self.engine.has_unfinished():
             return False
+        self._stepped_at = tick
         started = time.perf_counter()
         try:
             outputs = self.engine.step()

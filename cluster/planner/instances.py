@@ -16,7 +16,9 @@ A request's life in the simulator, disaggregated:
 3. It joins a ``Lane``'s running batch at the next step boundary. A lane steps
    continuously while it has work; an instance has ``pp`` lanes (micro-batches in the
    pipeline), each step costing the whole pipeline latency. After ``output - 1`` steps it
-   finishes, frees its KV, and TPOT = (finish - first token) / (output - 1).
+   finishes, frees its KV, and TPOT = (finish - first token) / (output - 1). A step
+   costs the profile's time plus the instance's ``step_overhead_ms``: what its worker
+   loop does around each forward pass (emitting tokens, admitting, control calls).
 
 Colocated instances admit new requests straight into a lane's ``prefilling`` queue; each
 step runs the lane's decodes plus prompt chunks that fill the rest of ``chunk_tokens``
@@ -202,7 +204,7 @@ class Lane:
             ms = owner.profile.mixed_ms(tokens, sum_sq, self.batch, self.sum_context)
         else:
             ms = owner.profile.decode_ms(self.batch, self.sum_context)
-        owner.events.at(now + ms / 1000.0, self._end)
+        owner.events.at(now + (ms + owner.step_overhead_ms) / 1000.0, self._end)
 
     def _take_chunks(self, budget: int) -> tuple[int, int]:
         """Prompt chunks for this step, first come first served: (tokens, sum of squares)."""
@@ -264,6 +266,7 @@ class LaneInstance:
         chunk_tokens: int,
         on_finished: Done,
         transfer_s: Callable[[SimRequest], float] | None = None,
+        step_overhead_ms: float = 0.0,
     ) -> None:
         self.events = events
         self.profile = profile
@@ -271,6 +274,7 @@ class LaneInstance:
         self.chunk_tokens = chunk_tokens
         self.on_finished = on_finished
         self.transfer_s = transfer_s
+        self.step_overhead_ms = step_overhead_ms  # host time per step beside the forward
         self.lanes = [Lane(self) for _ in range(profile.pp)]
         self.waiting: deque[SimRequest] = deque()
         self.waiting_tokens = 0

@@ -69,6 +69,7 @@ class SimConfig:
     prefill_token_budget: int = 2048  # prompt tokens per prefill batch
     prefill_chunking: bool = True  # cut a prompt to fill the budget (the engine's way)
     chunk_tokens: int = 512  # colocated: tokens per step, decodes included
+    decode_step_overhead_ms: float = 0.0  # decode/colocated: host time per step, measured
     kv_bytes_per_token: int = 0  # 0: KV moves instantly
     intra_node_gbps: float = 300.0  # per GPU, NVLink
     inter_node_gbps: float = 25.0  # per node
@@ -79,6 +80,7 @@ class SimConfig:
     def __post_init__(self) -> None:
         positive_int(self.prefill_token_budget, "prefill_token_budget")
         positive_int(self.chunk_tokens, "chunk_tokens")
+        require(self.decode_step_overhead_ms >= 0, "decode_step_overhead_ms", "must be >= 0")
         require(self.kv_bytes_per_token >= 0, "kv_bytes_per_token", "must be >= 0")
         positive(self.intra_node_gbps, "intra_node_gbps")
         positive(self.inter_node_gbps, "inter_node_gbps")
@@ -168,7 +170,13 @@ class _Run:
         if spec.role == "decode" and self.config.kv_bytes_per_token > 0:
             transfer = self._transfer_fn(j)
         return LaneInstance(
-            self.events, spec.profile, spec.kv_capacity_tokens, chunk, self._finished, transfer
+            self.events,
+            spec.profile,
+            spec.kv_capacity_tokens,
+            chunk,
+            self._finished,
+            transfer,
+            self.config.decode_step_overhead_ms,
         )
 
     def _link_bytes_per_s(self, p: SimInstance | None, d: SimInstance) -> float:

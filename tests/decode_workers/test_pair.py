@@ -54,6 +54,9 @@ def test_greedy_outputs_equal_the_offline_engine(engines, offline, prompts) -> N
     assert [o.finish_reason for o in got] == ["length"] * 8
     assert stats.counters["pulls"] == 8 and stats.counters["recomputes"] == 0
     assert stats.counters["kv_bytes"] > 0
+    # The loop's time around its steps holds the steps themselves, and they took time.
+    assert stats.counters["steps"] > 0
+    assert 0 < stats.counters["step_seconds"] < stats.counters["loop_seconds"]
 
 
 def test_seeded_sampling_continues_the_same_random_stream(engines, offline, prompts) -> None:

@@ -122,6 +122,14 @@ def test_decode_step_time_follows_batch_and_context() -> None:
     assert result.tpot_s == pytest.approx((sum(steps_ms) / 4 / 1000,))
 
 
+def test_a_decode_step_pays_the_worker_loop_overhead() -> None:
+    decode = SimInstance("decode", _profile((1, 0, 0), decode=(8, 0, 0)), 1000)
+    config = SimConfig(decode_step_overhead_ms=2.0, warmup_fraction=0, cooldown_fraction=0)
+    assert _run([decode], [(100, 5)], config=config).tpot_s == pytest.approx((0.010,))
+    with pytest.raises(ValueError, match="^decode_step_overhead_ms: must be >= 0"):
+        SimConfig(decode_step_overhead_ms=-1.0)
+
+
 def test_colocated_chunked_prefill_then_decode() -> None:
     # chunks of 8: a 10-token prompt takes a step of 8 (18 ms) and one of 2 (12 ms); then
     # 2 decode steps of 10 + 1 ms.
