@@ -8,8 +8,8 @@ On this machine, for a prefill-heavy workload with a tight TPOT SLO:
    ``colocated`` instances, one CPU each: ``baton serve`` is launched and the serving
    benchmark's client sends the same requests (lengths and Poisson arrivals; new token
    ids per rate, as the simulator has no prefix cache) at each rate; the planner's
-   simulator runs the very same requests through the same deployment, its KV link the
-   speed the warm-up's pulls measured;
+   simulator runs the very same requests through the same deployment, with the KV link
+   speed and the decode worker loop's time per step that the warm-up measured;
 3. per rate, measured and predicted SLO attainment (DistServe's: both TTFT and TPOT met)
    over the same window of requests (the simulator's: the first and last tenth left
    out), and per deployment the goodput at the attainment target: the highest rate
@@ -45,7 +45,7 @@ GRID = ProfileGrid(  # prefill up to the instances' step budget (2048 tokens)
     prefill_batches=(1, 2, 4),
     max_batch_tokens=2048,
     decode_batches=(1, 2, 4, 8, 16),
-    decode_contexts=(128, 512),
+    decode_contexts=(128, 512, 1024),  # the deployment's contexts reach ~1100
     decode_steps=3,
     repeats=2,
 )
@@ -99,6 +99,7 @@ class Case:
     measured_tpot_p90: float
     predicted_tpot_p90: float
     kv_gbps: float = 0.0  # the simulated KV link (disaggregated)
+    step_overhead_ms: float = 0.0  # the simulated worker loop's time per decode step
 
     @property
     def gap_points(self) -> float:
@@ -112,7 +113,7 @@ def _p90(values: list[float]) -> float:
 
 def predict(
     mode: str, profile: LatencyProfile, args: argparse.Namespace, lengths: list[tuple[int, int]],
-    gaps: list[float], rate: float, kv_gbps: float = 2.0,
+    gaps: list[float], rate: float, kv_gbps: float = 2.0, step_overhead_ms: float = 0.0,
 ) -> SimResult:  # fmt: skip
     capacity = args.num_kv_blocks * BLOCK
     if mode == "disaggregated":
@@ -124,6 +125,7 @@ def predict(
         chunk_tokens=2048,
         kv_bytes_per_token=kv_bytes_per_token(),
         intra_node_gbps=kv_gbps,  # both instances sit on this one "node"
+        decode_step_overhead_ms=step_overhead_ms,
     )
     return simulate(instances, lengths, [g * rate for g in gaps], rate, config)
 
@@ -160,16 +162,17 @@ async def _rates(
     model = await asyncio.to_thread(serving.server_model, bench_args.base_url)
     warmup = serving.fresh_prompts(requests[:4], args.seed)
     await serving.run_rate(bench_args, warmup, math.inf, model)
-    kv_gbps = args.kv_gbps or await asyncio.to_thread(_measured_link_gbps, bench_args.grpc_target)
-    if mode == "disaggregated":
-        print(f"{mode}: KV link {kv_gbps:.2f} GB/s", file=sys.stderr)
+    warm = await asyncio.to_thread(_warmup_figures, bench_args.grpc_target)
+    kv_gbps, overhead_ms = args.kv_gbps or warm[0], warm[1]
+    link = f"KV link {kv_gbps:.2f} GB/s, " if mode == "disaggregated" else ""
+    print(f"{mode}: {link}decode loop {overhead_ms:.1f} ms/step", file=sys.stderr)
     cases = []
     for i, rate in enumerate(float(x) for x in args.rates.split(",")):
         gaps = serving.arrival_gaps(len(requests), rate, 1.0, args.seed)
         # New token ids per rate: the simulator has no prefix cache, so no rate may hit it.
         sent = requests if i == 0 else serving.fresh_prompts(requests, args.seed + i)
         results, _ = await serving.run_rate(bench_args, sent, rate, model)
-        sim = predict(mode, profile, args, lengths, gaps, rate, kv_gbps)
+        sim = predict(mode, profile, args, lengths, gaps, rate, kv_gbps, overhead_ms)
         lo, hi = sim.window
         window = results[lo:hi]
         meets = [
@@ -181,7 +184,7 @@ async def _rates(
             _p90([r.ttft for r in window if r.ok]), _p90(list(sim.ttft_s[lo:hi])),
             _p90([t for r in window if r.ok and (t := r.tpot) is not None]),
             _p90([t for t in sim.tpot_s[lo:hi] if t > 0]),
-            kv_gbps if mode == "disaggregated" else 0.0,
+            kv_gbps if mode == "disaggregated" else 0.0, overhead_ms,
         )  # fmt: skip
         print(f"{mode} @ {rate:g}: measured {case.measured:.0%}, predicted "
               f"{case.predicted:.0%}", file=sys.stderr)  # fmt: skip
@@ -189,16 +192,22 @@ async def _rates(
     return cases
 
 
-def _measured_link_gbps(target: str) -> float:
-    """The decode instances' KV pulls so far (the warm-up's): bytes over seconds, or 2 GB/s
-    before any pull (colocated)."""
+def _warmup_figures(target: str) -> tuple[float, float]:
+    """From the decode-side instances' counters so far (the warm-up's): the KV link in
+    GB/s (bytes over pull seconds; 2 before any pull, as colocated), and the worker loop's
+    time per step beside the step itself, in ms."""
     import baton
 
     with baton.AdminClient(target) as admin:
         status = admin.status()
-    nbytes = sum(i.counters.get("kv_bytes", 0.0) for i in status.instances)
-    seconds = sum(i.counters.get("kv_seconds", 0.0) for i in status.instances)
-    return nbytes / seconds / 1e9 if nbytes and seconds else 2.0
+
+    def total(name: str) -> float:
+        return sum(i.counters.get(name, 0.0) for i in status.instances if i.role != "prefill")
+
+    nbytes, seconds, steps = total("kv_bytes"), total("kv_seconds"), total("steps")
+    link = nbytes / seconds / 1e9 if nbytes and seconds else 2.0
+    overhead = (total("loop_seconds") - total("step_seconds")) / steps if steps else 0.0
+    return link, 1e3 * max(0.0, overhead)
 
 
 def goodput(cases: list[Case], target: float, measured: bool) -> float:
