@@ -39,6 +39,7 @@ from cluster.profiler import ProfileGrid
 TARGET_POINTS = 10.0
 GRPC_PORT, HTTP_PORT = 50071, 8071  # away from a default `baton serve`
 BLOCK = 16
+DEFAULT_KV_GBPS = 2.0  # the simulated KV link where nothing was measured
 MODES = ("disaggregated", "colocated")
 GRID = ProfileGrid(  # prefill up to the instances' step budget (2048 tokens)
     prefill_lengths=(64, 128, 256, 512, 768, 1024),
@@ -113,7 +114,8 @@ def _p90(values: list[float]) -> float:
 
 def predict(
     mode: str, profile: LatencyProfile, args: argparse.Namespace, lengths: list[tuple[int, int]],
-    gaps: list[float], rate: float, kv_gbps: float = 2.0, step_overhead_ms: float = 0.0,
+    gaps: list[float], rate: float, kv_gbps: float = DEFAULT_KV_GBPS,
+    step_overhead_ms: float = 0.0,
 ) -> SimResult:  # fmt: skip
     capacity = args.num_kv_blocks * BLOCK
     if mode == "disaggregated":
@@ -160,8 +162,7 @@ async def _rates(
     lengths: list[tuple[int, int]],
 ) -> list[Case]:  # fmt: skip
     model = await asyncio.to_thread(serving.server_model, bench_args.base_url)
-    warmup = serving.fresh_prompts(requests[:4], args.seed)
-    await serving.run_rate(bench_args, warmup, math.inf, model)
+    await serving.run_rate(bench_args, serving.warmup_prompts(requests, args.seed), math.inf, model)
     warm = await asyncio.to_thread(_warmup_figures, bench_args.grpc_target)
     kv_gbps, overhead_ms = args.kv_gbps or warm[0], warm[1]
     link = f"KV link {kv_gbps:.2f} GB/s, " if mode == "disaggregated" else ""
@@ -169,8 +170,7 @@ async def _rates(
     cases = []
     for i, rate in enumerate(float(x) for x in args.rates.split(",")):
         gaps = serving.arrival_gaps(len(requests), rate, 1.0, args.seed)
-        # New token ids per rate: the simulator has no prefix cache, so no rate may hit it.
-        sent = requests if i == 0 else serving.fresh_prompts(requests, args.seed + i)
+        sent = serving.prompts_for_rate(requests, i, args.seed)  # the simulator has no cache
         results, _ = await serving.run_rate(bench_args, sent, rate, model)
         sim = predict(mode, profile, args, lengths, gaps, rate, kv_gbps, overhead_ms)
         lo, hi = sim.window
@@ -194,19 +194,12 @@ async def _rates(
 
 def _warmup_figures(target: str) -> tuple[float, float]:
     """From the decode-side instances' counters so far (the warm-up's): the KV link in
-    GB/s (bytes over pull seconds; 2 before any pull, as colocated), and the worker loop's
-    time per step beside the step itself, in ms."""
-    import baton
-
-    with baton.AdminClient(target) as admin:
-        status = admin.status()
-
-    def total(name: str) -> float:
-        return sum(i.counters.get(name, 0.0) for i in status.instances if i.role != "prefill")
-
-    nbytes, seconds, steps = total("kv_bytes"), total("kv_seconds"), total("steps")
-    link = nbytes / seconds / 1e9 if nbytes and seconds else 2.0
-    overhead = (total("loop_seconds") - total("step_seconds")) / steps if steps else 0.0
+    GB/s (bytes over pull seconds; the default before any pull, as colocated), and the
+    worker loop's time per step beside the step itself, in ms."""
+    c = serving.decode_counters(target)
+    nbytes, seconds, steps = c.get("kv_bytes", 0.0), c.get("kv_seconds", 0.0), c.get("steps")
+    link = nbytes / seconds / 1e9 if nbytes and seconds else DEFAULT_KV_GBPS
+    overhead = (c.get("loop_seconds", 0.0) - c.get("step_seconds", 0.0)) / steps if steps else 0.0
     return link, 1e3 * max(0.0, overhead)
 
 

@@ -136,6 +136,17 @@ def fresh_prompts(requests: Sequence[Request], seed: int) -> list[Request]:
     return [Request(_random_ids(rng, len(r.prompt_ids)), r.output_len) for r in requests]
 
 
+def warmup_prompts(requests: Sequence[Request], seed: int) -> list[Request]:
+    """The untimed first requests: the workload's first few, with token ids of their own."""
+    return fresh_prompts(requests[:WARMUP_REQUESTS], seed)
+
+
+def prompts_for_rate(requests: Sequence[Request], index: int, seed: int) -> list[Request]:
+    """What the ``index``-th rate sends: the workload itself first, then new token ids of
+    the same lengths, so no rate is helped by an earlier one's cached prompts."""
+    return list(requests) if index == 0 else fresh_prompts(requests, seed + index)
+
+
 def arrival_gaps(n: int, rate: float, burstiness: float, seed: int) -> list[float]:
     """Gaps between arrivals: gamma with shape ``burstiness`` and mean 1/rate."""
     if math.isinf(rate):
@@ -269,19 +280,25 @@ def summarize(
 # -- the router's overhead -------------------------------------------------------------------
 
 
-def _decode_token_steps(target: str) -> tuple[float, float]:
-    """(tokens, seconds) summed over the decode-side instances, from the admin API: each
-    step's time counted once per request it advanced (``token_step_seconds``)."""
+def decode_counters(target: str) -> dict[str, float]:
+    """Every counter summed over the decode-side instances, from the admin API."""
     import baton
 
     with baton.AdminClient(target) as admin:
         status = admin.status()
-    tokens = seconds = 0.0
+    totals: dict[str, float] = {}
     for inst in status.instances:
         if inst.role != "prefill":
-            tokens += inst.counters.get("token_steps", 0.0)
-            seconds += inst.counters.get("token_step_seconds", 0.0)
-    return tokens, seconds
+            for name, value in inst.counters.items():
+                totals[name] = totals.get(name, 0.0) + value
+    return totals
+
+
+def _decode_token_steps(target: str) -> tuple[float, float]:
+    """(tokens, seconds) over the decode-side instances: each step's time counted once
+    per request it advanced (``token_step_seconds``)."""
+    c = decode_counters(target)
+    return c.get("token_steps", 0.0), c.get("token_step_seconds", 0.0)
 
 
 async def measure_overhead(args: argparse.Namespace, model: str) -> dict[str, Any]:
@@ -383,13 +400,11 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     model = args.model or await asyncio.to_thread(server_model, args.base_url)
     requests = make_requests(args)
     # Untimed: the first requests pay for connections and first-use kernel builds.
-    warmup = fresh_prompts(requests[:WARMUP_REQUESTS], args.seed)
-    await run_rate(args, warmup, float("inf"), model)
+    await run_rate(args, warmup_prompts(requests, args.seed), float("inf"), model)
     runs = []
     for i, text in enumerate(args.request_rate.split(",")):
         rate = float(text)
-        # Each rate's prompts are new to the server, so no rate is helped by the cache.
-        sent = requests if i == 0 else fresh_prompts(requests, args.seed + i)
+        sent = prompts_for_rate(requests, i, args.seed)
         results, duration = await run_rate(args, sent, rate, model)
         summary = summarize(results, duration, args.ttft_slo, args.tpot_slo)
         runs.append({"rate": rate, **summary})

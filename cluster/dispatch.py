@@ -31,6 +31,10 @@ class InstanceLoad:
     running: int = 0  # last polled
 
 
+# A decode instance with no more free KV blocks than this share of its cache counts as
+# full: the router's default decode pick, and the planner's simulator, pass it over.
+DECODE_RESERVE_FRACTION = 0.1
+
 # (request, loads of the serving instances) -> (prompt instance, decode instance or None)
 RoutePolicy = Callable[[RouteRequest, Sequence[InstanceLoad]], tuple[str, str | None]]
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from cluster.dispatch import InstanceLoad, RouteRequest
+from cluster.dispatch import DECODE_RESERVE_FRACTION, InstanceLoad, RouteRequest
 
 
 def pick_prefill(
@@ -37,7 +37,9 @@ def pick_prefill(
     return least.name
 
 
-def pick_decode(loads: Sequence[InstanceLoad], reserve_fraction: float = 0.1) -> str:
+def pick_decode(
+    loads: Sequence[InstanceLoad], reserve_fraction: float = DECODE_RESERVE_FRACTION
+) -> str:
     """With room (free blocks above ``reserve_fraction`` of the cache): the fewest active
     requests, then the most free blocks, then the fewest running. Without: the most free
     blocks."""

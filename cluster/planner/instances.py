@@ -86,6 +86,31 @@ class _Chunking:
         self.done = 0  # prompt tokens prefilled so far
 
 
+def take_chunks(
+    queue: deque[_Chunking], budget: int, whole: bool = False
+) -> tuple[list[SimRequest], int, int]:
+    """Prompt chunks from the head of ``queue``, first come first served, up to ``budget``
+    tokens: (the prompts they complete, which leave the queue; tokens; sum of squares, as
+    attention over each prompt so far). A prompt cut to the budget stays at the head.
+    ``whole``: no prompt is cut; the first one is taken whole even past the budget."""
+    completed: list[SimRequest] = []
+    tokens = sum_sq = 0
+    while queue and budget > 0:
+        entry = queue[0]
+        left = entry.req.prompt - entry.done
+        if whole and left > budget and tokens:
+            break
+        chunk = left if whole else min(left, budget)
+        tokens += chunk
+        sum_sq += (entry.done + chunk) ** 2 - entry.done**2
+        entry.done += chunk
+        budget -= chunk
+        if entry.done < entry.req.prompt:
+            break
+        completed.append(queue.popleft().req)
+    return completed, tokens, sum_sq
+
+
 class PrefillInstance:
     """Batches prompts under a token budget and pipelines them through ``pp`` stages."""
 
@@ -124,7 +149,7 @@ class PrefillInstance:
             self._wake_pending = True
             self.events.at(self.stage_free_s[0], self._wake)
             return
-        batch, tokens, sum_sq = self._take()
+        batch, tokens, sum_sq = take_chunks(self.queue, self.token_budget, whole=not self.chunking)
         self.queued_tokens -= tokens
         stage_s = self.profile.prefill_ms(tokens, sum_sq) / 1000.0 / self.profile.pp
         t = now
@@ -134,27 +159,6 @@ class PrefillInstance:
         self.events.at(t, lambda done_s: self._finish(batch, done_s))
         self._wake_pending = True
         self.events.at(self.stage_free_s[0], self._wake)
-
-    def _take(self) -> tuple[list[SimRequest], int, int]:
-        """The next batch from the queue's head: (prompts it completes, tokens, sum of
-        squares, as attention over each prompt so far)."""
-        batch: list[SimRequest] = []
-        tokens = sum_sq = 0
-        budget, queue = self.token_budget, self.queue
-        while queue and budget > 0:
-            entry = queue[0]
-            left = entry.req.prompt - entry.done
-            if left > budget and not self.chunking and tokens:
-                break  # whole prompts only, and this one does not fit beside the others
-            chunk = left if not self.chunking else min(left, budget)
-            tokens += chunk
-            sum_sq += (entry.done + chunk) ** 2 - entry.done**2
-            entry.done += chunk
-            budget -= chunk
-            if entry.done < entry.req.prompt:
-                break  # cut to the budget: it goes on in the next batch
-            batch.append(queue.popleft().req)
-        return batch, tokens, sum_sq
 
     def _finish(self, batch: list[SimRequest], now: float) -> None:
         for req in batch:
@@ -195,7 +199,9 @@ class Lane:
             self.joining = []
         tokens = sum_sq = 0
         if self.prefilling:
-            tokens, sum_sq = self._take_chunks(owner.chunk_tokens - self.batch)
+            self.completed, tokens, sum_sq = take_chunks(
+                self.prefilling, owner.chunk_tokens - self.batch
+            )
         if self.batch == 0 and tokens == 0:
             self.busy = False
             return
@@ -205,24 +211,6 @@ class Lane:
         else:
             ms = owner.profile.decode_ms(self.batch, self.sum_context)
         owner.events.at(now + (ms + owner.step_overhead_ms) / 1000.0, self._end)
-
-    def _take_chunks(self, budget: int) -> tuple[int, int]:
-        """Prompt chunks for this step, first come first served: (tokens, sum of squares)."""
-        tokens = sum_sq = 0
-        for entry in self.prefilling:
-            if budget <= 0:
-                break
-            req, done = entry.req, entry.done
-            chunk = min(req.prompt - done, budget)
-            tokens += chunk
-            sum_sq += (done + chunk) ** 2 - done**2  # attention over the prompt so far
-            entry.done = done + chunk
-            budget -= chunk
-            if entry.done == req.prompt:
-                self.completed.append(req)
-        for _ in self.completed:
-            self.prefilling.popleft()
-        return tokens, sum_sq
 
     def _end(self, now: float) -> None:
         owner = self.owner

@@ -11,8 +11,8 @@ its TTFT and TPOT. Three shapes, by which roles are present:
 
 Dispatch is the router's: a new request goes to the prefill instance with the fewest
 queued prompt tokens, a prefilled one to the decode instance with the fewest active
-requests among those with room (free KV above ``RESERVE_FRACTION`` of it), else to the one
-with the most free KV tokens.
+requests among those with room (free KV above ``DECODE_RESERVE_FRACTION`` of it), else to
+the one with the most free KV tokens.
 KV moves at NVLink speed over all the smaller side's GPUs when both instances sit on the
 same node(s), else over the node network. Only requests in the middle of the arrival
 sequence count (``warmup_fraction``, ``cooldown_fraction``): the first ones find an empty
@@ -26,6 +26,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from cluster.dispatch import DECODE_RESERVE_FRACTION
 from cluster.planner._validate import positive, positive_int, require
 from cluster.planner.cluster_spec import SLOs
 from cluster.planner.instances import (
@@ -39,7 +40,6 @@ from cluster.planner.latency import LatencyProfile
 from cluster.planner.workload import Lengths
 
 ROLES = ("prefill", "decode", "colocated")
-RESERVE_FRACTION = 0.1  # the router's: below this share of free KV, an instance is full
 LINKS = ("intra", "inter")
 
 
@@ -277,7 +277,7 @@ def simulate(
 
 def _decode_key(inst: LaneInstance) -> tuple[int, int, int]:
     """``router.policies.pick_decode``'s order, on the simulator's exact figures."""
-    if inst.free_tokens > inst.kv_capacity * RESERVE_FRACTION:
+    if inst.free_tokens > inst.kv_capacity * DECODE_RESERVE_FRACTION:
         return (0, inst.active, -inst.free_tokens)
     return (1, -inst.free_tokens, inst.active)
 

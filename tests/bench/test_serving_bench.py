@@ -91,3 +91,12 @@ def test_fresh_prompts_keep_the_lengths_and_share_no_prefix() -> None:
         r.prompt_ids for r in again
     ]
     assert serving.fresh_prompts(reqs, seed=3)[0].prompt_ids != again[0].prompt_ids
+
+
+def test_each_rate_after_the_first_and_the_warm_up_get_their_own_token_ids() -> None:
+    reqs = serving.make_requests(_args(num_prompts=6, input_len=32, output_len=4, seed=1))
+    assert serving.prompts_for_rate(reqs, 0, seed=1) == reqs
+    assert serving.prompts_for_rate(reqs, 2, seed=1) == serving.fresh_prompts(reqs, seed=3)
+    warm = serving.warmup_prompts(reqs, seed=1)
+    assert len(warm) == serving.WARMUP_REQUESTS
+    assert {tuple(r.prompt_ids) for r in warm}.isdisjoint(tuple(r.prompt_ids) for r in reqs)

@@ -77,15 +77,22 @@ async def _collect(cluster: Cluster, ids: list[int], params: SamplingParams) -> 
     return last
 
 
-def test_concurrent_streams_equal_the_offline_engine(cluster: Cluster, workload) -> None:
-    ids, params, expected = workload
+def stream_concurrently(
+    cluster: Cluster, ids: list[list[int]], params: list[SamplingParams]
+) -> list[RequestOutput]:
+    """Every prompt streamed at once; each stream's final output."""
 
     async def run_all() -> list[RequestOutput]:
         return await asyncio.gather(
             *(_collect(cluster, i, p) for i, p in zip(ids, params, strict=True))
         )
 
-    got = asyncio.run(run_all())
+    return asyncio.run(run_all())
+
+
+def test_concurrent_streams_equal_the_offline_engine(cluster: Cluster, workload) -> None:
+    ids, params, expected = workload
+    got = stream_concurrently(cluster, ids, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in expected]
     assert [o.text for o in got] == [o.text for o in expected]
     assert all(o.finish_reason == "length" for o in got)

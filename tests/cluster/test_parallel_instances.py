@@ -10,7 +10,6 @@ The machine has two cores, so each cluster is one prefill and one decode instanc
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 from collections.abc import Iterator
@@ -22,8 +21,7 @@ import ray
 
 from cluster import Cluster
 from engine import LLM, SamplingParams
-from engine.outputs import RequestOutput
-from tests.cluster.test_cluster import wait_all_blocks_free
+from tests.cluster.test_cluster import stream_concurrently, wait_all_blocks_free
 from tests.engine.helpers import make_tiny_model_dir
 
 pytest.importorskip("transformers")
@@ -66,23 +64,6 @@ def _cluster(model_dir: Path, **kwargs: Any) -> Cluster:
     )
 
 
-async def _collect(cluster: Cluster, ids: list[int], params: SamplingParams) -> RequestOutput:
-    last = None
-    async for out in cluster.stream(prompt_token_ids=ids, params=params):
-        last = out
-    assert last is not None
-    return last
-
-
-def _run_concurrently(cluster: Cluster, ids: list[list[int]], params: list[SamplingParams]):
-    async def run_all() -> list[RequestOutput]:
-        return await asyncio.gather(
-            *(_collect(cluster, i, p) for i, p in zip(ids, params, strict=True))
-        )
-
-    return asyncio.run(run_all())
-
-
 @pytest.fixture
 def started(request: pytest.FixtureRequest, ray_session: None) -> Iterator[Cluster]:
     with _cluster(request.getfixturevalue("model_dir"), **request.param) as c:
@@ -100,7 +81,7 @@ def test_kv_crosses_layouts_and_outputs_equal_the_offline_engine(
     started: Cluster, workload: Any
 ) -> None:
     ids, params, expected = workload
-    got = _run_concurrently(started, ids, params)
+    got = stream_concurrently(started, ids, params)
     assert [o.token_ids for o in got] == expected
     stats = {s.name: s for s in started.stats()}
     assert set(stats) == {"prefill-0", "decode-0"}  # one entry per instance, from rank 0
@@ -115,7 +96,7 @@ def test_a_colocated_tp2_instance_equals_the_offline_engine(
     started: Cluster, workload: Any
 ) -> None:
     ids, params, expected = workload
-    got = _run_concurrently(started, ids, params)
+    got = stream_concurrently(started, ids, params)
     assert [o.token_ids for o in got] == expected
 
 
