@@ -12,7 +12,9 @@ A request's life in the simulator, disaggregated:
    exists: TTFT.
 2. The decode instance puts it in ``waiting`` and admits it, first come first served, when
    its KV cache has room for prompt + output tokens (reserved whole, so nothing is ever
-   preempted). Its KV cache then moves over the link (``transfer_s``).
+   preempted). A busy instance looks at its hand-offs only between steps, as the worker
+   loop does, so admission waits for the step under way to end. Its KV cache then moves
+   over the link (``transfer_s``).
 3. It joins a ``Lane``'s running batch at the next step boundary. A lane steps
    continuously while it has work; an instance has ``pp`` lanes (micro-batches in the
    pipeline), each step costing the whole pipeline latency. After ``output - 1`` steps it
@@ -180,6 +182,7 @@ class Lane:
         self.prefilling: deque[_Chunking] = deque()
         self.completed: list[SimRequest] = []  # prompts whose last chunk is in this step
         self.busy = False
+        self.step_end_s = 0.0  # when the step under way ends (while busy)
 
     @property
     def load(self) -> int:
@@ -210,7 +213,8 @@ class Lane:
             ms = owner.profile.mixed_ms(tokens, sum_sq, self.batch, self.sum_context)
         else:
             ms = owner.profile.decode_ms(self.batch, self.sum_context)
-        owner.events.at(now + (ms + owner.step_overhead_ms) / 1000.0, self._end)
+        self.step_end_s = now + (ms + owner.step_overhead_ms) / 1000.0
+        owner.events.at(self.step_end_s, self._end)
 
     def _end(self, now: float) -> None:
         owner = self.owner
@@ -280,7 +284,20 @@ class LaneInstance:
         self.active += 1
         self.waiting.append(req)
         self.waiting_tokens += req.need
-        self.admit(now)
+        boundary = self._next_boundary(now)
+        if boundary > now:
+            self.events.at(boundary, self.admit)
+        else:
+            self.admit(now)
+
+    def _next_boundary(self, now: float) -> float:
+        """When a hand-off arriving ``now`` is looked at: at once when a lane is idle,
+        else when the first step under way ends. Only a disaggregated decode instance
+        waits (its pulls start at admission); a colocated or decode-only one's arrivals
+        join at the next step anyway."""
+        if self.transfer_s is None or not all(lane.busy for lane in self.lanes):
+            return now
+        return min(lane.step_end_s for lane in self.lanes)
 
     def admit(self, now: float) -> None:
         while self.waiting and self.reserved + self.waiting[0].need <= self.kv_capacity:

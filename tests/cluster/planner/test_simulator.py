@@ -100,6 +100,21 @@ def test_decode_joins_at_the_next_step_boundary() -> None:
     assert result.tpot_s == pytest.approx((0.010, (0.051 - 0.002) / 4))
 
 
+def test_a_busy_decode_instance_starts_a_pull_only_between_steps() -> None:
+    # 10 ms steps; a pull takes 4 ms (100 tokens x 1 MB at 25 GB/s). Arrivals at 1, 2, 7 ms:
+    # 1: pulled 1-5 ms, steps from 5 ms, done at 45 ms.
+    # 2: the instance is idle at 2 ms, so its pull starts at once; it joins at 15 ms.
+    # 3: at 7 ms a step is under way, so its pull waits for it: 15-19 ms; it joins at 25 ms.
+    decode = SimInstance("decode", _profile((1, 0, 0)), kv_capacity_tokens=1000)
+    config = SimConfig(
+        kv_bytes_per_token=10**6, inter_node_gbps=25.0, warmup_fraction=0, cooldown_fraction=0
+    )
+    gaps = [1.0, 1.0, 5.0]  # arrivals at 1, 2 and 7 ms
+    result = simulate([decode], [(100, 5)] * 3, gaps, 1000.0, config)
+    assert result.tpot_s == pytest.approx(
+        ((0.045 - 0.001) / 4, (0.055 - 0.002) / 4, (0.065 - 0.007) / 4)
+    )
+
 def test_decode_admission_waits_for_kv_room() -> None:
     decode = SimInstance("decode", _profile((1, 0, 0)), kv_capacity_tokens=110)
     result = _run([decode], [(100, 5), (100, 5)])
