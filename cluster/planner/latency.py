@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from cluster.planner._validate import positive_int, require
+from cluster.planner._validate import positive, positive_int, require
 
 Coeffs = tuple[float, float, float]  # (a ms, b ms per unit, c ms per unit)
 Layout = tuple[int, int]  # (tp, pp)
@@ -79,6 +79,23 @@ class LatencyProfile:
     @property
     def layout(self) -> Layout:
         return (self.tp, self.pp)
+
+    def scaled(self, prefill: float = 1.0, decode: float = 1.0) -> LatencyProfile:
+        """The same shape on hardware running ``prefill`` (``decode``) times as long per
+        prefill (decode) pass: every coefficient of that phase multiplied."""
+        positive(prefill, "prefill")
+        positive(decode, "decode")
+
+        def times(c: Coeffs | None, f: float) -> Any:
+            return None if c is None else tuple(f * x for x in c)
+
+        return replace(
+            self,
+            prefill=times(self.prefill, prefill),
+            prefill_large=times(self.prefill_large, prefill),
+            decode_small=times(self.decode_small, decode),
+            decode_large=times(self.decode_large, decode),
+        )
 
     def prefill_coeffs(self, sum_tokens: float) -> Coeffs:
         """The prefill coefficients for a batch of ``sum_tokens`` prompt tokens."""

@@ -270,3 +270,20 @@ def test_a_split_prefill_survives_json_and_borrowing(tmp_path: Path) -> None:
         LatencyProfile(1, 1, CPU_SMALL, SMALL, LARGE, THRESHOLD, CPU_LARGE)
     with pytest.raises(ValueError, match="^prefill_threshold: must be"):
         LatencyProfile(1, 1, CPU_SMALL, SMALL, LARGE, THRESHOLD, CPU_LARGE, 0)
+
+
+def test_a_scaled_profile_stretches_each_phase_by_its_factor() -> None:
+    prof = LatencyProfile(1, 1, CPU_SMALL, SMALL, LARGE, THRESHOLD, CPU_LARGE, 1024)
+    slow = prof.scaled(prefill=1.25, decode=0.8)
+    for tokens in (100, 2048):  # both prefill sets
+        assert slow.prefill_ms(tokens, tokens**2) == pytest.approx(
+            1.25 * prof.prefill_ms(tokens, tokens**2)
+        )
+    for batch in (4, 100):  # both decode sets
+        assert slow.decode_ms(batch, 50 * batch) == pytest.approx(
+            0.8 * prof.decode_ms(batch, 50 * batch)
+        )
+    assert (slow.decode_threshold, slow.prefill_threshold) == (THRESHOLD, 1024)
+    assert LatencyProfile(1, 1, PREFILL, SMALL, LARGE).scaled(2.0).prefill_large is None
+    with pytest.raises(ValueError, match="^decode: must be > 0"):
+        prof.scaled(decode=0.0)
