@@ -30,6 +30,7 @@ from engine.sampler import SamplingRequest
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from engine.step import StepShape
 from engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class LLMEngine:
         self.runner = runner
         self.scheduler = scheduler
         self.max_model_len = model_config.max_position_embeddings
+        self.last_step = StepShape()  # what the latest non-empty step computed
         self._states: dict[str, RequestState] = {}
 
     @classmethod
@@ -255,6 +257,7 @@ class LLMEngine:
         }
         sampled, out = self.runner.execute(plan, rows)
         self.scheduler.commit(plan)
+        self.last_step = plan.shape()
         now = time.monotonic()
         outputs = []
         for i, request_id in enumerate(sampled):

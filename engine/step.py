@@ -7,6 +7,7 @@ and copying them is cheaper than keeping two views of them consistent.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -31,6 +32,22 @@ class ScheduledChunk:
 
 
 @dataclass(frozen=True)
+class StepShape:
+    """What one step computes, in the terms of the planner's latency model."""
+
+    prefill_tokens: int = 0  # prompt (or recomputed) tokens
+    # Over the prompt chunks, end^2 - start^2: attention over each prompt so far.
+    prefill_sq: int = 0
+    decode_batch: int = 0  # one-token chunks after a prompt: decodes
+    decode_context: int = 0  # their context lengths, summed
+
+
+# A latency model's time for a step of this shape, in ms (the planner's profile, given to
+# an instance so it can report how far its steps are from it).
+StepCost = Callable[[StepShape], float]
+
+
+@dataclass(frozen=True)
 class StepPlan:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
@@ -42,3 +59,14 @@ class StepPlan:
     @property
     def is_empty(self) -> bool:
         return not self.chunks
+
+    def shape(self) -> StepShape:
+        tokens = sq = batch = context = 0
+        for c in self.chunks:
+            if c.num_tokens == 1 and c.start_pos > 0:
+                batch += 1
+                context += c.context_len
+            else:
+                tokens += c.num_tokens
+                sq += c.context_len**2 - c.start_pos**2
+        return StepShape(tokens, sq, batch, context)

@@ -7,7 +7,7 @@ from engine.config import SchedulerConfig
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus
-from engine.step import StepPlan
+from engine.step import StepPlan, StepShape
 
 BS = 4
 
@@ -151,3 +151,14 @@ def test_finish_and_abort_free_every_block() -> None:
     s.finish(s.waiting[0], "abort")
     assert s.blocks.num_free_blocks == 16
     assert not s.has_unfinished()
+
+
+def test_a_step_shape_counts_prompt_chunks_and_decodes_as_the_planner_does() -> None:
+    s = make(budget=10)
+    s.add(seq("a", 6))
+    assert run_step(s).shape() == StepShape(prefill_tokens=6, prefill_sq=36)
+    s.add(seq("b", 12, start=50))
+    # a decodes (context 7); b's first chunk takes the other 9 tokens of the budget
+    assert run_step(s).shape() == StepShape(9, 81, decode_batch=1, decode_context=7)
+    # b's last 3 tokens attend over the 9 before them: 12^2 - 9^2
+    assert run_step(s).shape() == StepShape(3, 144 - 81, decode_batch=1, decode_context=8)
