@@ -23,6 +23,8 @@ import logging
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from cluster.planner.latency import LatencyProfile
+
 logger = logging.getLogger(__name__)
 
 ROLES = ("prefill", "decode", "colocated")
@@ -53,6 +55,9 @@ class InstanceSpec:
     pp: int = 1
     # Every wait on the instance's own process group (rank 0 keeps idle ranks within it).
     group_timeout_s: float = 60.0
+    # The latency profile of this instance's layout (LatencyProfile.to_dict()), if the
+    # deployment has one: the instance then reports its steps' profiled time.
+    profile: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -127,6 +132,18 @@ def engine_config(s: InstanceSpec) -> Any:
         parallel=ParallelConfig(tp=s.tp, pp=s.pp),
         seed=s.seed,
     )
+
+
+def step_cost(profile: LatencyProfile) -> Any:
+    """The profile as the engine's ``StepCost``: its time (ms) for a step's shape, a
+    prefill pass, a decode step or the two mixed."""
+
+    def cost(shape: Any) -> float:
+        return profile.mixed_ms(
+            shape.prefill_tokens, shape.prefill_sq, shape.decode_batch, shape.decode_context
+        )
+
+    return cost
 
 
 def transfer_config(s: InstanceSpec) -> Any:
@@ -230,13 +247,17 @@ class InstanceActor:
         s = self.spec
         transfer = transfer_config(s)
         parallel = ParallelConfig(tp=s.tp, pp=s.pp)
+        cost = None if s.profile is None else step_cost(LatencyProfile.from_dict(s.profile))
         if s.role == "prefill":
             sender = create_sender(s.name, engine.kv_blocks, transfer)
             if s.world_size > 1:
                 cfg, lay = engine.model_config, engine.kv_blocks.layout
                 whole = replace(lay, num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads)
                 sender = self._transfer = ShardedSender(sender, parallel, whole)
-            return PrefillWorker(s.name, engine, sender, events, peers.hand_off, s.lease_ttl_s)
+            return PrefillWorker(
+                s.name, engine, sender, events, peers.hand_off, s.lease_ttl_s,
+                step_cost=cost,
+            )  # fmt: skip
         if s.role == "decode":
             # Wrapped at any layout: a one-rank instance may pull from a TP x PP one.
             receiver = ShardedReceiver(
@@ -244,8 +265,12 @@ class InstanceActor:
             )
             self._transfer = receiver
             config = DecodeConfig(lease_ttl_s=s.lease_ttl_s)
-            return DecodeWorker(s.name, engine, receiver, events, peers, config)
-        return DecodeWorker(s.name, engine, None, events, None, role="colocated")
+            return DecodeWorker(
+                s.name, engine, receiver, events, peers, config, step_cost=cost
+            )
+        return DecodeWorker(
+            s.name, engine, None, events, None, role="colocated", step_cost=cost
+        )
 
     # -- control calls: forwarded to the worker, errors returned as values -------------
 

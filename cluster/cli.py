@@ -146,6 +146,14 @@ def _add_serve(sub: Any) -> None:
         help="launch a `baton plan --out` file: its instance counts and TP/PP layouts "
         "(overrides --prefill/--decode)",
     )
+    serve.add_argument(
+        "--profile",
+        default=None,
+        metavar="FILE",
+        help="a `baton profile` file for this model and hardware: each instance then "
+        "reports its steps' time by the profile (counter profiled_seconds) beside the "
+        "measured step_seconds",
+    )
     serve.set_defaults(func=_cmd_serve)
 
 
@@ -190,6 +198,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         planned = plan_deployment(args.plan)
         deployment = {k: planned.pop(k) for k in ("prefill", "decode", "mode")}
         options.update(planned)
+    if args.profile is not None:
+        from cluster.planner.latency import load_profiles
+
+        options["profiles"] = load_profiles(args.profile)
     config = ServeConfig(
         model=args.model,
         prefill=deployment["prefill"],

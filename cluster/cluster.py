@@ -29,6 +29,7 @@ from cluster import builder
 from cluster.actors import InstanceSpec
 from cluster.dispatch import InstanceLoad, RoutePolicy, RouteRequest, default_policy
 from cluster.health import HealthMonitor
+from cluster.planner.latency import ProfileSet
 from cluster.stream import EventReceiver, RequestStream, RequestTrace
 from engine.outputs import InstanceStats, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -86,12 +87,14 @@ class Cluster:
         policy: RoutePolicy | None = None,
         prefill_parallel: tuple[int, int] = (1, 1),
         decode_parallel: tuple[int, int] = (1, 1),
+        profiles: ProfileSet | None = None,
     ):
         """``policy`` chooses instances per request (see ``cluster.dispatch``); the
         default sends prompts to the fewest queued prompt tokens and decodes to the
         fewest active requests. ``prefill_parallel`` / ``decode_parallel``: each pool's
         (tp, pp); colocated instances take ``decode_parallel``. ``cpus_per_instance`` is
-        per rank."""
+        per rank. ``profiles``: the planner's latency profiles for this model and hardware;
+        each instance then reports its steps' profiled time (``profiled_seconds``)."""
         if mode not in MODES:
             raise ValueError(f"mode: must be one of {', '.join(MODES)}, got {mode!r}")
         if transport not in TRANSPORTS or (transport == "local" and mode != "colocated"):
@@ -119,6 +122,11 @@ class Cluster:
         self.start_timeout_s = start_timeout_s
         self.health_interval_s = health_interval_s
         self.policy: RoutePolicy = policy or default_policy
+        self.profiles = profiles
+        # Per role, its layout's profile (ProfileSet.get borrows or names what is missing).
+        self._profiles = {
+            role: profiles.get(*layout).to_dict() for role, layout in self.parallel.items()
+        } if profiles is not None else {}  # fmt: skip
         self._polled: dict[str, InstanceStats] = {}
         self._spec: dict[str, Any] = dict(
             model=model,
@@ -161,6 +169,7 @@ class Cluster:
                     host=host,
                     tp=tp,
                     pp=pp,
+                    profile=self._profiles.get(role),
                     **self._spec,
                 )
                 self.instances.append(

@@ -39,6 +39,7 @@ from engine.events import EventSink, TokenEvent
 from engine.llm_engine import LLMEngine
 from engine.outputs import InstanceStats, RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.step import StepCost
 from engine.worker_loop import Tombstones, WorkerLoop
 from kv_transfer.base import KVReceiver, TransferResult, TransferStatus
 from kv_transfer.handoff import HandOff
@@ -134,9 +135,12 @@ class DecodeWorker:
         config: DecodeConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
         role: str = "decode",
+        step_cost: StepCost | None = None,
     ):
-        """``receiver`` and ``peers`` may be None for a colocated instance."""
+        """``receiver`` and ``peers`` may be None for a colocated instance; ``step_cost``
+        is the deployment's latency profile, for ``profiled_seconds``."""
         self.name = name
+        self.step_cost = step_cost
         self.role = role
         self.engine = engine
         self.receiver = receiver
@@ -169,6 +173,10 @@ class DecodeWorker:
             # what the loop does around it (emitting tokens, admitting, posted calls).
             "loop_seconds": 0.0,
         }
+        if step_cost is not None:
+            # The profile's time for the same steps: step_seconds over it is how much
+            # slower than its profile the instance runs (the planner's inputs, checked).
+            self._counters["profiled_seconds"] = 0.0
         self._stepped_at: float | None = None  # when the last tick that stepped began
 
     # -- lifecycle -------------------------------------------------------------------
@@ -252,6 +260,8 @@ class DecodeWorker:
         self._counters["step_seconds"] += elapsed
         self._counters["token_steps"] += len(outputs)
         self._counters["token_step_seconds"] += elapsed * len(outputs)
+        if self.step_cost is not None:
+            self._counters["profiled_seconds"] += self.step_cost(self.engine.last_step) / 1e3
         for out in outputs:
             self._emit(out)
         return True

@@ -34,6 +34,7 @@ from engine.events import EventSink, TokenEvent
 from engine.llm_engine import LLMEngine
 from engine.outputs import InstanceStats, RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.step import StepCost
 from engine.worker_loop import Tombstones, WorkerLoop
 from kv_transfer.base import KVSender
 from kv_transfer.handoff import HandOff
@@ -91,8 +92,11 @@ class PrefillWorker:
         hand_off: HandOffFn,
         lease_ttl_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        step_cost: StepCost | None = None,
     ):
+        """``step_cost``: the deployment's latency profile, for ``profiled_seconds``."""
         self.name = name
+        self.step_cost = step_cost
         self.engine = engine
         self.sender = sender
         self.events = events
@@ -110,6 +114,10 @@ class PrefillWorker:
             "steps": 0,
             "step_seconds": 0.0,
         }
+        if step_cost is not None:
+            # The profile's time for the same steps: step_seconds over it is how much
+            # slower than its profile the instance runs (the planner's inputs, checked).
+            self._counters["profiled_seconds"] = 0.0
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -188,6 +196,8 @@ class PrefillWorker:
             return True
         self._counters["steps"] += 1
         self._counters["step_seconds"] += time.perf_counter() - started
+        if self.step_cost is not None:
+            self._counters["profiled_seconds"] += self.step_cost(self.engine.last_step) / 1e3
         for out in outputs:
             self._on_first_token(out)
         return True

@@ -175,3 +175,14 @@ def test_serve_plan_refuses_two_layouts_in_one_role(
         cli.plan_deployment(str(path))
     assert cli.main(["serve", "--plan", str(tmp_path / "nope.json")]) == cli.EXIT_USAGE
     assert capsys.readouterr().err.startswith("error: plan: no such file")
+
+
+def test_serve_bad_profile_is_one_line_error(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["serve", "--profile", str(tmp_path / "none.json")]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("error: profile: no such file") and "Traceback" not in err
+    (tmp_path / "bad.json").write_text('{"schema": "baton.latency_profiles", "version": 9}')
+    assert cli.main(["serve", "--profile", str(tmp_path / "bad.json")]) == cli.EXIT_USAGE
+    assert capsys.readouterr().err.startswith("error: version: must be 1")

@@ -14,15 +14,18 @@ import pytest
 import ray
 
 from cluster import Cluster
+from cluster.planner.latency import LatencyProfile, ProfileSet
 from engine import LLM, SamplingParams
 from engine.outputs import RequestOutput
 from tests.prompts import text_prompts
 
+# A made-up profile: 1 ms per prompt token, 10 ms per decode in a step.
+PROFILES = ProfileSet({(1, 1): LatencyProfile(1, 1, (0, 1, 0), (0, 0, 10), (0, 0, 10))})
 # name -> Cluster keyword arguments
 LAYOUTS: dict[str, dict[str, Any]] = {
-    "torch": dict(transport="torch"),
+    "torch": dict(transport="torch", profiles=PROFILES),
     "grpc": dict(transport="grpc"),
-    "colocated": dict(mode="colocated", prefill=1, decode=1),
+    "colocated": dict(mode="colocated", prefill=1, decode=1, profiles=PROFILES),
     "torch-2x2": dict(transport="torch", prefill=2, decode=2),
 }
 NUM_REQUESTS = 32
@@ -101,6 +104,15 @@ def test_concurrent_streams_equal_the_offline_engine(cluster: Cluster, workload)
         pulls = sum(s.counters.get("pulls", 0) for s in stats)
         assert pulls == sum(1 for p in params if p.max_tokens > 1)
         assert all(s.counters.get("recomputes", 0) == 0 for s in stats)
+    if cluster.profiles is not None:  # each instance timed its steps by the profile too
+        for s in stats:
+            assert s.counters["profiled_seconds"] > 0
+            if s.role == "decode":  # decode steps only: 10 ms per token advanced
+                assert s.counters["profiled_seconds"] == pytest.approx(
+                    0.010 * s.counters["token_steps"]
+                )
+            if s.role == "prefill":  # at most every prompt token (some hit the cache)
+                assert s.counters["profiled_seconds"] <= 1e-3 * sum(map(len, ids)) + 1e-9
     if len(cluster.instances) == 4:  # the 2 + 2 layout spreads the load
         assert all(
             s.counters.get("handoffs", 0) > 0 or s.counters.get("pulls", 0) > 0 for s in stats

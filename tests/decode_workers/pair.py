@@ -17,6 +17,7 @@ from engine.events import EventSink, TokenEvent
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.step import StepCost
 from kv_transfer import TransferConfig, create_receiver, create_sender
 from prefill_workers.worker import PrefillWorker
 
@@ -65,6 +66,7 @@ class Pair:
         transfer: TransferConfig | None = None,
         lease_ttl_s: float = 30.0,
         hand_off: Any = None,
+        step_cost: StepCost | None = None,
     ):
         transfer = transfer or TransferConfig(backend="local")
         self.sink = StreamSink()
@@ -75,6 +77,7 @@ class Pair:
             self.sink,
             hand_off or self._hand_off,
             lease_ttl_s=lease_ttl_s,
+            step_cost=step_cost,
         )
         self.peers = LocalPeers({"prefill-0": self.prefill})
         self.decode = DecodeWorker(
@@ -84,6 +87,7 @@ class Pair:
             self.sink,
             self.peers,
             DecodeConfig(lease_ttl_s=lease_ttl_s),
+            step_cost=step_cost,
         )
 
     def _hand_off(self, instance: str, handoff: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from engine import LLM, SamplingParams
 from engine.llm_engine import LLMEngine
+from engine.step import StepShape
 from kv_transfer import TransferConfig
 from tests.decode_workers.pair import Pair, final, make_engine, wait_until
 from tests.prompts import text_prompts
@@ -57,6 +58,24 @@ def test_greedy_outputs_equal_the_offline_engine(engines, offline, prompts) -> N
     # The loop's time around its steps holds the steps themselves, and they took time.
     assert stats.counters["steps"] > 0
     assert 0 < stats.counters["step_seconds"] < stats.counters["loop_seconds"]
+
+
+def test_each_side_reports_its_steps_time_by_the_profile(engines) -> None:
+    def cost(shape: StepShape) -> float:  # 1 ms per prompt token, 10 ms per decode
+        return 1.0 * shape.prefill_tokens + 10.0 * shape.decode_batch
+
+    rng = random.Random(11)  # token ids no other test sent: no prefix-cache hits
+    ids = [[rng.randrange(1000, 20000) for _ in range(n)] for n in (17, 40, 33, 64)]
+    params = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)] * 4
+    with Pair(*engines, step_cost=cost) as pair:
+        pair.run(ids, params)
+        prefill, decode = pair.prefill.stats().counters, pair.decode.stats().counters
+    assert prefill["profiled_seconds"] == pytest.approx(1e-3 * sum(map(len, ids)))
+    # every decode step's batch, summed, is the tokens it advanced: 5 per request here
+    assert decode["token_steps"] == 4 * 5
+    assert decode["profiled_seconds"] == pytest.approx(10e-3 * 4 * 5)
+    with Pair(*engines) as plain:  # no profile, no such counter
+        assert "profiled_seconds" not in plain.decode.stats().counters
 
 
 def test_seeded_sampling_continues_the_same_random_stream(engines, offline, prompts) -> None:
