@@ -280,16 +280,21 @@ def summarize(
 # -- the router's overhead -------------------------------------------------------------------
 
 
-def decode_counters(target: str) -> dict[str, float]:
-    """Every counter summed over the decode-side instances, from the admin API."""
+def instance_counters(target: str) -> dict[str, tuple[str, dict[str, float]]]:
+    """Per instance name: its role and its counters, from the admin API."""
     import baton
 
     with baton.AdminClient(target) as admin:
         status = admin.status()
+    return {inst.name: (inst.role, dict(inst.counters)) for inst in status.instances}
+
+
+def decode_counters(target: str) -> dict[str, float]:
+    """Every counter summed over the decode-side instances, from the admin API."""
     totals: dict[str, float] = {}
-    for inst in status.instances:
-        if inst.role != "prefill":
-            for name, value in inst.counters.items():
+    for role, counters in instance_counters(target).values():
+        if role != "prefill":
+            for name, value in counters.items():
                 totals[name] = totals.get(name, 0.0) + value
     return totals
 
