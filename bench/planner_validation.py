@@ -13,12 +13,12 @@ On this machine, for a prefill-heavy workload with a tight TPOT SLO:
 3. ``baton serve --profile`` gets the same profile, so each instance also sums the
    profile's time for every step it runs (``profiled_seconds``) beside the measured
    ``step_seconds``. Per rate and instance, their ratio over that rate's requests is how
-   much slower than the profile the instance actually ran (on this shared 2-core VM
-   a decode step measures 64 to 79 ms minutes apart; under load it also shares its core
-   with the KV transfers, and the profile's straight-line fit in batch size misses the
-   small batches here by up to 7%). The simulator is run twice: from the profile alone,
-   and with each instance's profile scaled by its measured ratio, which checks the
-   simulator's queueing, batching and transfer model apart from the profile's error;
+   much slower than the profile the instance actually ran (this shared VM's speed
+   drifts between minutes, a loaded decode step shares its core with KV transfers, and
+   the profile's straight-line fit in batch size misses the smallest batches). The
+   simulator is run twice: from the profile alone, and with each instance's profile
+   scaled by its measured ratio, which checks the simulator's queueing, batching and
+   transfer model apart from the profile's error;
 4. per rate, measured and predicted SLO attainment (DistServe's: both TTFT and TPOT met)
    over the same window of requests (the simulator's: the first and last tenth left
    out), and per deployment the goodput at the attainment target: the highest rate
