@@ -190,7 +190,8 @@ async def _rates(
 ) -> list[Case]:  # fmt: skip
     model = await asyncio.to_thread(serving.server_model, bench_args.base_url)
     await serving.run_rate(bench_args, serving.warmup_prompts(requests, args.seed), math.inf, model)
-    warm = await asyncio.to_thread(_warmup_figures, bench_args.grpc_target)
+    before = await asyncio.to_thread(serving.instance_counters, bench_args.grpc_target)
+    warm = _warmup_figures(serving.decode_totals(before))
     kv_gbps, overhead_ms = args.kv_gbps or warm[0], warm[1]
     link = f"KV link {kv_gbps:.2f} GB/s, " if mode == "disaggregated" else ""
     print(f"{mode}: {link}decode loop {overhead_ms:.1f} ms/step", file=sys.stderr)
@@ -198,10 +199,10 @@ async def _rates(
     for i, rate in enumerate(float(x) for x in args.rates.split(",")):
         gaps = serving.arrival_gaps(len(requests), rate, 1.0, args.seed)
         sent = serving.prompts_for_rate(requests, i, args.seed)  # the simulator has no cache
-        before = await asyncio.to_thread(serving.instance_counters, bench_args.grpc_target)
         results, _ = await serving.run_rate(bench_args, sent, rate, model)
         after = await asyncio.to_thread(serving.instance_counters, bench_args.grpc_target)
         scales = step_scales(before, after)
+        before = after
         print(f"{mode} @ {rate:g}: steps ran x{scales[0]:.3f} / x{scales[1]:.3f} the "
               "profile's time", file=sys.stderr)  # fmt: skip
         sim = predict(mode, profile, args, lengths, gaps, rate, kv_gbps, overhead_ms, scales)
@@ -227,10 +228,9 @@ async def _rates(
     return cases
 
 
-Counters = dict[str, tuple[str, dict[str, float]]]  # serving.instance_counters
-
-
-def step_scales(before: Counters, after: Counters) -> tuple[float, float]:
+def step_scales(
+    before: serving.InstanceCounters, after: serving.InstanceCounters
+) -> tuple[float, float]:
     """Per instance, in the simulator's order (prefill before decode, then by name): its
     measured step time over its profiled step time between the two readings (1 where it
     did not step)."""
@@ -245,11 +245,10 @@ def step_scales(before: Counters, after: Counters) -> tuple[float, float]:
     return scales[0], scales[1]
 
 
-def _warmup_figures(target: str) -> tuple[float, float]:
-    """From the decode-side instances' counters so far (the warm-up's): the KV link in
-    GB/s (bytes over pull seconds; the default before any pull, as colocated), and the
-    worker loop's time per step beside the step itself, in ms."""
-    c = serving.decode_counters(target)
+def _warmup_figures(c: dict[str, float]) -> tuple[float, float]:
+    """From the decode-side instances' counters so far, summed (the warm-up's): the KV
+    link in GB/s (bytes over pull seconds; the default before any pull, as colocated),
+    and the worker loop's time per step beside the step itself, in ms."""
     nbytes, seconds, steps = c.get("kv_bytes", 0.0), c.get("kv_seconds", 0.0), c.get("steps")
     link = nbytes / seconds / 1e9 if nbytes and seconds else DEFAULT_KV_GBPS
     overhead = (c.get("loop_seconds", 0.0) - c.get("step_seconds", 0.0)) / steps if steps else 0.0

@@ -280,7 +280,10 @@ def summarize(
 # -- the router's overhead -------------------------------------------------------------------
 
 
-def instance_counters(target: str) -> dict[str, tuple[str, dict[str, float]]]:
+InstanceCounters = dict[str, tuple[str, dict[str, float]]]  # name -> (role, counters)
+
+
+def instance_counters(target: str) -> InstanceCounters:
     """Per instance name: its role and its counters, from the admin API."""
     import baton
 
@@ -289,14 +292,19 @@ def instance_counters(target: str) -> dict[str, tuple[str, dict[str, float]]]:
     return {inst.name: (inst.role, dict(inst.counters)) for inst in status.instances}
 
 
-def decode_counters(target: str) -> dict[str, float]:
-    """Every counter summed over the decode-side instances, from the admin API."""
+def decode_totals(counters: InstanceCounters) -> dict[str, float]:
+    """Every counter summed over the decode-side instances."""
     totals: dict[str, float] = {}
-    for role, counters in instance_counters(target).values():
+    for role, values in counters.values():
         if role != "prefill":
-            for name, value in counters.items():
+            for name, value in values.items():
                 totals[name] = totals.get(name, 0.0) + value
     return totals
+
+
+def decode_counters(target: str) -> dict[str, float]:
+    """Every counter summed over the decode-side instances, from the admin API."""
+    return decode_totals(instance_counters(target))
 
 
 def _decode_token_steps(target: str) -> tuple[float, float]:

@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cluster.planner.latency import LatencyProfile
+
+if TYPE_CHECKING:
+    from engine.step import StepCost, StepShape
 
 logger = logging.getLogger(__name__)
 
@@ -134,11 +137,11 @@ def engine_config(s: InstanceSpec) -> Any:
     )
 
 
-def step_cost(profile: LatencyProfile) -> Any:
+def step_cost(profile: LatencyProfile) -> StepCost:
     """The profile as the engine's ``StepCost``: its time (ms) for a step's shape, a
     prefill pass, a decode step or the two mixed."""
 
-    def cost(shape: Any) -> float:
+    def cost(shape: StepShape) -> float:
         return profile.mixed_ms(
             shape.prefill_tokens, shape.prefill_sq, shape.decode_batch, shape.decode_context
         )

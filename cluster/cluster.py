@@ -122,9 +122,9 @@ class Cluster:
         self.start_timeout_s = start_timeout_s
         self.health_interval_s = health_interval_s
         self.policy: RoutePolicy = policy or default_policy
-        self.profiles = profiles
-        # Per role, its layout's profile (ProfileSet.get borrows or names what is missing).
-        self._profiles = {
+        # Per role, its layout's profile, if given (ProfileSet.get borrows or names what is
+        # missing, so a wrong file fails here rather than in an actor).
+        self.role_profiles: dict[str, dict[str, Any]] = {
             role: profiles.get(*layout).to_dict() for role, layout in self.parallel.items()
         } if profiles is not None else {}  # fmt: skip
         self._polled: dict[str, InstanceStats] = {}
@@ -169,7 +169,7 @@ class Cluster:
                     host=host,
                     tp=tp,
                     pp=pp,
-                    profile=self._profiles.get(role),
+                    profile=self.role_profiles.get(role),
                     **self._spec,
                 )
                 self.instances.append(

@@ -35,6 +35,18 @@ class InstanceLoad:
 # full: the router's default decode pick, and the planner's simulator, pass it over.
 DECODE_RESERVE_FRACTION = 0.1
 
+
+def decode_preference(
+    free: float, capacity: float, active: int, reserve_fraction: float = DECODE_RESERVE_FRACTION
+) -> tuple[int, float, float]:
+    """The order decode instances are picked in, lowest first; the router's default pick
+    and the planner's simulator both use it. With room (``free`` KV above
+    ``reserve_fraction`` of ``capacity``): the fewest active requests, then the most free
+    KV. Without: the most free KV, then the fewest active."""
+    if free > capacity * reserve_fraction:
+        return (0, active, -free)
+    return (1, -free, active)
+
 # (request, loads of the serving instances) -> (prompt instance, decode instance or None)
 RoutePolicy = Callable[[RouteRequest, Sequence[InstanceLoad]], tuple[str, str | None]]
 

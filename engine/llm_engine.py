@@ -30,7 +30,7 @@ from engine.sampler import SamplingRequest
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
-from engine.step import StepShape
+from engine.step import StepPlan, StepShape
 from engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class LLMEngine:
         self.runner = runner
         self.scheduler = scheduler
         self.max_model_len = model_config.max_position_embeddings
-        self.last_step = StepShape()  # what the latest non-empty step computed
+        self._last_plan = StepPlan()
         self._states: dict[str, RequestState] = {}
 
     @classmethod
@@ -257,7 +257,7 @@ class LLMEngine:
         }
         sampled, out = self.runner.execute(plan, rows)
         self.scheduler.commit(plan)
-        self.last_step = plan.shape()
+        self._last_plan = plan
         now = time.monotonic()
         outputs = []
         for i, request_id in enumerate(sampled):
@@ -272,6 +272,11 @@ class LLMEngine:
                 del self._states[request_id]
             outputs.append(self._output(state, [token], delta))
         return outputs
+
+    @property
+    def last_step(self) -> StepShape:
+        """What the latest non-empty step computed (worked out only when asked)."""
+        return self._last_plan.shape()
 
     def _sampling_row(self, seq: Sequence) -> SamplingRequest:
         return SamplingRequest(

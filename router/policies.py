@@ -18,7 +18,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from cluster.dispatch import DECODE_RESERVE_FRACTION, InstanceLoad, RouteRequest
+from cluster.dispatch import (
+    DECODE_RESERVE_FRACTION,
+    InstanceLoad,
+    RouteRequest,
+    decode_preference,
+)
 
 
 def pick_prefill(
@@ -40,17 +45,15 @@ def pick_prefill(
 def pick_decode(
     loads: Sequence[InstanceLoad], reserve_fraction: float = DECODE_RESERVE_FRACTION
 ) -> str:
-    """With room (free blocks above ``reserve_fraction`` of the cache): the fewest active
-    requests, then the most free blocks, then the fewest running. Without: the most free
-    blocks."""
+    """``decode_preference`` on the polled free blocks and the live active count, then
+    the fewest running."""
     decode = [x for x in loads if x.role != "prefill"]
     if not decode:
         raise ValueError("instances: no decode instance to choose from")
 
-    def key(x: InstanceLoad) -> tuple[int, int, int, int]:
-        if x.free_blocks > x.total_blocks * reserve_fraction:
-            return (0, x.active, -x.free_blocks, x.running)
-        return (1, -x.free_blocks, x.active, x.running)
+    def key(x: InstanceLoad) -> tuple[tuple[int, float, float], int]:
+        room = decode_preference(x.free_blocks, x.total_blocks, x.active, reserve_fraction)
+        return room, x.running
 
     return min(decode, key=key).name
 

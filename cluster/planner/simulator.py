@@ -26,7 +26,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from cluster.dispatch import DECODE_RESERVE_FRACTION
+from cluster.dispatch import decode_preference
 from cluster.planner._validate import positive, positive_int, require
 from cluster.planner.cluster_spec import SLOs
 from cluster.planner.instances import (
@@ -275,11 +275,9 @@ def simulate(
     )
 
 
-def _decode_key(inst: LaneInstance) -> tuple[int, int, int]:
-    """``router.policies.pick_decode``'s order, on the simulator's exact figures."""
-    if inst.free_tokens > inst.kv_capacity * DECODE_RESERVE_FRACTION:
-        return (0, inst.active, -inst.free_tokens)
-    return (1, -inst.free_tokens, inst.active)
+def _decode_key(inst: LaneInstance) -> tuple[int, float, float]:
+    """The router's decode order, on the simulator's exact figures."""
+    return decode_preference(inst.free_tokens, inst.kv_capacity, inst.active)
 
 
 def _tpot(req: SimRequest) -> float:
