@@ -146,6 +146,15 @@ def _add_serve(sub: Any) -> None:
         help="launch a `baton plan --out` file: its instance counts and TP/PP layouts "
         "(overrides --prefill/--decode)",
     )
+    for role in ("prefill", "decode"):
+        serve.add_argument(
+            f"--{role}-parallel",
+            type=parse_layout,
+            default=None,
+            metavar="TPxPP",
+            help=f"each {role} instance's tensor x pipeline layout, e.g. 2x1 (default: 1x1; "
+            "--plan sets it)",
+        )
     serve.add_argument(
         "--profile",
         default=None,
@@ -155,6 +164,14 @@ def _add_serve(sub: Any) -> None:
         "measured step_seconds",
     )
     serve.set_defaults(func=_cmd_serve)
+
+
+def parse_layout(text: str) -> tuple[int, int]:
+    """``TPxPP`` (e.g. ``2x1``) as ``(tp, pp)``; argparse reports the ValueError's text."""
+    tp, sep, pp = text.lower().partition("x")
+    if not (sep and tp.isdigit() and pp.isdigit() and int(tp) >= 1 and int(pp) >= 1):
+        raise argparse.ArgumentTypeError(f"must be TPxPP with positive integers, got {text!r}")
+    return int(tp), int(pp)
 
 
 def plan_deployment(path: str) -> dict[str, Any]:
@@ -198,6 +215,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         planned = plan_deployment(args.plan)
         deployment = {k: planned.pop(k) for k in ("prefill", "decode", "mode")}
         options.update(planned)
+    for role in ("prefill", "decode"):
+        layout = getattr(args, f"{role}_parallel")
+        if layout is not None:
+            options[f"{role}_parallel"] = layout
     if args.profile is not None:
         from cluster.planner.latency import load_profiles
 
