@@ -61,6 +61,13 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="same seed, same plan (default: 0)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--out", metavar="PLAN.json", default=None, help="write the plan file here")
+    p.add_argument(
+        "--helm-values",
+        metavar="VALUES.yaml",
+        default=None,
+        help="write the plan as values for the Helm chart (deploy/helm/baton): replicas "
+        "and TP/PP layouts per role",
+    )
     p.set_defaults(func=run_plan)
 
 
@@ -192,6 +199,10 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.out:
         with open(args.out, "w") as f:
             f.write(result.to_json() + "\n")
+    if args.helm_values:
+        from cluster.planner.helm_values import write_helm_values
+
+        write_helm_values(args.helm_values, result, model)
     print(result.to_json() if args.json else format_plan(result))
     return 0
 
