@@ -156,6 +156,14 @@ def _add_serve(sub: Any) -> None:
             "--plan sets it)",
         )
     serve.add_argument(
+        "--cpus-per-rank",
+        type=float,
+        default=None,
+        metavar="N",
+        help="Ray CPUs (and torch threads) each rank of an instance reserves (default: this "
+        "host's cores shared by all ranks; set it when joining a cluster of other hosts)",
+    )
+    serve.add_argument(
         "--profile",
         default=None,
         metavar="FILE",
@@ -219,6 +227,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         layout = getattr(args, f"{role}_parallel")
         if layout is not None:
             options[f"{role}_parallel"] = layout
+    if args.cpus_per_rank is not None:
+        if not args.cpus_per_rank > 0:
+            raise ValueError(f"cpus-per-rank: must be > 0, got {args.cpus_per_rank}")
+        options["cpus_per_instance"] = args.cpus_per_rank
     if args.profile is not None:
         from cluster.planner.latency import load_profiles
 

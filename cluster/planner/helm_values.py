@@ -25,6 +25,11 @@ from cluster.planner.model_spec import ModelSpec
 from cluster.planner.plan import Plan
 
 ROLES = ("prefill", "decode")
+# A starting point for a GPU pod's host share, per GPU: one CPU per rank (the chart's
+# ray.cpusPerRank default) plus one for the raylet and loading, and host memory for
+# loading weights. Adjust in a values file layered after this one.
+CPUS_PER_GPU = 2
+MEMORY_GIB_PER_GPU = 32
 
 
 def helm_values(plan: Plan, model: ModelSpec) -> dict[str, Any]:
@@ -52,9 +57,14 @@ def helm_values(plan: Plan, model: ModelSpec) -> dict[str, Any]:
             shown = ", ".join(f"tp{tp}pp{pp}" for tp, pp in sorted(layouts[role]))
             raise ValueError(f"plan: {role} instances must share one layout, got {shown}")
         ((tp, pp),) = layouts[role]
+        cpus, memory = tp * pp * CPUS_PER_GPU, f"{tp * pp * MEMORY_GIB_PER_GPU}Gi"
         values[role] = {
             "replicas": plan.count(role),
             "parallelism": {"tensor": tp, "pipeline": pp},
+            "resources": {
+                "requests": {"cpu": str(cpus), "memory": memory},
+                "limits": {"cpu": str(cpus), "memory": memory},
+            },
         }
     return values
 

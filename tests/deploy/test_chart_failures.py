@@ -10,7 +10,10 @@ import pytest
 from tests.deploy import chart
 
 GPU = {"accelerator": {"type": "nvidia"}}
-LLAMA = {"model": {"architecture": {"numHeads": 32, "numKeyValueHeads": 8, "numLayers": 32}}}
+LLAMA = {
+    "model": {"architecture": {"numHeads": 32, "numKeyValueHeads": 8, "numLayers": 32}},
+    "ray": {"cpusPerRank": 0.1},  # many ranks in the default 2-CPU pods
+}
 
 CASES: list[tuple[str, dict[str, Any], list[str]]] = [
     ("old ray with token auth", {"ray": {"version": "2.51.1"}},
@@ -26,6 +29,11 @@ CASES: list[tuple[str, dict[str, Any], list[str]]] = [
     ("layout larger than a node",
      {**GPU, **LLAMA, "prefill": {"parallelism": {"tensor": 4, "pipeline": 4}}},
      ["prefill.parallelism", "16 GPUs", "accelerator.gpusPerNode=8"]),
+    ("cpu limit below the ranks' reservation",
+     {"decode": {"parallelism": {"tensor": 3, "pipeline": 1},
+                 "resources": {"requests": {"cpu": "1", "memory": "1Gi"},
+                               "limits": {"cpu": "1500m", "memory": "1Gi"}}}},
+     ["decode.resources.limits.cpu", "1500m", "3 ranks of ray.cpusPerRank=1"]),
     ("api key without a secret", {"auth": {"apiKey": {"enabled": True}}},
      ["auth.apiKey.existingSecret", "required when auth.apiKey.enabled"]),
     ("admin key without a secret", {"auth": {"adminKey": {"enabled": True}}},
@@ -73,7 +81,7 @@ def test_good_neighbours_of_the_bad_cases_render() -> None:
         {"ray": {"version": "2.40.0", "auth": {"enabled": False, "existingSecret": ""}}},
         {**GPU, **LLAMA, "prefill": {"parallelism": {"tensor": 8, "pipeline": 1}}},
         {**LLAMA, "decode": {"parallelism": {"tensor": 16, "pipeline": 1}}},  # tp multiple of kv
-        {"decode": {"parallelism": {"tensor": 3, "pipeline": 30}}},
+        {"decode": {"parallelism": {"tensor": 3, "pipeline": 30}}, "ray": {"cpusPerRank": 0.02}},
         {"auth": {"apiKey": {"enabled": True, "existingSecret": "k"}}},
     ]
     for values in ok:

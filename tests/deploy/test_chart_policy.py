@@ -181,6 +181,7 @@ def test_head_commands_parse_with_the_real_clis(renders: dict[str, Render], name
     assert parsed.transport == r.merged["router"]["transport"]
     assert parsed.grpc_port == r.merged["router"]["grpcPort"]
     assert parsed.http_port == r.merged["router"]["httpPort"]
+    assert parsed.cpus_per_rank == r.merged["ray"]["cpusPerRank"]
     assert (parsed.api_key is not None) == r.merged["auth"]["apiKey"]["enabled"]
     if r.merged["model"]["source"] != "image":
         assert parsed.model.startswith(r.merged["model"]["mountPath"] + "/")

@@ -47,6 +47,7 @@ def test_plan_values_render_and_validate(planned: tuple[dict[str, Any], Path]) -
         assert values[role]["parallelism"] == {"tensor": tp, "pipeline": pp}
         limits = groups[role]["template"]["spec"]["containers"][0]["resources"]["limits"]
         assert limits["nvidia.com/gpu"] == tp * pp
+        assert limits["cpu"] == str(2 * tp * pp)
     arch = values["model"]["architecture"]
     assert arch["numHeads"] == PRESETS["llama-13b"].num_heads
     assert values["accelerator"] == {"type": "nvidia", "gpusPerNode": 4}

@@ -82,6 +82,11 @@ baton.io/role: {{ .role }}
 {{- if and (ne $v.accelerator.type "cpu") (gt (mul $tp $pp) (int $v.accelerator.gpusPerNode)) }}
 {{- fail (printf "%s.parallelism: tensor x pipeline = %d GPUs do not fit one node (accelerator.gpusPerNode=%d); one instance is one pod" $role (mul $tp $pp) (int $v.accelerator.gpusPerNode)) }}
 {{- end }}
+{{- $limit := int (include "baton.millicpu" $spec.resources.limits.cpu) }}
+{{- $need := int (mulf $v.ray.cpusPerRank 1000 $tp $pp) }}
+{{- if lt $limit $need }}
+{{- fail (printf "%s.resources.limits.cpu: %v CPUs cannot hold tensor x pipeline = %d ranks of ray.cpusPerRank=%v CPUs each" $role $spec.resources.limits.cpu (mul $tp $pp) $v.ray.cpusPerRank) }}
+{{- end }}
 {{- end }}
 {{- range $name := list "apiKey" "adminKey" }}
 {{- $k := index $v.auth $name }}
@@ -106,6 +111,12 @@ baton.io/role: {{ .role }}
 {{- if and $v.router.ingress.enabled (not $v.router.ingress.host) }}
 {{- fail "router.ingress.host: required when router.ingress.enabled is true" }}
 {{- end }}
+{{- end }}
+
+{{/* A CPU quantity ("2", "0.5", "1500m", 2) in millicores. */}}
+{{- define "baton.millicpu" -}}
+{{- $q := toString . }}
+{{- if hasSuffix "m" $q }}{{ trimSuffix "m" $q | int }}{{ else }}{{ mulf (float64 $q) 1000 | int }}{{ end }}
 {{- end }}
 
 {{/* The --model argument: where the model is inside the container. */}}
