@@ -200,3 +200,46 @@ def _parse_ray_start(argv: list[str]) -> None:
     from ray.scripts.scripts import start
 
     start.make_context("start", list(argv))  # raises click.UsageError on a bad flag
+
+
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+@pytest.mark.parametrize("name", CI_NAMES)
+def test_every_selector_selects_the_pods_it_means(renders: dict[str, Render], name: str) -> None:
+    """Services, budgets, policies and monitors select pods by the labels the templates
+    give them (KubeRay keeps a template's labels, app.kubernetes.io/name included)."""
+    r = renders[name]
+    rc = r.raycluster["spec"]
+    pods = {"router": rc["headGroupSpec"]["template"]["metadata"]["labels"]}
+    pods.update(
+        {g["groupName"]: g["template"]["metadata"]["labels"] for g in rc["workerGroupSpecs"]}
+    )
+
+    def chosen(selector: dict[str, str]) -> set[str]:
+        return {role for role, labels in pods.items() if _selects(selector, labels)}
+
+    (svc,) = r.of_kind("Service")
+    assert chosen(svc["spec"]["selector"]) == {"router"}
+    for pdb in r.of_kind("PodDisruptionBudget"):
+        role = pdb["metadata"]["labels"]["baton.io/role"]
+        assert chosen(pdb["spec"]["selector"]["matchLabels"]) == {role}
+    for policy in r.of_kind("NetworkPolicy"):
+        want = {"router"} if policy["metadata"]["name"] == "baton-router" else set(pods)
+        assert chosen(policy["spec"]["podSelector"]["matchLabels"]) == want
+    for monitor in r.of_kind("PodMonitor"):
+        role = monitor["metadata"]["labels"]["baton.io/role"]
+        assert chosen(monitor["spec"]["selector"]["matchLabels"]) == {role}
+        ports = {p["name"] for p in _port_owner(rc, role)["ports"]}
+        assert monitor["spec"]["podMetricsEndpoints"][0]["port"] in ports
+    for monitor in r.of_kind("ServiceMonitor"):
+        assert _selects(monitor["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"])
+        assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in svc["spec"]["ports"]}
+
+
+def _port_owner(rc: dict[str, Any], role: str) -> dict[str, Any]:
+    if role == "router":
+        return rc["headGroupSpec"]["template"]["spec"]["containers"][0]
+    (group,) = [g for g in rc["workerGroupSpecs"] if g["groupName"] == role]
+    return group["template"]["spec"]["containers"][0]

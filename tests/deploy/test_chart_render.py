@@ -81,3 +81,17 @@ def test_notes_say_how_to_reach_it(renders: dict[str, Render]) -> None:
     assert "no dashboards in files/grafana/" in notes or "dashboard ConfigMap(s)" in notes
     notes = renders["existing-secrets-values.yaml"].text["baton/templates/NOTES.txt"]
     assert "--admin-key" in notes and "Authorization: Bearer" in notes
+
+
+@pytest.mark.parametrize(
+    "path", ["", "Meta-Llama-3-8B", "Meta-Llama-3-8B/", "llama/Llama-3.Q4_1.gguf", "m.gguf"]
+)
+def test_notes_name_the_model_as_the_router_does(path: str) -> None:
+    from router.service import served_model_name
+
+    values: dict[str, object] = {}
+    if path:
+        values = {"model": {"source": "pvc", "path": path, "pvc": {"existingClaim": "c"}}}
+    notes = chart.render(values)["baton/templates/NOTES.txt"]
+    want = served_model_name(f"/models/{path}" if path else None)
+    assert f'{{"model": "{want}"' in notes

@@ -119,6 +119,16 @@ baton.io/role: {{ .role }}
 {{- if hasSuffix "m" $q }}{{ trimSuffix "m" $q | int }}{{ else }}{{ mulf (float64 $q) 1000 | int }}{{ end }}
 {{- end }}
 
+{{/* The model id clients use, as router/service.py's served_model_name derives it. */}}
+{{- define "baton.servedName" -}}
+{{- if .Values.model.servedName }}{{ .Values.model.servedName }}
+{{- else if .Values.model.path }}
+{{- $n := base (clean .Values.model.path) }}
+{{- if hasSuffix ".gguf" $n }}{{ first (splitList "." (trimSuffix ".gguf" $n)) }}{{ else }}{{ $n }}{{ end }}
+{{- else }}SmolLM2-135M-Instruct
+{{- end }}
+{{- end }}
+
 {{/* The --model argument: where the model is inside the container. */}}
 {{- define "baton.modelPath" -}}
 {{- if eq .Values.model.source "image" }}{{ .Values.model.path }}
