@@ -351,6 +351,8 @@ class InstanceActor:
         if self.worker is None:
             return None
         stats: dict[str, Any] = self.worker.stats().to_dict()
+        stats.update(node_id=self.info.get("node_id", ""), node_ip=self.info.get("node_ip", ""),
+                     tp=self.spec.tp, pp=self.spec.pp)  # fmt: skip
         return stats
 
     def stop(self) -> None:
