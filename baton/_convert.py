@@ -140,6 +140,10 @@ def _instance(i: pb.InstanceStatus) -> InstanceStatus:
         kv_usage=i.kv_usage,
         num_preemptions=i.num_preemptions,
         counters=dict(i.counters),
+        node_id=i.node_id,
+        node_ip=i.node_ip,
+        tp=i.tp or 1,
+        pp=i.pp or 1,
     )
 
 

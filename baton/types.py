@@ -111,6 +111,10 @@ class InstanceStatus:
     kv_usage: float  # fraction of KV blocks in use
     num_preemptions: int
     counters: Mapping[str, float] = field(default_factory=dict)
+    node_id: str = ""  # the Ray node of its rank 0 ("" while it is not serving)
+    node_ip: str = ""
+    tp: int = 1
+    pp: int = 1
 
 
 @dataclass(frozen=True)

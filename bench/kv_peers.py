@@ -1,10 +1,11 @@
 """The KV transfer benchmark's cases and its child processes (the far end of each link).
 
-``python -m bench.kv_peers BACKEND MODELS TOKENS CHUNK_BYTES THREADS`` runs a sender of
+``python -m bench.kv_peers BACKEND MODELS TOKENS CHUNK_BYTES THREADS [HOST]`` runs a sender of
 BACKEND for every model, with every case published, prints ``{"endpoints": {...}}`` and
 then takes ``{"op": "send", ...}`` or ``{"op": "stop"}`` lines on stdin; BACKEND ``raw``
 instead serves byte counts asked for on a plain socket (``{"port": ...}``). Only plain
-JSON values cross the process boundary.
+JSON values cross the process boundary. HOST (default loopback) is the address its
+listeners bind: another network namespace's, with ``kv_transfer --hosts``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -66,9 +68,11 @@ def descriptor(model: Model, tokens: int) -> KVDescriptor:
     return KVDescriptor(f"{model.name}-{tokens}", tokens, tuple(range(num_blocks)), model.layout())
 
 
-def run_peer(backend: str, models: list[Model], tokens: list[int], chunk_bytes: int) -> int:
+def run_peer(
+    backend: str, models: list[Model], tokens: list[int], chunk_bytes: int, host: str
+) -> int:
     """Senders of every model with every case published: endpoints out, JSON commands in."""
-    config = TransferConfig(backend=backend, timeout_s=60.0, chunk_bytes=chunk_bytes)
+    config = TransferConfig(backend=backend, host=host, timeout_s=60.0, chunk_bytes=chunk_bytes)
     num_blocks = math.ceil(max(tokens) / BLOCK_SIZE)
     senders, endpoints = {}, {}
     for model in models:
@@ -88,9 +92,9 @@ def run_peer(backend: str, models: list[Model], tokens: list[int], chunk_bytes: 
     return 0
 
 
-def _raw_peer(max_bytes: int) -> int:
+def _raw_peer(max_bytes: int, host: str) -> int:
     payload = memoryview(bytearray(torch.randn(max_bytes // 4 + 1).numpy().tobytes()))
-    with socket.create_server(("127.0.0.1", 0)) as server:
+    with socket.create_server((host, 0)) as server:
         print(json.dumps({"port": server.getsockname()[1]}), flush=True)
         server.settimeout(PEER_TIMEOUT_S)
         conn, _ = server.accept()
@@ -115,9 +119,20 @@ def recv_into(conn: socket.socket, buf: memoryview, n: int) -> int:
 class Peer:
     """A child process running ``run_peer``; commands are JSON lines on its stdin."""
 
-    def __init__(self, backend: str, models: str, tokens: str, chunk_bytes: int, threads: int):
-        argv = [backend, models, tokens, str(chunk_bytes), str(threads)]
-        cmd = [sys.executable, "-m", "bench.kv_peers", *argv]
+    def __init__(
+        self,
+        backend: str,
+        models: str,
+        tokens: str,
+        chunk_bytes: int,
+        threads: int,
+        host: str = "127.0.0.1",
+        prefix: Sequence[str] = (),
+    ):
+        """``prefix``: the command that runs it elsewhere (``ip netns exec NS``);
+        ``host``: the address its listeners bind there."""
+        argv = [backend, models, tokens, str(chunk_bytes), str(threads), host]
+        cmd = [*prefix, sys.executable, "-m", "bench.kv_peers", *argv]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self._lines: queue.Queue[str] = queue.Queue()
         self._lock = threading.Lock()
@@ -149,9 +164,9 @@ def _pump(stream: IO[str], lines: queue.Queue[str]) -> None:
 class RawLink:
     """The baseline: this process asks a child for n bytes on a plain loopback socket."""
 
-    def __init__(self, max_bytes: int):
-        self.peer = Peer("raw", "", str(max_bytes), 0, 1)
-        address = ("127.0.0.1", self.peer.hello["port"])
+    def __init__(self, max_bytes: int, host: str = "127.0.0.1", prefix: Sequence[str] = ()):
+        self.peer = Peer("raw", "", str(max_bytes), 0, 1, host, prefix)
+        address = (host, self.peer.hello["port"])
         self.conn = socket.create_connection(address, PEER_TIMEOUT_S)
         self.buf = memoryview(bytearray(max_bytes))
 
@@ -166,15 +181,17 @@ class RawLink:
 
 
 def main(argv: list[str]) -> int:
-    backend, models, tokens, chunk_bytes, threads = argv
+    backend, models, tokens, chunk_bytes, threads = argv[:5]
+    host = argv[5] if len(argv) > 5 else "127.0.0.1"
     torch.set_num_threads(int(threads))
     if backend == "raw":  # tokens: the largest byte count asked for
-        return _raw_peer(int(tokens))
+        return _raw_peer(int(tokens), host)
     return run_peer(
         backend,
         [MODELS[m] for m in models.split(",")],
         [int(t) for t in tokens.split(",")],
         int(chunk_bytes),
+        host,
     )
 
 

@@ -14,7 +14,14 @@ at least 70% of raw socket throughput for transfers of 16 MiB and more, grpc at 
 Every process runs torch with ``--threads`` intra-op threads (default 1: the copies are
 memory-bound, and more threads than free cores stall them).
 
-Usage: ``python -m bench.kv_transfer [--quick] [--json-out FILE]``. Unless ``--quick``, it
+With ``--hosts`` (root; ``tests/multinode/netns.py``) the receiver and the peers run on
+two hosts of their own, network namespaces joined by veths on a bridge: the bench
+re-runs itself in host B's namespace with every peer (the senders and the raw socket's
+far end) in host A's, each side bound to its own address, so every byte crosses the
+link; the namespaces are removed afterwards, also on failure. ``local`` is left out there
+(it never leaves the process), and so is the TTFT share.
+
+Usage: ``python -m bench.kv_transfer [--quick] [--hosts] [--json-out FILE]``. Unless ``--quick``, it
 then measures the transfer's share of TTFT on a real local cluster (``bench/kv_ttft.py``).
 The child processes are :mod:`bench.kv_peers`.
 """
@@ -87,7 +94,43 @@ def build_parser() -> argparse.ArgumentParser:
         "(0 skips it; --quick skips it)",
     )
     p.add_argument("--json-out", default=None, help="also write the results as JSON here")
+    p.add_argument(
+        "--hosts",
+        action="store_true",
+        help="between two network-namespace hosts over a veth link (root) instead of loopback",
+    )
+    # Set by --hosts for the run inside host B: where the peers run and what each side binds.
+    p.add_argument("--peer-netns", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--peer-host", default="127.0.0.1", help=argparse.SUPPRESS)
+    p.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
     return p
+
+
+def _peer_prefix(args: argparse.Namespace) -> list[str]:
+    return [] if args.peer_netns is None else ["ip", "netns", "exec", args.peer_netns]
+
+
+def run_on_hosts(argv: list[str]) -> int:
+    """Two namespace hosts; this bench again inside host B, its peers inside host A."""
+    import subprocess
+    import sys
+
+    from tests.multinode.netns import REPO, Network, unavailable
+
+    reason = unavailable()
+    if reason is not None:
+        print(f"kv_transfer --hosts: cannot make network namespaces: {reason}", file=sys.stderr)
+        return 1
+    net = Network(2)
+    try:
+        net.up()
+        a, b = net.hosts
+        cmd = [sys.executable, "-m", "bench.kv_transfer", *argv, "--ttft-requests", "0",
+               "--peer-netns", a.netns, "--peer-host", a.ip, "--host", b.ip]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        return subprocess.run(["ip", "netns", "exec", b.netns, *cmd], env=env).returncode
+    finally:
+        net.down()
 
 
 # -- measuring ----------------------------------------------------------------------------
@@ -114,11 +157,14 @@ def measure_backend(
 
     Raw socket trials alternate with the backend's, so both see the same load on a shared
     machine."""
-    config = TransferConfig(backend=backend, timeout_s=60.0, chunk_bytes=args.chunk_bytes)
+    config = TransferConfig(
+        backend=backend, host=args.host, timeout_s=60.0, chunk_bytes=args.chunk_bytes
+    )
     num_blocks = math.ceil(max(tokens) / BLOCK_SIZE)
     peer = None
     if backend != "local":
-        peer = Peer(backend, args.models, args.tokens, args.chunk_bytes, args.threads)
+        peer = Peer(backend, args.models, args.tokens, args.chunk_bytes, args.threads,
+                    args.peer_host, _peer_prefix(args))  # fmt: skip
     trials: dict[tuple[str, int], Trials] = {}
     firsts: list[FirstTransfer] = []
     try:
@@ -176,7 +222,8 @@ def measure_throughput(args: argparse.Namespace) -> tuple[list[Row], list[FirstT
     """Every backend's rows beside the raw socket rows for the same byte counts."""
     models = [MODELS[m] for m in args.models.split(",")]
     tokens = [int(t) for t in args.tokens.split(",")]
-    raw = RawLink(max(descriptor(m, t).nbytes for m in models for t in tokens))
+    largest = max(descriptor(m, t).nbytes for m in models for t in tokens)
+    raw = RawLink(largest, args.peer_host, _peer_prefix(args))
     rows: list[Row] = []
     raw_times: dict[tuple[str, int], list[float]] = {
         (m.name, t): [] for m in models for t in tokens
@@ -232,6 +279,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.tokens, args.repeats = "128", 2
+    if args.hosts and args.backends == parser.get_default("backends"):
+        args.backends = "torch,grpc"  # local never leaves the process
     if args.repeats < 1 or args.threads < 1:
         parser.error("--repeats and --threads: must be >= 1")
     for flag, given, known in (
@@ -250,6 +299,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.hosts and args.peer_netns is None:
+        import sys
+
+        return run_on_hosts(list(sys.argv[1:] if argv is None else argv))
     torch.set_num_threads(args.threads)
     rows, firsts = measure_throughput(args)
     shares = []
@@ -259,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
 
         shares = measure_ttft_share(["torch", "grpc"], 512, args.ttft_requests)
     print(
-        f"KV transfer throughput, torch {torch.__version__}, loopback, "
+        f"KV transfer throughput, torch {torch.__version__}, "
+        f"{'two namespace hosts over a veth/bridge link' if args.peer_netns else 'loopback'}, "
         f"chunk_bytes={args.chunk_bytes}, {args.threads} torch thread(s) per process, "
         f"median of {args.repeats}\n"
     )

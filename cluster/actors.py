@@ -184,8 +184,16 @@ class InstanceActor:
     def ping(self) -> dict[str, Any]:
         return {"name": self.spec.name, "started": self.worker is not None}
 
+    def _resolve_host(self) -> None:
+        """Bind and advertise this node's address (``cluster.node_address``), resolved here
+        in the actor's process: the node it runs on is known only now."""
+        from cluster.node_address import resolve_host
+
+        self.spec = replace(self.spec, host=resolve_host(self.spec.host))
+
     def rendezvous(self) -> str:
         """A TP x PP instance's store, on a free port; its address goes to the other ranks."""
+        self._resolve_host()
         if self._store is None:
             from engine.parallel.launch import host_store
 
@@ -199,6 +207,8 @@ class InstanceActor:
         collective) and ``attach`` follows before any request arrives."""
         if self.worker is not None:
             return self.info
+        self._resolve_host()
+        import ray
         import torch
 
         from engine.events import ZmqEventSink
@@ -222,6 +232,10 @@ class InstanceActor:
             "total_blocks": engine.block_manager.num_blocks,
             "max_model_len": engine.max_model_len,
             "world_size": self.spec.world_size,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(),
+            "host": self.spec.host,
+            "layout": f"tp{self.spec.tp} pp{self.spec.pp}",
         }
         logger.info("instance %s (%s) started: %s", self.spec.name, self.spec.role, self.info)
         return self.info
@@ -337,6 +351,8 @@ class InstanceActor:
         if self.worker is None:
             return None
         stats: dict[str, Any] = self.worker.stats().to_dict()
+        stats.update(node_id=self.info.get("node_id", ""), node_ip=self.info.get("node_ip", ""),
+                     tp=self.spec.tp, pp=self.spec.pp)  # fmt: skip
         return stats
 
     def stop(self) -> None:

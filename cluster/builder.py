@@ -1,7 +1,8 @@
 """All the Ray wiring in one place: start or join Ray, place instances, start them.
 
-``ray.init()`` with no address starts an embedded local Ray; an address joins an
-existing cluster. Each instance is one placement group with a bundle per rank (one GPU
+No address starts an embedded local Ray (never a ``ray start`` cluster found on this
+machine); an address joins an existing cluster within a bounded time
+(``cluster.ray_connect``). Each instance is one placement group with a bundle per rank (one GPU
 each when the cluster has GPUs, otherwise CPUs; torch's thread count is set to the CPUs
 given): rank 0 is an :class:`~cluster.actors.InstanceActor`, every other rank of a
 TP x PP instance a :class:`~cluster.ranks.RankActor`. The group is STRICT_PACK (every
@@ -14,7 +15,6 @@ other instances are passed in through ``start()``, never looked up from inside.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,8 +23,10 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster import placement, ray_connect
 from cluster.actors import InstanceActor, InstanceSpec
 from cluster.ranks import RankActor
+from cluster.ray_connect import DEFAULT_CONNECT_TIMEOUT_S
 
 logger = logging.getLogger(__name__)
 
@@ -54,48 +56,51 @@ class Instance:
         return [self.actor, *self.ranks]
 
 
-def init_ray(address: str | None, num_cpus: int) -> bool:
-    """Start a local Ray or join ``address``; True when this call started Ray."""
-    if ray.is_initialized():
-        return False
-    if address is None:
-        ray.init(
-            num_cpus=max(num_cpus, os.cpu_count() or 1),
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            # The object store carries only control messages here; keep it small.
-            object_store_memory=128 << 20,
-        )
-    else:
-        ray.init(address=address, logging_level=logging.WARNING)
-    return True
+def init_ray(
+    address: str | None, num_cpus: int, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+) -> bool:
+    """Start an embedded local Ray or join ``address`` (bounded; see
+    ``cluster.ray_connect``); True when this call started Ray."""
+    return ray_connect.init_ray(address, num_cpus, connect_timeout_s)
 
 
 def has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def _strategy(bundles: list[dict[str, float]]) -> str:
+def _strategy(
+    bundles: list[dict[str, float]], label_selector: list[dict[str, str]] | None = None
+) -> str:
+    """STRICT_PACK when one node allowed for the instance can hold all its ranks."""
     if len(bundles) == 1:
         return "PACK"
     need = {k: sum(b.get(k, 0) for b in bundles) for k in bundles[0]}
-    for node in ray.nodes():
-        have = node.get("Resources", {})
-        if node.get("Alive") and all(have.get(k, 0) >= v for k, v in need.items()):
+    selector = label_selector[0] if label_selector else {}
+    for node in placement.alive_nodes():
+        if node.matches(selector) and node.fits(need):
             return "STRICT_PACK"
     return "PACK"
 
 
 def create(
-    spec: InstanceSpec, cpus: float, gpus: int, timeout_s: float, cluster_id: str
+    spec: InstanceSpec,
+    cpus: float,
+    gpus: int,
+    timeout_s: float,
+    cluster_id: str,
+    label_selector: list[dict[str, str]] | None = None,
 ) -> Instance:
-    """Reserve the instance's resources and create its actors (not started yet)."""
+    """Reserve the instance's resources and create its actors (not started yet).
+    ``label_selector``: per rank, the node labels its bundle needs (``cluster.placement``)."""
     bundle: dict[str, float] = {"CPU": cpus}
     if gpus:
         bundle["GPU"] = gpus
     bundles = [dict(bundle) for _ in range(spec.world_size)]
     group = placement_group(
-        bundles, strategy=_strategy(bundles), name=f"baton-{cluster_id}-{spec.name}"
+        bundles,
+        strategy=_strategy(bundles, label_selector),
+        name=f"baton-{cluster_id}-{spec.name}",
+        bundle_label_selector=label_selector,
     )
     try:
         ray.get(group.ready(), timeout=timeout_s)

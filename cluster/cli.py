@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 EXIT_USAGE = 2  # same code argparse uses for bad arguments: the request itself was wrong
+EXIT_UNAVAILABLE = 69  # sysexits' EX_UNAVAILABLE: the Ray cluster could not be joined
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,6 +172,7 @@ def _add_serve(sub: Any) -> None:
         "reports its steps' time by the profile (counter profiled_seconds) beside the "
         "measured step_seconds",
     )
+    _add_multinode(serve)
     serve.set_defaults(func=_cmd_serve)
 
 
@@ -180,6 +182,38 @@ def parse_layout(text: str) -> tuple[int, int]:
     if not (sep and tp.isdigit() and pp.isdigit() and int(tp) >= 1 and int(pp) >= 1):
         raise argparse.ArgumentTypeError(f"must be TPxPP with positive integers, got {text!r}")
     return int(tp), int(pp)
+
+
+def _add_multinode(serve: Any) -> None:
+    """Flags for a Ray cluster of several hosts (see cluster.placement, cluster.ray_connect)."""
+    serve.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="with --address: give up joining after this long (default: %(default)s)",
+    )
+    for role in ("prefill", "decode"):
+        serve.add_argument(
+            f"--{role}-nodes",
+            default=None,
+            metavar="KEY=VALUE[,KEY=VALUE]",
+            help=f"run {role} instances only on Ray nodes with these labels (as given to "
+            f"`ray start --labels`; default: any node)",
+        )
+
+
+def _multinode_options(args: argparse.Namespace) -> dict[str, Any]:
+    from cluster.placement import parse_selector
+
+    if not args.connect_timeout > 0:
+        raise ValueError(f"connect-timeout: must be > 0 seconds, got {args.connect_timeout}")
+    options: dict[str, Any] = {"connect_timeout_s": args.connect_timeout}
+    for role in ("prefill", "decode"):
+        text = getattr(args, f"{role}_nodes")
+        if text is not None:
+            options[f"{role}_nodes"] = parse_selector(f"{role}-nodes", text)
+    return options
 
 
 def plan_deployment(path: str) -> dict[str, Any]:
@@ -204,18 +238,32 @@ def plan_deployment(path: str) -> dict[str, Any]:
     if "colocated" in layouts:
         (layout,) = layouts["colocated"]
         return {"mode": "colocated", "prefill": 0, "decode": count["colocated"],
-                "decode_parallel": layout}  # fmt: skip
+                "decode_parallel": layout, **_plan_nodes(plan)}  # fmt: skip
     if set(layouts) != {"prefill", "decode"}:
         raise ValueError("plan: needs at least one prefill and one decode instance")
     ((p_layout,), (d_layout,)) = layouts["prefill"], layouts["decode"]
     return {"mode": "disaggregated", "prefill": count["prefill"], "decode": count["decode"],
-            "prefill_parallel": p_layout, "decode_parallel": d_layout}  # fmt: skip
+            "prefill_parallel": p_layout, "decode_parallel": d_layout,
+            **_plan_nodes(plan)}  # fmt: skip
+
+
+def _plan_nodes(plan: Any) -> dict[str, Any]:
+    """The plan's node per instance, named as the cluster names them (role-index)."""
+    from cluster.placement import PlannedInstance
+
+    pinned, seen = [], dict.fromkeys(("prefill", "decode", "colocated"), 0)
+    for inst in sorted(plan.instances, key=lambda i: i.role != "prefill"):
+        name = f"{inst.role}-{seen[inst.role]}"
+        seen[inst.role] += 1
+        nodes = tuple(s.node for s in inst.stages)
+        pinned.append(PlannedInstance(name, inst.role, inst.tp, inst.pp, nodes))
+    return {"plan_instances": pinned, "plan_nodes": 1 + max(n for i in pinned for n in i.nodes)}
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from router.server import ServeConfig, run
 
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = _multinode_options(args)
     if args.num_kv_blocks is not None:
         options["num_kv_blocks"] = args.num_kv_blocks
     deployment = {"prefill": args.prefill, "decode": args.decode, "mode": args.mode}
@@ -365,6 +413,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # user's to fix: one line, no traceback.
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ConnectionError as exc:  # cluster.ray_connect: the message names the address
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     except KeyboardInterrupt:
         return 130
 

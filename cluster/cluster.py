@@ -25,11 +25,13 @@ from typing import Any
 
 import ray
 
-from cluster import builder
+from cluster import builder, placement
 from cluster.actors import InstanceSpec
 from cluster.dispatch import InstanceLoad, RoutePolicy, RouteRequest, default_policy
 from cluster.health import HealthMonitor
+from cluster.node_address import host_ip
 from cluster.planner.latency import ProfileSet
+from cluster.ray_connect import DEFAULT_CONNECT_TIMEOUT_S
 from cluster.stream import EventReceiver, RequestStream, RequestTrace
 from engine.outputs import InstanceStats, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -88,13 +90,24 @@ class Cluster:
         prefill_parallel: tuple[int, int] = (1, 1),
         decode_parallel: tuple[int, int] = (1, 1),
         profiles: ProfileSet | None = None,
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        prefill_nodes: dict[str, str] | None = None,
+        decode_nodes: dict[str, str] | None = None,
+        plan_instances: Sequence[placement.PlannedInstance] | None = None,
+        plan_nodes: int = 0,
     ):
         """``policy`` chooses instances per request (see ``cluster.dispatch``); the
         default sends prompts to the fewest queued prompt tokens and decodes to the
         fewest active requests. ``prefill_parallel`` / ``decode_parallel``: each pool's
         (tp, pp); colocated instances take ``decode_parallel``. ``cpus_per_instance`` is
         per rank. ``profiles``: the planner's latency profiles for this model and hardware;
-        each instance then reports its steps' profiled time (``profiled_seconds``)."""
+        each instance then reports its steps' profiled time (``profiled_seconds``).
+        ``address``: join that Ray cluster (``HOST:PORT``) within ``connect_timeout_s``;
+        None starts an embedded local Ray. ``prefill_nodes`` / ``decode_nodes``: Ray node
+        labels a node must have to host that role (``cluster.placement``); colocated
+        instances take ``decode_nodes``. ``plan_instances`` (named as the cluster names its
+        instances: prefill-0, decode-0, ...) pins each to plan node i = the i-th live Ray
+        node by IP, of ``plan_nodes``; checked before anything starts."""
         if mode not in MODES:
             raise ValueError(f"mode: must be one of {', '.join(MODES)}, got {mode!r}")
         if transport not in TRANSPORTS or (transport == "local" and mode != "colocated"):
@@ -145,6 +158,11 @@ class Cluster:
         self._receiver: EventReceiver | None = None
         self._health: HealthMonitor | None = None
         self._started_ray = False
+        self.connect_timeout_s = connect_timeout_s
+        self.selectors = placement.role_selectors(prefill_nodes, decode_nodes)
+        self.plan_instances = None if plan_instances is None else list(plan_instances)
+        self.plan_nodes = plan_nodes
+        self._stopped = False  # stop() during start(): start gives up at its next step
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -152,43 +170,67 @@ class Cluster:
         roles = ["prefill"] * self.num_prefill
         roles += ["decode" if self.mode == "disaggregated" else "colocated"] * self.num_decode
         n = sum(self.parallel[r][0] * self.parallel[r][1] for r in roles)  # ranks
-        self._started_ray = builder.init_ray(self.address, n)
-        gpus = 1 if builder.has_gpus() else 0
-        cpus = self.cpus_per_instance or max(1, (os.cpu_count() or 1) // n)
-        host = "127.0.0.1" if self.address is None else ray.util.get_node_ip_address()
-        counts: dict[str, int] = {}
+        self._stopped = False
+        self._started_ray = builder.init_ray(self.address, n, self.connect_timeout_s)
         try:
-            for role in roles:
-                name = f"{role}-{counts.setdefault(role, 0)}"
-                counts[role] += 1
-                tp, pp = self.parallel[role]
-                spec = InstanceSpec(
-                    name=name,
-                    role=role,
-                    num_threads=max(1, int(cpus)),
-                    host=host,
-                    tp=tp,
-                    pp=pp,
-                    profile=self.role_profiles.get(role),
-                    **self._spec,
-                )
-                self.instances.append(
-                    builder.create(spec, cpus, gpus, self.start_timeout_s, self.id)
-                )
-            self._receiver = EventReceiver(host)
-            self._receiver.start()
-            builder.start_all(self.instances, self._receiver.address, self.start_timeout_s)
-            self._health = HealthMonitor(
-                self.instances, self._restart, self._lost, self.health_interval_s, self._poll
-            )
-            self._health.start()
+            self._start_instances(roles, n)
         except BaseException:
             self.stop()
             raise
         logger.info("cluster started: %s", [i.name for i in self.instances])
         return self
 
+    def _start_instances(self, roles: list[str], n: int) -> None:
+        gpus = 1 if builder.has_gpus() else 0
+        cpus = self.cpus_per_instance or max(1, (os.cpu_count() or 1) // n)
+        names = [f"{role}-{roles[:i].count(role)}" for i, role in enumerate(roles)]
+        # Checked before anything starts: Ray would leave an impossible group pending.
+        nodes = placement.alive_nodes()
+        placement.check_roles(self.selectors, roles, nodes)
+        pinned = self._pin(nodes, {"GPU": 1.0} if gpus else {"CPU": float(cpus)})
+        # Embedded Ray is one node: loopback. Joined: each process resolves its node's IP
+        # (node_address.resolve_host), the driver here for the event socket.
+        host = "127.0.0.1" if self.address is None else ""
+        for name, role in zip(names, roles, strict=True):
+            if self._stopped:
+                raise RuntimeError("cluster: stopped while starting")
+            tp, pp = self.parallel[role]
+            spec = InstanceSpec(
+                name=name,
+                role=role,
+                num_threads=max(1, int(cpus)),
+                host=host,
+                tp=tp,
+                pp=pp,
+                profile=self.role_profiles.get(role),
+                **self._spec,
+            )
+            selector = placement.bundle_selectors(
+                self.selectors[role], spec.world_size, pinned.get(name)
+            )
+            self.instances.append(
+                builder.create(spec, cpus, gpus, self.start_timeout_s, self.id, selector)
+            )
+        self._receiver = EventReceiver(host_ip(host))
+        self._receiver.start()
+        builder.start_all(self.instances, self._receiver.address, self.start_timeout_s)
+        self._health = HealthMonitor(
+            self.instances, self._restart, self._lost, self.health_interval_s, self._poll
+        )
+        self._health.start()
+
+    def _pin(
+        self, nodes: list[placement.Node], bundle: dict[str, float]
+    ) -> dict[str, placement.Node | None]:
+        """Plan instances' nodes (``plan_instances``); {} without a plan."""
+        if self.plan_instances is None:
+            return {}
+        return placement.pin_plan(
+            self.plan_instances, self.plan_nodes, nodes, bundle, self.selectors
+        )
+
     def stop(self) -> None:
+        self._stopped = True
         if self._health is not None:
             self._health.stop()
             self._health = None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -41,9 +42,13 @@ class HealthMonitor:
         interval_s: float = 2.0,
         poll: Callable[[], None] | None = None,
         ping_timeout_s: float = 10.0,
+        unavailable_s: float = 20.0,
     ):
         """``lost(instance)``: fail the requests it held; ``restart(instance)``: start it;
-        ``poll()``: called after every round (the cluster refreshes its load figures)."""
+        ``poll()``: called after every round (the cluster refreshes its load figures).
+        ``unavailable_s``: an instance that answers no ping for this long (its node is
+        gone and Ray waits for room to restart it elsewhere, perhaps forever) has its
+        requests failed and takes none until it is back."""
         self.instances = instances
         self.state = {inst.name: Health.SERVING for inst in instances}
         self._restart = restart
@@ -51,6 +56,9 @@ class HealthMonitor:
         self._lost = lost
         self._interval_s = interval_s
         self._ping_timeout_s = ping_timeout_s
+        self._unavailable_s = unavailable_s
+        self._unavailable_since: dict[str, float] = {}
+        self._answered: dict[str, bool] = {}  # by the last _ping: did any rank answer
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="baton-health", daemon=True)
 
@@ -80,6 +88,8 @@ class HealthMonitor:
             if self.state[inst.name] is Health.DEAD or self._stopping.is_set():
                 continue
             started = self._ping(inst)
+            if started is not None and self._unanswered(inst, started):
+                continue
             if started is None:
                 logger.error("instance %s is dead", inst.name)
                 self.state[inst.name] = Health.DEAD
@@ -96,10 +106,27 @@ class HealthMonitor:
                 self.state[inst.name] = Health.SERVING
         return dict(self.state)
 
+    def _unanswered(self, inst: Instance, started: bool) -> bool:
+        """True while ``inst`` answers no ping (``_ping`` said started, having heard
+        nothing); past ``unavailable_s`` its requests fail once and it takes no more."""
+        if not started or self._answered.pop(inst.name, True):
+            self._unavailable_since.pop(inst.name, None)
+            if started and self.state[inst.name] is Health.RESTARTING:
+                self.state[inst.name] = Health.SERVING  # back without a restart
+            return False
+        since = self._unavailable_since.setdefault(inst.name, time.monotonic())
+        if time.monotonic() - since > self._unavailable_s and (
+            self.state[inst.name] is Health.SERVING
+        ):
+            logger.error("instance %s has not answered for %.0f s", inst.name, self._unavailable_s)
+            self.state[inst.name] = Health.RESTARTING
+            self._lost(inst)
+        return True
+
     def _ping(self, inst: Instance) -> bool | None:
         """Whether every rank of the instance is started; None when one is gone for good."""
         refs = [actor.ping.remote() for actor in inst.actors]
-        started = True
+        started, answered = True, 0
         for ref in refs:
             try:
                 reply: dict[str, Any] = ray.get(ref, timeout=self._ping_timeout_s)
@@ -107,5 +134,7 @@ class HealthMonitor:
                 continue  # busy, or being restarted by Ray: look again next round
             except ray.exceptions.RayActorError:
                 return None
+            answered += 1
             started = started and bool(reply["started"])
+        self._answered[inst.name] = answered > 0
         return started

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import replace
 from typing import Any
 
 from cluster.actors import InstanceSpec, engine_config, join_group, transfer_config
@@ -87,6 +88,9 @@ class RankActor:
         (together with every other rank); ``driver`` is rank 0's handle."""
         if self._thread is not None:
             return self.info
+        from cluster.node_address import resolve_host
+
+        self.spec = replace(self.spec, host=resolve_host(self.spec.host))
         import torch
 
         torch.set_num_threads(self.spec.num_threads)

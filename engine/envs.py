@@ -29,3 +29,26 @@ def native_kernels() -> bool:
 def c_compiler() -> str:
     """CC: the C compiler that builds the native kernels (default cc)."""
     return os.environ.get("CC", "cc")
+
+
+def host_ip() -> str | None:
+    """BATON_HOST_IP: the address this host's Baton listeners bind and advertise, instead
+    of the Ray node IP (like vLLM's VLLM_HOST_IP)."""
+    return os.environ.get("BATON_HOST_IP") or None
+
+
+def host_ifname() -> str | None:
+    """BATON_HOST_IFNAME: the network interface whose IPv4 address is this host's (where a
+    host has several); BATON_HOST_IP wins when both are set."""
+    return os.environ.get("BATON_HOST_IFNAME") or None
+
+
+def socket_ifname(name: str) -> str | None:
+    """GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME as the user set them, if at all."""
+    return os.environ.get(name) or None
+
+
+def set_socket_ifname(name: str, ifname: str) -> None:
+    """Set GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME for this process (gloo and NCCL read
+    them when a group is made)."""
+    os.environ[name] = ifname

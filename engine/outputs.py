@@ -55,6 +55,11 @@ class InstanceStats:
     num_preemptions: int
     # Role-specific gauges and counters: leases, pending transfers, recomputes, bytes...
     counters: dict[str, float] = field(default_factory=dict)
+    # Where the instance runs: its rank 0's Ray node, and its layout.
+    node_id: str = ""
+    node_ip: str = ""
+    tp: int = 1
+    pp: int = 1
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -66,4 +71,8 @@ class InstanceStats:
             "total_blocks": self.total_blocks,
             "num_preemptions": self.num_preemptions,
             "counters": dict(self.counters),
+            "node_id": self.node_id,
+            "node_ip": self.node_ip,
+            "tp": self.tp,
+            "pp": self.pp,
         }

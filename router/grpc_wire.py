@@ -141,6 +141,9 @@ def _instance(name: str, stats: InstanceStats | None, health: str) -> pb.Instanc
         out.kv_usage = _kv_usage(stats.free_blocks, stats.total_blocks)
         out.num_preemptions = stats.num_preemptions
         out.counters.update({k: float(v) for k, v in stats.counters.items()})
+        out.node_id, out.node_ip, out.tp, out.pp = (
+            stats.node_id, stats.node_ip, stats.tp, stats.pp
+        )
     return out
 
 

@@ -77,6 +77,15 @@ class InstanceCollector(Collector):
                 labels=_INSTANCE_LABELS,
             ),
         }
+        info = GaugeMetricFamily(
+            "baton:instance_info",
+            "Where each instance runs: 1 per instance, its node and layout as labels.",
+            labels=(*_INSTANCE_LABELS, "node_id", "node_ip", "layout"),
+        )
+        for s in self.instances:
+            info.add_metric([self.model, s.name, s.role, s.node_id, s.node_ip,
+                             f"tp{s.tp}pp{s.pp}"], 1.0)  # fmt: skip
+        yield info
         for s in self.instances:
             labels = [self.model, s.name, s.role]
             families["waiting"].add_metric(labels, s.num_waiting)

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -75,7 +76,8 @@ async def serve(
         policy=make_policy(config.policy),
         **config.cluster_options,
     )
-    await asyncio.to_thread(cluster.start)
+    if not await start_unless_stopped(cluster, stop):
+        return
     if on_started is not None:
         on_started()
     grpc_server = http_runner = None
@@ -98,6 +100,54 @@ async def serve(
         if http_runner is not None:
             await http_runner.cleanup()
         await asyncio.to_thread(cluster.stop)
+
+
+async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on a daemon thread: unlike ``asyncio.to_thread``, a call stuck in Ray
+    (a join that never completes) cannot keep the process from exiting."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if done.done():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)
+
+    def work() -> None:
+        try:
+            result, error = fn(), None
+        except BaseException as e:  # handed to the loop's thread
+            result, error = None, e
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=work, name=getattr(fn, "__name__", "work"), daemon=True).start()
+    return await done
+
+
+STOP_WHILE_STARTING_S = 30.0  # to tear down what a start interrupted by a signal made
+
+
+async def start_unless_stopped(cluster: Any, stop: asyncio.Event) -> bool:
+    """Start the cluster unless ``stop`` is set first (SIGINT/SIGTERM while Ray starts or
+    joins, or the model loads): then stop what was made, within a bound, and say False."""
+    starting = asyncio.ensure_future(_in_daemon_thread(cluster.start))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+    if starting.done():
+        stopping.cancel()
+        starting.result()  # raises what start raised
+        return True
+    starting.add_done_callback(lambda f: f.cancelled() or f.exception())  # not logged
+    logger.info("stopping while the cluster starts")
+    try:
+        await asyncio.wait_for(_in_daemon_thread(cluster.stop), STOP_WHILE_STARTING_S)
+    except Exception as e:  # a stuck Ray call: the process exits anyway
+        logger.warning("stopping the cluster while it started: %s", e)
+    return False
 
 
 def run(config: ServeConfig, out: TextIO = sys.stdout) -> int:

@@ -182,7 +182,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InstanceStatus(_message.Message):
-    __slots__ = ("name", "role", "health", "num_waiting", "num_running", "free_blocks", "total_blocks", "kv_usage", "num_preemptions", "counters")
+    __slots__ = ("name", "role", "health", "num_waiting", "num_running", "free_blocks", "total_blocks", "kv_usage", "num_preemptions", "counters", "node_id", "node_ip", "tp", "pp")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +200,10 @@ class InstanceStatus(_message.Message):
     KV_USAGE_FIELD_NUMBER: _ClassVar[int]
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_IP_FIELD_NUMBER: _ClassVar[int]
+    TP_FIELD_NUMBER: _ClassVar[int]
+    PP_FIELD_NUMBER: _ClassVar[int]
     name: str
     role: str
     health: InstanceHealth
@@ -210,7 +214,11 @@ class InstanceStatus(_message.Message):
     kv_usage: float
     num_preemptions: int
     counters: _containers.ScalarMap[str, float]
-    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., health: _Optional[_Union[InstanceHealth, str]] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., counters: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    node_id: str
+    node_ip: str
+    tp: int
+    pp: int
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., health: _Optional[_Union[InstanceHealth, str]] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., counters: _Optional[_Mapping[str, float]] = ..., node_id: _Optional[str] = ..., node_ip: _Optional[str] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ...) -> None: ...
 
 class PoolStatus(_message.Message):
     __slots__ = ("role", "instances", "num_waiting", "num_running", "free_blocks", "total_blocks", "kv_usage")

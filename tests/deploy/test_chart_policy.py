@@ -159,14 +159,10 @@ def _serve_args(head: dict[str, Any]) -> list[str]:
     return words[3:]  # after "exec baton serve"
 
 
-MN_FLAGS = {"--connect-timeout", "--prefill-nodes", "--decode-nodes"}  # branch mn (issue 11)
-
-
 @pytest.mark.parametrize("name", CI_NAMES)
 def test_head_commands_parse_with_the_real_clis(renders: dict[str, Render], name: str) -> None:
-    """The head's `baton serve` line parses with Baton's own argument parser (flags that
-    only the multi-node branch adds are the one allowed exception until it merges), and
-    its `ray start` line and KubeRay's worker lines parse with Ray's own CLI."""
+    """The head's `baton serve` line parses with Baton's own argument parser, and its
+    `ray start` line and KubeRay's worker lines parse with Ray's own CLI."""
     from cluster.cli import build_parser
 
     r = renders[name]
@@ -175,9 +171,10 @@ def test_head_commands_parse_with_the_real_clis(renders: dict[str, Render], name
         a.replace('"$BATON_API_KEY"', "KEY").replace("$BATON_API_KEY", "KEY")
         for a in _serve_args(head)
     ]
-    parsed, unknown = build_parser().parse_known_args(["serve", *args])
-    flags = {u for u in unknown if u.startswith("--")}
-    assert flags <= MN_FLAGS, f"unknown baton serve flags: {flags - MN_FLAGS}"
+    parsed = build_parser().parse_args(["serve", *args])  # SystemExit on an unknown flag
+    assert parsed.prefill_nodes == "baton.io/role=prefill"
+    assert parsed.decode_nodes == "baton.io/role=decode"
+    assert parsed.connect_timeout > 0
     assert parsed.transport == r.merged["router"]["transport"]
     assert parsed.grpc_port == r.merged["router"]["grpcPort"]
     assert parsed.http_port == r.merged["router"]["httpPort"]
