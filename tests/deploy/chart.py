@@ -152,17 +152,19 @@ def pod_templates(obj: dict[str, Any]) -> list[dict[str, Any]]:
 # -- what KubeRay makes of a group ----------------------------------------------------
 
 
-def kuberay_start_command(group: dict[str, Any], head: bool, head_address: str) -> str:
-    """The container command KubeRay (v1.7, pod.go) builds for a group's Ray container:
-    the user's command when it contains "ray start" or the overwrite annotation is set,
-    else ``ulimit -n ...; ray start [--head] --k=v ...`` from rayStartParams, the group's
-    labels (``--labels=k=v,...``) and the container's limits (num-cpus, memory,
-    num-gpus), with ``--block`` always on."""
+def kuberay_argv(group: dict[str, Any], head: bool, head_address: str) -> list[str]:
+    """The argv KubeRay (v1.7, pod.go) gives a group's Ray container: the user's command
+    and args as they are when they contain "ray start" or the overwrite annotation is
+    set; else ``/bin/bash -c -- "ulimit -n ...; ray start [--head] --k=v ..."`` from
+    rayStartParams, the group's labels (``--labels=k=v,...``) and the container's limits
+    (num-cpus, memory, num-gpus), with ``--block`` always on (a user command would run
+    before it, joined with ``&&``; the chart's workers have none)."""
     container = group["template"]["spec"]["containers"][0]
-    user = " ".join(container.get("command", []) + container.get("args", []))
+    user = container.get("command", []) + container.get("args", [])
     annotations = group["template"].get("metadata", {}).get("annotations", {})
-    if "ray start" in user or annotations.get("ray.io/overwrite-container-cmd") == "true":
-        return user
+    if "ray start" in " ".join(user) or annotations.get("ray.io/overwrite-container-cmd") == "true":
+        return list(user)
+    assert not user, "a user command before KubeRay's ray start: not used by this chart"
     params = dict(group.get("rayStartParams", {}))
     if not head:
         params.setdefault("address", head_address)
@@ -187,7 +189,30 @@ def kuberay_start_command(group: dict[str, Any], head: bool, head_address: str) 
         elif value.lower() != "false":
             flags.append(f"--{key}={value}")
     start = "ray start --head" if head else "ray start"
-    return f"ulimit -n ${{RAY_START_ULIMIT_OPEN_FILES:-65536}}; {start} {' '.join(flags)}"
+    script = f"ulimit -n ${{RAY_START_ULIMIT_OPEN_FILES:-65536}}; {start} {' '.join(flags)}"
+    return ["/bin/bash", "-c", "--", script]
+
+
+def kuberay_env(
+    group: dict[str, Any], head: bool, cluster: str, head_ip: str, start_cmd: str
+) -> dict[str, str]:
+    # (start_cmd: KubeRay's generated `ray start` line, whether or not it runs it.)
+    """The variables KubeRay (v1.7, pod.go setContainerEnvVars) adds to a Ray container,
+    unless the template sets them ("ip" is the head's address as the pod reaches it)."""
+    port = "6379"
+    if head:
+        port = group.get("rayStartParams", {}).get("port", port)
+    address = f"127.0.0.1:{port}" if head else f"{head_ip}:{port}"
+    return {
+        "RAY_CLUSTER_NAME": cluster,
+        "RAY_NODE_TYPE_NAME": "headgroup" if head else group["groupName"],
+        "KUBERAY_GEN_RAY_START_CMD": start_cmd,
+        "RAY_PORT": port,
+        "RAY_ADDRESS": address,
+        "RAY_USAGE_STATS_KUBERAY_IN_USE": "1",
+        "FQ_RAY_IP": head_ip,
+        "RAY_IP": head_ip,
+    }
 
 
 def _cpus(q: Any) -> int:

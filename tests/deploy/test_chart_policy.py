@@ -143,7 +143,7 @@ def test_roles_are_pinned_to_their_groups(renders: dict[str, Render], name: str)
         )
         assert serve[serve.index(f"--{role}") + 1] == str(r.merged[role]["replicas"])
         # What KubeRay will run in the worker pods.
-        cmd = chart.kuberay_start_command(group, head=False, head_address="H:6379")
+        cmd = chart.kuberay_argv(group, head=False, head_address="H:6379")[-1]
         assert f"--labels=baton.io/role={role}" in cmd and "--block" in cmd
         assert "--address=H:6379" in cmd
         # /dev/shm is memory-backed with the role's size.
@@ -183,9 +183,9 @@ def test_head_commands_parse_with_the_real_clis(renders: dict[str, Render], name
     if r.merged["model"]["source"] != "image":
         assert parsed.model.startswith(r.merged["model"]["mountPath"] + "/")
 
-    ray_lines = [chart.kuberay_start_command(head, head=True, head_address="")]
+    ray_lines = [chart.kuberay_argv(head, head=True, head_address="")[-1]]
     ray_lines += [
-        chart.kuberay_start_command(g, head=False, head_address="baton-head-svc:6379")
+        chart.kuberay_argv(g, head=False, head_address="baton-head-svc:6379")[-1]
         for g in r.raycluster["spec"]["workerGroupSpecs"]
     ]
     for text in ray_lines:

@@ -269,4 +269,5 @@ metrics-export-port: {{ .Values.ray.metricsPort | quote }}
 num-cpus: "0"
 num-gpus: "0"
 port: {{ .Values.ray.gcsPort | quote }}
+temp-dir: /tmp/ray
 {{- end }}
