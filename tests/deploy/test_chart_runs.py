@@ -263,3 +263,29 @@ def _is_serve(pid: int) -> bool:
     except OSError:
         return False
     return b"serve" in cmd and any(c.endswith(b"baton") for c in cmd)
+
+
+def test_head_gives_up_when_workers_never_join() -> None:
+    """No worker pod joins: the head's script stops within router.workersJoinTimeoutSeconds
+    with a message naming what is missing (the pod then restarts), never hangs."""
+    reason = netns.unavailable()
+    if reason is not None:
+        pytest.skip(f"cannot make network namespaces: {reason}")
+    values = {"router": {"workersJoinTimeoutSeconds": 5}}
+    (rc,) = [o for o in chart.manifests(chart.render(values)) if o["kind"] == "RayCluster"]
+    net = netns.Network(1)
+    alone = Pods(net, rc)
+    try:
+        net.up()
+        alone.start(alone.head, rc["spec"]["headGroupSpec"], True)
+        code = alone.procs[0].wait(timeout=120)  # ray start, then 5 s of waiting
+        log = alone.log(alone.head)
+        assert code != 0, log
+        assert "worker pods not joined in time: want {'prefill': 1, 'decode': 1}" in log, log
+        assert "have {'prefill': 0, 'decode': 0}" in log
+    finally:
+        for proc in alone.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        net.down()
