@@ -112,8 +112,9 @@ class Pods:
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
 
 
-def _get(host: netns.Host, port: int, path: str) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection(host.ip, port, timeout=10)
+def _get(host: netns.Host | str, port: int, path: str) -> tuple[int, bytes]:
+    ip = host if isinstance(host, str) else host.ip
+    conn = http.client.HTTPConnection(ip, port, timeout=10)
     try:
         conn.request("GET", path)
         reply = conn.getresponse()
@@ -229,7 +230,8 @@ def test_the_rendered_pods_serve(pods: Pods) -> None:
 
 def test_worker_probes_answer(pods: Pods) -> None:
     """Each worker pod's startup/liveness/readiness probe: the raylet's health through the
-    node's dashboard agent, which only `ray[default]` runs (the images install it)."""
+    node's dashboard agent, which only `ray[default]` runs (the images install it); and
+    the head's Ray dashboard is not reachable on the pod's address."""
     try:
         import aiohttp_cors  # noqa: F401  (one of ray[default]'s agent dependencies)
     except ImportError:
@@ -244,6 +246,11 @@ def test_worker_probes_answer(pods: Pods) -> None:
                 get = container[probe]["httpGet"]
                 status, body = client.submit(_get, host, ports[get["port"]], get["path"]).result()
                 assert status == 200 and b"success" in body, (group["groupName"], probe, body)
+        # The Ray dashboard runs (ray[default]) but on the head's loopback only.
+        dashboard = int(pods.rc["spec"]["headGroupSpec"]["rayStartParams"]["dashboard-port"])
+        with pytest.raises(ConnectionRefusedError):
+            client.submit(_get, pods.head, dashboard, "/").result()
+        assert client.submit(_get, "127.0.0.1", dashboard, "/").result()[0] == 200
 
 
 def test_sigterm_stops_the_router_within_the_grace_period(pods: Pods) -> None:
