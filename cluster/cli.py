@@ -154,6 +154,16 @@ def _add_serve(sub: Any) -> None:
         "reports its steps' time by the profile (counter profiled_seconds) beside the "
         "measured step_seconds",
     )
+    for flag, what in (("ttft", "time to first token"), ("tpot", "time per output token")):
+        serve.add_argument(
+            f"--slo-{flag}", type=float, default=None, metavar="SECONDS",
+            help=f"SLO target for the {what}, judged per request (default: the --plan's)",
+        )  # fmt: skip
+    serve.add_argument(
+        "--slo-attainment", type=float, default=None, metavar="SHARE",
+        help="share of requests that must meet both SLOs, in (0, 1) (default: the --plan's, "
+        "else 0.9)",
+    )  # fmt: skip
     serve.set_defaults(func=_cmd_serve)
 
 
@@ -202,7 +212,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from cluster.planner.latency import load_profiles
 
         options["profiles"] = load_profiles(args.profile)
+    from router.slo import slo_settings
+
+    slo, prediction = slo_settings(args.slo_ttft, args.slo_tpot, args.slo_attainment, args.plan)
     config = ServeConfig(
+        slo=slo,
+        plan_prediction=prediction,
         model=args.model,
         prefill=deployment["prefill"],
         decode=deployment["decode"],
