@@ -17,7 +17,8 @@ from prometheus_client.registry import Collector
 
 from engine.outputs import InstanceStats
 
-INSTANCE_LABELS = ("model_name", "instance", "role", "node")
+# "instance_name", not "instance": Prometheus sets "instance" to the scrape target.
+INSTANCE_LABELS = ("model_name", "instance_name", "role", "node")
 # Instance states as the dashboard shows them (cluster.health plus the operator's).
 STATES = ("serving", "restarting", "dead", "cordoned", "draining")
 

@@ -63,8 +63,8 @@ def test_instance_gauges_follow_the_latest_status() -> None:
     m.update_instances(
         "m", [stats("prefill-0", "prefill", 75, waiting=3), stats("decode-0", "decode", 10)]
     )
-    p = {"instance": "prefill-0", "role": "prefill", "node": "local", **M}
-    d = {"instance": "decode-0", "role": "decode", "node": "local", **M}
+    p = {"instance_name": "prefill-0", "role": "prefill", "node": "local", **M}
+    d = {"instance_name": "decode-0", "role": "decode", "node": "local", **M}
     assert value(m, "baton:num_requests_waiting", **p) == 3
     assert value(m, "baton:num_requests_running", **d) == 2
     assert value(m, "baton:kv_cache_usage_perc", **p) == pytest.approx(0.25)
@@ -109,7 +109,7 @@ def test_the_router_feeds_the_metrics(cluster: Cluster) -> None:
     backend = {"backend": cluster.transport}
     assert value(metrics, "baton:kv_transfer_seconds_count", **backend, **model) == 2
     for s in cluster.stats():
-        labels = {"instance": s.name, "role": s.role, "node": "local", **model}
+        labels = {"instance_name": s.name, "role": s.role, "node": "local", **model}
         assert value(metrics, "baton:num_requests_running", **labels) is not None
     # A status that does not come in time keeps the last reading rather than failing.
     metrics.status_timeout_s = 0

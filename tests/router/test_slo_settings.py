@@ -18,11 +18,17 @@ PLAN_ARGS = [
 ]  # fmt: skip
 
 
-@pytest.fixture
-def plan_file(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> Any:
-    out = tmp_path / "plan.json"
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = tmp_path_factory.mktemp("plan") / "plan.json"
     assert cli.main([*PLAN_ARGS, "--out", str(out)]) == 0
-    capsys.readouterr()
+    return out.read_text()
+
+
+@pytest.fixture
+def plan_file(planned: str, tmp_path: Any) -> Any:
+    out = tmp_path / "plan.json"
+    out.write_text(planned)
     return out
 
 

@@ -25,6 +25,10 @@ function secs(x) {
   if (x === null || x === undefined) return "–";
   return x < 1 ? (1000 * x).toFixed(x < 0.01 ? 2 : 0) + " ms" : x.toFixed(2) + " s";
 }
+function rate(x) {
+  if (x === null || x === undefined) return "–";
+  return (x >= 100 ? x.toFixed(0) : x >= 1 ? x.toFixed(2) : x.toPrecision(2)) + " req/s";
+}
 function num(x, d) { return x === null || x === undefined ? "–" : Number(x).toFixed(d || 0); }
 function clock(t) { return new Date(t * 1000).toTimeString().slice(0, 8); }
 function mark(panel, hasData) {
@@ -71,18 +75,19 @@ function drawGoodput(d) {
   const box = $("goodput");
   box.replaceChildren();
   const w = d.windows["60m"] || Object.values(d.windows).pop();
+  const recent = d.windows["5m"] || w;
   const budget = w.error_budget_left;
   const tiles = [
-    ["goodput", num(w.goodput_rps, 2) + " req/s",
-      d.plan ? `plan max ${num(d.plan.max_goodput_rps, 2)} req/s` : `of ${num(w.throughput_rps, 2)} req/s ok`],
-    ["error budget left", pct(budget), d.targets ? `objective ${pct(d.targets.objective)}` : "no SLO set"],
+    ["goodput (5 min)", rate(recent.goodput_rps),
+      `of ${rate(recent.throughput_rps)} finished ok` + (d.plan ? ` · plan max ${rate(d.plan.max_goodput_rps)}` : "")],
+    ["error budget left (60 min)", pct(budget), d.targets ? `objective ${pct(d.targets.objective)}` : "no SLO set"],
     ["requests", w.requests, `ok ${w.outcomes.ok} · error ${w.outcomes.error}`],
     ["aborted / rejected", `${w.outcomes.aborted} / ${w.outcomes.rejected}`, "client left or refused"],
   ];
   for (const [label, value, sub] of tiles) {
     const tile = el("div", { class: "tile" });
     let cls = "value";
-    if (label === "error budget left" && budget !== null) cls += budget > 0.25 ? " good" : budget > 0 ? " warn" : " bad";
+    if (label.startsWith("error budget") && budget !== null) cls += budget > 0.25 ? " good" : budget > 0 ? " warn" : " bad";
     tile.append(el("div", { class: "label" }, label), el("div", { class: cls }, value),
       el("div", { class: "sub" }, sub));
     box.append(tile);
@@ -148,8 +153,16 @@ function lineChart(box, points, lines, target, stacked) {
   return true;
 }
 
+// The series covers 10 minutes; start it at the first bucket with requests (at least
+// the last 2 minutes shown), so a fresh server's chart is not mostly empty.
+function trimmed(series) {
+  const first = series.findIndex((p) => p.requests > 0);
+  const keep = Math.min(series.length, Math.max(12, first < 0 ? 12 : series.length - first));
+  return series.slice(series.length - keep);
+}
+
 function drawCharts(d) {
-  const pts = d.series;
+  const pts = trimmed(d.series);
   const tgt = d.targets || {};
   for (const metric of ["ttft", "tpot"]) {
     const lines = ["p50", "p90", "p99"].map((q) => ({ label: q, get: (p) => p[metric + "_s"][q] }));
@@ -167,14 +180,17 @@ function table(headers, rows) {
   for (const r of rows) t.append(r);
   return t;
 }
-function row(cells) {
+// cells: values or nodes; numeric: which columns align right (as their headers do).
+function row(cells, numeric) {
   const tr = el("tr");
-  for (const c of cells) {
-    if (c instanceof Node) { const td = el("td"); td.append(c); tr.append(td); }
-    else tr.append(el("td", { class: typeof c === "number" || /^[\d.–]/.test(String(c)) ? "num" : "" }, c));
-  }
+  cells.forEach((c, i) => {
+    const td = el("td", { class: numeric && numeric[i] ? "num" : "" });
+    if (c instanceof Node) td.append(c); else td.textContent = c === null || c === undefined ? "–" : String(c);
+    tr.append(td);
+  });
   return tr;
 }
+function aligns(headers) { return headers.map((h) => !!h.num); }
 
 function kvBar(usage) {
   if (usage === null) return "–";
@@ -193,6 +209,7 @@ function drawInstances(d) {
   const heads = [{ label: "instance" }, { label: "node" }, { label: "state" }, { label: "queue", num: 1 },
     { label: "running", num: 1 }, { label: "KV cache" }, { label: "step", num: 1 }];
   const rows = [];
+  const right = aligns(heads);
   for (const role of ["prefill", "decode", "colocated", ""]) {
     const members = d.instances.filter((i) => i.role === role);
     if (!members.length) continue;
@@ -202,7 +219,7 @@ function drawInstances(d) {
     for (const i of members) {
       rows.push(row([i.name, i.node || "–", el("span", { class: `pill ${i.state}` }, i.state),
         num(i.waiting), num(i.running), kvBar(i.kv_usage),
-        i.step_ms === null ? "–" : `${num(i.step_ms, 1)} ms`]));
+        i.step_ms === null ? "–" : `${num(i.step_ms, 1)} ms`], right));
     }
   }
   box.append(table(heads, rows));
@@ -214,9 +231,10 @@ function drawKv(d) {
   box.replaceChildren();
   const entries = Object.entries(d.kv_transfer);
   if (!entries.length) { box.append(el("div", { class: "empty" }, "no KV transfers in the window")); mark("kv", false); return; }
-  const rows = entries.map(([backend, k]) => row([backend, k.count, secs(k.p50_s), secs(k.p99_s), pct(k.share_of_ttft)]));
-  box.append(table([{ label: "backend" }, { label: "pulls", num: 1 }, { label: "p50", num: 1 },
-    { label: "p99", num: 1 }, { label: "÷ TTFT", num: 1 }], rows));
+  const heads = [{ label: "backend" }, { label: "pulls", num: 1 }, { label: "p50", num: 1 },
+    { label: "p99", num: 1 }, { label: "mean ÷ TTFT", num: 1 }];
+  const rows = entries.map(([backend, k]) => row([backend, k.count, secs(k.p50_s), secs(k.p99_s), pct(k.share_of_ttft)], aligns(heads)));
+  box.append(table(heads, rows));
   mark("kv", true);
 }
 
@@ -225,11 +243,12 @@ function drawMisses(d) {
   box.replaceChildren();
   if (!d.misses.length) { box.append(el("div", { class: "empty" }, d.targets ? "no request missed its SLO" : "no SLO set (baton serve --slo-ttft/--slo-tpot or --plan)")); mark("misses", d.targets !== null); return; }
   const flag = (v, met) => el("span", { class: met ? "" : "bad" }, secs(v));
-  const rows = d.misses.map((m) => row([clock(m.t), m.request_id.slice(0, 12), m.model, m.prompt_tokens, m.output_tokens,
-    flag(m.ttft_s, m.ttft_met), flag(m.tpot_s, m.tpot_met), m.prefill_instance || "–", m.decode_instance || "–", secs(m.kv_transfer_s)]));
-  box.append(table([{ label: "time" }, { label: "request" }, { label: "model" }, { label: "prompt", num: 1 },
+  const heads = [{ label: "time" }, { label: "request" }, { label: "model" }, { label: "prompt", num: 1 },
     { label: "output", num: 1 }, { label: "TTFT", num: 1 }, { label: "TPOT", num: 1 }, { label: "prefill" },
-    { label: "decode" }, { label: "KV pull", num: 1 }], rows));
+    { label: "decode" }, { label: "KV pull", num: 1 }];
+  const rows = d.misses.map((m) => row([clock(m.t), m.request_id.slice(0, 12), m.model, m.prompt_tokens, m.output_tokens,
+    flag(m.ttft_s, m.ttft_met), flag(m.tpot_s, m.tpot_met), m.prefill_instance, m.decode_instance, secs(m.kv_transfer_s)], aligns(heads)));
+  box.append(table(heads, rows));
   mark("misses", true);
 }
 
