@@ -141,8 +141,10 @@ class Router:
                     out.finished) else "aborted"  # fmt: skip
                 yield out
         except ValueError as e:
+            outcome = "rejected" if last is None else "error"
             raise RouterError.invalid(str(e)) from e
         except RuntimeError as e:  # no instance serving
+            outcome = "rejected" if last is None else "error"
             raise RouterError(ErrorKind.UNAVAILABLE, str(e)) from e
         except (GeneratorExit, asyncio.CancelledError, RouterError):
             raise
