@@ -3,10 +3,16 @@ series of the router's metrics (pure Python, a fake clock)."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
 import pytest
 
+from engine.outputs import RequestOutput
+from router.errors import RouterError
 from router.metrics import RouterMetrics, exported_series
-from router.service import RequestRecord
+from router.service import GenerateInput, RequestRecord, Router
 from router.slo import (
     Finished,
     PlanPrediction,
@@ -179,3 +185,35 @@ def test_the_exposition_names_only_declared_series() -> None:
     names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1] != "#"}
     names.discard("")
     assert names <= exported_series(), names - exported_series()
+
+
+# -- the failure path, with a fake cluster (the real paths: test_slo_paths.py) ------------
+
+
+class FailingCluster:
+    """Yields one token, then the instance reports an error."""
+
+    model = None
+    transport = "torch"
+    max_model_len = 100
+
+    async def stream(self, *args: Any, **kwargs: Any) -> AsyncIterator[RequestOutput]:
+        yield RequestOutput("r", [1, 2], [5], "x", new_token_ids=[5])
+        yield RequestOutput("r", [1, 2], [5], "x", finished=True, finish_reason="error")
+
+
+def test_an_instance_failure_is_an_error_recorded_once() -> None:
+    metrics = RouterMetrics()
+    router = Router(FailingCluster(), "m", metrics)  # type: ignore[arg-type]
+    metrics.serve_model("m", T)
+
+    async def run() -> None:
+        with pytest.raises(RouterError):
+            await router.generate(GenerateInput(prompt="x"))
+
+    asyncio.run(run())
+    get = metrics.registry.get_sample_value
+    assert get("baton:requests_total", {"model_name": "m", "outcome": "error"}) == 1
+    assert get("baton:requests_total", {"model_name": "m", "outcome": "ok"}) == 0
+    assert get("baton:slo_requests_total", {"model_name": "m", "criterion": "joint",
+                                            "result": "missed"}) == 0  # fmt: skip

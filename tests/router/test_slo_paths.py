@@ -1,26 +1,23 @@
 """Every request is recorded exactly once, on every path: HTTP and gRPC, streamed or
 not, finished, disconnected, rejected (the real cluster, servers and sockets), plus
-/api/v1/slo and /dashboard's access rules. The instance failure path uses a fake
-cluster (a unit test of the router's bookkeeping, not of the cluster)."""
+/api/v1/slo and /dashboard's access rules. (The instance failure path, with a fake
+cluster, is in test_slo.py.)"""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 import baton
 from cluster import Cluster
-from engine.outputs import RequestOutput
-from router.errors import RouterError
-from router.metrics import RouterMetrics
-from router.service import GenerateInput, Router
+from router.metrics import BREAKDOWN, RouterMetrics
+from router.service import Router
 from router.slo import SLOTargets
 from tests.router.servers import HttpServerThread, ServerThread, wait_cluster_idle
 
@@ -144,6 +141,18 @@ def test_a_client_that_leaves_mid_stream_is_an_abort(servers: Servers) -> None:
     assert got == {"aborted": 1, "e2e": 1}
 
 
+def test_the_ttft_breakdown_has_every_component(servers: Servers) -> None:
+    """Each component is measured, none derived from another (but router_queue, which is
+    TTFT less what the prefill instance measured)."""
+    before = {c: servers.value("baton:ttft_breakdown_seconds_count", component=c)
+              for c in BREAKDOWN}  # fmt: skip
+    status, _ = servers.http.request("POST", "/v1/completions", completion(False), AUTH)
+    assert status == 200
+    for c in BREAKDOWN:
+        assert servers.value("baton:ttft_breakdown_seconds_count", component=c) == before[c] + 1
+        assert servers.value("baton:ttft_breakdown_seconds_sum", component=c) > 0, c
+
+
 # -- /api/v1/slo and /dashboard ----------------------------------------------------------
 
 
@@ -193,35 +202,3 @@ def test_the_page_needs_the_key(servers: Servers) -> None:
     csp = r.getheader("Content-Security-Policy", "")
     assert "default-src 'none'" in csp and "script-src 'self'" in csp
     conn.close()
-
-
-# -- the failure path, with a fake cluster ----------------------------------------------
-
-
-class FailingCluster:
-    """Yields one token, then the instance reports an error."""
-
-    model = None
-    transport = "torch"
-    max_model_len = 100
-
-    async def stream(self, *args: Any, **kwargs: Any) -> AsyncIterator[RequestOutput]:
-        yield RequestOutput("r", [1, 2], [5], "x", new_token_ids=[5])
-        yield RequestOutput("r", [1, 2], [5], "x", finished=True, finish_reason="error")
-
-
-def test_an_instance_failure_is_an_error_recorded_once() -> None:
-    metrics = RouterMetrics()
-    router = Router(FailingCluster(), "m", metrics)  # type: ignore[arg-type]
-    metrics.serve_model("m", TARGETS)
-
-    async def run() -> None:
-        with pytest.raises(RouterError):
-            await router.generate(GenerateInput(prompt="x"))
-
-    asyncio.run(run())
-    get = metrics.registry.get_sample_value
-    assert get("baton:requests_total", {"model_name": "m", "outcome": "error"}) == 1
-    assert get("baton:requests_total", {"model_name": "m", "outcome": "ok"}) == 0
-    assert get("baton:slo_requests_total", {"model_name": "m", "criterion": "joint",
-                                            "result": "missed"}) == 0  # fmt: skip
