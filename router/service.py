@@ -120,9 +120,10 @@ class Router:
         start = time.monotonic()
         times: list[float] = []
         last: RequestOutput | None = None
-        outcome = "rejected"  # until the cluster has taken the request
+        outcome = "rejected"  # an unknown model
         try:
             self._check_model(request.model)
+            outcome = "aborted"  # until the finished output: leaving now is an abort
             async for out in self.cluster.stream(
                 request.prompt,
                 request.params,
@@ -136,11 +137,10 @@ class Router:
                     raise RouterError(ErrorKind.INTERNAL, "the request failed on an instance")
                 if out.new_token_ids:
                     times.append(time.monotonic())
-                # Leaving before the finished output is an abort (a client that left).
-                outcome = ("aborted" if out.finish_reason == "abort" else "ok") if (
-                    out.finished) else "aborted"  # fmt: skip
+                if out.finished:
+                    outcome = "aborted" if out.finish_reason == "abort" else "ok"
                 yield out
-        except ValueError as e:
+        except ValueError as e:  # the instance refused the request, or a bug after it ran
             outcome = "rejected" if last is None else "error"
             raise RouterError.invalid(str(e)) from e
         except RuntimeError as e:  # no instance serving
@@ -149,8 +149,7 @@ class Router:
         except (GeneratorExit, asyncio.CancelledError, RouterError):
             raise
         except BaseException:
-            if outcome in ("ok", "aborted"):
-                outcome = "error"
+            outcome = "error"
             raise
         finally:
             if self.metrics is not None:

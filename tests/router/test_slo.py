@@ -4,6 +4,7 @@ series of the router's metrics (pure Python, a fake clock)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -217,3 +218,52 @@ def test_an_instance_failure_is_an_error_recorded_once() -> None:
     assert get("baton:requests_total", {"model_name": "m", "outcome": "ok"}) == 0
     assert get("baton:slo_requests_total", {"model_name": "m", "criterion": "joint",
                                             "result": "missed"}) == 0  # fmt: skip
+
+
+class RefusingCluster(FailingCluster):
+    """The instance refuses the prompt (as a too-long prompt is refused)."""
+
+    async def stream(self, *args: Any, **kwargs: Any) -> AsyncIterator[RequestOutput]:
+        raise ValueError("prompt: too long")
+        yield  # an async generator, like Cluster.stream
+
+
+class SilentCluster(FailingCluster):
+    """Takes the request and never answers: the client gives up first."""
+
+    async def stream(self, *args: Any, **kwargs: Any) -> AsyncIterator[RequestOutput]:
+        await asyncio.Event().wait()
+        yield RequestOutput("r", [], [], "")
+
+
+def outcomes(cluster: Any, request: GenerateInput) -> dict[str, float | None]:
+    metrics = RouterMetrics()
+    router = Router(cluster, "m", metrics)
+    metrics.serve_model("m", T)
+
+    async def run() -> None:
+        task = asyncio.ensure_future(router.generate(request))
+        done, _ = await asyncio.wait([task], timeout=0.2)
+        if not done:
+            task.cancel()
+        with contextlib.suppress(RouterError, asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    get = metrics.registry.get_sample_value
+    return {o: get("baton:requests_total", {"model_name": "m", "outcome": o})
+            for o in ("ok", "error", "aborted", "rejected")}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("cluster", "request_", "expected"),
+    [
+        (RefusingCluster(), GenerateInput(prompt="x"), "rejected"),
+        (FailingCluster(), GenerateInput(prompt="x", model="other"), "rejected"),
+        (SilentCluster(), GenerateInput(prompt="x"), "aborted"),  # cancelled before output
+        (FailingCluster(), GenerateInput(prompt="x"), "error"),
+    ],
+)
+def test_each_way_out_is_one_outcome(cluster: Any, request_: GenerateInput, expected: str) -> None:
+    got = outcomes(cluster, request_)
+    assert got == {o: (1.0 if o == expected else 0.0) for o in got}
