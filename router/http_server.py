@@ -113,11 +113,19 @@ class OpenAIHandlers:
     # -- handlers ----------------------------------------------------------------------
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        api = parse_completion(await self._body(request), uuid.uuid4().hex)
+        try:
+            api = parse_completion(await self._body(request), uuid.uuid4().hex)
+        except RouterError:
+            self.router.rejected()  # refused before the router saw it: still one outcome
+            raise
         return await self._answer(request, api)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        api = parse_chat(await self._body(request), uuid.uuid4().hex)
+        try:
+            api = parse_chat(await self._body(request), uuid.uuid4().hex)
+        except RouterError:
+            self.router.rejected()
+            raise
         return await self._answer(request, api)
 
     async def models(self, request: web.Request) -> web.Response:

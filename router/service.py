@@ -155,6 +155,13 @@ class Router:
             if self.metrics is not None:
                 self.metrics.request_finished(self._record(last, start, times, outcome))
 
+    def rejected(self) -> None:
+        """Count a request a front end refused before :meth:`stream` (a malformed body,
+        a bad sampling value), so that every request is one outcome."""
+        if self.metrics is not None:
+            record = RequestRecord(self.model_name, 0, 0, "abort", 0.0, outcome="rejected")
+            self.metrics.request_finished(record)
+
     async def generate(self, request: GenerateInput) -> RequestOutput:
         last: RequestOutput | None = None
         async for out in self.stream(request):

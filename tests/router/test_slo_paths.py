@@ -117,11 +117,27 @@ def test_grpc_requests_are_recorded_once(servers: Servers, stream: bool) -> None
     assert delta(servers, send) == ONE_OK
 
 
-def test_a_rejected_request_is_recorded_once(servers: Servers) -> None:
+@pytest.mark.parametrize(
+    "body",
+    [
+        completion(False, model="nope"),  # refused by the router
+        completion(True, temperature=-1),  # refused by the HTTP front end
+        b"{not json",
+    ],
+)
+def test_a_rejected_http_request_is_recorded_once(servers: Servers, body: bytes) -> None:
     def send() -> None:
-        status, _ = servers.http.request("POST", "/v1/completions",
-                                         completion(False, model="nope"), AUTH)  # fmt: skip
-        assert status == 404 or status == 400
+        status, _ = servers.http.request("POST", "/v1/completions", body, AUTH)
+        assert status in (400, 404)
+
+    assert delta(servers, send) == {"rejected": 1}
+
+
+def test_a_rejected_grpc_request_is_recorded_once(servers: Servers) -> None:
+    def send() -> None:
+        client = baton.Client(servers.grpc.target, api_key=KEY)
+        with client, pytest.raises(baton.errors.InvalidArgument):
+            client.generate("Hello", baton.SamplingParams(max_tokens=0))
 
     assert delta(servers, send) == {"rejected": 1}
 
