@@ -78,16 +78,16 @@ function drawGoodput(d) {
   const recent = d.windows["5m"] || w;
   const budget = w.error_budget_left;
   const tiles = [
-    ["goodput (5 min)", rate(recent.goodput_rps),
+    ["goodput (5m)", rate(recent.goodput_rps),
       `of ${rate(recent.throughput_rps)} finished ok` + (d.plan ? ` · plan max ${rate(d.plan.max_goodput_rps)}` : "")],
-    ["error budget left (60 min)", pct(budget), d.targets ? `objective ${pct(d.targets.objective)}` : "no SLO set"],
+    ["budget left (60m)", pct(budget), d.targets ? `objective ${pct(d.targets.objective)}` : "no SLO set"],
     ["requests", w.requests, `ok ${w.outcomes.ok} · error ${w.outcomes.error}`],
     ["aborted / rejected", `${w.outcomes.aborted} / ${w.outcomes.rejected}`, "client left or refused"],
   ];
   for (const [label, value, sub] of tiles) {
     const tile = el("div", { class: "tile" });
     let cls = "value";
-    if (label.startsWith("error budget") && budget !== null) cls += budget > 0.25 ? " good" : budget > 0 ? " warn" : " bad";
+    if (label.startsWith("budget") && budget !== null) cls += budget > 0.25 ? " good" : budget > 0 ? " warn" : " bad";
     tile.append(el("div", { class: "label" }, label), el("div", { class: cls }, value),
       el("div", { class: "sub" }, sub));
     box.append(tile);
