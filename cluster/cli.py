@@ -173,6 +173,16 @@ def _add_serve(sub: Any) -> None:
         "measured step_seconds",
     )
     _add_multinode(serve)
+    for flag, what in (("ttft", "time to first token"), ("tpot", "time per output token")):
+        serve.add_argument(
+            f"--slo-{flag}", type=float, default=None, metavar="SECONDS",
+            help=f"SLO target for the {what}, judged per request (default: the --plan's)",
+        )  # fmt: skip
+    serve.add_argument(
+        "--slo-attainment", type=float, default=None, metavar="SHARE",
+        help="share of requests that must meet both SLOs, in (0, 1) (default: the --plan's, "
+        "else 0.9)",
+    )  # fmt: skip
     serve.set_defaults(func=_cmd_serve)
 
 
@@ -283,7 +293,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from cluster.planner.latency import load_profiles
 
         options["profiles"] = load_profiles(args.profile)
+    from router.slo import slo_settings
+
+    slo, prediction = slo_settings(args.slo_ttft, args.slo_tpot, args.slo_attainment, args.plan)
     config = ServeConfig(
+        slo=slo,
+        plan_prediction=prediction,
         model=args.model,
         prefill=deployment["prefill"],
         decode=deployment["decode"],

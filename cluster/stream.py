@@ -52,7 +52,9 @@ class RequestStream:
         self._num_prompt_tokens = (
             len(prompt_token_ids) if num_prompt_tokens is None else num_prompt_tokens
         )
-        self._out.metrics = RequestMetrics(trace.arrival)
+        self._out.metrics = RequestMetrics(
+            trace.arrival, prefill_instance=trace.prefill, decode_instance=trace.decode
+        )
         self._early: dict[int, TokenEvent] = {}
         self._sync: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
         self._async: tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]] | None = None

@@ -349,7 +349,11 @@ class DecodeWorker:
 
     def _emit(self, out: RequestOutput) -> None:
         new = list(out.new_token_ids)
-        timings = self._first_timings.pop(out.request_id, {})
+        timings = self._first_timings.pop(out.request_id, None)
+        if timings is None:
+            timings = {}
+        elif out.request_id in self._started:  # the request's first decode step
+            timings["first_decode_step"] = self._clock() - self._started[out.request_id]
         if out.finished:
             started = self._started.pop(out.request_id, None)
             if started is not None:

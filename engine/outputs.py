@@ -16,6 +16,9 @@ class RequestMetrics:
     # Durations (seconds) measured by serving instances: "queue", "prefill",
     # "kv_transfer", "decode"; "recomputed" = 1.0 after a failed KV pull.
     timings: dict[str, float] = field(default_factory=dict)
+    # Where the cluster sent it (names of the instances); None when not disaggregated.
+    prefill_instance: str | None = None
+    decode_instance: str | None = None
 
 
 @dataclass

@@ -32,7 +32,7 @@ from baton.v1 import baton_pb2_grpc as pb_grpc
 from engine.outputs import RequestOutput
 from router import grpc_wire as wire
 from router.errors import ErrorKind, RouterError
-from router.service import GenerateInput, Router
+from router.service import Router
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +78,15 @@ async def _answer(context: grpc.aio.ServicerContext, work: Awaitable[_T]) -> _T:
         await _abort(context, RouterError(ErrorKind.INTERNAL, "internal error"))
 
 
-def _outputs(router: Router, request: GenerateInput) -> aclosing[Any]:
+def _outputs(router: Router, request: pb.GenerateRequest) -> aclosing[Any]:
     """The router's stream, closed on leaving the block: on a cancel this aborts the
     request at once instead of whenever the generator is collected."""
-    return aclosing(cast(AsyncGenerator[RequestOutput, None], router.stream(request)))
+    try:
+        generate_input = wire.generate_input(request)
+    except RouterError:
+        router.rejected()  # refused before the router saw it: still one outcome
+        raise
+    return aclosing(cast(AsyncGenerator[RequestOutput, None], router.stream(generate_input)))
 
 
 class BatonServicer(pb_grpc.BatonServicer):
@@ -93,7 +98,7 @@ class BatonServicer(pb_grpc.BatonServicer):
     ) -> pb.GenerateResponse:
         async def run() -> pb.GenerateResponse:
             last = None
-            async with _outputs(self.router, wire.generate_input(request)) as outputs:
+            async with _outputs(self.router, request) as outputs:
                 async for out in outputs:
                     last = out
             if last is None:
@@ -106,7 +111,7 @@ class BatonServicer(pb_grpc.BatonServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> None:
         async def run() -> None:
-            async with _outputs(self.router, wire.generate_input(request)) as outputs:
+            async with _outputs(self.router, request) as outputs:
                 async for out in outputs:
                     if out.new_token_ids or out.delta_text or out.finished:
                         await context.write(wire.chunk(out))

@@ -34,6 +34,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from engine.outputs import RequestOutput
+from router import dashboard
 from router.errors import ErrorKind, RouterError
 from router.metrics import RouterMetrics
 from router.openai_protocol import (
@@ -96,7 +97,9 @@ class OpenAIHandlers:
 
     @web.middleware
     async def auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if self.api_key is not None and request.path not in OPEN_PATHS:
+        # The dashboard's paths check the key (or its session) themselves.
+        checked_later = request.path.startswith(dashboard.PREFIXES)
+        if self.api_key is not None and request.path not in OPEN_PATHS and not checked_later:
             given = request.headers.get("Authorization", "")
             # Constant time: the comparison must not tell how much of a guess was right.
             if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
@@ -110,11 +113,19 @@ class OpenAIHandlers:
     # -- handlers ----------------------------------------------------------------------
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        api = parse_completion(await self._body(request), uuid.uuid4().hex)
+        try:
+            api = parse_completion(await self._body(request), uuid.uuid4().hex)
+        except RouterError:
+            self.router.rejected()  # refused before the router saw it: still one outcome
+            raise
         return await self._answer(request, api)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        api = parse_chat(await self._body(request), uuid.uuid4().hex)
+        try:
+            api = parse_chat(await self._body(request), uuid.uuid4().hex)
+        except RouterError:
+            self.router.rejected()
+            raise
         return await self._answer(request, api)
 
     async def models(self, request: web.Request) -> web.Response:
@@ -232,6 +243,7 @@ def create_app(
             web.get("/metrics", h.prometheus),
         ]
     )
+    dashboard.add_routes(app, router, metrics, api_key)  # /dashboard, /api/v1/slo
     return app
 
 

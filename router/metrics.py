@@ -1,11 +1,18 @@
-"""Prometheus metrics of the router, named in vLLM's style (``baton:...``).
+"""Prometheus metrics of the router, named in vLLM's style (``baton:...``); the one
+module that names them (``METRIC_NAMES``), which the Grafana and rule generators check.
 
-Two sources. Per request: the router calls :meth:`RouterMetrics.request_finished` with
-the latencies it measured (TTFT, TPOT, inter-token gaps, end to end) and the KV
-transfer time the decode instance measured; these feed histograms and counters. Per
-instance: queue lengths and KV cache use are read from ``Router.status()`` when
-``/metrics`` is scraped (:meth:`RouterMetrics.refresh`), so an idle router polls
-nobody, and a dead instance's series disappear instead of freezing at their last value.
+Per request: the router calls :meth:`RouterMetrics.request_finished` exactly once per
+request, whatever its outcome (ok, error, aborted, rejected), with the latencies it
+measured and the durations the instances measured. The request feeds the latency
+histograms (TTFT; TPOT per request and inter-token latency per token, two metrics; end
+to end; the TTFT breakdown), is judged once against its model's SLO targets
+(``router.slo``), and joins the live windows behind ``/api/v1/slo``. Every label
+combination of the outcome and SLO counters exists at zero from the start (see
+:meth:`RouterMetrics.serve_model`), so ratios never vanish.
+
+Per instance: queue lengths, KV use, state, step and KV-transfer counters are read from
+``Router.status()`` when ``/metrics`` is scraped (``router.instance_metrics``), so an
+idle router polls nobody, and a dead instance's series disappear.
 
 Everything lives on the object's own ``CollectorRegistry``: two routers in one process
 (tests) do not collide, and nothing leaks into the process-wide default registry.
@@ -15,15 +22,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from engine.outputs import InstanceStats
+from router.instance_metrics import ClusterView, InstanceCollector
 from router.service import RequestRecord
+from router.slo import (
+    CRITERIA,
+    OUTCOMES,
+    RESULTS,
+    Finished,
+    PlanPrediction,
+    SLOTargets,
+    SLOWindows,
+    judge,
+)
 
 if TYPE_CHECKING:
     from router.service import Router
@@ -49,55 +65,42 @@ KV_TRANSFER_BUCKETS = (
     10.0, 30.0,
 )  # fmt: skip
 
-_INSTANCE_LABELS = ("model_name", "instance", "role")
+# The components of TTFT (and of the second token, which follows the KV pull): where a
+# request's time went before it streamed. router_queue is what the instances did not
+# measure: routing, the RPC to the prefill instance, the first token's trip back.
+BREAKDOWN = ("router_queue", "prefill_queue", "prefill_compute", "kv_transfer",
+             "first_decode_step")  # fmt: skip
+_TIMING_OF = {"prefill_queue": "queue", "prefill_compute": "prefill",
+              "kv_transfer": "kv_transfer", "first_decode_step": "first_decode_step"}  # fmt: skip
+
+# Every metric family Baton exports (the names Prometheus shows, before the
+# _bucket/_sum/_count/_total suffixes); dashboards and rules may name only these.
+HISTOGRAMS = (
+    "baton:time_to_first_token_seconds", "baton:time_per_output_token_seconds",
+    "baton:inter_token_latency_seconds", "baton:e2e_request_latency_seconds",
+    "baton:kv_transfer_seconds", "baton:ttft_breakdown_seconds",
+)  # fmt: skip
+COUNTERS = (
+    "baton:prompt_tokens", "baton:generation_tokens", "baton:request_success",
+    "baton:kv_recomputes", "baton:requests", "baton:slo_requests",
+    "baton:instance_steps", "baton:instance_step_seconds", "baton:kv_transfer_bytes",
+    "baton:kv_transfer_failures",
+)  # fmt: skip
+GAUGES = (
+    "baton:num_requests_waiting", "baton:num_requests_running", "baton:kv_cache_usage_perc",
+    "baton:instance_state", "baton:instance_info", "baton:slo_target_seconds",
+    "baton:slo_objective",
+    "baton:plan_predicted_attainment", "baton:plan_rate_rps", "baton:plan_mean_prompt_tokens",
+    "baton:plan_mean_output_tokens", "baton:plan_max_goodput_rps",
+)  # fmt: skip
 
 
-class InstanceCollector(Collector):
-    """Per-instance gauges from the last cluster status; replaced whole on each refresh."""
-
-    def __init__(self) -> None:
-        self.model = ""
-        self.instances: Sequence[InstanceStats] = ()
-
-    def collect(self) -> Iterable[Metric]:
-        families = {
-            "waiting": GaugeMetricFamily(
-                "baton:num_requests_waiting",
-                "Requests in the instance's waiting queue.",
-                labels=_INSTANCE_LABELS,
-            ),
-            "running": GaugeMetricFamily(
-                "baton:num_requests_running",
-                "Requests in the instance's running batch.",
-                labels=_INSTANCE_LABELS,
-            ),
-            "kv": GaugeMetricFamily(
-                "baton:kv_cache_usage_perc",
-                "Fraction of the instance's KV cache blocks in use (1 = full).",
-                labels=_INSTANCE_LABELS,
-            ),
-        }
-        info = GaugeMetricFamily(
-            "baton:instance_info",
-            "Where each instance runs: 1 per instance, its node and layout as labels.",
-            labels=(*_INSTANCE_LABELS, "node_id", "node_ip", "layout"),
-        )
-        for s in self.instances:
-            info.add_metric([self.model, s.name, s.role, s.node_id, s.node_ip,
-                             f"tp{s.tp}pp{s.pp}"], 1.0)  # fmt: skip
-        yield info
-        for s in self.instances:
-            labels = [self.model, s.name, s.role]
-            families["waiting"].add_metric(labels, s.num_waiting)
-            families["running"].add_metric(labels, s.num_running)
-            families["kv"].add_metric(labels, kv_cache_usage(s))
-        yield from families.values()
-
-
-def kv_cache_usage(stats: InstanceStats) -> float:
-    if stats.total_blocks <= 0:
-        return 0.0
-    return 1.0 - stats.free_blocks / stats.total_blocks
+def exported_series() -> frozenset[str]:
+    """Every series name a query may use: gauges, counters with ``_total``, and the
+    histograms' ``_bucket``, ``_sum`` and ``_count``."""
+    names = set(GAUGES) | {f"{c}{x}" for c in COUNTERS for x in ("_total", "_created")}
+    names |= {f"{h}{x}" for h in HISTOGRAMS for x in ("_bucket", "_sum", "_count", "_created")}
+    return frozenset(names)
 
 
 class RouterMetrics:
@@ -119,7 +122,7 @@ class RouterMetrics:
         )  # fmt: skip
         self.itl = Histogram(
             "baton:inter_token_latency_seconds",
-            "Time between consecutive outputs of a request, as the router saw them.",
+            "Per token: time between consecutive outputs of a request, as the router saw them.",
             model, buckets=TPOT_BUCKETS, registry=r,
         )  # fmt: skip
         self.e2e = Histogram(
@@ -129,8 +132,14 @@ class RouterMetrics:
         )  # fmt: skip
         self.kv_transfer = Histogram(
             "baton:kv_transfer_seconds",
-            "Time the decode instance spent pulling a request's KV cache.",
-            model, buckets=KV_TRANSFER_BUCKETS, registry=r,
+            "Time the decode instance spent pulling a request's KV cache, by backend.",
+            [*model, "backend"], buckets=KV_TRANSFER_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.breakdown = Histogram(
+            "baton:ttft_breakdown_seconds",
+            "Where a request's time went before it streamed, by component (router_queue, "
+            "prefill_queue, prefill_compute, kv_transfer, first_decode_step).",
+            [*model, "component"], buckets=TTFT_BUCKETS, registry=r,
         )  # fmt: skip
         self.prompt_tokens = Counter(
             "baton:prompt_tokens", "Prompt tokens of finished requests.", model, registry=r
@@ -150,11 +159,109 @@ class RouterMetrics:
             model,
             registry=r,
         )
+        self.outcomes = Counter(
+            "baton:requests",
+            "Requests by outcome: ok, error, aborted (or the client left), rejected.",
+            [*model, "outcome"],
+            registry=r,
+        )
+        self.slo = Counter(
+            "baton:slo_requests",
+            "Requests finished ok, judged against the SLO: criterion ttft, tpot or joint "
+            "(both), result met or missed.",
+            [*model, "criterion", "result"],
+            registry=r,
+        )
+        self.slo_target = Gauge(
+            "baton:slo_target_seconds", "SLO target by criterion (ttft, tpot).",
+            [*model, "criterion"], registry=r,
+        )  # fmt: skip
+        self.slo_objective = Gauge(
+            "baton:slo_objective", "Share of requests that must meet both SLOs.", model,
+            registry=r,
+        )  # fmt: skip
+        self.plan = {
+            name: Gauge(f"baton:plan_{name}", doc, model, registry=r)
+            for name, doc in (
+                ("predicted_attainment", "Joint attainment the running plan predicted."),
+                ("rate_rps", "Request rate (req/s) the running plan assumed."),
+                ("mean_prompt_tokens", "Mean prompt length the running plan assumed."),
+                ("mean_output_tokens", "Mean output length the running plan assumed."),
+                ("max_goodput_rps", "The plan's goodput: req/s within both SLOs."),
+            )
+        }
         self.instances = InstanceCollector()
         r.register(self.instances)
+        self.targets: dict[str, SLOTargets] = {}
+        self.predictions: dict[str, PlanPrediction] = {}
+        self.backend = ""
+        self.windows = SLOWindows()
+
+    def serve_model(
+        self,
+        model: str,
+        targets: SLOTargets | None = None,
+        prediction: PlanPrediction | None = None,
+        backend: str = "",
+    ) -> None:
+        """Declare a served model: every label combination starts at zero."""
+        self.backend = backend
+        for outcome in OUTCOMES:
+            self.outcomes.labels(model, outcome)
+        for component in BREAKDOWN:
+            self.breakdown.labels(model, component)
+        for histogram in (self.ttft, self.tpot, self.itl, self.e2e):
+            histogram.labels(model)
+        for counter in (self.prompt_tokens, self.generation_tokens, self.recomputes):
+            counter.labels(model)
+        if backend:
+            self.kv_transfer.labels(model, backend)
+        if targets is not None:
+            self.targets[model] = targets
+            self.windows.objective = targets.objective
+            for criterion in CRITERIA:
+                for result in RESULTS:
+                    self.slo.labels(model, criterion, result)
+            self.slo_target.labels(model, "ttft").set(targets.ttft_s)
+            self.slo_target.labels(model, "tpot").set(targets.tpot_s)
+            self.slo_objective.labels(model).set(targets.objective)
+        if prediction is not None:
+            self.predictions[model] = prediction
+            for name, value in prediction.to_dict().items():
+                if value is not None:
+                    self.plan[name if name != "attainment" else "predicted_attainment"].labels(
+                        model
+                    ).set(value)
 
     def request_finished(self, record: RequestRecord) -> None:
+        """Record one request; never raises (the router calls it on its way out)."""
+        try:
+            self._record(record)
+        except Exception:
+            logger.exception("metrics: could not record request %s", record.request_id)
+
+    def _record(self, record: RequestRecord) -> None:
         model = record.model
+        self.outcomes.labels(model, record.outcome).inc()
+        breakdown = self._breakdown(record)
+        judgement = None
+        if record.outcome == "ok" and model in self.targets:
+            judgement = judge(record.ttft_s, record.tpot_s, self.targets[model])
+            for criterion, result in judgement.results().items():
+                self.slo.labels(model, criterion, result).inc()
+        self.windows.add(
+            Finished(
+                t=self.windows.clock(), model=model, outcome=record.outcome,
+                request_id=record.request_id, ttft_s=record.ttft_s, tpot_s=record.tpot_s,
+                judgement=judgement, prompt_tokens=record.prompt_tokens,
+                output_tokens=record.output_tokens, prefill_instance=record.prefill_instance,
+                decode_instance=record.decode_instance, kv_transfer_s=record.kv_transfer_s,
+                kv_backend=record.kv_backend,
+                extra=breakdown,
+            )
+        )  # fmt: skip
+        if record.outcome == "rejected":
+            return  # it never ran: no latencies, no tokens
         if record.ttft_s is not None:
             self.ttft.labels(model).observe(record.ttft_s)
         if record.tpot_s is not None:
@@ -164,16 +271,35 @@ class RouterMetrics:
             itl.observe(gap)
         self.e2e.labels(model).observe(record.e2e_s)
         if record.kv_transfer_s is not None:
-            self.kv_transfer.labels(model).observe(record.kv_transfer_s)
+            self.kv_transfer.labels(model, record.kv_backend).observe(record.kv_transfer_s)
+        for component, seconds in breakdown.items():
+            self.breakdown.labels(model, component).observe(seconds)
         self.prompt_tokens.labels(model).inc(record.prompt_tokens)
         self.generation_tokens.labels(model).inc(record.output_tokens)
         self.request_success.labels(model, record.finish_reason).inc()
         if record.recomputed:
             self.recomputes.labels(model).inc()
 
-    def update_instances(self, model: str, instances: Sequence[InstanceStats]) -> None:
-        self.instances.model = model
-        self.instances.instances = list(instances)
+    @staticmethod
+    def _breakdown(record: RequestRecord) -> dict[str, float]:
+        t = record.timings
+        parts = {c: t[name] for c, name in _TIMING_OF.items() if name in t}
+        if record.recomputed:
+            parts.pop("kv_transfer", None)  # a failed pull, not a transfer
+        if record.ttft_s is not None and "queue" in t and "prefill" in t:
+            parts["router_queue"] = max(0.0, record.ttft_s - t["queue"] - t["prefill"])
+        return parts
+
+    def update_instances(
+        self,
+        model: str,
+        instances: Sequence[InstanceStats],
+        health: dict[str, str] | None = None,
+        roles: dict[str, str] | None = None,
+    ) -> None:
+        self.instances.view = ClusterView(
+            model, self.backend, list(instances), dict(health or {}), dict(roles or {})
+        )
 
     async def refresh(self, router: Router) -> None:
         """Re-read every instance's load; on failure keep the last reading, because a
@@ -183,7 +309,9 @@ class RouterMetrics:
         except Exception as e:  # any failure: log it and serve the old values
             logger.warning("metrics: cluster status unavailable: %r", e)
             return
-        self.update_instances(status.model, status.instances)
+        roles = {i.name: i.spec.role for i in router.cluster.instances}
+        self.backend = status.transport
+        self.update_instances(status.model, status.instances, status.health, roles)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of everything in the registry."""

@@ -19,6 +19,7 @@ from typing import Any, TextIO
 
 from router.policies import make_policy
 from router.service import Router
+from router.slo import PlanPrediction, SLOTargets
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ class ServeConfig:
     api_key: str | None = None
     served_model_name: str | None = None
     cluster_options: dict[str, Any] = field(default_factory=dict)
+    slo: SLOTargets | None = None  # judged per request, shown on /dashboard
+    plan_prediction: PlanPrediction | None = None  # the --plan's predictions, as gauges
 
     def __post_init__(self) -> None:
         for name in ("grpc_port", "http_port"):
@@ -84,6 +87,9 @@ async def serve(
     try:
         metrics = RouterMetrics()
         router = Router(cluster, config.served_model_name, metrics)
+        metrics.serve_model(
+            router.model_name, config.slo, config.plan_prediction, cluster.transport
+        )
         grpc_server, grpc_port = await start_grpc_server(
             router, config.host, config.grpc_port, api_key=config.api_key
         )
@@ -169,6 +175,7 @@ def run(config: ServeConfig, out: TextIO = sys.stdout) -> int:
             f"  gRPC    {endpoints.grpc}   (baton.v1.Baton)\n"
             f"  HTTP    {endpoints.http}/v1   (OpenAI-compatible)\n"
             f"  metrics {endpoints.http}/metrics\n"
+            f"  SLOs    {endpoints.http}/dashboard\n"
             "Ctrl-C stops.",
             file=out,
             flush=True,

@@ -59,6 +59,14 @@ class RequestRecord:
     itl_s: list[float] = field(default_factory=list)  # between consecutive outputs
     kv_transfer_s: float | None = None
     recomputed: bool = False
+    # How the request ended (router.slo.OUTCOMES): ok, error, aborted, rejected.
+    outcome: str = "ok"
+    request_id: str = ""
+    prefill_instance: str | None = None
+    decode_instance: str | None = None
+    kv_backend: str = ""  # the cluster's KV transport (torch, grpc)
+    # Durations the instances measured: queue, prefill, first_decode_step, decode...
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 class MetricsSink(Protocol):
@@ -104,12 +112,18 @@ class Router:
             )
 
     async def stream(self, request: GenerateInput) -> AsyncIterator[RequestOutput]:
-        """Yield output snapshots until the request finishes; RouterError on failure."""
-        self._check_model(request.model)
+        """Yield output snapshots until the request finishes; RouterError on failure.
+
+        The request is recorded exactly once, on every way out (the ``finally``): a
+        consumer that stops at the finished output (the HTTP stream) still records it,
+        a disconnect before the end records an abort, a refusal records a rejection."""
         start = time.monotonic()
         times: list[float] = []
         last: RequestOutput | None = None
+        outcome = "rejected"  # an unknown model
         try:
+            self._check_model(request.model)
+            outcome = "aborted"  # until the finished output: leaving now is an abort
             async for out in self.cluster.stream(
                 request.prompt,
                 request.params,
@@ -117,18 +131,36 @@ class Router:
                 messages=request.messages,
                 request_id=request.request_id,
             ):
+                last = out
                 if out.finish_reason == "error":
+                    outcome = "error"
                     raise RouterError(ErrorKind.INTERNAL, "the request failed on an instance")
                 if out.new_token_ids:
                     times.append(time.monotonic())
-                last = out
+                if out.finished:
+                    outcome = "aborted" if out.finish_reason == "abort" else "ok"
                 yield out
-        except ValueError as e:
+        except ValueError as e:  # the instance refused the request, or a bug after it ran
+            outcome = "rejected" if last is None else "error"
             raise RouterError.invalid(str(e)) from e
         except RuntimeError as e:  # no instance serving
+            outcome = "rejected" if last is None else "error"
             raise RouterError(ErrorKind.UNAVAILABLE, str(e)) from e
-        if last is not None and self.metrics is not None:
-            self.metrics.request_finished(self._record(last, start, times))
+        except (GeneratorExit, asyncio.CancelledError, RouterError):
+            raise
+        except BaseException:
+            outcome = "error"
+            raise
+        finally:
+            if self.metrics is not None:
+                self.metrics.request_finished(self._record(last, start, times, outcome))
+
+    def rejected(self) -> None:
+        """Count a request a front end refused before :meth:`stream` (a malformed body,
+        a bad sampling value), so that every request is one outcome."""
+        if self.metrics is not None:
+            record = RequestRecord(self.model_name, 0, 0, "abort", 0.0, outcome="rejected")
+            self.metrics.request_finished(record)
 
     async def generate(self, request: GenerateInput) -> RequestOutput:
         last: RequestOutput | None = None
@@ -138,13 +170,18 @@ class Router:
             raise RouterError(ErrorKind.INTERNAL, "the request produced no output")
         return last
 
-    def _record(self, out: RequestOutput, start: float, times: Sequence[float]) -> RequestRecord:
+    def _record(
+        self, out: RequestOutput | None, start: float, times: Sequence[float], outcome: str
+    ) -> RequestRecord:
         end = time.monotonic()
+        if out is None:
+            return RequestRecord(self.model_name, 0, 0, "abort", end - start, outcome=outcome)
         n = len(out.token_ids)
         ttft = times[0] - start if times else None
         # Durations the instances measured (the KV pull, a recompute), next to the
         # router's own clock for everything the client sees.
-        timings = out.metrics.timings if out.metrics else {}
+        metrics = out.metrics
+        timings = dict(metrics.timings) if metrics else {}
         return RequestRecord(
             model=self.model_name,
             prompt_tokens=len(out.prompt_token_ids),
@@ -156,6 +193,12 @@ class Router:
             itl_s=[b - a for a, b in zip(times, times[1:], strict=False)],
             kv_transfer_s=timings.get("kv_transfer"),
             recomputed=bool(timings.get("recomputed")),
+            outcome=outcome,
+            request_id=out.request_id,
+            prefill_instance=metrics.prefill_instance if metrics else None,
+            decode_instance=metrics.decode_instance if metrics else None,
+            kv_backend=self.cluster.transport,
+            timings=timings,
         )
 
     async def status(self) -> ClusterStatus:

@@ -446,7 +446,7 @@ def test_metrics_endpoint(
     for name in ("time_to_first_token", "time_per_output_token", "inter_token_latency",
                  "e2e_request_latency", "kv_transfer"):  # fmt: skip
         assert counts[f"baton:{name}_seconds_count"] >= 2, name
-    by_metric = {(name, dict(labels).get("instance")) for name, labels in samples}
+    by_metric = {(name, dict(labels).get("instance_name")) for name, labels in samples}
     for instance in cluster.stats():
         for gauge in ("num_requests_waiting", "num_requests_running", "kv_cache_usage_perc"):
             assert (f"baton:{gauge}", instance.name) in by_metric

@@ -20,7 +20,7 @@ M = {"model_name": "m"}
 def record(**overrides: object) -> RequestRecord:
     values: dict[str, object] = dict(
         model="m", prompt_tokens=5, output_tokens=4, finish_reason="stop", e2e_s=1.2,
-        ttft_s=0.3, tpot_s=0.3, itl_s=[0.2, 0.3, 0.4], kv_transfer_s=0.004,
+        ttft_s=0.3, tpot_s=0.3, itl_s=[0.2, 0.3, 0.4], kv_transfer_s=0.004, kv_backend="torch",
     )  # fmt: skip
     values.update(overrides)
     return RequestRecord(**values)  # type: ignore[arg-type]
@@ -45,8 +45,8 @@ def test_request_records_feed_histograms_and_counters() -> None:
     assert value(m, "baton:inter_token_latency_seconds_count", **M) == 6
     assert value(m, "baton:inter_token_latency_seconds_sum", **M) == pytest.approx(1.8)
     assert value(m, "baton:e2e_request_latency_seconds_count", **M) == 3
-    assert value(m, "baton:kv_transfer_seconds_count", **M) == 2
-    assert value(m, "baton:kv_transfer_seconds_bucket", le="0.0025", **M) == 0
+    assert value(m, "baton:kv_transfer_seconds_count", backend="torch", **M) == 2
+    assert value(m, "baton:kv_transfer_seconds_bucket", le="0.0025", backend="torch", **M) == 0
     assert value(m, "baton:prompt_tokens_total", **M) == 15
     assert value(m, "baton:generation_tokens_total", **M) == 8
     for reason in ("stop", "length", "abort"):
@@ -63,8 +63,8 @@ def test_instance_gauges_follow_the_latest_status() -> None:
     m.update_instances(
         "m", [stats("prefill-0", "prefill", 75, waiting=3), stats("decode-0", "decode", 10)]
     )
-    p = {"instance": "prefill-0", "role": "prefill", **M}
-    d = {"instance": "decode-0", "role": "decode", **M}
+    p = {"instance_name": "prefill-0", "role": "prefill", "node": "local", **M}
+    d = {"instance_name": "decode-0", "role": "decode", "node": "local", **M}
     assert value(m, "baton:num_requests_waiting", **p) == 3
     assert value(m, "baton:num_requests_running", **d) == 2
     assert value(m, "baton:kv_cache_usage_perc", **p) == pytest.approx(0.25)
@@ -106,11 +106,12 @@ def test_the_router_feeds_the_metrics(cluster: Cluster) -> None:
     assert value(metrics, "baton:generation_tokens_total", **model) == 10
     assert value(metrics, "baton:request_success_total", finished_reason="length", **model) == 2
     assert (value(metrics, "baton:inter_token_latency_seconds_count", **model) or 0) >= 2
-    assert value(metrics, "baton:kv_transfer_seconds_count", **model) == 2
+    backend = {"backend": cluster.transport}
+    assert value(metrics, "baton:kv_transfer_seconds_count", **backend, **model) == 2
     for s in cluster.stats():
-        labels = {"instance": s.name, "role": s.role, **model}
+        labels = {"instance_name": s.name, "role": s.role, "node": "local", **model}
         assert value(metrics, "baton:num_requests_running", **labels) is not None
     # A status that does not come in time keeps the last reading rather than failing.
     metrics.status_timeout_s = 0
     asyncio.run(metrics.refresh(router))
-    assert len(metrics.instances.instances) == len(cluster.stats())
+    assert len(metrics.instances.view.instances) == len(cluster.stats())

@@ -1,0 +1,85 @@
+"""SLO targets from `baton serve` flags or from the plan file: validated at start, with a
+one-line error naming the flag (no cluster is started for a bad one)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from cluster import cli
+from router.slo import SLOTargets, slo_settings
+
+PLAN_ARGS = [
+    "plan", "--model", "llama-13b", "--nodes", "1", "--gpus-per-node", "8", "--gpu",
+    "A100-80G", "--workload", "synthetic:in=512,out=128", "--ttft-slo", "0.25",
+    "--tpot-slo", "0.1", "--attainment", "0.9", "--rate", "10",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = tmp_path_factory.mktemp("plan") / "plan.json"
+    assert cli.main([*PLAN_ARGS, "--out", str(out)]) == 0
+    return out.read_text()
+
+
+@pytest.fixture
+def plan_file(planned: str, tmp_path: Any) -> Any:
+    out = tmp_path / "plan.json"
+    out.write_text(planned)
+    return out
+
+
+def test_no_flags_no_targets() -> None:
+    assert slo_settings(None, None, None) == (None, None)
+
+
+def test_flags_give_targets() -> None:
+    targets, plan = slo_settings(0.5, 0.05, 0.95)
+    assert targets == SLOTargets(0.5, 0.05, 0.95) and plan is None
+    assert slo_settings(0.5, 0.05, None)[0] == SLOTargets(0.5, 0.05, 0.9)
+
+
+def test_the_plan_gives_targets_and_predictions(plan_file: Any) -> None:
+    data = json.loads(plan_file.read_text())
+    targets, prediction = slo_settings(None, None, None, str(plan_file))
+    assert targets == SLOTargets(0.25, 0.1, 0.9)
+    assert prediction is not None
+    assert prediction.attainment == data["predicted"]["attainment"]
+    assert prediction.rate_rps == 10
+    assert (prediction.mean_prompt_tokens, prediction.mean_output_tokens) == (512, 128)
+    gpus = sum(i["tp"] * i["pp"] for i in data["instances"])
+    assert prediction.max_goodput_rps == pytest.approx(data["predicted"]["per_gpu_goodput"] * gpus)
+    # A flag overrides the plan's value.
+    assert slo_settings(1.0, None, None, str(plan_file))[0] == SLOTargets(1.0, 0.1, 0.9)
+
+
+def test_a_plan_without_slos_is_refused(plan_file: Any) -> None:
+    data = json.loads(plan_file.read_text())
+    del data["slos"]
+    plan_file.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="^slos: missing from the plan"):
+        slo_settings(None, None, None, str(plan_file))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--slo-ttft", "0", "--slo-tpot", "0.1"], "error: slo-ttft: must be a positive"),
+        (["--slo-ttft", "1", "--slo-tpot", "-2"], "error: slo-tpot: must be a positive"),
+        (["--slo-ttft", "1", "--slo-tpot", "0.1", "--slo-attainment", "1"],
+         "error: slo-attainment: must be in (0, 1)"),
+        (["--slo-ttft", "1", "--slo-tpot", "0.1", "--slo-attainment", "0"],
+         "error: slo-attainment: must be in (0, 1)"),
+        (["--slo-ttft", "1"], "error: slo-tpot: required"),
+        (["--slo-attainment", "0.9"], "error: slo-attainment: needs --slo-ttft"),
+    ],
+)  # fmt: skip
+def test_bad_flags_are_one_line_errors(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["serve", *flags]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith(message) and "Traceback" not in err
