@@ -62,8 +62,19 @@ def test_generated_files_are_shipped(tmp_path: Path) -> None:
     assert "1 dashboard ConfigMap(s)" in rendered["baton/templates/NOTES.txt"]
 
 
-def test_without_generated_files_the_render_is_clear_and_valid() -> None:
-    rendered = chart.render(MONITORING)  # this branch's chart has no generated files
+def test_the_chart_ships_the_generated_dashboards_and_rules() -> None:
+    rendered = chart.render(MONITORING)
+    shipped = sorted(p.name for p in (chart.CHART / "files" / "grafana").glob("*.json"))
+    assert len(shipped) == 4
+    names = {cm["data"].popitem()[0] for cm in _objects(rendered, "ConfigMap")}
+    assert names == set(shipped)
+    (rule,) = _objects(rendered, "PrometheusRule")
+    ours = yaml.safe_load((chart.CHART / "files" / "prometheus" / "baton-rules.yaml").read_text())
+    assert rule["spec"]["groups"][1:] == ours["groups"]
+
+
+def test_without_generated_files_the_render_is_clear_and_valid(tmp_path: Path) -> None:
+    rendered = chart.render(MONITORING, chart=_chart_with(tmp_path, {}, None))
     for obj in chart.manifests(rendered):
         chart.validate(obj)
     assert _objects(rendered, "ConfigMap") == []
