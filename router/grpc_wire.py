@@ -15,7 +15,8 @@ from engine.sampling_params import SamplingParams
 from router.errors import RouterError
 from router.service import ClusterStatus, GenerateInput, ModelInfo
 
-_REPEATED = ("stop", "stop_token_ids")  # every other sampling field is proto3 optional
+# Repeated and map fields (empty means "none"); every other sampling field is optional.
+_REPEATED = ("stop", "stop_token_ids", "allowed_token_ids", "bad_words", "logit_bias")
 FINISH_REASONS = {
     "stop": pb.FINISH_REASON_STOP,
     "length": pb.FINISH_REASON_LENGTH,
@@ -33,10 +34,17 @@ def sampling_params(message: pb.SamplingParams) -> SamplingParams:
     """The fields the client set; the rest keep the engine's defaults."""
     data: dict[str, Any] = {}
     for f in message.DESCRIPTOR.fields:
-        if f.name in _REPEATED:
+        if f.name == "logit_bias":
+            if message.logit_bias:
+                data[f.name] = dict(message.logit_bias)
+        elif f.name in _REPEATED:
             values = list(getattr(message, f.name))
             if values:
                 data[f.name] = values
+        elif f.name == "structured_output":
+            if message.HasField(f.name):
+                so = message.structured_output
+                data[f.name] = {"kind": so.kind, "spec": so.spec}
         elif message.HasField(f.name):
             data[f.name] = getattr(message, f.name)
     try:

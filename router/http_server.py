@@ -49,6 +49,7 @@ from router.openai_protocol import (
     sse,
 )
 from router.service import Router
+from router.tokenize_api import VocabularySource, detokenize, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class OpenAIHandlers:
         self.api_key = api_key
         self.token_text = token_text
         self.max_body_bytes = max_body_bytes
+        self.vocabulary = VocabularySource(router)  # token text, echo, /tokenize
 
     # -- middlewares -------------------------------------------------------------------
 
@@ -116,6 +118,12 @@ class OpenAIHandlers:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         api = parse_chat(await self._body(request), uuid.uuid4().hex)
         return await self._answer(request, api)
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        return web.json_response(await tokenize(self.vocabulary, await self._body(request)))
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        return web.json_response(await detokenize(self.vocabulary, await self._body(request)))
 
     async def models(self, request: web.Request) -> web.Response:
         data = [
@@ -162,7 +170,16 @@ class OpenAIHandlers:
         return parse_json_body(raw)
 
     async def _answer(self, request: web.Request, api: ApiRequest) -> web.StreamResponse:
-        builder = ResponseBuilder(api, self.router.model_name, self.token_text)
+        vocab = None
+        if self.token_text is None and (api.logprobs or api.echo):
+            vocab = await self.vocabulary.get()
+        builder = ResponseBuilder(
+            api,
+            self.router.model_name,
+            self.token_text or (vocab.text if vocab else None),
+            vocab.bytes if vocab else None,
+            vocab.detokenize if vocab else None,
+        )
         # Router.stream is an async generator (its annotation says only AsyncIterator);
         # aclosing closes it on any exit, a cancellation included.
         stream = cast(AsyncGenerator[RequestOutput, None], self.router.stream(api.input))
@@ -228,6 +245,8 @@ def create_app(
             web.post("/v1/completions", h.completions),
             web.post("/v1/chat/completions", h.chat),
             web.get("/v1/models", h.models),
+            web.post("/tokenize", h.tokenize),
+            web.post("/detokenize", h.detokenize),
             web.get("/health", h.health),
             web.get("/metrics", h.prometheus),
         ]

@@ -97,11 +97,11 @@ def test_chat_body_maps_to_sampling_params() -> None:
         ("completion", {"prompt": "a", "top_p": 1.5}, "top_p"),
         ("completion", {"prompt": "a", "max_tokens": 0}, "max_tokens"),
         ("completion", {"prompt": "a", "n": 2}, "n"),
-        ("completion", {"prompt": "a", "echo": True}, "echo"),
+        ("completion", {"prompt": "a", "echo": "yes"}, "echo"),
         ("completion", {"prompt": "a", "model": 5}, "model"),
         ("completion", {"prompt": "a", "stream": "yes"}, "stream"),
         ("completion", {"prompt": "a", "stream_options": {"x": 1}}, "stream_options"),
-        ("completion", {"prompt": "a", "temprature": 0}, "temprature"),
+        ("completion", {"prompt": "a", "logit_bias": {"x": 1}}, "logit_bias"),
         ("chat", {}, "messages"),
         ("chat", {"messages": []}, "messages"),
         ("chat", {"messages": [{"role": "user", "content": 1}]}, "messages[0].content"),
@@ -358,7 +358,7 @@ def _bad_cases(model: str, max_len: int) -> list[tuple[str, bytes, str]]:
         (chat, j(messages=[{"role": "user", "content": 7}]), "messages[0].content"),
         (chat, j(messages=msgs, max_completion_tokens=max_len), "max_completion_tokens"),
         (chat, j(messages=msgs, top_logprobs=2), "top_logprobs"),
-        (chat, j(messages=msgs, temprature=0), "temprature"),
+        (chat, j(messages=msgs, logit_bias={"5": 101}), "logit_bias"),
     ]
 
 
