@@ -122,15 +122,23 @@ class Tokenizer:
         return token_id in self._special_ids
 
     def apply_chat_template(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template: str | None = None,
     ) -> str:
-        if not self.chat_template:
+        """The conversation as the model's template (or ``chat_template``) writes it;
+        ``tools`` reach the template as transformers passes them."""
+        template = chat_template or self.chat_template
+        if not template:
             raise ValueError("chat_template: this model has no chat template")
         try:
-            return _compile_template(self.chat_template).render(
+            return _compile_template(template).render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
-                tools=None,
+                tools=tools,
                 documents=None,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",

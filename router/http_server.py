@@ -49,7 +49,7 @@ from router.openai_protocol import (
     sse,
 )
 from router.service import Router
-from router.tokenize_api import VocabularySource, detokenize, tokenize
+from router.tokenize_api import VocabularySource, detokenize, render_chat, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +170,8 @@ class OpenAIHandlers:
         return parse_json_body(raw)
 
     async def _answer(self, request: web.Request, api: ApiRequest) -> web.StreamResponse:
+        if api.template_messages is not None:  # tools or a chat_template: render here
+            api = await render_chat(self.vocabulary, api)
         vocab = None
         if self.token_text is None and (api.logprobs or api.echo):
             vocab = await self.vocabulary.get()

@@ -21,12 +21,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from router import openai_extras as extras
+from router import tool_calls
 from router.errors import RouterError
 from router.service import GenerateInput
 
@@ -50,7 +51,7 @@ COMPLETION_FIELDS = frozenset(_COMMON | {"prompt", "logprobs", "best_of", "echo"
 CHAT_FIELDS = frozenset(
     _COMMON
     | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools"}
-    | {"tool_choice", "parallel_tool_calls", "response_format"}
+    | {"tool_choice", "parallel_tool_calls", "response_format", "tool_parser", "chat_template"}
 )
 # OpenAI's chat default is "until the model stops"; without the prompt's token count
 # (the instance tokenizes) the router cannot fill the rest of the context, so a fixed
@@ -113,10 +114,21 @@ class ApiRequest:
     include_usage: bool = False
     logprobs: bool = False  # render logprobs in the response
     echo: bool = False  # completions: the prompt's text before the output
+    tools: tool_calls.ToolPlan | None = None  # chat with tool calling on
+    # Chat the router renders itself (tools, or the request's own chat_template):
+    # the client's messages, the template, and the tool-call format parsed in "auto".
+    template_messages: list[dict[str, Any]] | None = None
+    chat_template: str | None = None
+    tool_parser: str = "hermes"
     aliases: Mapping[str, str] = field(default_factory=dict)  # engine field -> client's
 
     def client_error(self, error: RouterError) -> RouterError:
         return rename_param(error, self.aliases)
+
+    def rendered(self, prompt_token_ids: list[int], tool_parser: str) -> ApiRequest:
+        """This request with its chat already rendered into token ids."""
+        gen = replace(self.input, messages=None, prompt_token_ids=prompt_token_ids)
+        return replace(self, input=gen, template_messages=None, tool_parser=tool_parser)
 
 
 def rename_param(error: RouterError, aliases: Mapping[str, str]) -> RouterError:
@@ -207,7 +219,7 @@ def parse_completion(body: Body, request_id: str) -> ApiRequest:
         include_usage,
         params.logprobs is not None,
         echo,
-        aliases,
+        aliases=aliases,
     )
 
 
@@ -238,16 +250,16 @@ def _messages(value: object) -> list[dict[str, str]]:
         role = m.get("role")
         if not isinstance(role, str) or not role:
             raise invalid(f"{where}.role", f"must be a non-empty string, got {json_type(role)}")
-        out.append({"role": role, "content": _content(m.get("content"), f"{where}.content")})
+        content = m.get("content")
+        if content is None and (m.get("tool_calls") or role == "assistant"):
+            content = ""  # an assistant turn that only called tools
+        out.append({"role": role, "content": _content(content, f"{where}.content")})
     return out
 
 
 def _check_chat_unsupported(body: Body) -> None:
-    if _get(body, "tools", list) and body.get("tool_choice") != "none":
-        raise invalid("tools", "tool calling is not supported (only tool_choice: 'none')")
-    if body.get("tool_choice") not in (None, "none", "auto"):
-        raise invalid("tool_choice", "tool calling is not supported")
     _get(body, "parallel_tool_calls", bool)
+    _get(body, "chat_template", str)
 
 
 def parse_chat(body: Body, request_id: str) -> ApiRequest:
@@ -267,15 +279,26 @@ def parse_chat(body: Body, request_id: str) -> ApiRequest:
     }
     aliases = {"prompt": "messages", "prompt_token_ids": "messages", "logprobs": "top_logprobs"}
     aliases["max_tokens"] = limit or "max_tokens"
+    plan = tool_calls.parse_tools(body)
+    constraint = plan.constraint if plan is not None else None
+    if constraint is not None:
+        if extras.structured_output(body)[0] is not None:
+            raise invalid("tool_choice", "a forced tool call cannot have another output constraint")
+        extra["structured_output"] = constraint
+        aliases["response_format"] = "tools"  # the instance compiles the tools' schemas
     params = _sampling(body, extra, aliases)
+    template = body.get("chat_template")
+    render = plan is not None or template is not None
     return ApiRequest(
         "chat",
         GenerateInput(body.get("model"), messages=messages, params=params, request_id=request_id),
         stream,
         include_usage,
         want_logprobs,
-        False,
-        aliases,
+        tools=plan,
+        template_messages=[dict(m) for m in body["messages"]] if render else None,
+        chat_template=template,
+        aliases=aliases,
     )
 
 
@@ -333,12 +356,17 @@ class ResponseBuilder:
     def response(self, out: RequestOutput) -> dict[str, Any]:
         """The whole (non-streamed) response from the final snapshot."""
         choice: dict[str, Any] = {"index": 0}
-        if self.api.kind == "chat":
+        reason = out.finish_reason
+        if self.api.tools is not None:
+            content, calls = tool_calls.extract(self.api.tools, out.text, self.api.tool_parser)
+            choice["message"] = tool_calls.message(content, calls)
+            reason = "tool_calls" if calls and reason == "stop" else reason
+        elif self.api.kind == "chat":
             choice["message"] = {"role": "assistant", "content": out.text}
         else:
             choice["text"] = self._echo(out) + out.text
         choice["logprobs"] = self._logprobs(out.logprobs or []) if self.api.logprobs else None
-        choice["finish_reason"] = out.finish_reason
+        choice["finish_reason"] = reason
         return {**self._envelope(False), "choices": [choice], "usage": self.usage(out)}
 
     def chunks(self, out: RequestOutput) -> list[dict[str, Any]]:
@@ -351,6 +379,17 @@ class ResponseBuilder:
             deltas.append(({"role": "assistant", "content": ""}, [], None))
         echo = "" if self._echo_sent else self._echo(out)
         self._echo_sent = True
+        if self.api.tools is not None:
+            # Calls are told from content only once the text is complete (module doc of
+            # router.tool_calls); logprobs still stream as the tokens come.
+            if rows:
+                deltas.append(({}, rows, None))
+            if out.finished:
+                return [
+                    *[self._chunk(d, r, reason) for d, r, reason in deltas],
+                    *self._tool_chunks(out),
+                ]
+            return [self._chunk(d, r, reason) for d, r, reason in deltas]
         if out.delta_text or rows or echo:
             deltas.append(({"content": echo + out.delta_text}, rows, None))
         if out.finished:
@@ -372,6 +411,14 @@ class ResponseBuilder:
         if self.api.include_usage:
             chunk["usage"] = None  # as OpenAI: only the final chunk carries usage
         return chunk
+
+    def _tool_chunks(self, out: RequestOutput) -> list[dict[str, Any]]:
+        assert self.api.tools is not None
+        content, calls = tool_calls.extract(self.api.tools, out.text, self.api.tool_parser)
+        chunks = [self._chunk({"content": content}, [], None)] if content else []
+        chunks += [self._chunk(d, [], None) for d in tool_calls.call_deltas(calls)]
+        reason = "tool_calls" if calls and out.finish_reason == "stop" else out.finish_reason
+        return [*chunks, self._chunk({}, [], reason)]
 
     def _echo(self, out: RequestOutput) -> str:
         """The prompt's text, when a completion asked for echo."""

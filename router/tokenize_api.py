@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from router import tool_calls
 from router.errors import ErrorKind, RouterError
-from router.openai_protocol import _get, _messages, invalid
+from router.openai_protocol import ApiRequest, _get, _messages, invalid
 from router.service import Router
 from router.vocabulary import Vocabulary
 
@@ -46,12 +47,21 @@ async def tokenize(source: VocabularySource, body: dict[str, Any]) -> dict[str, 
     vocab = await source.get()
     tok = vocab.tokenizer
     if body.get("messages") is not None:
-        messages = _messages(body["messages"])
+        _messages(body["messages"])
         generation = _get(body, "add_generation_prompt", bool, True)
+        plan = (
+            tool_calls.parse_tools({**body, "tool_choice": "auto"}) if body.get("tools") else None
+        )
+        template = _get(body, "chat_template", str)
         try:
-            text = tok.apply_chat_template(messages, generation)
+            text = tok.apply_chat_template(
+                body["messages"],
+                generation,
+                tools=plan.template_tools if plan else None,
+                chat_template=template,
+            )
         except ValueError as e:
-            raise invalid("messages", str(e)) from e
+            raise invalid("chat_template" if template else "messages", str(e)) from e
         ids = tok.encode(text, add_special_tokens=_get(body, "add_special_tokens", bool, False))
     else:
         prompt = _get(body, "prompt", str)
@@ -79,3 +89,24 @@ async def detokenize(source: VocabularySource, body: dict[str, Any]) -> dict[str
     if bad is not None:
         raise invalid("tokens", f"{bad} is not a token id in [0, {vocab.size})")
     return {"prompt": vocab.detokenize(ids)}
+
+
+async def render_chat(source: VocabularySource, api: ApiRequest) -> ApiRequest:
+    """A chat the router renders itself (with tools, or the request's chat_template)."""
+    assert api.template_messages is not None
+    tok = (await source.get()).tokenizer
+    plan = api.tools
+    try:
+        text = tok.apply_chat_template(
+            api.template_messages,
+            True,
+            tools=plan.template_tools if plan else None,
+            chat_template=api.chat_template,
+        )
+    except ValueError as e:
+        raise invalid("chat_template" if api.chat_template else "messages", str(e)) from e
+    ids = tok.encode(text, add_special_tokens=False)
+    parser = plan.parser if plan is not None and plan.parser else None
+    return api.rendered(
+        ids, parser or tool_calls.parser_for(api.chat_template or tok.chat_template)
+    )

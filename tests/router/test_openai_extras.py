@@ -55,6 +55,35 @@ SCHEMAS: list[dict[str, Any]] = [
     },
 ]
 
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 20},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+TIME = {
+    "type": "object",
+    "properties": {"zone": {"type": "string", "pattern": "^[A-Z]{3}$"}},
+    "required": ["zone"],
+    "additionalProperties": False,
+}
+TOOLS: list[Any] = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "parameters": TIME}},
+]
+PARAMS = {"get_weather": WEATHER, "get_time": TIME}
+# A Hermes-style template (as Qwen2's): the tools in the system turn, calls in <tool_call>.
+HERMES_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nYou may call these tools:\n<tools>\n"
+    "{% for t in tools %}{{ t | tojson }}\n{% endfor %}</tools>\n"
+    'Answer with <tool_call>{"name": ..., "arguments": ...}</tool_call>.<|im_end|>\n{% endif %}'
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 # -- without a server ------------------------------------------------------------------
 
 
@@ -100,7 +129,13 @@ def test_response_formats() -> None:
         ({"min_tokens": 600}, "min_tokens"),
         ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
         ({"n": 5}, "n"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f",
+                                                      "parameters": {"type": "nope"}}}]}, "tools"),
+        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "x"}}},
+         "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": "required", "guided_regex": "a"}, "tool_choice"),
     ],
 )  # fmt: skip
 def test_bad_extras_name_the_field(body: dict[str, Any], param: str) -> None:
@@ -130,9 +165,10 @@ def vocab(cluster: Cluster) -> Vocabulary:
 
 
 @pytest.fixture(autouse=True)
-def _idle_after(cluster: Cluster) -> Iterator[None]:
+def _idle_after(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
-    wait_cluster_idle(cluster)
+    if {"client", "server", "router"} & set(request.fixturenames):  # tests on the cluster
+        wait_cluster_idle(request.getfixturevalue("cluster"))
 
 
 def _chat(client: openai.OpenAI, **kwargs: Any) -> Any:
@@ -276,3 +312,87 @@ def test_sdk_over_grpc(router: Router) -> None:
             assert "guided_regex" in str(info.value)
     finally:
         st.stop()
+
+
+def test_tool_call_parsers() -> None:
+    from router.tool_calls import extract, parse_tools
+
+    plan = parse_tools({"tools": TOOLS})
+    assert plan is not None and plan.mode == "auto"
+    call = '{"name": "get_time", "arguments": {"zone": "UTC"}}'
+    text = f"Let me check.\n<tool_call>\n{call}\n</tool_call>"
+    content, calls = extract(plan, text, "hermes")
+    assert content == "Let me check." and calls[0]["function"]["name"] == "get_time"
+    assert json.loads(calls[0]["function"]["arguments"]) == {"zone": "UTC"}
+    llama = (
+        '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Oslo", "unit": "celsius"}}'
+    )
+    content, calls = extract(plan, llama, "llama3_json")
+    assert content is None and json.loads(calls[0]["function"]["arguments"])["city"] == "Oslo"
+    assert extract(plan, "Just text.", "hermes") == ("Just text.", [])
+    assert extract(plan, '{"name": "unknown", "parameters": {}}', "llama3_json")[1] == []
+
+
+def _check_calls(calls: Any) -> None:
+    assert calls
+    for call in calls:
+        assert call.type == "function" and call.id
+        jsonschema.validate(json.loads(call.function.arguments), PARAMS[call.function.name])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_forced_tool_calls_validate(client: openai.OpenAI, temperature: float) -> None:
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    common: dict[str, Any] = {
+        "model": "",
+        "messages": ask,
+        "tools": TOOLS,
+        "temperature": temperature,
+    }
+    out = client.chat.completions.create(**common, tool_choice=named, seed=7, max_tokens=100)
+    assert out.choices[0].finish_reason == "tool_calls" and out.choices[0].message.content is None
+    _check_calls(out.choices[0].message.tool_calls)
+    assert out.choices[0].message.tool_calls[0].function.name == "get_weather"
+    out = client.chat.completions.create(**common, tool_choice="required", seed=8, max_tokens=150)
+    _check_calls(out.choices[0].message.tool_calls)
+    # streamed: OpenAI's delta shape, reassembled the way clients do
+    stream = client.chat.completions.create(
+        **common, tool_choice=named, seed=9, max_tokens=100, stream=True
+    )
+    parts: dict[int, dict[str, str]] = {}
+    reasons = []
+    for chunk in stream:
+        for d in chunk.choices[0].delta.tool_calls or []:
+            part = parts.setdefault(d.index, {"name": "", "arguments": ""})
+            part["name"] += d.function.name or ""
+            part["arguments"] += d.function.arguments or ""
+        reasons.append(chunk.choices[0].finish_reason)
+    assert reasons[-1] == "tool_calls" and parts[0]["name"] == "get_weather"
+    jsonschema.validate(json.loads(parts[0]["arguments"]), WEATHER)
+
+
+def test_auto_and_none_tool_choice(client: openai.OpenAI, server: HttpServerThread) -> None:
+    shots: list[Any] = [
+        {"role": "user", "content": "Time in UTC?"},
+        {"role": "assistant",
+         "content": '<tool_call>{"name": "get_time", "arguments": {"zone": "UTC"}}</tool_call>'},
+        {"role": "user", "content": "Time in CET?"},
+    ]  # fmt: skip
+    out = client.chat.completions.create(
+        model="", messages=shots, tools=TOOLS, temperature=0, max_tokens=40,
+        extra_body={"chat_template": HERMES_TEMPLATE},
+    )  # fmt: skip
+    choice = out.choices[0]
+    assert choice.message.tool_calls, choice.message.content  # the model follows the shot
+    assert choice.finish_reason == "tool_calls"
+    _check_calls(choice.message.tool_calls)
+    plain = client.chat.completions.create(
+        model="", messages=shots, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=8
+    )
+    assert plain.choices[0].message.tool_calls is None and plain.choices[0].message.content
+    # the template received the tools
+    body = {"messages": shots, "chat_template": HERMES_TEMPLATE}
+    without = server.request("POST", "/tokenize", json.dumps(body).encode())[1]["count"]
+    with_tools = server.request("POST", "/tokenize", json.dumps({**body, "tools": TOOLS}).encode())
+    assert with_tools[1]["count"] > without
