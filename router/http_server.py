@@ -48,6 +48,7 @@ from router.openai_protocol import (
     parse_json_body,
     sse,
 )
+from router.parallel_sampling import answer_n
 from router.service import Router
 from router.tokenize_api import VocabularySource, detokenize, render_chat, tokenize
 
@@ -175,13 +176,18 @@ class OpenAIHandlers:
         vocab = None
         if self.token_text is None and (api.logprobs or api.echo):
             vocab = await self.vocabulary.get()
-        builder = ResponseBuilder(
-            api,
-            self.router.model_name,
-            self.token_text or (vocab.text if vocab else None),
-            vocab.bytes if vocab else None,
-            vocab.detokenize if vocab else None,
-        )
+        def make_builder(a: ApiRequest) -> ResponseBuilder:
+            return ResponseBuilder(
+                a,
+                self.router.model_name,
+                self.token_text or (vocab.text if vocab else None),
+                vocab.bytes if vocab else None,
+                vocab.detokenize if vocab else None,
+            )
+
+        if api.n > 1:
+            return await answer_n(request, self.router, api, api.n, make_builder)
+        builder = make_builder(api)
         # Router.stream is an async generator (its annotation says only AsyncIterator);
         # aclosing closes it on any exit, a cancellation included.
         stream = cast(AsyncGenerator[RequestOutput, None], self.router.stream(api.input))

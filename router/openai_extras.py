@@ -26,6 +26,7 @@ from router.errors import RouterError
 logger = logging.getLogger(__name__)
 
 Body = Mapping[str, Any]
+MAX_N = 16  # sequences per request (n); above it: 400 naming n
 
 EXTRA_SAMPLING_FIELDS = (
     "min_tokens", "logit_bias", "allowed_token_ids", "bad_words", "include_stop_str_in_output",

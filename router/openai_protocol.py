@@ -12,8 +12,9 @@ vLLM's extra fields and structured output are read in ``router.openai_extras``.
 Unknown fields are accepted and ignored with a warning in the log, as vLLM does.
 
 Not supported, and answered with a 400 naming the field: several prompts in one
-request, ``n`` or ``best_of`` other than 1, ``suffix``, ``prompt_logprobs``, and tool
-calling other than ``tool_choice: "none"``.
+request, ``n`` above ``openai_extras.MAX_N`` (16), ``best_of`` other than 1, ``suffix``
+and ``prompt_logprobs``. Tool calling is ``router.tool_calls``; ``n`` > 1 is
+``router.parallel_sampling``.
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ class ApiRequest:
     template_messages: list[dict[str, Any]] | None = None
     chat_template: str | None = None
     tool_parser: str = "hermes"
+    n: int = 1  # sequences for this prompt (router.parallel_sampling)
     aliases: Mapping[str, str] = field(default_factory=dict)  # engine field -> client's
 
     def client_error(self, error: RouterError) -> RouterError:
@@ -146,8 +148,8 @@ def _check_common(body: Body, allowed: frozenset[str], request_id: str = "") -> 
     """Fields both endpoints share; returns (stream, include_usage)."""
     extras.warn_ignored(body, allowed, request_id)
     _get(body, "model", str)
-    if _get(body, "n", int, 1) != 1:
-        raise invalid("n", "only n=1 is supported; send one request per sample")
+    if not 1 <= _get(body, "n", int, 1) <= extras.MAX_N:
+        raise invalid("n", f"must be in [1, {extras.MAX_N}], got {body['n']}")
     _get(body, "logit_bias", dict)
     if body.get("prompt_logprobs") is not None:
         raise invalid("prompt_logprobs", "is not supported")
@@ -219,6 +221,7 @@ def parse_completion(body: Body, request_id: str) -> ApiRequest:
         include_usage,
         params.logprobs is not None,
         echo,
+        n=body.get("n") or 1,
         aliases=aliases,
     )
 
@@ -298,6 +301,7 @@ def parse_chat(body: Body, request_id: str) -> ApiRequest:
         tools=plan,
         template_messages=[dict(m) for m in body["messages"]] if render else None,
         chat_template=template,
+        n=body.get("n") or 1,
         aliases=aliases,
     )
 

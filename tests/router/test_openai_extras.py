@@ -128,7 +128,8 @@ def test_response_formats() -> None:
         ({"logit_bias": {"1": -101}}, "logit_bias"),
         ({"min_tokens": 600}, "min_tokens"),
         ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
-        ({"n": 5}, "n"),
+        ({"n": 17}, "n"),
+        ({"n": 0}, "n"),
         ({"tools": [{"type": "function", "function": {"name": "f",
                                                       "parameters": {"type": "nope"}}}]}, "tools"),
         ({"tools": [{"type": "function"}]}, "tools"),
@@ -396,3 +397,33 @@ def test_auto_and_none_tool_choice(client: openai.OpenAI, server: HttpServerThre
     without = server.request("POST", "/tokenize", json.dumps(body).encode())[1]["count"]
     with_tools = server.request("POST", "/tokenize", json.dumps({**body, "tools": TOOLS}).encode())
     assert with_tools[1]["count"] > without
+
+
+def test_n_sequences(client: openai.OpenAI, server: HttpServerThread) -> None:
+    prompt = "The capital of France is"
+    one = client.completions.create(model="", prompt=prompt, max_tokens=8, temperature=0)
+    three = client.completions.create(model="", prompt=prompt, max_tokens=8, temperature=0, n=3)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    assert [c.text for c in three.choices] == [one.choices[0].text] * 3
+    assert three.usage.completion_tokens == 3 * one.usage.completion_tokens
+    seeded = {"model": "", "messages": MSGS, "max_tokens": 12, "temperature": 1.0, "seed": 11}
+    a = client.chat.completions.create(**seeded, n=3)
+    b = client.chat.completions.create(**seeded, n=3)
+    texts = [c.message.content for c in a.choices]
+    assert texts == [c.message.content for c in b.choices]
+    # sequence i of a seeded request is the seed + i request's sequence
+    single = client.chat.completions.create(**{**seeded, "seed": 12})
+    assert texts[1] == single.choices[0].message.content
+    stream = client.chat.completions.create(**seeded, n=3, stream=True)
+    got: dict[int, str] = {}
+    finished = set()
+    for chunk in stream:
+        for c in chunk.choices:
+            got[c.index] = got.get(c.index, "") + (c.delta.content or "")
+            if c.finish_reason:
+                finished.add(c.index)
+    assert [got[i] for i in range(3)] == texts and finished == {0, 1, 2}
+    status, reply = server.request(
+        "POST", "/v1/completions", json.dumps({"prompt": "x", "n": 17}).encode()
+    )
+    assert status == 400 and reply["error"]["param"] == "n"
