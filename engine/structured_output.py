@@ -121,6 +121,16 @@ class Constraint:
             self.matcher.consume_tokens(new)
             self.consumed = len(output_token_ids)
 
+    def bitmask(self) -> bytes:
+        """The next token's mask, one bit per token (little-endian within each byte),
+        ``ceil(V / 32) * 4`` bytes; only EOS once the matcher is in an error state."""
+        if self.matcher.is_error():
+            mask = bytearray((self.vocab_size + 31) // 32 * 4)
+            for t in self.eos_ids:
+                mask[t // 8] |= 1 << (t % 8)
+            return bytes(mask)
+        return self.matcher.compute_bitmask()
+
     def allowed(self, device: torch.device) -> torch.Tensor:
         """[V] bool: the tokens the grammar allows next (only EOS once it is complete).
 
