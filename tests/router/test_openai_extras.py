@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -427,3 +429,21 @@ def test_n_sequences(client: openai.OpenAI, server: HttpServerThread) -> None:
         "POST", "/v1/completions", json.dumps({"prompt": "x", "n": 17}).encode()
     )
     assert status == 400 and reply["error"]["param"] == "n"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_n_client_disconnect_aborts_every_sequence(
+    server: HttpServerThread, cluster: Cluster, stream: bool
+) -> None:
+    body = json.dumps(
+        {"prompt": "Tell me a story.", "max_tokens": 4000, "ignore_eos": True, "n": 3,
+         "stream": stream, "response_format": None}
+    ).encode()  # fmt: skip
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(head.encode() + body)
+        deadline = time.monotonic() + 30
+        while sum(s.num_running for s in cluster.stats() if s.role == "decode") < 3:
+            assert time.monotonic() < deadline, "the 3 sequences never all reached decode"
+            time.sleep(0.05)
+    wait_cluster_idle(cluster, timeout_s=15)
