@@ -102,7 +102,7 @@ def usage(u: pb.Usage) -> Usage:
 
 def logprobs(items: Iterable[pb.Logprobs]) -> tuple[Logprobs, ...] | None:
     def one(t: pb.TokenLogprob) -> TokenLogprob:
-        return TokenLogprob(t.token_id, t.logprob)
+        return TokenLogprob(t.token_id, t.logprob, t.token, t.bytes)
 
     out = tuple(Logprobs(one(x.sampled), tuple(one(t) for t in x.top)) for x in items)
     return out or None  # not asked for (or nothing generated)

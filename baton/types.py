@@ -94,6 +94,8 @@ class Usage:
 class TokenLogprob:
     token_id: int
     logprob: float
+    token: str = ""  # the token's text (U+FFFD where it holds part of a character)
+    bytes: bytes = b""  # its exact UTF-8 bytes
 
 
 @dataclass(frozen=True)

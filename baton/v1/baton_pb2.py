@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x62\x61ton/v1/baton.proto\x12\x08\x62\x61ton.v1\"\x85\x07\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x01H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x17\n\nignore_eos\x18\x0c \x01(\x08H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\x05H\n\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0e \x01(\x08H\x0b\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0f \x01(\x05H\x0c\x88\x01\x01\x12;\n\nlogit_bias\x18\x10 \x03(\x0b\x32\'.baton.v1.SamplingParams.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x11 \x03(\x05\x12\x11\n\tbad_words\x18\x12 \x03(\t\x12\'\n\x1ainclude_stop_str_in_output\x18\x13 \x01(\x08H\r\x88\x01\x01\x12:\n\x11structured_output\x18\x14 \x01(\x0b\x32\x1a.baton.v1.StructuredOutputH\x0e\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\r\n\x0b_min_tokensB\x1d\n\x1b_include_stop_str_in_outputB\x14\n\x12_structured_output\".\n\x10StructuredOutput\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04spec\x18\x02 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"/\n\x04\x43hat\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.baton.v1.ChatMessage\"\xcd\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12.\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x12.baton.v1.TokenIdsH\x00\x12\"\n\x08messages\x18\x04 \x01(\x0b\x32\x0e.baton.v1.ChatH\x00\x12(\n\x06params\x18\x05 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x07\n\x05input\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"X\n\x08Logprobs\x12\'\n\x07sampled\x18\x01 \x01(\x0b\x32\x16.baton.v1.TokenLogprob\x12#\n\x03top\x18\x02 \x03(\x0b\x32\x16.baton.v1.TokenLogprob\"\xcb\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12-\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x16.baton.v1.FinishReason\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.baton.v1.Usage\x12$\n\x08logprobs\x18\x07 \x03(\x0b\x32\x12.baton.v1.Logprobs\"\xc2\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12$\n\x08logprobs\x18\x04 \x03(\x0b\x32\x12.baton.v1.Logprobs\x12-\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x16.baton.v1.FinishReason\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.baton.v1.Usage\"\x13\n\x11ListModelsRequest\"?\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.baton.v1.ModelInfo\"\x0f\n\rStatusRequest\"\xc1\x02\n\x0eInstanceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12(\n\x06health\x18\x03 \x01(\x0e\x32\x18.baton.v1.InstanceHealth\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\r\x12\x13\n\x0bnum_running\x18\x05 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x06 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x07 \x01(\r\x12\x10\n\x08kv_usage\x18\x08 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\t \x01(\x04\x12\x38\n\x08\x63ounters\x18\n \x03(\x0b\x32&.baton.v1.InstanceStatus.CountersEntry\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xae\x01\n\nPoolStatus\x12\x0c\n\x04role\x18\x01 \x01(\t\x12+\n\tinstances\x18\x02 \x03(\x0b\x32\x18.baton.v1.InstanceStatus\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\r\x12\x13\n\x0bnum_running\x18\x04 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x05 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x06 \x01(\r\x12\x10\n\x08kv_usage\x18\x07 \x01(\x01\"e\n\x0eStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x11\n\ttransport\x18\x03 \x01(\t\x12#\n\x05pools\x18\x04 \x03(\x0b\x32\x14.baton.v1.PoolStatus*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*\x88\x01\n\x0eInstanceHealth\x12\x1f\n\x1bINSTANCE_HEALTH_UNSPECIFIED\x10\x00\x12\x1b\n\x17INSTANCE_HEALTH_SERVING\x10\x01\x12\x1e\n\x1aINSTANCE_HEALTH_RESTARTING\x10\x02\x12\x18\n\x14INSTANCE_HEALTH_DEAD\x10\x03\x32\xe4\x01\n\x05\x42\x61ton\x12\x41\n\x08Generate\x12\x19.baton.v1.GenerateRequest\x1a\x1a.baton.v1.GenerateResponse\x12O\n\x0eGenerateStream\x12\x19.baton.v1.GenerateRequest\x1a .baton.v1.GenerateStreamResponse0\x01\x12G\n\nListModels\x12\x1b.baton.v1.ListModelsRequest\x1a\x1c.baton.v1.ListModelsResponse2I\n\nBatonAdmin\x12;\n\x06Status\x12\x17.baton.v1.StatusRequest\x1a\x18.baton.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x62\x61ton/v1/baton.proto\x12\x08\x62\x61ton.v1\"\x85\x07\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x01H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x17\n\nignore_eos\x18\x0c \x01(\x08H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\x05H\n\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0e \x01(\x08H\x0b\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0f \x01(\x05H\x0c\x88\x01\x01\x12;\n\nlogit_bias\x18\x10 \x03(\x0b\x32\'.baton.v1.SamplingParams.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x11 \x03(\x05\x12\x11\n\tbad_words\x18\x12 \x03(\t\x12\'\n\x1ainclude_stop_str_in_output\x18\x13 \x01(\x08H\r\x88\x01\x01\x12:\n\x11structured_output\x18\x14 \x01(\x0b\x32\x1a.baton.v1.StructuredOutputH\x0e\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\r\n\x0b_min_tokensB\x1d\n\x1b_include_stop_str_in_outputB\x14\n\x12_structured_output\".\n\x10StructuredOutput\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04spec\x18\x02 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"/\n\x04\x43hat\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.baton.v1.ChatMessage\"\xcd\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12.\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x12.baton.v1.TokenIdsH\x00\x12\"\n\x08messages\x18\x04 \x01(\x0b\x32\x0e.baton.v1.ChatH\x00\x12(\n\x06params\x18\x05 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x07\n\x05input\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"O\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\r\n\x05token\x18\x03 \x01(\t\x12\r\n\x05\x62ytes\x18\x04 \x01(\x0c\"X\n\x08Logprobs\x12\'\n\x07sampled\x18\x01 \x01(\x0b\x32\x16.baton.v1.TokenLogprob\x12#\n\x03top\x18\x02 \x03(\x0b\x32\x16.baton.v1.TokenLogprob\"\xcb\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12-\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x16.baton.v1.FinishReason\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.baton.v1.Usage\x12$\n\x08logprobs\x18\x07 \x03(\x0b\x32\x12.baton.v1.Logprobs\"\xc2\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12$\n\x08logprobs\x18\x04 \x03(\x0b\x32\x12.baton.v1.Logprobs\x12-\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x16.baton.v1.FinishReason\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.baton.v1.Usage\"\x13\n\x11ListModelsRequest\"?\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.baton.v1.ModelInfo\"\x0f\n\rStatusRequest\"\xc1\x02\n\x0eInstanceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12(\n\x06health\x18\x03 \x01(\x0e\x32\x18.baton.v1.InstanceHealth\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\r\x12\x13\n\x0bnum_running\x18\x05 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x06 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x07 \x01(\r\x12\x10\n\x08kv_usage\x18\x08 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\t \x01(\x04\x12\x38\n\x08\x63ounters\x18\n \x03(\x0b\x32&.baton.v1.InstanceStatus.CountersEntry\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xae\x01\n\nPoolStatus\x12\x0c\n\x04role\x18\x01 \x01(\t\x12+\n\tinstances\x18\x02 \x03(\x0b\x32\x18.baton.v1.InstanceStatus\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\r\x12\x13\n\x0bnum_running\x18\x04 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x05 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x06 \x01(\r\x12\x10\n\x08kv_usage\x18\x07 \x01(\x01\"e\n\x0eStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x11\n\ttransport\x18\x03 \x01(\t\x12#\n\x05pools\x18\x04 \x03(\x0b\x32\x14.baton.v1.PoolStatus*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*\x88\x01\n\x0eInstanceHealth\x12\x1f\n\x1bINSTANCE_HEALTH_UNSPECIFIED\x10\x00\x12\x1b\n\x17INSTANCE_HEALTH_SERVING\x10\x01\x12\x1e\n\x1aINSTANCE_HEALTH_RESTARTING\x10\x02\x12\x18\n\x14INSTANCE_HEALTH_DEAD\x10\x03\x32\xe4\x01\n\x05\x42\x61ton\x12\x41\n\x08Generate\x12\x19.baton.v1.GenerateRequest\x1a\x1a.baton.v1.GenerateResponse\x12O\n\x0eGenerateStream\x12\x19.baton.v1.GenerateRequest\x1a .baton.v1.GenerateStreamResponse0\x01\x12G\n\nListModels\x12\x1b.baton.v1.ListModelsRequest\x1a\x1c.baton.v1.ListModelsResponse2I\n\nBatonAdmin\x12;\n\x06Status\x12\x17.baton.v1.StatusRequest\x1a\x18.baton.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_INSTANCESTATUS_COUNTERSENTRY']._loaded_options = None
   _globals['_INSTANCESTATUS_COUNTERSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2706
-  _globals['_FINISHREASON']._serialized_end=2826
-  _globals['_INSTANCEHEALTH']._serialized_start=2829
-  _globals['_INSTANCEHEALTH']._serialized_end=2965
+  _globals['_FINISHREASON']._serialized_start=2736
+  _globals['_FINISHREASON']._serialized_end=2856
+  _globals['_INSTANCEHEALTH']._serialized_start=2859
+  _globals['_INSTANCEHEALTH']._serialized_end=2995
   _globals['_SAMPLINGPARAMS']._serialized_start=35
   _globals['_SAMPLINGPARAMS']._serialized_end=936
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=632
@@ -56,31 +56,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGE']._serialized_start=1314
   _globals['_USAGE']._serialized_end=1394
   _globals['_TOKENLOGPROB']._serialized_start=1396
-  _globals['_TOKENLOGPROB']._serialized_end=1445
-  _globals['_LOGPROBS']._serialized_start=1447
-  _globals['_LOGPROBS']._serialized_end=1535
-  _globals['_GENERATERESPONSE']._serialized_start=1538
-  _globals['_GENERATERESPONSE']._serialized_end=1741
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1744
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1938
-  _globals['_LISTMODELSREQUEST']._serialized_start=1940
-  _globals['_LISTMODELSREQUEST']._serialized_end=1959
-  _globals['_MODELINFO']._serialized_start=1961
-  _globals['_MODELINFO']._serialized_end=2024
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2026
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2083
-  _globals['_STATUSREQUEST']._serialized_start=2085
-  _globals['_STATUSREQUEST']._serialized_end=2100
-  _globals['_INSTANCESTATUS']._serialized_start=2103
-  _globals['_INSTANCESTATUS']._serialized_end=2424
-  _globals['_INSTANCESTATUS_COUNTERSENTRY']._serialized_start=2377
-  _globals['_INSTANCESTATUS_COUNTERSENTRY']._serialized_end=2424
-  _globals['_POOLSTATUS']._serialized_start=2427
-  _globals['_POOLSTATUS']._serialized_end=2601
-  _globals['_STATUSRESPONSE']._serialized_start=2603
-  _globals['_STATUSRESPONSE']._serialized_end=2704
-  _globals['_BATON']._serialized_start=2968
-  _globals['_BATON']._serialized_end=3196
-  _globals['_BATONADMIN']._serialized_start=3198
-  _globals['_BATONADMIN']._serialized_end=3271
+  _globals['_TOKENLOGPROB']._serialized_end=1475
+  _globals['_LOGPROBS']._serialized_start=1477
+  _globals['_LOGPROBS']._serialized_end=1565
+  _globals['_GENERATERESPONSE']._serialized_start=1568
+  _globals['_GENERATERESPONSE']._serialized_end=1771
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1774
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1968
+  _globals['_LISTMODELSREQUEST']._serialized_start=1970
+  _globals['_LISTMODELSREQUEST']._serialized_end=1989
+  _globals['_MODELINFO']._serialized_start=1991
+  _globals['_MODELINFO']._serialized_end=2054
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2056
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2113
+  _globals['_STATUSREQUEST']._serialized_start=2115
+  _globals['_STATUSREQUEST']._serialized_end=2130
+  _globals['_INSTANCESTATUS']._serialized_start=2133
+  _globals['_INSTANCESTATUS']._serialized_end=2454
+  _globals['_INSTANCESTATUS_COUNTERSENTRY']._serialized_start=2407
+  _globals['_INSTANCESTATUS_COUNTERSENTRY']._serialized_end=2454
+  _globals['_POOLSTATUS']._serialized_start=2457
+  _globals['_POOLSTATUS']._serialized_end=2631
+  _globals['_STATUSRESPONSE']._serialized_start=2633
+  _globals['_STATUSRESPONSE']._serialized_end=2734
+  _globals['_BATON']._serialized_start=2998
+  _globals['_BATON']._serialized_end=3226
+  _globals['_BATONADMIN']._serialized_start=3228
+  _globals['_BATONADMIN']._serialized_end=3301
 # @@protoc_insertion_point(module_scope)

@@ -296,7 +296,7 @@ def test_bad_input_is_400_naming_the_field_with_nothing_allocated(
             wait_cluster_idle(cluster)
 
 
-def test_sdk_over_grpc(router: Router) -> None:
+def test_sdk_over_grpc(router: Router, vocab: Vocabulary) -> None:
     st = ServerThread(router)
     try:
         with baton.Client(st.target) as sdk:
@@ -308,6 +308,15 @@ def test_sdk_over_grpc(router: Router) -> None:
             forced = sdk.generate("Hello", baton.SamplingParams(max_tokens=3, logit_bias={29: 100},
                                                                  min_tokens=3))  # fmt: skip
             assert list(forced.token_ids) == [29, 29, 29]
+            lp = sdk.generate("Paris is", baton.SamplingParams(max_tokens=4, logprobs=2))
+            assert lp.logprobs is not None and len(lp.logprobs) == len(lp.token_ids)
+            for t, row in zip(lp.token_ids, lp.logprobs, strict=True):
+                assert row.sampled.token_id == t and row.sampled.token == vocab.text(t)
+                assert row.sampled.bytes == vocab.bytes(t) and len(row.top) == 2
+            streamed = [row for c in sdk.stream("Paris is", baton.SamplingParams(
+                max_tokens=4, logprobs=1)) for row in c.logprobs or ()]  # fmt: skip
+            assert streamed and all(r.sampled.token == vocab.text(r.sampled.token_id)
+                                    for r in streamed)  # fmt: skip
             with pytest.raises(baton.BatonError) as info:
                 sdk.generate(
                     "Hi", baton.SamplingParams(structured_output=baton.StructuredOutput.regex("a("))
