@@ -27,6 +27,7 @@ from baton.types import (
     ModelInfo,
     PoolStatus,
     SamplingParams,
+    StructuredOutput,
     TokenLogprob,
     Usage,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "PoolStatus",
     "RetryPolicy",
     "SamplingParams",
+    "StructuredOutput",
     "TokenLogprob",
     "Usage",
     "__version__",

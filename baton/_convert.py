@@ -37,7 +37,8 @@ HEALTH = {
     pb.INSTANCE_HEALTH_RESTARTING: "restarting",
     pb.INSTANCE_HEALTH_DEAD: "dead",
 }
-_SEQUENCES = ("stop", "stop_token_ids")  # repeated fields: empty means "none"
+# repeated fields: empty means "none"
+_SEQUENCES = ("stop", "stop_token_ids", "allowed_token_ids", "bad_words")
 
 
 def sampling_params(params: SamplingParams) -> pb.SamplingParams:
@@ -46,7 +47,13 @@ def sampling_params(params: SamplingParams) -> pb.SamplingParams:
         value = getattr(params, f.name)
         try:
             if f.name in _SEQUENCES:
-                getattr(out, f.name).extend(value)
+                getattr(out, f.name).extend(value or ())
+            elif f.name == "logit_bias":
+                out.logit_bias.update({int(k): float(v) for k, v in (value or {}).items()})
+            elif f.name == "structured_output":
+                if value is not None:
+                    out.structured_output.kind = value.kind
+                    out.structured_output.spec = value.spec
             elif value is not None:
                 setattr(out, f.name, value)
         except (TypeError, ValueError) as e:
@@ -95,7 +102,7 @@ def usage(u: pb.Usage) -> Usage:
 
 def logprobs(items: Iterable[pb.Logprobs]) -> tuple[Logprobs, ...] | None:
     def one(t: pb.TokenLogprob) -> TokenLogprob:
-        return TokenLogprob(t.token_id, t.logprob)
+        return TokenLogprob(t.token_id, t.logprob, t.token, t.bytes)
 
     out = tuple(Logprobs(one(x.sampled), tuple(one(t) for t in x.top)) for x in items)
     return out or None  # not asked for (or nothing generated)

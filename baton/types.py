@@ -7,11 +7,39 @@ set of rules holds for every client.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 Message = Mapping[str, str]  # {"role": "user", "content": "..."}
 Prompt = str | Sequence[int]  # text, or token ids
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """An output constraint the server enforces with a grammar: ``kind`` is "json"
+    (``spec`` a JSON schema as text), "json_object", "regex", "choice" (``spec`` a JSON
+    array of strings) or "grammar" (Lark). Build one with the class methods."""
+
+    kind: str
+    spec: str = ""
+
+    @classmethod
+    def json_schema(cls, schema: Mapping[str, Any]) -> StructuredOutput:
+        return cls("json", json.dumps(schema))
+
+    @classmethod
+    def json_object(cls) -> StructuredOutput:
+        return cls("json_object")
+
+    @classmethod
+    def regex(cls, pattern: str) -> StructuredOutput:
+        return cls("regex", pattern)
+
+    @classmethod
+    def choice(cls, options: Sequence[str]) -> StructuredOutput:
+        return cls("choice", json.dumps(list(options)))
 
 
 @dataclass(frozen=True)
@@ -35,12 +63,20 @@ class SamplingParams:
     ignore_eos: bool | None = None
     logprobs: int | None = None  # the top-N per token, 0..20
     skip_special_tokens: bool | None = None
+    min_tokens: int | None = None  # EOS and stop ids masked until this many tokens
+    logit_bias: Mapping[int, float] | None = None  # token id -> bias in [-100, 100]
+    allowed_token_ids: Sequence[int] = ()  # empty: any token
+    bad_words: Sequence[str] = ()
+    include_stop_str_in_output: bool | None = None
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         # Frozen: the normalised sequences are written once, here, so instances hash.
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
+        object.__setattr__(self, "bad_words", tuple(self.bad_words))
 
 
 @dataclass(frozen=True)
@@ -58,6 +94,8 @@ class Usage:
 class TokenLogprob:
     token_id: int
     logprob: float
+    token: str = ""  # the token's text (U+FFFD where it holds part of a character)
+    bytes: bytes = b""  # its exact UTF-8 bytes
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@
   TCP, and the transfer's share of TTFT on a real local cluster (``bench.kv_ttft``).
 - ``bench.serving`` (``serve``): a client in the style of vLLM's ``bench serve`` against a
   running ``baton serve``: latencies, SLO attainment, goodput, the router's overhead.
+- ``bench.structured_mask``: the per-step cost of the structured-output token mask.
 - ``bench.planner`` (``planner``): planning time of ``baton plan``.
 - ``bench.planner_validation`` (``planner-validation``): the planner's simulator against
   the real local cluster, disaggregated against colocated.

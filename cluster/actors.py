@@ -346,6 +346,13 @@ class InstanceActor:
         if self.worker is not None:
             self.worker.send_kv(request_id, peer)
 
+    def tokenizer_spec(self) -> dict[str, Any] | None:
+        """The engine's tokenizer as plain data (Tokenizer.to_spec); None while not serving."""
+        if self.worker is None:
+            return None
+        spec: dict[str, Any] = self.worker.engine.tokenizer.to_spec()
+        return spec
+
     def stats(self) -> dict[str, Any] | None:
         """None while not serving."""
         if self.worker is None:

@@ -463,6 +463,18 @@ class Cluster:
         stream.finish(reason, error)
         return True
 
+    def tokenizer_spec(self, timeout_s: float = 30.0) -> dict[str, Any]:
+        """The model's tokenizer as plain data (engine.tokenizer.Tokenizer.from_spec
+        rebuilds it), from the first serving instance."""
+        for instance in self.instances:
+            try:
+                spec = ray.get(instance.actor.tokenizer_spec.remote(), timeout=timeout_s)
+            except ray.exceptions.RayActorError:
+                continue
+            if spec is not None:
+                return dict(spec)
+        raise RuntimeError("no serving instance to read the tokenizer from")
+
     def stats(self, timeout_s: float = 30.0) -> list[InstanceStats]:
         """Per serving instance: queues, running batch, free and total KV blocks, counters.
 

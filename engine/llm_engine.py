@@ -22,6 +22,7 @@ from engine.config import CacheConfig, EngineConfig, ModelConfig
 from engine.kv_blocks import DTYPE_NAMES, KVBlocks, KVLayout
 from engine.kv_cache import KVShape, allocate_kv_cache, num_blocks_for
 from engine.loader import load_model
+from engine.logits_processors import build_processor
 from engine.model_runner import ModelRunner, Runner
 from engine.models import LlamaForCausalLM
 from engine.output_processor import RequestState
@@ -31,6 +32,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 from engine.step import StepPlan, StepShape
+from engine.structured_output import Grammars
 from engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -68,6 +70,7 @@ class LLMEngine:
         self.max_model_len = model_config.max_position_embeddings
         self._last_plan = StepPlan()
         self._states: dict[str, RequestState] = {}
+        self.grammars = Grammars(tokenizer, model_config.vocab_size)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -145,6 +148,7 @@ class LLMEngine:
         ids = self._prompt_ids(prompt, prompt_token_ids)
         self._check_fits(ids, params)
         seq = Sequence(request_id, ids, params)
+        seq.logits_processor = build_processor(params, self.tokenizer, self.grammars)
         self._states[request_id] = RequestState(seq, self.tokenizer)
         self.scheduler.add(seq)
 
@@ -215,6 +219,7 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params: must be SamplingParams, got {type(params).__name__}")
         self._check_fits(self._prompt_ids(None, prompt_token_ids), params)
+        build_processor(params, self.tokenizer, self.grammars)  # ids in vocab, grammar compiles
 
     def _prompt_ids(self, prompt: str | None, prompt_token_ids: Seq[int] | None) -> list[int]:
         if prompt_token_ids is not None:
@@ -279,9 +284,14 @@ class LLMEngine:
         return self._last_plan.shape()
 
     def _sampling_row(self, seq: Sequence) -> SamplingRequest:
+        if seq.logits_processor is None and seq.params.has_logits_processing:
+            # A request that reached this engine by another path (hand-off, migration):
+            # a fresh processor replays its output tokens on first use.
+            seq.logits_processor = build_processor(seq.params, self.tokenizer, self.grammars)
         return SamplingRequest(
-            seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.generator
-        )
+            seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.generator,
+            seq.logits_processor,
+        )  # fmt: skip
 
     def _output(self, state: RequestState, new: list[int], delta: str) -> RequestOutput:
         seq = state.seq

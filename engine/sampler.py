@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.logits_processors import LogitsProcessor, apply_logits_processors
 from engine.sampling_params import SamplingParams
 
 # Below this temperature logits / t overflows to inf; such rows are treated as greedy (as vLLM).
@@ -51,6 +52,8 @@ class SamplingRequest:
     output_token_ids: Sequence[int]
     # Owned by the request so its random stream survives across steps; None -> global RNG.
     generator: torch.Generator | None = None
+    # min_tokens, logit_bias, allowed ids, bad words, grammar; None -> nothing to do.
+    processor: LogitsProcessor | None = None
 
 
 @dataclass
@@ -95,6 +98,8 @@ class Sampler:
         # logits: [B, V] fp32
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits: expected shape [{len(rows)}, V], got {list(logits.shape)}")
+        raw = logits  # logprobs report the model's own distribution, as vLLM's default
+        logits = apply_logits_processors(logits, [(r.processor, r.output_token_ids) for r in rows])
         params = [r.params for r in rows]
         greedy = [_is_greedy(p) for p in params]
         wants_logprobs = any(p.logprobs is not None for p in params)
@@ -112,7 +117,7 @@ class Sampler:
         token_ids: list[int] = tokens.tolist()
         logprobs: list[list[tuple[int, float]] | None] = [None] * len(rows)
         if wants_logprobs:
-            logprobs = _logprobs(logits, rows, token_ids)
+            logprobs = _logprobs(raw, rows, token_ids)
         return SamplerOutput(token_ids, logprobs)
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 MAX_LOGPROBS = 20
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range: [-100, 100]
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 # torch.Generator.manual_seed accepts exactly this range.
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
 
@@ -77,6 +79,78 @@ def _normalise_stop_token_ids(value: object) -> tuple[int, ...]:
     return tuple(int(i) for i in value)
 
 
+def _normalise_logit_bias(value: object) -> tuple[tuple[int, float], ...]:
+    """{token id (int or its decimal string): bias} -> sorted (id, bias) pairs."""
+    if value is None:
+        return ()
+    items: list[tuple[object, object]]
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, (list, tuple)):  # the normalised form, as to_dict writes it
+        items = [tuple(pair) for pair in value]
+    else:
+        _fail("logit_bias", f"must be an object of token id -> bias, got {_type_name(value)}")
+    out: dict[int, float] = {}
+    for key, bias in items:
+        try:
+            token = int(key) if isinstance(key, (int, str)) and not isinstance(key, bool) else -1
+        except ValueError:
+            token = -1
+        if token < 0:
+            _fail("logit_bias", f"keys must be token ids (integers >= 0), got {key!r}")
+        b = _check_float("logit_bias", bias)
+        if not -LOGIT_BIAS_LIMIT <= b <= LOGIT_BIAS_LIMIT:
+            _fail("logit_bias", f"bias of token {token} must be in [-100, 100], got {b}")
+        out[token] = b
+    return tuple(sorted(out.items()))
+
+
+def _normalise_ids(name: str, value: object) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)):
+        _fail(name, f"must be a list of int, got {_type_name(value)}")
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, int) or item < 0:
+            _fail(name, f"every id must be an int >= 0, got {item!r}")
+    return tuple(int(i) for i in value)
+
+
+def _normalise_words(value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        _fail("bad_words", f"must be a list of str, got {_type_name(value)}")
+    for item in value:
+        if not isinstance(item, str) or not item.strip():
+            _fail("bad_words", f"every word must be a non-empty str, got {item!r}")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the output text: ``kind`` is json (``spec`` a JSON schema, as
+    text), json_object (any JSON object), regex, choice (``spec`` a JSON list of
+    strings) or grammar (Lark). Plain strings, so it crosses any socket as is."""
+
+    kind: str
+    spec: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            _fail("structured_output", f"kind must be one of {STRUCTURED_KINDS}, got {self.kind!r}")
+        if not isinstance(self.spec, str):
+            _fail("structured_output", f"spec must be a str, got {_type_name(self.spec)}")
+
+    @classmethod
+    def coerce(cls, value: object) -> StructuredOutput | None:
+        if value is None or isinstance(value, StructuredOutput):
+            return value
+        if isinstance(value, Mapping) and set(value) <= {"kind", "spec"}:
+            return cls(str(value.get("kind")), value.get("spec", ""))
+        _fail("structured_output", f"must be {{kind, spec}}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick the tokens of one request (vLLM's names and meanings).
@@ -101,6 +175,13 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    # Logits processing (engine/logits_processors.py), vLLM's names and meanings.
+    min_tokens: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    allowed_token_ids: tuple[int, ...] | None = None
+    bad_words: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False
+    structured_output: StructuredOutput | None = None
 
     if TYPE_CHECKING:
         # The signature callers type-check against: stop and stop_token_ids take any
@@ -122,6 +203,12 @@ class SamplingParams:
             ignore_eos: bool = False,
             logprobs: int | None = None,
             skip_special_tokens: bool = True,
+            min_tokens: int = 0,
+            logit_bias: Mapping[int | str, float] | Sequence[tuple[int, float]] | None = (),
+            allowed_token_ids: Sequence[int] | None = None,
+            bad_words: Sequence[str] | None = (),
+            include_stop_str_in_output: bool = False,
+            structured_output: StructuredOutput | Mapping[str, str] | None = None,
         ) -> None: ...
 
     def __post_init__(self) -> None:
@@ -132,6 +219,13 @@ class SamplingParams:
         set_(self, "stop_token_ids", _normalise_stop_token_ids(self.stop_token_ids))
         _check_bool("ignore_eos", self.ignore_eos)
         _check_bool("skip_special_tokens", self.skip_special_tokens)
+        _check_bool("include_stop_str_in_output", self.include_stop_str_in_output)
+        set_(self, "logit_bias", _normalise_logit_bias(self.logit_bias))
+        set_(self, "allowed_token_ids", _normalise_ids("allowed_token_ids", self.allowed_token_ids))
+        if self.allowed_token_ids == ():
+            _fail("allowed_token_ids", "must not be empty")
+        set_(self, "bad_words", _normalise_words(self.bad_words))
+        set_(self, "structured_output", StructuredOutput.coerce(self.structured_output))
 
     def _validate_ints(self) -> None:
         if _check_int("max_tokens", self.max_tokens) < 1:
@@ -140,6 +234,10 @@ class SamplingParams:
             _fail("top_k", f"must be -1 or 0 (disabled) or >= 1, got {self.top_k}")
         if self.seed is not None and not _SEED_MIN <= _check_int("seed", self.seed) <= _SEED_MAX:
             _fail("seed", f"must be in [-2**63, 2**64 - 1], got {self.seed}")
+        if not 0 <= _check_int("min_tokens", self.min_tokens) <= self.max_tokens:
+            _fail(
+                "min_tokens", f"must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"
+            )
         n_logprobs = self.logprobs
         if n_logprobs is not None and not 0 <= _check_int("logprobs", n_logprobs) <= MAX_LOGPROBS:
             _fail("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
@@ -171,6 +269,17 @@ class SamplingParams:
             or self.frequency_penalty != 0.0
         )
 
+    @property
+    def has_logits_processing(self) -> bool:
+        """Whether any row-wise logits processor applies (engine/logits_processors.py)."""
+        return bool(
+            self.min_tokens
+            or self.logit_bias
+            or self.allowed_token_ids is not None
+            or self.bad_words
+            or self.structured_output is not None
+        )
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SamplingParams:
         """Build from a request body's fields; unknown keys are an error, named."""
@@ -188,4 +297,8 @@ class SamplingParams:
         out = dataclasses.asdict(self)
         out["stop"] = list(self.stop)
         out["stop_token_ids"] = list(self.stop_token_ids)
+        out["logit_bias"] = [[t, b] for t, b in self.logit_bias]
+        if self.allowed_token_ids is not None:
+            out["allowed_token_ids"] = list(self.allowed_token_ids)
+        out["bad_words"] = list(self.bad_words)
         return out

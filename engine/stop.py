@@ -18,6 +18,8 @@ Order of the rules (vLLM's):
   2. a stop string appears in the text -> "stop"; the text is cut just before the
      earliest match (the stop string and anything after it are never emitted).
      A stop string completed by the max_tokens-th token still reports "stop".
+     With ``include_stop_str_in_output`` the text is cut just after the match.
+  0. (before all) while the output is shorter than ``min_tokens`` nothing stops it.
   3. ``len(output_token_ids) >= max_tokens`` -> "length"; all text is released.
   4. otherwise not finished; ``text_end`` holds back the longest suffix of the text
      that is a proper prefix of some stop string, so a client never sees the start
@@ -102,13 +104,18 @@ class StopChecker:
         return decision
 
     def _decide(self, token: int, num_output_tokens: int, text: str) -> StopDecision:
+        if num_output_tokens < self.params.min_tokens:
+            # vLLM: nothing stops a request before min_tokens (EOS and stop ids are also
+            # masked in the sampler); text that could start a stop string is held back.
+            return StopDecision(None, len(text) - stop_hold_back(text, self._stops))
         if token in self._eos_ids:
             return StopDecision("stop", min(self._text_len, len(text)))
         if token in self._stop_ids:
             return StopDecision("stop", min(self._text_len, len(text)), token)
         match = self._find_stop(text)
         if match is not None:
-            return StopDecision("stop", match[0], match[1])
+            end = match[0] + len(match[1]) if self.params.include_stop_str_in_output else match[0]
+            return StopDecision("stop", end, match[1])
         if num_output_tokens >= self.params.max_tokens:
             return StopDecision("length", len(text))
         return StopDecision(None, len(text) - stop_hold_back(text, self._stops))

@@ -79,6 +79,32 @@ class Tokenizer:
         ]
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(i for i in eos if i is not None))
 
+    def to_spec(self) -> dict[str, Any]:
+        """Everything needed to rebuild this tokenizer elsewhere, as plain JSON-able data
+        (the router builds one from an instance's, for logprobs' token text and
+        /tokenize; it holds no model files)."""
+        return {
+            "tokenizer_json": self.backend.to_str(),
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "eos_token_ids": list(self.eos_token_ids),
+            "add_bos": self.add_bos,
+            "add_eos": self.add_eos,
+            "chat_template": self.chat_template,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> Tokenizer:
+        return cls(
+            Backend.from_str(spec["tokenizer_json"]),
+            bos_token=spec.get("bos_token"),
+            eos_token=spec.get("eos_token"),
+            extra_eos_token_ids=[int(i) for i in spec.get("eos_token_ids", ())],
+            add_bos=bool(spec.get("add_bos")),
+            add_eos=bool(spec.get("add_eos")),
+            chat_template=spec.get("chat_template"),
+        )
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids: list[int] = self.backend.encode(text, add_special_tokens=False).ids
         if add_special_tokens:
@@ -96,15 +122,23 @@ class Tokenizer:
         return token_id in self._special_ids
 
     def apply_chat_template(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template: str | None = None,
     ) -> str:
-        if not self.chat_template:
+        """The conversation as the model's template (or ``chat_template``) writes it;
+        ``tools`` reach the template as transformers passes them."""
+        template = chat_template or self.chat_template
+        if not template:
             raise ValueError("chat_template: this model has no chat template")
         try:
-            return _compile_template(self.chat_template).render(
+            return _compile_template(template).render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
-                tools=None,
+                tools=tools,
                 documents=None,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",

@@ -33,6 +33,8 @@ from engine.outputs import RequestOutput
 from router import grpc_wire as wire
 from router.errors import ErrorKind, RouterError
 from router.service import Router
+from router.tokenize_api import VocabularySource
+from router.vocabulary import Vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +94,10 @@ def _outputs(router: Router, request: pb.GenerateRequest) -> aclosing[Any]:
 class BatonServicer(pb_grpc.BatonServicer):
     def __init__(self, router: Router):
         self.router = router
+        self.vocabulary = VocabularySource(router)  # logprobs' token text
+
+    async def _vocab(self, request: pb.GenerateRequest) -> Vocabulary | None:
+        return await self.vocabulary.get() if request.params.HasField("logprobs") else None
 
     async def Generate(  # noqa: N802 (grpc's method names)
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -103,7 +109,7 @@ class BatonServicer(pb_grpc.BatonServicer):
                     last = out
             if last is None:
                 raise RouterError(ErrorKind.INTERNAL, "the request produced no output")
-            return wire.response(last, self.router.model_name)
+            return wire.response(last, self.router.model_name, await self._vocab(request))
 
         return await _answer(context, run())
 
@@ -111,10 +117,11 @@ class BatonServicer(pb_grpc.BatonServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> None:
         async def run() -> None:
+            vocab = await self._vocab(request)
             async with _outputs(self.router, request) as outputs:
                 async for out in outputs:
                     if out.new_token_ids or out.delta_text or out.finished:
-                        await context.write(wire.chunk(out))
+                        await context.write(wire.chunk(out, vocab))
 
         await _answer(context, run())
 

@@ -14,8 +14,10 @@ from engine.outputs import InstanceStats, RequestOutput
 from engine.sampling_params import SamplingParams
 from router.errors import RouterError
 from router.service import ClusterStatus, GenerateInput, ModelInfo
+from router.vocabulary import Vocabulary
 
-_REPEATED = ("stop", "stop_token_ids")  # every other sampling field is proto3 optional
+# Repeated and map fields (empty means "none"); every other sampling field is optional.
+_REPEATED = ("stop", "stop_token_ids", "allowed_token_ids", "bad_words", "logit_bias")
 FINISH_REASONS = {
     "stop": pb.FINISH_REASON_STOP,
     "length": pb.FINISH_REASON_LENGTH,
@@ -33,10 +35,17 @@ def sampling_params(message: pb.SamplingParams) -> SamplingParams:
     """The fields the client set; the rest keep the engine's defaults."""
     data: dict[str, Any] = {}
     for f in message.DESCRIPTOR.fields:
-        if f.name in _REPEATED:
+        if f.name == "logit_bias":
+            if message.logit_bias:
+                data[f.name] = dict(message.logit_bias)
+        elif f.name in _REPEATED:
             values = list(getattr(message, f.name))
             if values:
                 data[f.name] = values
+        elif f.name == "structured_output":
+            if message.HasField(f.name):
+                so = message.structured_output
+                data[f.name] = {"kind": so.kind, "spec": so.spec}
         elif message.HasField(f.name):
             data[f.name] = getattr(message, f.name)
     try:
@@ -69,13 +78,21 @@ def usage(out: RequestOutput) -> pb.Usage:
     )
 
 
-def logprobs(items: Sequence[Sequence[tuple[int, float]]]) -> list[pb.Logprobs]:
-    """The engine's per-token lists: the sampled token first, then the top-N."""
+def logprobs(
+    items: Sequence[Sequence[tuple[int, float]]], vocab: Vocabulary | None = None
+) -> list[pb.Logprobs]:
+    """The engine's per-token lists: the sampled token first, then the top-N; each
+    token's text and bytes when the vocabulary is given."""
+
+    def one(token: int, lp: float) -> pb.TokenLogprob:
+        if vocab is None:
+            return pb.TokenLogprob(token_id=token, logprob=lp)
+        data = vocab.bytes(token)
+        text = data.decode("utf-8", errors="replace")
+        return pb.TokenLogprob(token_id=token, logprob=lp, token=text, bytes=data)
+
     return [
-        pb.Logprobs(
-            sampled=pb.TokenLogprob(token_id=item[0][0], logprob=item[0][1]),
-            top=[pb.TokenLogprob(token_id=t, logprob=lp) for t, lp in item[1:]],
-        )
+        pb.Logprobs(sampled=one(*item[0]), top=[one(t, lp) for t, lp in item[1:]])
         for item in items
         if item
     ]
@@ -87,7 +104,9 @@ def finish_reason(out: RequestOutput) -> pb.FinishReason:
     return FINISH_REASONS.get(out.finish_reason or "abort", pb.FINISH_REASON_ABORT)
 
 
-def response(out: RequestOutput, model: str) -> pb.GenerateResponse:
+def response(
+    out: RequestOutput, model: str, vocab: Vocabulary | None = None
+) -> pb.GenerateResponse:
     return pb.GenerateResponse(
         request_id=out.request_id,
         model=model,
@@ -95,18 +114,20 @@ def response(out: RequestOutput, model: str) -> pb.GenerateResponse:
         token_ids=out.token_ids,
         finish_reason=finish_reason(out),
         usage=usage(out),
-        logprobs=logprobs(out.logprobs or []),
+        logprobs=logprobs(out.logprobs or [], vocab),
     )
 
 
-def chunk(out: RequestOutput) -> pb.GenerateStreamResponse:
+def chunk(out: RequestOutput, vocab: Vocabulary | None = None) -> pb.GenerateStreamResponse:
     """What ``out`` adds to the stream; ``out.logprobs`` holds every token's so far."""
     new = out.new_token_ids
     message = pb.GenerateStreamResponse(
         request_id=out.request_id,
         text=out.delta_text,
         token_ids=new,
-        logprobs=logprobs(out.logprobs[len(out.logprobs) - len(new) :] if out.logprobs else []),
+        logprobs=logprobs(
+            out.logprobs[len(out.logprobs) - len(new) :] if out.logprobs else [], vocab
+        ),
         finish_reason=finish_reason(out),
     )
     if out.finished:

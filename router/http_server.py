@@ -49,7 +49,9 @@ from router.openai_protocol import (
     parse_json_body,
     sse,
 )
+from router.parallel_sampling import answer_n
 from router.service import Router
+from router.tokenize_api import VocabularySource, detokenize, render_chat, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +79,7 @@ class OpenAIHandlers:
         self.api_key = api_key
         self.token_text = token_text
         self.max_body_bytes = max_body_bytes
+        self.vocabulary = VocabularySource(router)  # token text, echo, /tokenize
 
     # -- middlewares -------------------------------------------------------------------
 
@@ -128,6 +131,12 @@ class OpenAIHandlers:
             raise
         return await self._answer(request, api)
 
+    async def tokenize(self, request: web.Request) -> web.Response:
+        return web.json_response(await tokenize(self.vocabulary, await self._body(request)))
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        return web.json_response(await detokenize(self.vocabulary, await self._body(request)))
+
     async def models(self, request: web.Request) -> web.Response:
         data = [
             {
@@ -173,7 +182,23 @@ class OpenAIHandlers:
         return parse_json_body(raw)
 
     async def _answer(self, request: web.Request, api: ApiRequest) -> web.StreamResponse:
-        builder = ResponseBuilder(api, self.router.model_name, self.token_text)
+        if api.template_messages is not None:  # tools or a chat_template: render here
+            api = await render_chat(self.vocabulary, api)
+        vocab = None
+        if self.token_text is None and (api.logprobs or api.echo):
+            vocab = await self.vocabulary.get()
+        def make_builder(a: ApiRequest) -> ResponseBuilder:
+            return ResponseBuilder(
+                a,
+                self.router.model_name,
+                self.token_text or (vocab.text if vocab else None),
+                vocab.bytes if vocab else None,
+                vocab.detokenize if vocab else None,
+            )
+
+        if api.n > 1:
+            return await answer_n(request, self.router, api, api.n, make_builder)
+        builder = make_builder(api)
         # Router.stream is an async generator (its annotation says only AsyncIterator);
         # aclosing closes it on any exit, a cancellation included.
         stream = cast(AsyncGenerator[RequestOutput, None], self.router.stream(api.input))
@@ -239,6 +264,8 @@ def create_app(
             web.post("/v1/completions", h.completions),
             web.post("/v1/chat/completions", h.chat),
             web.get("/v1/models", h.models),
+            web.post("/tokenize", h.tokenize),
+            web.post("/detokenize", h.detokenize),
             web.get("/health", h.health),
             web.get("/metrics", h.prometheus),
         ]

@@ -8,10 +8,13 @@ output snapshots into OpenAI's response objects or SSE chunks with a
 names (``prompt_token_ids``, ``max_tokens``, ``logprobs``), which
 :meth:`ApiRequest.client_error` renames to the field the client sent.
 
+vLLM's extra fields and structured output are read in ``router.openai_extras``.
+Unknown fields are accepted and ignored with a warning in the log, as vLLM does.
+
 Not supported, and answered with a 400 naming the field: several prompts in one
-request, ``n`` or ``best_of`` other than 1, ``echo``, ``suffix``, ``logit_bias``,
-tools, and response formats other than text. Unknown fields are refused too (as
-OpenAI does), so a misspelt parameter is never silently ignored.
+request, ``n`` above ``openai_extras.MAX_N`` (16), ``best_of`` other than 1, ``suffix``
+and ``prompt_logprobs``. Tool calling is ``router.tool_calls``; ``n`` > 1 is
+``router.parallel_sampling``.
 """
 
 from __future__ import annotations
@@ -19,17 +22,20 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from router import openai_extras as extras
+from router import tool_calls
 from router.errors import RouterError
 from router.service import GenerateInput
 
 Kind = Literal["completion", "chat"]
 Body = Mapping[str, Any]
 TokenText = Callable[[int], str]
+TokenBytes = Callable[[int], bytes]
 
 # Passed to SamplingParams under the same names (vLLM's extensions included).
 SAMPLING_FIELDS = (
@@ -40,12 +46,13 @@ SAMPLING_FIELDS = (
 # Accepted and ignored: bookkeeping for OpenAI's platform, no effect on one answer.
 IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "prompt_cache_key")
 _COMMON = {"model", "stream", "stream_options", "n", "max_tokens", "logit_bias"}
-_COMMON |= {*SAMPLING_FIELDS, *IGNORED_FIELDS}
+_COMMON |= {*SAMPLING_FIELDS, *IGNORED_FIELDS, *extras.EXTRA_SAMPLING_FIELDS}
+_COMMON |= {*extras.STRUCTURED_FIELDS, "prompt_logprobs"}
 COMPLETION_FIELDS = frozenset(_COMMON | {"prompt", "logprobs", "best_of", "echo", "suffix"})
 CHAT_FIELDS = frozenset(
     _COMMON
     | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools"}
-    | {"tool_choice", "parallel_tool_calls", "response_format"}
+    | {"tool_choice", "parallel_tool_calls", "response_format", "tool_parser", "chat_template"}
 )
 # OpenAI's chat default is "until the model stops"; without the prompt's token count
 # (the instance tokenizes) the router cannot fill the rest of the context, so a fixed
@@ -107,10 +114,23 @@ class ApiRequest:
     stream: bool = False
     include_usage: bool = False
     logprobs: bool = False  # render logprobs in the response
+    echo: bool = False  # completions: the prompt's text before the output
+    tools: tool_calls.ToolPlan | None = None  # chat with tool calling on
+    # Chat the router renders itself (tools, or the request's own chat_template):
+    # the client's messages, the template, and the tool-call format parsed in "auto".
+    template_messages: list[dict[str, Any]] | None = None
+    chat_template: str | None = None
+    tool_parser: str = "hermes"
+    n: int = 1  # sequences for this prompt (router.parallel_sampling)
     aliases: Mapping[str, str] = field(default_factory=dict)  # engine field -> client's
 
     def client_error(self, error: RouterError) -> RouterError:
         return rename_param(error, self.aliases)
+
+    def rendered(self, prompt_token_ids: list[int], tool_parser: str) -> ApiRequest:
+        """This request with its chat already rendered into token ids."""
+        gen = replace(self.input, messages=None, prompt_token_ids=prompt_token_ids)
+        return replace(self, input=gen, template_messages=None, tool_parser=tool_parser)
 
 
 def rename_param(error: RouterError, aliases: Mapping[str, str]) -> RouterError:
@@ -124,16 +144,15 @@ def rename_param(error: RouterError, aliases: Mapping[str, str]) -> RouterError:
     return RouterError(error.kind, message, name)
 
 
-def _check_common(body: Body, allowed: frozenset[str]) -> tuple[bool, bool]:
+def _check_common(body: Body, allowed: frozenset[str], request_id: str = "") -> tuple[bool, bool]:
     """Fields both endpoints share; returns (stream, include_usage)."""
-    unknown = sorted(k for k in body if k not in allowed)
-    if unknown:
-        raise invalid(unknown[0], f"unknown field(s) {', '.join(map(repr, unknown))}")
+    extras.warn_ignored(body, allowed, request_id)
     _get(body, "model", str)
-    if _get(body, "n", int, 1) != 1:
-        raise invalid("n", "only n=1 is supported; send one request per sample")
-    if _get(body, "logit_bias", dict):
-        raise invalid("logit_bias", "is not supported")
+    if not 1 <= _get(body, "n", int, 1) <= extras.MAX_N:
+        raise invalid("n", f"must be in [1, {extras.MAX_N}], got {body['n']}")
+    _get(body, "logit_bias", dict)
+    if body.get("prompt_logprobs") is not None:
+        raise invalid("prompt_logprobs", "is not supported")
     _get(body, "user", str)
     stream = _get(body, "stream", bool, False)
     options = _get(body, "stream_options", dict, {})
@@ -145,8 +164,15 @@ def _check_common(body: Body, allowed: frozenset[str]) -> tuple[bool, bool]:
     return stream, include_usage
 
 
-def _sampling(body: Body, extra: dict[str, Any], aliases: Mapping[str, str]) -> SamplingParams:
+def _sampling(body: Body, extra: dict[str, Any], aliases: dict[str, str]) -> SamplingParams:
     fields = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
+    fields.update(extras.extra_sampling(body))
+    constraint, source = extras.structured_output(body)
+    if constraint is not None and "structured_output" not in extra:
+        fields["structured_output"] = constraint
+        # The instance names the field of the constraint's kind; the client used this one.
+        for name in ("response_format", "guided_regex", "guided_choice", "guided_grammar"):
+            aliases[name] = source or name
     try:
         return SamplingParams.from_dict({**fields, **extra})
     except ValueError as e:
@@ -176,11 +202,10 @@ def _prompt(value: object) -> tuple[str | None, list[int] | None]:
 
 def parse_completion(body: Body, request_id: str) -> ApiRequest:
     """``POST /v1/completions``."""
-    stream, include_usage = _check_common(body, COMPLETION_FIELDS)
+    stream, include_usage = _check_common(body, COMPLETION_FIELDS, request_id)
     if _get(body, "best_of", int, 1) != 1:
         raise invalid("best_of", "only best_of=1 is supported")
-    if _get(body, "echo", bool, False):
-        raise invalid("echo", "is not supported")
+    echo = _get(body, "echo", bool, False)
     if _get(body, "suffix", str):
         raise invalid("suffix", "is not supported")
     prompt, ids = _prompt(body.get("prompt"))
@@ -195,7 +220,9 @@ def parse_completion(body: Body, request_id: str) -> ApiRequest:
         stream,
         include_usage,
         params.logprobs is not None,
-        aliases,
+        echo,
+        n=body.get("n") or 1,
+        aliases=aliases,
     )
 
 
@@ -226,23 +253,21 @@ def _messages(value: object) -> list[dict[str, str]]:
         role = m.get("role")
         if not isinstance(role, str) or not role:
             raise invalid(f"{where}.role", f"must be a non-empty string, got {json_type(role)}")
-        out.append({"role": role, "content": _content(m.get("content"), f"{where}.content")})
+        content = m.get("content")
+        if content is None and (m.get("tool_calls") or role == "assistant"):
+            content = ""  # an assistant turn that only called tools
+        out.append({"role": role, "content": _content(content, f"{where}.content")})
     return out
 
 
 def _check_chat_unsupported(body: Body) -> None:
-    if _get(body, "tools", list):
-        raise invalid("tools", "tool calling is not supported")
-    if body.get("tool_choice") not in (None, "none", "auto"):
-        raise invalid("tool_choice", "tool calling is not supported")
     _get(body, "parallel_tool_calls", bool)
-    if _get(body, "response_format", dict, {}).get("type", "text") != "text":
-        raise invalid("response_format", "only the 'text' format is supported")
+    _get(body, "chat_template", str)
 
 
 def parse_chat(body: Body, request_id: str) -> ApiRequest:
     """``POST /v1/chat/completions``."""
-    stream, include_usage = _check_common(body, CHAT_FIELDS)
+    stream, include_usage = _check_common(body, CHAT_FIELDS, request_id)
     _check_chat_unsupported(body)
     messages = _messages(body.get("messages"))
     want_logprobs = _get(body, "logprobs", bool, False)
@@ -257,14 +282,27 @@ def parse_chat(body: Body, request_id: str) -> ApiRequest:
     }
     aliases = {"prompt": "messages", "prompt_token_ids": "messages", "logprobs": "top_logprobs"}
     aliases["max_tokens"] = limit or "max_tokens"
+    plan = tool_calls.parse_tools(body)
+    constraint = plan.constraint if plan is not None else None
+    if constraint is not None:
+        if extras.structured_output(body)[0] is not None:
+            raise invalid("tool_choice", "a forced tool call cannot have another output constraint")
+        extra["structured_output"] = constraint
+        aliases["response_format"] = "tools"  # the instance compiles the tools' schemas
     params = _sampling(body, extra, aliases)
+    template = body.get("chat_template")
+    render = plan is not None or template is not None
     return ApiRequest(
         "chat",
         GenerateInput(body.get("model"), messages=messages, params=params, request_id=request_id),
         stream,
         include_usage,
         want_logprobs,
-        aliases,
+        tools=plan,
+        template_messages=[dict(m) for m in body["messages"]] if render else None,
+        chat_template=template,
+        n=body.get("n") or 1,
+        aliases=aliases,
     )
 
 
@@ -279,16 +317,30 @@ def token_id_text(token_id: int) -> str:
 class ResponseBuilder:
     """OpenAI's objects for one request, whole or as stream chunks."""
 
-    def __init__(self, api: ApiRequest, model: str, token_text: TokenText | None = None):
+    def __init__(
+        self,
+        api: ApiRequest,
+        model: str,
+        token_text: TokenText | None = None,
+        token_bytes: TokenBytes | None = None,
+        detokenize: Callable[[list[int]], str] | None = None,
+    ):
+        """``token_text`` / ``token_bytes`` spell a token in logprobs (without them:
+        ``token_id:<id>``, no bytes); ``detokenize`` gives an id prompt's text for echo."""
         self.api = api
         self.model = model
         prefix = "chatcmpl" if api.kind == "chat" else "cmpl"
         self.id = f"{prefix}-{api.input.request_id}"
         self.created = int(time.time())
         self._text = token_text or token_id_text
-        self._has_text = token_text is not None
+        self._bytes = token_bytes or (
+            (lambda t: self._text(t).encode("utf-8")) if token_text else None
+        )
+        self._detokenize = detokenize
         self._role_sent = False
+        self._echo_sent = False
         self._logprobs_sent = 0  # tokens whose logprobs went out in earlier chunks
+        self._offset = 0  # completions' text_offset of the next token
 
     def _envelope(self, chunk: bool) -> dict[str, Any]:
         kinds = {"chat": "chat.completion", "completion": "text_completion"}
@@ -308,12 +360,17 @@ class ResponseBuilder:
     def response(self, out: RequestOutput) -> dict[str, Any]:
         """The whole (non-streamed) response from the final snapshot."""
         choice: dict[str, Any] = {"index": 0}
-        if self.api.kind == "chat":
+        reason = out.finish_reason
+        if self.api.tools is not None:
+            content, calls = tool_calls.extract(self.api.tools, out.text, self.api.tool_parser)
+            choice["message"] = tool_calls.message(content, calls)
+            reason = "tool_calls" if calls and reason == "stop" else reason
+        elif self.api.kind == "chat":
             choice["message"] = {"role": "assistant", "content": out.text}
         else:
-            choice["text"] = out.text
+            choice["text"] = self._echo(out) + out.text
         choice["logprobs"] = self._logprobs(out.logprobs or []) if self.api.logprobs else None
-        choice["finish_reason"] = out.finish_reason
+        choice["finish_reason"] = reason
         return {**self._envelope(False), "choices": [choice], "usage": self.usage(out)}
 
     def chunks(self, out: RequestOutput) -> list[dict[str, Any]]:
@@ -324,8 +381,21 @@ class ResponseBuilder:
         if self.api.kind == "chat" and not self._role_sent:
             self._role_sent = True
             deltas.append(({"role": "assistant", "content": ""}, [], None))
-        if out.delta_text or rows:
-            deltas.append(({"content": out.delta_text}, rows, None))
+        echo = "" if self._echo_sent else self._echo(out)
+        self._echo_sent = True
+        if self.api.tools is not None:
+            # Calls are told from content only once the text is complete (module doc of
+            # router.tool_calls); logprobs still stream as the tokens come.
+            if rows:
+                deltas.append(({}, rows, None))
+            if out.finished:
+                return [
+                    *[self._chunk(d, r, reason) for d, r, reason in deltas],
+                    *self._tool_chunks(out),
+                ]
+            return [self._chunk(d, r, reason) for d, r, reason in deltas]
+        if out.delta_text or rows or echo:
+            deltas.append(({"content": echo + out.delta_text}, rows, None))
         if out.finished:
             if self.api.kind == "completion" and deltas:
                 deltas[-1] = (*deltas[-1][:2], out.finish_reason)
@@ -346,6 +416,28 @@ class ResponseBuilder:
             chunk["usage"] = None  # as OpenAI: only the final chunk carries usage
         return chunk
 
+    def _tool_chunks(self, out: RequestOutput) -> list[dict[str, Any]]:
+        assert self.api.tools is not None
+        content, calls = tool_calls.extract(self.api.tools, out.text, self.api.tool_parser)
+        chunks = [self._chunk({"content": content}, [], None)] if content else []
+        chunks += [self._chunk(d, [], None) for d in tool_calls.call_deltas(calls)]
+        reason = "tool_calls" if calls and out.finish_reason == "stop" else out.finish_reason
+        return [*chunks, self._chunk({}, [], reason)]
+
+    def _echo(self, out: RequestOutput) -> str:
+        """The prompt's text, when a completion asked for echo."""
+        if not self.api.echo:
+            return ""
+        if self.api.input.prompt is not None:
+            text = self.api.input.prompt
+        elif self._detokenize is not None:
+            text = self._detokenize(out.prompt_token_ids)
+        else:
+            text = "".join(self._text(t) for t in out.prompt_token_ids)
+        if not self._offset:
+            self._offset = len(text)  # text_offset counts from the start of the echo
+        return text
+
     def usage_chunk(self, out: RequestOutput) -> dict[str, Any]:
         return {**self._envelope(True), "choices": [], "usage": self.usage(out)}
 
@@ -353,18 +445,22 @@ class ResponseBuilder:
         """Each row is (sampled token, logprob) then the top-N of the distribution."""
         if self.api.kind == "chat":
             return {"content": [self._chat_logprob(row) for row in rows], "refusal": None}
+        tokens = [self._text(row[0][0]) for row in rows]
+        offsets = []
+        for token in tokens:
+            offsets.append(self._offset)
+            self._offset += len(token)
         return {
-            "tokens": [self._text(row[0][0]) for row in rows],
+            "tokens": tokens,
             "token_logprobs": [row[0][1] for row in rows],
             # OpenAI lists the top N plus the sampled token when it is not among them.
             "top_logprobs": [{self._text(t): lp for t, lp in [*row[1:], row[0]]} for row in rows],
-            "text_offset": None,  # per-token text boundaries need a tokenizer
+            "text_offset": offsets,
         }
 
     def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
-        text = self._text(token_id)
-        data = list(text.encode("utf-8")) if self._has_text else None
-        return {"token": text, "logprob": logprob, "bytes": data}
+        data = list(self._bytes(token_id)) if self._bytes is not None else None
+        return {"token": self._text(token_id), "logprob": logprob, "bytes": data}
 
     def _chat_logprob(self, row: list[tuple[int, float]]) -> dict[str, Any]:
         top = [self._entry(t, lp) for t, lp in row[1:]]

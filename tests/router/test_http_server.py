@@ -96,12 +96,12 @@ def test_chat_body_maps_to_sampling_params() -> None:
         ("completion", {"prompt": "a", "temperature": -1}, "temperature"),
         ("completion", {"prompt": "a", "top_p": 1.5}, "top_p"),
         ("completion", {"prompt": "a", "max_tokens": 0}, "max_tokens"),
-        ("completion", {"prompt": "a", "n": 2}, "n"),
-        ("completion", {"prompt": "a", "echo": True}, "echo"),
+        ("completion", {"prompt": "a", "n": 17}, "n"),
+        ("completion", {"prompt": "a", "echo": "yes"}, "echo"),
         ("completion", {"prompt": "a", "model": 5}, "model"),
         ("completion", {"prompt": "a", "stream": "yes"}, "stream"),
         ("completion", {"prompt": "a", "stream_options": {"x": 1}}, "stream_options"),
-        ("completion", {"prompt": "a", "temprature": 0}, "temprature"),
+        ("completion", {"prompt": "a", "logit_bias": {"x": 1}}, "logit_bias"),
         ("chat", {}, "messages"),
         ("chat", {"messages": []}, "messages"),
         ("chat", {"messages": [{"role": "user", "content": 1}]}, "messages[0].content"),
@@ -344,7 +344,7 @@ def _bad_cases(model: str, max_len: int) -> list[tuple[str, bytes, str]]:
         (c, j(prompt="hi", temperature="hot"), "temperature"),
         (c, j(prompt="hi", top_p=1.5), "top_p"),
         (c, j(prompt="hi", stop=5), "stop"),
-        (c, j(prompt="hi", n=3), "n"),
+        (c, j(prompt="hi", n=0), "n"),
         (c, j(prompt=["a", "b"]), "prompt"),
         (c, j(prompt="hi", stream=True, max_tokens=max_len), "max_tokens"),
         (c, json.dumps({"model": "gpt-4", "prompt": "hi"}).encode(), "model"),
@@ -358,7 +358,7 @@ def _bad_cases(model: str, max_len: int) -> list[tuple[str, bytes, str]]:
         (chat, j(messages=[{"role": "user", "content": 7}]), "messages[0].content"),
         (chat, j(messages=msgs, max_completion_tokens=max_len), "max_completion_tokens"),
         (chat, j(messages=msgs, top_logprobs=2), "top_logprobs"),
-        (chat, j(messages=msgs, temprature=0), "temprature"),
+        (chat, j(messages=msgs, logit_bias={"5": 101}), "logit_bias"),
     ]
 
 
