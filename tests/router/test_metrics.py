@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cluster import Cluster
 from engine import SamplingParams
 from engine.outputs import InstanceStats
+from router.instance_metrics import instance_node
 from router.metrics import RouterMetrics
 from router.service import GenerateInput, RequestRecord, Router
 
@@ -109,7 +110,7 @@ def test_the_router_feeds_the_metrics(cluster: Cluster) -> None:
     backend = {"backend": cluster.transport}
     assert value(metrics, "baton:kv_transfer_seconds_count", **backend, **model) == 2
     for s in cluster.stats():
-        labels = {"instance_name": s.name, "role": s.role, "node": "local", **model}
+        labels = {"instance_name": s.name, "role": s.role, "node": instance_node(s), **model}
         assert value(metrics, "baton:num_requests_running", **labels) is not None
     # A status that does not come in time keeps the last reading rather than failing.
     metrics.status_timeout_s = 0
