@@ -172,59 +172,59 @@ class Cluster:
         n = sum(self.parallel[r][0] * self.parallel[r][1] for r in roles)  # ranks
         self._stopped = False
         self._started_ray = builder.init_ray(self.address, n, self.connect_timeout_s)
+        gpus = 1 if builder.has_gpus() else 0
+        cpus = self.cpus_per_instance or max(1, (os.cpu_count() or 1) // n)
+        # Embedded Ray is one node: loopback. Joined: each process resolves its own node's
+        # address (cluster.node_address), the driver here for the event socket.
+        host = "127.0.0.1" if self.address is None else ""
+        counts: dict[str, int] = {}
         try:
-            self._start_instances(roles, n)
+            pinned = self._placement(roles, gpus, cpus)
+            for role in roles:
+                name = f"{role}-{counts.setdefault(role, 0)}"
+                counts[role] += 1
+                tp, pp = self.parallel[role]
+                spec = InstanceSpec(
+                    name=name,
+                    role=role,
+                    num_threads=max(1, int(cpus)),
+                    host=host,
+                    tp=tp,
+                    pp=pp,
+                    profile=self.role_profiles.get(role),
+                    **self._spec,
+                )
+                if self._stopped:
+                    raise RuntimeError("cluster: stopped while starting")
+                selector = placement.bundle_selectors(
+                    self.selectors[role], spec.world_size, pinned.get(name)
+                )
+                self.instances.append(
+                    builder.create(spec, cpus, gpus, self.start_timeout_s, self.id, selector)
+                )
+            self._receiver = EventReceiver(host_ip(host))
+            self._receiver.start()
+            builder.start_all(self.instances, self._receiver.address, self.start_timeout_s)
+            self._health = HealthMonitor(
+                self.instances, self._restart, self._lost, self.health_interval_s, self._poll
+            )
+            self._health.start()
         except BaseException:
             self.stop()
             raise
         logger.info("cluster started: %s", [i.name for i in self.instances])
         return self
 
-    def _start_instances(self, roles: list[str], n: int) -> None:
-        gpus = 1 if builder.has_gpus() else 0
-        cpus = self.cpus_per_instance or max(1, (os.cpu_count() or 1) // n)
-        names = [f"{role}-{roles[:i].count(role)}" for i, role in enumerate(roles)]
-        # Checked before anything starts: Ray would leave an impossible group pending.
+    def _placement(
+        self, roles: list[str], gpus: int, cpus: float
+    ) -> dict[str, placement.Node | None]:
+        """Checked before anything starts (Ray would leave an impossible group pending):
+        every role's labels exist on a live node; the plan's instances' nodes, if any."""
         nodes = placement.alive_nodes()
         placement.check_roles(self.selectors, roles, nodes)
-        pinned = self._pin(nodes, {"GPU": 1.0} if gpus else {"CPU": float(cpus)})
-        # Embedded Ray is one node: loopback. Joined: each process resolves its node's IP
-        # (node_address.resolve_host), the driver here for the event socket.
-        host = "127.0.0.1" if self.address is None else ""
-        for name, role in zip(names, roles, strict=True):
-            if self._stopped:
-                raise RuntimeError("cluster: stopped while starting")
-            tp, pp = self.parallel[role]
-            spec = InstanceSpec(
-                name=name,
-                role=role,
-                num_threads=max(1, int(cpus)),
-                host=host,
-                tp=tp,
-                pp=pp,
-                profile=self.role_profiles.get(role),
-                **self._spec,
-            )
-            selector = placement.bundle_selectors(
-                self.selectors[role], spec.world_size, pinned.get(name)
-            )
-            self.instances.append(
-                builder.create(spec, cpus, gpus, self.start_timeout_s, self.id, selector)
-            )
-        self._receiver = EventReceiver(host_ip(host))
-        self._receiver.start()
-        builder.start_all(self.instances, self._receiver.address, self.start_timeout_s)
-        self._health = HealthMonitor(
-            self.instances, self._restart, self._lost, self.health_interval_s, self._poll
-        )
-        self._health.start()
-
-    def _pin(
-        self, nodes: list[placement.Node], bundle: dict[str, float]
-    ) -> dict[str, placement.Node | None]:
-        """Plan instances' nodes (``plan_instances``); {} without a plan."""
         if self.plan_instances is None:
             return {}
+        bundle = {"GPU": 1.0} if gpus else {"CPU": float(cpus)}
         return placement.pin_plan(
             self.plan_instances, self.plan_nodes, nodes, bundle, self.selectors
         )

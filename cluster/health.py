@@ -6,6 +6,11 @@ The monitor notices (``ping`` says not started), tells the cluster to give up on
 requests that instance held, and starts it again with the same peers. An actor Ray has
 given up on is reported dead and never routed to again.
 
+An instance whose node Ray reports dead (a host lost: its raylet and workers gone) has
+its requests failed at once and takes no more; Ray may restart it elsewhere (or wait for
+room forever, e.g. when no other node carries its role's labels), and the monitor starts
+it again when it comes back.
+
 A TP x PP instance is its ranks together: it is serving only while every rank is, and
 one rank that died (or stopped serving rank 0's steps) restarts the whole instance
 (``builder.restart``); one that Ray gave up on makes the whole instance dead.
@@ -16,7 +21,6 @@ from __future__ import annotations
 import enum
 import logging
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -42,13 +46,9 @@ class HealthMonitor:
         interval_s: float = 2.0,
         poll: Callable[[], None] | None = None,
         ping_timeout_s: float = 10.0,
-        unavailable_s: float = 20.0,
     ):
         """``lost(instance)``: fail the requests it held; ``restart(instance)``: start it;
-        ``poll()``: called after every round (the cluster refreshes its load figures).
-        ``unavailable_s``: an instance that answers no ping for this long (its node is
-        gone and Ray waits for room to restart it elsewhere, perhaps forever) has its
-        requests failed and takes none until it is back."""
+        ``poll()``: called after every round (the cluster refreshes its load figures)."""
         self.instances = instances
         self.state = {inst.name: Health.SERVING for inst in instances}
         self._restart = restart
@@ -56,9 +56,6 @@ class HealthMonitor:
         self._lost = lost
         self._interval_s = interval_s
         self._ping_timeout_s = ping_timeout_s
-        self._unavailable_s = unavailable_s
-        self._unavailable_since: dict[str, float] = {}
-        self._answered: dict[str, bool] = {}  # by the last _ping: did any rank answer
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="baton-health", daemon=True)
 
@@ -84,12 +81,17 @@ class HealthMonitor:
 
     def check(self) -> dict[str, Health]:
         """Ping every instance once and act on what changed."""
+        alive = _alive_nodes()
         for inst in self.instances:
             if self.state[inst.name] is Health.DEAD or self._stopping.is_set():
                 continue
+            node = inst.info.get("node_id")
+            lost = node and alive is not None and node not in alive
+            if lost and self.state[inst.name] is Health.SERVING:
+                logger.error("instance %s: its node %s is dead", inst.name, node)
+                self.state[inst.name] = Health.RESTARTING
+                self._lost(inst)
             started = self._ping(inst)
-            if started is not None and self._unanswered(inst, started):
-                continue
             if started is None:
                 logger.error("instance %s is dead", inst.name)
                 self.state[inst.name] = Health.DEAD
@@ -106,27 +108,10 @@ class HealthMonitor:
                 self.state[inst.name] = Health.SERVING
         return dict(self.state)
 
-    def _unanswered(self, inst: Instance, started: bool) -> bool:
-        """True while ``inst`` answers no ping (``_ping`` said started, having heard
-        nothing); past ``unavailable_s`` its requests fail once and it takes no more."""
-        if not started or self._answered.pop(inst.name, True):
-            self._unavailable_since.pop(inst.name, None)
-            if started and self.state[inst.name] is Health.RESTARTING:
-                self.state[inst.name] = Health.SERVING  # back without a restart
-            return False
-        since = self._unavailable_since.setdefault(inst.name, time.monotonic())
-        if time.monotonic() - since > self._unavailable_s and (
-            self.state[inst.name] is Health.SERVING
-        ):
-            logger.error("instance %s has not answered for %.0f s", inst.name, self._unavailable_s)
-            self.state[inst.name] = Health.RESTARTING
-            self._lost(inst)
-        return True
-
     def _ping(self, inst: Instance) -> bool | None:
         """Whether every rank of the instance is started; None when one is gone for good."""
         refs = [actor.ping.remote() for actor in inst.actors]
-        started, answered = True, 0
+        started = True
         for ref in refs:
             try:
                 reply: dict[str, Any] = ray.get(ref, timeout=self._ping_timeout_s)
@@ -134,7 +119,14 @@ class HealthMonitor:
                 continue  # busy, or being restarted by Ray: look again next round
             except ray.exceptions.RayActorError:
                 return None
-            answered += 1
             started = started and bool(reply["started"])
-        self._answered[inst.name] = answered > 0
         return started
+
+
+def _alive_nodes() -> set[str] | None:
+    """The ids of the nodes Ray reports alive; None when it cannot say right now."""
+    try:
+        return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    except Exception:  # the GCS busy or restarting: judge by pings alone this round
+        logger.debug("listing Ray's nodes failed", exc_info=True)
+        return None

@@ -99,6 +99,7 @@ def _join(address: str, left_s: float, timeout_s: float) -> None:
 
     def run() -> None:
         try:
+            _check_token(address)
             ray.init(address=address, logging_level=logging.WARNING)
             outcome.append(None)
         except BaseException as e:  # handed to the caller's thread
@@ -114,5 +115,21 @@ def _join(address: str, left_s: float, timeout_s: float) -> None:
             "process given the cluster's token?)"
         )
     error = outcome[0]
+    if isinstance(error, ray.exceptions.AuthenticationError):
+        raise ConnectionError(
+            f"address: the Ray cluster at {address} refused this driver's token ({error}); "
+            "give `baton serve` the cluster's token: RAY_AUTH_MODE=token with RAY_AUTH_TOKEN "
+            "or RAY_AUTH_TOKEN_PATH"
+        )
     if error is not None:
         raise ConnectionError(f"address: joining the Ray cluster at {address} failed: {error}")
+
+
+def _check_token(address: str) -> None:
+    """Ask the GCS once: a missing or wrong token is an ``AuthenticationError`` at once,
+    where ``ray.init`` would log it and retry until our deadline."""
+    try:
+        from ray._raylet import GcsClient  # type: ignore[attr-defined]  # private: optional
+    except ImportError:
+        return
+    GcsClient(address=address)
