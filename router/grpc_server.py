@@ -211,7 +211,9 @@ async def start_grpc_server(
     # No SO_REUSEPORT: a second server on a taken port must fail, not share it.
     server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_BatonServicer_to_server(BatonServicer(router), server)
-    pb_grpc.add_BatonAdminServicer_to_server(BatonAdminServicer(router), server)
+    from router.admin import AdminServicer  # it builds on this module's servicer
+
+    pb_grpc.add_BatonAdminServicer_to_server(AdminServicer(router), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -72,6 +72,10 @@ class ClusterStatus:
     transport: str
     instances: list[InstanceStats]
     health: dict[str, str]
+    # Operations (cluster.control): per instance its state and pid; the router's counters.
+    states: dict[str, str] = field(default_factory=dict)
+    pids: dict[str, int] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)
 
 
 def served_model_name(model: str | None) -> str:
@@ -166,4 +170,7 @@ class Router:
             transport=self.cluster.transport,
             instances=instances,
             health=self.cluster.health(),
+            states=self.cluster.states(),
+            pids=self.cluster.pids(),
+            counters=self.cluster.counters(),
         )
