@@ -36,6 +36,7 @@ HEALTH = {
     pb.INSTANCE_HEALTH_SERVING: "serving",
     pb.INSTANCE_HEALTH_RESTARTING: "restarting",
     pb.INSTANCE_HEALTH_DEAD: "dead",
+    pb.INSTANCE_HEALTH_UNRESPONSIVE: "unresponsive",
 }
 _SEQUENCES = ("stop", "stop_token_ids")  # repeated fields: empty means "none"
 
@@ -140,6 +141,9 @@ def _instance(i: pb.InstanceStatus) -> InstanceStatus:
         kv_usage=i.kv_usage,
         num_preemptions=i.num_preemptions,
         counters=dict(i.counters),
+        state=i.state,
+        pid=i.pid,
+        step_time_ms=i.step_time_ms,
     )
 
 
@@ -156,4 +160,4 @@ def status(r: pb.StatusResponse) -> ClusterStatus:
         )
         for p in r.pools
     )
-    return ClusterStatus(r.model, r.mode, r.transport, pools)
+    return ClusterStatus(r.model, r.mode, r.transport, pools, dict(r.counters))

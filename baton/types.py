@@ -111,6 +111,10 @@ class InstanceStatus:
     kv_usage: float  # fraction of KV blocks in use
     num_preemptions: int
     counters: Mapping[str, float] = field(default_factory=dict)
+    # starting | ready | cordoned | draining | restarting | unresponsive | dead
+    state: str = ""
+    pid: int = 0
+    step_time_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,7 @@ class ClusterStatus:
     mode: str  # "disaggregated" | "colocated"
     transport: str
     pools: tuple[PoolStatus, ...]
+    counters: Mapping[str, float] = field(default_factory=dict)  # migrations by cause
 
     @property
     def instances(self) -> tuple[InstanceStatus, ...]:

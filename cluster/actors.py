@@ -20,6 +20,7 @@ Heavy imports (torch, the engine) happen in ``start()``, so importing this modul
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -186,8 +187,6 @@ class InstanceActor:
         self._peers: RayPeers | None = None
 
     def ping(self) -> dict[str, Any]:
-        import os
-
         return {"name": self.spec.name, "started": self.worker is not None, "pid": os.getpid()}
 
     def add_peers(self, handles: dict[str, Any]) -> None:
@@ -234,6 +233,7 @@ class InstanceActor:
             "total_blocks": engine.block_manager.num_blocks,
             "max_model_len": engine.max_model_len,
             "world_size": self.spec.world_size,
+            "pid": os.getpid(),
         }
         logger.info("instance %s (%s) started: %s", self.spec.name, self.spec.role, self.info)
         return self.info

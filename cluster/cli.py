@@ -6,6 +6,8 @@ Subcommands:
   baton profile             this engine's latencies here, as a profile for `baton plan`
   baton generate "PROMPT"   a completion from a running server (--offline: in-process)
   baton bench engine|serve|kv-transfer ...   the README's benchmarks (bench/)
+  baton status|cordon|uncordon|drain|scale|requests|abort|apply   operate a running
+                            cluster through its admin API (cluster/admin_cli.py)
 
 The engine (and so torch) is imported inside each subcommand, so ``baton --help`` is fast.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -73,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cluster.planner.cli import add_parsers as add_plan  # pure Python, quick to import
 
     add_plan(sub)
+    from cluster.admin_cli import add_parsers as add_admin  # the SDK only: quick to import
+
+    add_admin(sub)
     from cluster.profiler import add_parser as add_profile  # torch loads only when it runs
 
     add_profile(sub)
@@ -132,6 +138,20 @@ def _add_serve(sub: Any) -> None:
         help="dispatch policy (default: %(default)s)",
     )
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    serve.add_argument(
+        "--admin-key",
+        default=os.environ.get("BATON_ADMIN_KEY"),
+        help="the key the admin API (baton status|scale|drain|...) requires; a client's "
+        "api key then cannot operate the cluster (default: env BATON_ADMIN_KEY, if set)",
+    )
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM, how long requests in flight may finish before they are aborted "
+        "(default: %(default)s)",
+    )
     serve.add_argument("--served-model-name", default=None, help="the model id clients use")
     serve.add_argument(
         "--num-kv-blocks",
@@ -216,6 +236,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         served_model_name=args.served_model_name,
         cluster_options=options,
+        admin_key=args.admin_key,
+        shutdown_timeout_s=args.shutdown_timeout,
     )
     return run(config)
 

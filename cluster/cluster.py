@@ -53,6 +53,7 @@ def prefix_key(ids: list[int] | None, text: str | None) -> int | None:
 
 
 MODES = ("disaggregated", "colocated")
+SCALE_HEADROOM_RANKS = 8
 TRANSPORTS = ("torch", "grpc", "local")
 
 
@@ -159,7 +160,9 @@ class Cluster:
         roles = ["prefill"] * self.num_prefill
         roles += ["decode" if self.mode == "disaggregated" else "colocated"] * self.num_decode
         n = sum(self.parallel[r][0] * self.parallel[r][1] for r in roles)  # ranks
-        self._started_ray = builder.init_ray(self.address, n)
+        # An embedded Ray gets logical CPUs for instances added later (`baton scale`).
+        headroom = 0 if self.address is not None else SCALE_HEADROOM_RANKS
+        self._started_ray = builder.init_ray(self.address, n + headroom)
         gpus = 1 if builder.has_gpus() else 0
         cpus = self.cpus_per_instance or max(1, (os.cpu_count() or 1) // n)
         host = "127.0.0.1" if self.address is None else ray.util.get_node_ip_address()
@@ -296,7 +299,8 @@ class Cluster:
 
     def pids(self) -> dict[str, int]:
         """Rank 0's process id per instance, as of its last ping."""
-        return {} if self._health is None else dict(self._health.pids)
+        started = {i.name: int(i.info.get("pid", 0)) for i in self.instances}
+        return started | ({} if self._health is None else self._health.pids)
 
     def counters(self) -> dict[str, int]:
         """The cluster's own counters: migrations by cause, migration failures."""

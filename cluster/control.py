@@ -28,6 +28,7 @@ from cluster.stream import RequestStream
 logger = logging.getLogger(__name__)
 
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
+RETRY_PAUSE_S = 5.0
 
 
 class ClusterOps(Protocol):
@@ -159,9 +160,10 @@ class Controller:
         while not self._stopping.is_set():
             try:
                 busy = self.reconcile()
-            except Exception as e:  # a failed step is retried next round
+            except Exception as e:  # a failed step is retried after a pause
                 logger.exception("control step failed")
                 self._error(f"{type(e).__name__}: {e}")
+                self._stopping.wait(RETRY_PAUSE_S)
                 busy = False
             if not busy:
                 self._wake.wait(self._interval_s)

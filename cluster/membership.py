@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+PLACEMENT_WAIT_S = 30.0
+
 
 class Membership:
     def __init__(self, cluster: Cluster):
@@ -59,6 +61,7 @@ class Membership:
         self._next[role] = k + 1
         name = f"{role}-{k}"
         tp, pp = c.parallel[role]
+        # As at start: the per-instance share of the machine (Ray's CPUs are logical).
         cpus = c.cpus_per_instance or max(1, (os.cpu_count() or 1) // max(1, len(c.instances)))
         host = "127.0.0.1" if c.address is None else ray.util.get_node_ip_address()
         spec = InstanceSpec(
@@ -72,7 +75,8 @@ class Membership:
             **c._spec,
         )
         gpus = 1 if builder.has_gpus() else 0
-        inst = builder.create(spec, cpus, gpus, c.start_timeout_s, c.id)
+        # A bounded wait for room: the controller tries again later rather than hang.
+        inst = builder.create(spec, cpus, gpus, min(c.start_timeout_s, PLACEMENT_WAIT_S), c.id)
         try:
             handles = {i.name: i.actor for i in c.instances} | {name: inst.actor}
             builder.start_all([inst], receiver.address, c.start_timeout_s, handles)

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from engine.outputs import InstanceStats
@@ -85,6 +85,33 @@ class InstanceCollector(Collector):
         yield from families.values()
 
 
+class MigrationCollector(Collector):
+    """The cluster's migration counters (``cluster.migration``), from the last status."""
+
+    def __init__(self) -> None:
+        self.model = ""
+        self.counters: dict[str, float] = {}
+
+    def collect(self) -> Iterable[Metric]:
+        moved = CounterMetricFamily(
+            "baton:request_migrations",
+            "Requests moved to another instance, by cause (dead, hung, restarted, "
+            "drained, unavailable).",
+            labels=("model_name", "cause"),
+        )
+        failed = CounterMetricFamily(
+            "baton:request_migration_failures",
+            "Requests that could not be migrated (limit reached, nowhere to go) and failed.",
+            labels=("model_name",),
+        )
+        for key, value in sorted(self.counters.items()):
+            if key.startswith("migrations_"):
+                moved.add_metric([self.model, key[len("migrations_") :]], value)
+        failed.add_metric([self.model], self.counters.get("migration_failures", 0.0))
+        yield moved
+        yield failed
+
+
 def kv_cache_usage(stats: InstanceStats) -> float:
     if stats.total_blocks <= 0:
         return 0.0
@@ -143,6 +170,8 @@ class RouterMetrics:
         )
         self.instances = InstanceCollector()
         r.register(self.instances)
+        self.migrations = MigrationCollector()
+        r.register(self.migrations)
 
     def request_finished(self, record: RequestRecord) -> None:
         model = record.model
@@ -175,6 +204,8 @@ class RouterMetrics:
             logger.warning("metrics: cluster status unavailable: %r", e)
             return
         self.update_instances(status.model, status.instances)
+        self.migrations.model = status.model
+        self.migrations.counters = {k: float(v) for k, v in status.counters.items()}
 
     def render(self) -> bytes:
         """The Prometheus text exposition of everything in the registry."""

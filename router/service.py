@@ -96,6 +96,9 @@ class Router:
         self.model_name = model_name or served_model_name(cluster.model)
         self.metrics = metrics
         self._created = int(time.time())
+        # Set at the start of a graceful shutdown: both front doors refuse new requests
+        # and report not-ready; the ones in flight go on.
+        self.shutting_down = False
 
     def models(self) -> list[ModelInfo]:
         return [ModelInfo(self.model_name, self.cluster.max_model_len, self._created)]
@@ -109,6 +112,8 @@ class Router:
 
     async def stream(self, request: GenerateInput) -> AsyncIterator[RequestOutput]:
         """Yield output snapshots until the request finishes; RouterError on failure."""
+        if self.shutting_down:
+            raise RouterError(ErrorKind.UNAVAILABLE, "server: shutting down; retry elsewhere")
         self._check_model(request.model)
         start = time.monotonic()
         times: list[float] = []

@@ -34,7 +34,7 @@ SLOW = os.environ.get("BATON_SLOW_TESTS") == "1"
 
 @dataclass(frozen=True)
 class Scenario:
-    fault: str  # "kill-decode" | "kill-prefill" | "stop-decode" | "none"
+    fault: str  # "kill-decode" | "kill-prefill" | "stop-decode" | "drain-decode"
     requests: int  # streamed at once; one in four is seeded sampling, the rest greedy
     after_tokens: int  # the fault strikes once this many tokens have streamed in all
     migrations: bool  # whether requests must have migrated (the fault hit in-flight work)
@@ -45,6 +45,7 @@ SCENARIOS = {
     "kill-decode": Scenario("kill-decode", 48, 60, migrations=True),
     "kill-prefill": Scenario("kill-prefill", 48, 5, migrations=False),
     "stop-decode": Scenario("stop-decode", 48, 60, migrations=True),
+    "drain-decode": Scenario("drain-decode", 48, 60, migrations=True),
     "kill-decode-early": Scenario("kill-decode", 96, 10, migrations=True, slow=True),
 }
 
@@ -114,6 +115,11 @@ async def _run(
 
     async def strike() -> None:
         await armed.wait()
+        if scenario.fault == "drain-decode":  # half a second to finish, then migrate
+            name = sorted(n for n, r in _pids(cluster, "decode").items())[0]
+            struck.append(_pids(cluster, "decode")[name])
+            await asyncio.to_thread(cluster.drain, name, 0.5)
+            return
         role = "prefill" if scenario.fault == "kill-prefill" else "decode"
         name, pid = sorted(_pids(cluster, role).items())[0]
         sig = signal.SIGSTOP if scenario.fault == "stop-decode" else signal.SIGKILL
@@ -121,12 +127,13 @@ async def _run(
         struck.append(pid)
 
     tasks = [asyncio.create_task(one(i)) for i in range(len(ids))]
-    striker = asyncio.create_task(strike()) if scenario.fault != "none" else None
+    striker = asyncio.create_task(strike())
     try:
         outs = await asyncio.gather(*tasks)
+        if scenario.fault == "drain-decode":
+            await striker  # the drain returns once the instance is gone
     finally:
-        if striker is not None:
-            striker.cancel()
+        striker.cancel()
         if scenario.fault == "stop-decode":
             for pid in struck:
                 os.kill(pid, signal.SIGCONT)
@@ -157,5 +164,53 @@ def test_chaos(name: str, chaos_cluster: Cluster, offline: LLM) -> None:
         assert moved > 0
     assert chaos_cluster.migrator.counters["migration_failures"] == before["migration_failures"]
     wait_all_blocks_free(chaos_cluster)
+    if scenario.fault == "drain-decode":  # back to two decode instances
+        assert len([i for i in chaos_cluster.instances if i.spec.role == "decode"]) == 1
+        chaos_cluster.scale({"decode": 2})
+        deadline = time.monotonic() + 300
+        while sum(s == "ready" for s in chaos_cluster.states().values()) < 4:
+            assert time.monotonic() < deadline, chaos_cluster.states()
+            time.sleep(0.5)
+    _wait_serving(chaos_cluster)
+    wait_all_blocks_free(chaos_cluster)
+
+
+def test_cancelling_streams_mid_migration_frees_everything(
+    chaos_cluster: Cluster, offline: LLM
+) -> None:
+    """Kill a decode instance, and cancel every client stream as soon as migrations
+    start: no request is left anywhere and every KV block comes back."""
+    _wait_serving(chaos_cluster)
+    ids, params = _load(offline, 16)
+    migrator = chaos_cluster.migrator
+    assert migrator is not None
+    before = sum(migrator.counters.values())
+
+    async def run() -> int:
+        async def one(i: int) -> None:
+            async for _ in chaos_cluster.stream(prompt_token_ids=ids[i], params=params[i]):
+                pass
+
+        tasks = [asyncio.create_task(one(i)) for i in range(len(ids))]
+        await asyncio.sleep(0.5)
+        while not any(
+            len(s.trace.token_times) > 2
+            for s in chaos_cluster._require_started().streams().values()
+        ):
+            await asyncio.sleep(0.05)
+        name, pid = sorted(_pids(chaos_cluster, "decode").items())[0]
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while sum(migrator.counters.values()) == before:
+            assert time.monotonic() < deadline, "no migration started"
+            await asyncio.sleep(0.01)
+        for t in tasks:
+            t.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        return sum(isinstance(r, asyncio.CancelledError) for r in results)
+
+    cancelled = asyncio.run(run())
+    assert cancelled > 0
+    assert chaos_cluster.requests() == []
     _wait_serving(chaos_cluster)
     wait_all_blocks_free(chaos_cluster)
