@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="engine: bench/engine_throughput.py; serve: bench/serving.py (against a "
         "running `baton serve`); kv-transfer: bench/kv_transfer.py; planner: "
         "bench/planner.py (planning time); planner-validation: bench/planner_validation.py "
-        "(simulated against measured attainment, disaggregated against colocated)",
+        "(simulated against measured attainment, disaggregated against colocated); "
+        "chaos: bench/chaos.py (faults while requests stream; full size, not in CI)",
     )
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options passed to the benchmark")
     bench.set_defaults(func=_cmd_bench)
@@ -332,6 +333,7 @@ _BENCHES = {
     "kv-transfer": "bench.kv_transfer",
     "planner": "bench.planner",
     "planner-validation": "bench.planner_validation",
+    "chaos": "bench.chaos",
 }
 
 

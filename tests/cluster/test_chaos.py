@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-import ray
 
 from cluster import Cluster
 from engine import LLM, SamplingParams
@@ -79,9 +78,9 @@ def _load(offline: LLM, n: int) -> tuple[list[list[int]], list[SamplingParams]]:
 
 
 def _pids(cluster: Cluster, role: str) -> dict[str, int]:
-    insts = [i for i in cluster.instances if i.spec.role == role]
-    replies = ray.get([i.actor.ping.remote() for i in insts], timeout=30)
-    return {i.name: int(r["pid"]) for i, r in zip(insts, replies, strict=True)}
+    """Rank 0's process id of each instance of ``role`` (as of its last health ping)."""
+    pids = cluster.pids()
+    return {i.name: pids[i.name] for i in cluster.instances if i.spec.role == role}
 
 
 def _wait_serving(cluster: Cluster, timeout_s: float = 240.0) -> None:
@@ -116,8 +115,8 @@ async def _run(
     async def strike() -> None:
         await armed.wait()
         if scenario.fault == "drain-decode":  # half a second to finish, then migrate
-            name = sorted(n for n, r in _pids(cluster, "decode").items())[0]
-            struck.append(_pids(cluster, "decode")[name])
+            name, pid = sorted(_pids(cluster, "decode").items())[0]
+            struck.append(pid)
             await asyncio.to_thread(cluster.drain, name, 0.5)
             return
         role = "prefill" if scenario.fault == "kill-prefill" else "decode"
