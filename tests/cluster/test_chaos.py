@@ -7,7 +7,8 @@ each and in order, and every KV block free on the instances serving afterwards.
 
 The cluster is shared by the scenarios: an instance killed in one is restarted by the
 health monitor, and the next scenario waits until every instance serves again.
-BATON_SLOW_TESTS=1 runs the heavier rows too.
+The default run has the decode faults (kill -9, SIGSTOP) and a cancellation mid-
+migration; BATON_SLOW_TESTS=1 adds a prefill kill, a drain and a bigger early kill.
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ class Scenario:
 
 SCENARIOS = {
     "kill-decode": Scenario("kill-decode", 48, 60, migrations=True),
-    "kill-prefill": Scenario("kill-prefill", 48, 5, migrations=False),
+    "kill-prefill": Scenario("kill-prefill", 48, 5, migrations=False, slow=True),
     "stop-decode": Scenario("stop-decode", 48, 60, migrations=True),
-    "drain-decode": Scenario("drain-decode", 48, 60, migrations=True),
+    "drain-decode": Scenario("drain-decode", 48, 60, migrations=True, slow=True),
     "kill-decode-early": Scenario("kill-decode", 96, 10, migrations=True, slow=True),
 }
 
@@ -139,7 +140,10 @@ async def _run(
     return list(outs), streamed, struck
 
 
-@pytest.mark.parametrize("name", list(SCENARIOS))
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow) if s.slow else n for n, s in SCENARIOS.items()],
+)
 def test_chaos(name: str, chaos_cluster: Cluster, offline: LLM) -> None:
     scenario = SCENARIOS[name]
     if scenario.slow and not SLOW:
