@@ -69,6 +69,8 @@ async def _fault(cluster: Any, kind: str, stop_s: float) -> None:
     role = "prefill" if kind == "kill-prefill" else "decode"
     pids = cluster.pids()
     name = sorted(i.name for i in cluster.instances if i.spec.role == role)[0]
+    if pids.get(name, 0) <= 0:  # never signal pid 0 (our own process group)
+        raise RuntimeError(f"{name}: process id unknown")
     if kind == "drain-decode":
         await asyncio.to_thread(cluster.drain, name, 1.0)
         cluster.scale({"decode": 2})
@@ -103,6 +105,7 @@ async def _run_one(args: argparse.Namespace, transport: str) -> dict[str, Any]:
     rng.shuffle(kinds)
     streams = [Stream(i) for i in range(args.requests)]
     fault_times: list[tuple[str, float]] = []
+    fault_errors: list[str] = []
     with Cluster(prefill=2, decode=2, transport=transport, num_kv_blocks=1024,
                  cpus_per_instance=1, health_interval_s=0.5) as cluster:  # fmt: skip
         t0 = time.monotonic()
@@ -123,7 +126,10 @@ async def _run_one(args: argparse.Namespace, transport: str) -> dict[str, Any]:
             for kind, at in zip(kinds, fault_at, strict=True):
                 await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
                 fault_times.append((kind, time.monotonic()))
-                await _fault(cluster, kind, args.stop_s)
+                try:
+                    await _fault(cluster, kind, args.stop_s)
+                except Exception as e:  # reported; the run goes on
+                    fault_errors.append(f"{kind}: {e!r}")
 
         await asyncio.gather(faults(), *(one(s) for s in streams))
         end = time.monotonic()
@@ -170,6 +176,7 @@ async def _run_one(args: argparse.Namespace, transport: str) -> dict[str, Any]:
         "recovered_requests": len(recovery),
         "throughput_dip_min_over_median": min(dips) if dips else None,
         "errors": [s.error for s in streams if s.error][:5],
+        "fault_errors": fault_errors,
     }
 
 

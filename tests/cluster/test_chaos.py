@@ -81,7 +81,9 @@ def _load(offline: LLM, n: int) -> tuple[list[list[int]], list[SamplingParams]]:
 def _pids(cluster: Cluster, role: str) -> dict[str, int]:
     """Rank 0's process id of each instance of ``role`` (as of its last health ping)."""
     pids = cluster.pids()
-    return {i.name: pids[i.name] for i in cluster.instances if i.spec.role == role}
+    found = {i.name: pids[i.name] for i in cluster.instances if i.spec.role == role}
+    assert all(pid > 0 for pid in found.values()), found  # never signal pid 0
+    return found
 
 
 def _wait_serving(cluster: Cluster, timeout_s: float = 240.0) -> None:
