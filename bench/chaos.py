@@ -67,8 +67,15 @@ def _percentile(xs: list[float], q: float) -> float:
 
 async def _fault(cluster: Any, kind: str, stop_s: float) -> None:
     role = "prefill" if kind == "kill-prefill" else "decode"
-    pids = cluster.pids()
-    name = sorted(i.name for i in cluster.instances if i.spec.role == role)[0]
+    pids, states = cluster.pids(), cluster.states()
+    # The busiest instance of the role that is serving: where a fault hurts most.
+    ready = [
+        i.name for i in cluster.instances if i.spec.role == role and states.get(i.name) == "ready"
+    ]
+    if not ready:
+        raise RuntimeError(f"no {role} instance is ready to strike")
+    busy = {r["instances"][-1] for r in cluster.requests() if r["instances"]}
+    name = sorted(ready, key=lambda n: (n not in busy, n))[0]
     if pids.get(name, 0) <= 0:  # never signal pid 0 (our own process group)
         raise RuntimeError(f"{name}: process id unknown")
     if kind == "drain-decode":
@@ -85,6 +92,7 @@ async def _fault(cluster: Any, kind: str, stop_s: float) -> None:
 async def _run_one(args: argparse.Namespace, transport: str) -> dict[str, Any]:
     from cluster import Cluster
     from engine import LLM, SamplingParams
+
     rng = random.Random(args.seed)
     offline = LLM(None)
     tok = offline.engine.tokenizer
@@ -122,14 +130,16 @@ async def _run_one(args: argparse.Namespace, transport: str) -> dict[str, Any]:
             except Exception as e:  # counted as failed
                 s.error = repr(e)
 
+        async def fault(kind: str, at: float) -> None:
+            await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
+            fault_times.append((kind, time.monotonic()))
+            try:
+                await _fault(cluster, kind, args.stop_s)
+            except Exception as e:  # reported; the run goes on
+                fault_errors.append(f"{kind}: {e!r}")
+
         async def faults() -> None:
-            for kind, at in zip(kinds, fault_at, strict=True):
-                await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
-                fault_times.append((kind, time.monotonic()))
-                try:
-                    await _fault(cluster, kind, args.stop_s)
-                except Exception as e:  # reported; the run goes on
-                    fault_errors.append(f"{kind}: {e!r}")
+            await asyncio.gather(*(fault(k, at) for k, at in zip(kinds, fault_at, strict=True)))
 
         await asyncio.gather(faults(), *(one(s) for s in streams))
         end = time.monotonic()
