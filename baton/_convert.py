@@ -36,6 +36,7 @@ HEALTH = {
     pb.INSTANCE_HEALTH_SERVING: "serving",
     pb.INSTANCE_HEALTH_RESTARTING: "restarting",
     pb.INSTANCE_HEALTH_DEAD: "dead",
+    pb.INSTANCE_HEALTH_UNRESPONSIVE: "unresponsive",
 }
 # repeated fields: empty means "none"
 _SEQUENCES = ("stop", "stop_token_ids", "allowed_token_ids", "bad_words")
@@ -151,6 +152,9 @@ def _instance(i: pb.InstanceStatus) -> InstanceStatus:
         node_ip=i.node_ip,
         tp=i.tp or 1,
         pp=i.pp or 1,
+        state=i.state,
+        pid=i.pid,
+        step_time_ms=i.step_time_ms,
     )
 
 
@@ -167,4 +171,4 @@ def status(r: pb.StatusResponse) -> ClusterStatus:
         )
         for p in r.pools
     )
-    return ClusterStatus(r.model, r.mode, r.transport, pools)
+    return ClusterStatus(r.model, r.mode, r.transport, pools, dict(r.counters))

@@ -183,3 +183,48 @@ class AdminClient(_Connection):
     def status(self, *, timeout: float | None = None) -> ClusterStatus:
         reply = self._unary(self._stub.Status, pb.StatusRequest(), timeout)
         return _convert.status(reply)
+
+    # Operations: each returns the server's one-line message (or rows); see baton.proto.
+
+    def cordon(self, instance: str, *, timeout: float | None = None) -> str:
+        request = pb.InstanceRequest(instance=instance)
+        return str(self._unary(self._stub.Cordon, request, timeout).message)
+
+    def uncordon(self, instance: str, *, timeout: float | None = None) -> str:
+        request = pb.InstanceRequest(instance=instance)
+        return str(self._unary(self._stub.Uncordon, request, timeout).message)
+
+    def drain(
+        self, instance: str, timeout_s: float | None = None, *, timeout: float | None = None
+    ) -> str:
+        """Returns once the instance is gone (``timeout``: the call's own deadline)."""
+        request = pb.DrainRequest(instance=instance, timeout_s=timeout_s)
+        return str(self._unary(self._stub.Drain, request, timeout).message)
+
+    def scale(
+        self,
+        prefill: int | None = None,
+        decode: int | None = None,
+        *,
+        dry_run: bool = False,
+        drain_timeout_s: float | None = None,
+        timeout: float | None = None,
+    ) -> list[dict[str, int | str]]:
+        """Per pool changed: {"role", "running", "desired"}."""
+        request = pb.ScaleRequest(
+            prefill=prefill, decode=decode, dry_run=dry_run, drain_timeout_s=drain_timeout_s
+        )
+        reply = self._unary(self._stub.Scale, request, timeout)
+        return [{"role": c.role, "running": c.running, "desired": c.desired} for c in reply.changes]
+
+    def requests(self, *, timeout: float | None = None) -> list[dict[str, object]]:
+        reply = self._unary(self._stub.ListRequests, pb.ListRequestsRequest(), timeout)
+        return [
+            {"request_id": r.request_id, "state": r.state, "instances": list(r.instances),
+             "tokens": r.tokens, "age_s": r.age_s, "migrations": r.migrations}
+            for r in reply.requests
+        ]  # fmt: skip
+
+    def abort(self, request_id: str, *, timeout: float | None = None) -> str:
+        request = pb.AbortRequest(request_id=request_id)
+        return str(self._unary(self._stub.Abort, request, timeout).message)

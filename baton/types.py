@@ -153,6 +153,10 @@ class InstanceStatus:
     node_ip: str = ""
     tp: int = 1
     pp: int = 1
+    # starting | ready | cordoned | draining | restarting | unresponsive | dead
+    state: str = ""
+    pid: int = 0
+    step_time_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -172,6 +176,7 @@ class ClusterStatus:
     mode: str  # "disaggregated" | "colocated"
     transport: str
     pools: tuple[PoolStatus, ...]
+    counters: Mapping[str, float] = field(default_factory=dict)  # migrations by cause
 
     @property
     def instances(self) -> tuple[InstanceStatus, ...]:

@@ -20,6 +20,7 @@ Heavy imports (torch, the engine) happen in ``start()``, so importing this modul
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -98,6 +99,9 @@ class RayPeers:
 
     def __init__(self, handles: dict[str, Any]):
         self._handles = handles
+
+    def add(self, handles: dict[str, Any]) -> None:
+        self._handles.update(handles)
 
     def _handle(self, instance: str) -> Any:
         handle = self._handles.get(instance)
@@ -180,9 +184,15 @@ class InstanceActor:
         self._store_address = ""
         self._groups: Any = None
         self._transfer: Any = None  # ShardedSender | ShardedReceiver
+        self._peers: RayPeers | None = None
 
     def ping(self) -> dict[str, Any]:
-        return {"name": self.spec.name, "started": self.worker is not None}
+        return {"name": self.spec.name, "started": self.worker is not None, "pid": os.getpid()}
+
+    def add_peers(self, handles: dict[str, Any]) -> None:
+        """Instances added since this one started (``baton scale``)."""
+        if self._peers is not None:
+            self._peers.add(handles)
 
     def _resolve_host(self) -> None:
         """Bind and advertise this node's address (``cluster.node_address``), resolved here
@@ -223,7 +233,8 @@ class InstanceActor:
 
             engine = create_driver(engine_config(self.spec), self._groups)
         events = ZmqEventSink(events_address)
-        self.worker = self._build_worker(engine, events, RayPeers(peers))
+        self._peers = RayPeers(dict(peers))
+        self.worker = self._build_worker(engine, events, self._peers)
         endpoint = self.worker.start()
         self.info = {
             "name": self.spec.name,
@@ -236,6 +247,7 @@ class InstanceActor:
             "node_ip": ray.util.get_node_ip_address(),
             "host": self.spec.host,
             "layout": f"tp{self.spec.tp} pp{self.spec.pp}",
+            "pid": os.getpid(),
         }
         logger.info("instance %s (%s) started: %s", self.spec.name, self.spec.role, self.info)
         return self.info
@@ -282,12 +294,8 @@ class InstanceActor:
             )
             self._transfer = receiver
             config = DecodeConfig(lease_ttl_s=s.lease_ttl_s)
-            return DecodeWorker(
-                s.name, engine, receiver, events, peers, config, step_cost=cost
-            )
-        return DecodeWorker(
-            s.name, engine, None, events, None, role="colocated", step_cost=cost
-        )
+            return DecodeWorker(s.name, engine, receiver, events, peers, config, step_cost=cost)
+        return DecodeWorker(s.name, engine, None, events, None, role="colocated", step_cost=cost)
 
     # -- control calls: forwarded to the worker, errors returned as values -------------
 
@@ -305,7 +313,8 @@ class InstanceActor:
         from engine.sampling_params import SamplingParams
 
         if self.worker is None:
-            return {"error": f"instance {self.spec.name} is not serving (restarting?)"}
+            message = f"instance {self.spec.name} is not serving (restarting?)"
+            return {"error": message, "retry": True}
         try:
             sampling = SamplingParams.from_dict(params)
             engine = self.worker.engine
@@ -319,6 +328,36 @@ class InstanceActor:
                 self.worker.add_request(request_id, prompt_token_ids, sampling, decode_instance)
             else:
                 self.worker.add_request(request_id, prompt_token_ids, sampling)
+        except ValueError as e:
+            return {"error": str(e)}
+        return {"prompt_token_ids": list(prompt_token_ids)}
+
+    def resume_request(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int] | None,
+        output_token_ids: list[int],
+        params: dict[str, Any],
+        messages: list[dict[str, str]] | None = None,
+    ) -> dict[str, Any]:
+        """Take over a request migrated from another instance (decode or colocated): the
+        prompt as given to ``add_request`` plus the tokens already streamed."""
+        from engine.sampling_params import SamplingParams
+
+        if self.worker is None or self.spec.role == "prefill":
+            return {"error": f"instance {self.spec.name} cannot resume requests", "retry": True}
+        try:
+            sampling = SamplingParams.from_dict(params)
+            engine = self.worker.engine
+            if prompt_token_ids is None:
+                if messages is not None:
+                    prompt_token_ids = engine.tokenizer.encode_chat(check_messages(messages))
+                elif isinstance(prompt, str):
+                    prompt_token_ids = engine.tokenizer.encode(prompt)
+                else:
+                    raise ValueError("prompt: give prompt, prompt_token_ids or messages")
+            self.worker.resume(request_id, prompt_token_ids, output_token_ids, sampling)
         except ValueError as e:
             return {"error": str(e)}
         return {"prompt_token_ids": list(prompt_token_ids)}

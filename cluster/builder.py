@@ -82,6 +82,14 @@ def _strategy(
     return "PACK"
 
 
+def _named_class(spec: InstanceSpec) -> Any:
+    """Rank 0's actor class, named after the instance (``PrefillInstance_prefill_0``),
+    so that ``ps`` (``ray::PrefillInstance_prefill_0``) and Ray's tools tell the
+    instances and their roles apart."""
+    name = f"{spec.role.capitalize()}Instance_{spec.name.replace('-', '_')}"
+    return ray.remote(type(name, (InstanceActor,), {"__module__": __name__}))
+
+
 def create(
     spec: InstanceSpec,
     cpus: float,
@@ -122,7 +130,7 @@ def create(
             ),
         )
 
-    actor = RemoteInstance.options(**options(0)).remote(spec.to_dict())
+    actor = _named_class(spec).options(**options(0)).remote(spec.to_dict())
     ranks = [
         RemoteRank.options(**options(r)).remote(spec.to_dict(), r)
         for r in range(1, spec.world_size)

@@ -6,6 +6,8 @@ Subcommands:
   baton profile             this engine's latencies here, as a profile for `baton plan`
   baton generate "PROMPT"   a completion from a running server (--offline: in-process)
   baton bench engine|serve|kv-transfer ...   the README's benchmarks (bench/)
+  baton status|cordon|uncordon|drain|scale|requests|abort|apply   operate a running
+                            cluster through its admin API (cluster/admin_cli.py)
 
 The engine (and so torch) is imported inside each subcommand, so ``baton --help`` is fast.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -74,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cluster.planner.cli import add_parsers as add_plan  # pure Python, quick to import
 
     add_plan(sub)
+    from cluster.admin_cli import add_parsers as add_admin  # the SDK only: quick to import
+
+    add_admin(sub)
     from cluster.profiler import add_parser as add_profile  # torch loads only when it runs
 
     add_profile(sub)
@@ -89,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="engine: bench/engine_throughput.py; serve: bench/serving.py (against a "
         "running `baton serve`); kv-transfer: bench/kv_transfer.py; planner: "
         "bench/planner.py (planning time); planner-validation: bench/planner_validation.py "
-        "(simulated against measured attainment, disaggregated against colocated)",
+        "(simulated against measured attainment, disaggregated against colocated); "
+        "chaos: bench/chaos.py (faults while requests stream; full size, not in CI)",
     )
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options passed to the benchmark")
     bench.set_defaults(func=_cmd_bench)
@@ -133,6 +140,20 @@ def _add_serve(sub: Any) -> None:
         help="dispatch policy (default: %(default)s)",
     )
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    serve.add_argument(
+        "--admin-key",
+        default=os.environ.get("BATON_ADMIN_KEY"),
+        help="the key the admin API (baton status|scale|drain|...) requires; a client's "
+        "api key then cannot operate the cluster (default: env BATON_ADMIN_KEY, if set)",
+    )
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM, how long requests in flight may finish before they are aborted "
+        "(default: %(default)s)",
+    )
     serve.add_argument("--served-model-name", default=None, help="the model id clients use")
     serve.add_argument(
         "--num-kv-blocks",
@@ -312,6 +333,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         served_model_name=args.served_model_name,
         cluster_options=options,
+        admin_key=args.admin_key,
+        shutdown_timeout_s=args.shutdown_timeout,
     )
     return run(config)
 
@@ -406,6 +429,7 @@ _BENCHES = {
     "kv-transfer": "bench.kv_transfer",
     "planner": "bench.planner",
     "planner-validation": "bench.planner_validation",
+    "chaos": "bench.chaos",
 }
 
 

@@ -27,9 +27,12 @@ import ray
 
 from cluster import builder, placement
 from cluster.actors import InstanceSpec
+from cluster.control import DEFAULT_DRAIN_TIMEOUT_S, Controller, requests_in_flight
 from cluster.dispatch import InstanceLoad, RoutePolicy, RouteRequest, default_policy
 from cluster.health import HealthMonitor
 from cluster.node_address import host_ip
+from cluster.membership import Membership
+from cluster.migration import Migrator, Target, pick_decode
 from cluster.planner.latency import ProfileSet
 from cluster.ray_connect import DEFAULT_CONNECT_TIMEOUT_S
 from cluster.stream import EventReceiver, RequestStream, RequestTrace
@@ -52,6 +55,7 @@ def prefix_key(ids: list[int] | None, text: str | None) -> int | None:
 
 
 MODES = ("disaggregated", "colocated")
+SCALE_HEADROOM_RANKS = 8
 TRANSPORTS = ("torch", "grpc", "local")
 
 
@@ -87,6 +91,7 @@ class Cluster:
         start_timeout_s: float = 600.0,
         health_interval_s: float = 2.0,
         policy: RoutePolicy | None = None,
+        max_migrations: int = 3,
         prefill_parallel: tuple[int, int] = (1, 1),
         decode_parallel: tuple[int, int] = (1, 1),
         profiles: ProfileSet | None = None,
@@ -163,6 +168,9 @@ class Cluster:
         self.plan_instances = None if plan_instances is None else list(plan_instances)
         self.plan_nodes = plan_nodes
         self._stopped = False  # stop() during start(): start gives up at its next step
+        self.max_migrations = max_migrations
+        self.migrator: Migrator | None = None
+        self.control: Controller | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -171,7 +179,9 @@ class Cluster:
         roles += ["decode" if self.mode == "disaggregated" else "colocated"] * self.num_decode
         n = sum(self.parallel[r][0] * self.parallel[r][1] for r in roles)  # ranks
         self._stopped = False
-        self._started_ray = builder.init_ray(self.address, n, self.connect_timeout_s)
+        # An embedded Ray gets logical CPUs for instances added later (`baton scale`).
+        headroom = 0 if self.address is not None else SCALE_HEADROOM_RANKS
+        self._started_ray = builder.init_ray(self.address, n + headroom, self.connect_timeout_s)
         gpus = 1 if builder.has_gpus() else 0
         cpus = self.cpus_per_instance or max(1, (os.cpu_count() or 1) // n)
         # Embedded Ray is one node: loopback. Joined: each process resolves its own node's
@@ -204,11 +214,19 @@ class Cluster:
                 )
             self._receiver = EventReceiver(host_ip(host))
             self._receiver.start()
+            self.migrator = Migrator(
+                self._receiver.streams, self._migration_target, self._abort_on,
+                lambda rid, msg: self.abort(rid, reason="error", error=msg),
+                limit=self.max_migrations,
+            )  # fmt: skip
             builder.start_all(self.instances, self._receiver.address, self.start_timeout_s)
             self._health = HealthMonitor(
                 self.instances, self._restart, self._lost, self.health_interval_s, self._poll
             )
             self._health.start()
+            desired = {r: roles.count(r) for r in dict.fromkeys(roles)}
+            self.control = Controller(Membership(self), desired)
+            self.control.start()
         except BaseException:
             self.stop()
             raise
@@ -231,6 +249,9 @@ class Cluster:
 
     def stop(self) -> None:
         self._stopped = True
+        if self.control is not None:
+            self.control.stop()
+            self.control = None
         if self._health is not None:
             self._health.stop()
             self._health = None
@@ -258,17 +279,78 @@ class Cluster:
         address = self._require_started().address
         builder.restart(instance, address, handles, self.start_timeout_s)
 
-    def _lost(self, instance: builder.Instance) -> None:
-        """An instance lost its state: fail (and abort elsewhere) the requests it held."""
-        for request_id, stream in self._require_started().streams().items():
-            if instance.name in (stream.trace.prefill, stream.trace.decode):
-                self.abort(request_id, reason="error", error=f"instance {instance.name} failed")
+    def _lost(self, instance: builder.Instance, cause: str) -> None:
+        """An instance lost its requests (or stopped answering): migrate them."""
+        if self.migrator is not None:
+            self.migrator.lost(instance.name, cause)
+
+    def _migration_target(self, exclude: set[str]) -> Target | None:
+        name = pick_decode(self._loads(), exclude)
+        by_name = {i.name: i for i in self.instances}
+        return None if name is None else Target(name, by_name[name].actor)
+
+    def _abort_on(self, instance: str, request_id: str) -> None:
+        for i in self.instances:
+            if i.name == instance:
+                i.actor.abort.remote(request_id)
 
     def health(self) -> dict[str, str]:
         """Each instance's state: serving, restarting or dead."""
         if self._health is None:
             return {}
         return {name: h.value for name, h in self._health.state.items()}
+
+    # -- operations: cluster.control holds the desired state and moves towards it ------
+
+    def _control(self) -> Controller:
+        if self.control is None:
+            raise RuntimeError("cluster: call start() first")
+        return self.control
+
+    def states(self) -> dict[str, str]:
+        """Each instance as an operator sees it: starting, ready, cordoned, draining,
+        restarting, unresponsive or dead."""
+        control, health = self._control(), self.health()
+        return control.states(health)
+
+    def cordon(self, name: str) -> None:
+        """Route no new work to ``name``; KeyError naming the instance if unknown."""
+        self._control().cordon(name)
+
+    def uncordon(self, name: str) -> None:
+        self._control().uncordon(name)
+
+    def drain(
+        self, name: str, timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S, wait: bool = True
+    ) -> int:
+        """Cordon ``name``, let its requests finish (migrating what is left after
+        ``timeout_s``), then remove it; returns how many requests migrated."""
+        d = self._control().drain(name, timeout_s)
+        if wait and not d.done.wait(timeout_s + self.start_timeout_s):
+            raise TimeoutError(f"instance: {name} did not drain")
+        return d.migrated
+
+    def scale(self, counts: dict[str, int], drain_timeout_s: float | None = None) -> None:
+        """Set the number of instances per role (``{"prefill": 2, "decode": 3}``); new
+        ones start and removed ones drain in the background (see :meth:`states`)."""
+        allowed = {"prefill", "decode"} if self.mode == "disaggregated" else {"colocated"}
+        bad = set(counts) - allowed
+        if bad:
+            raise ValueError(f"{sorted(bad)[0]}: no such pool in {self.mode} mode")
+        self._control().scale(counts, drain_timeout_s)
+
+    def pids(self) -> dict[str, int]:
+        """Rank 0's process id per instance, as of its last ping."""
+        started = {i.name: int(i.info.get("pid", 0)) for i in self.instances}
+        return started | ({} if self._health is None else self._health.pids)
+
+    def counters(self) -> dict[str, int]:
+        """The cluster's own counters: migrations by cause, migration failures."""
+        return {} if self.migrator is None else dict(self.migrator.counters)
+
+    def requests(self) -> list[dict[str, Any]]:
+        """The requests in flight: id, instances, tokens so far, age, migrations."""
+        return requests_in_flight(self._require_started().streams())
 
     @property
     def max_model_len(self) -> int:
@@ -280,7 +362,12 @@ class Cluster:
         """Each serving instance's load: the cluster's in-flight count plus polled stats."""
         receiver = self._require_started()
         serving = self._health.serving() if self._health is not None else None
-        live = [i for i in self.instances if serving is None or i.name in serving]
+        control = self.control
+        live = [
+            i for i in self.instances
+            if (serving is None or i.name in serving)
+            and (control is None or control.routable(i.name))
+        ]  # fmt: skip
         queued = dict.fromkeys((i.name for i in live), 0)
         active = dict.fromkeys((i.name for i in live), 0)
         for stream in receiver.streams().values():
@@ -317,8 +404,11 @@ class Cluster:
         return by_name[first], None if dest is None else by_name[dest]
 
     def _poll(self) -> None:
-        """Refresh the polled part of every instance's load (the health thread calls it)."""
-        self._polled = {s.name: s for s in self.stats(timeout_s=10.0)}
+        """Refresh the polled part of every instance's load (the health thread calls it);
+        and move the requests that wait for a decode instance to migrate to."""
+        if self.migrator is not None:
+            self.migrator.retry()
+        self._polled = {s.name: s for s in self.stats(timeout_s=self.health_interval_s)}
 
     def _send(
         self,
@@ -346,6 +436,9 @@ class Cluster:
         first, dest = self._route(RouteRequest(request_id, estimate, prefix_key(ids, text)))
         trace = RequestTrace(first.name if dest else None, (dest or first).name, arrival)
         stream = RequestStream(request_id, ids or [], trace, estimate)
+        stream.resubmit = dict(
+            prompt=prompt, prompt_token_ids=ids, messages=messages, params=params.to_dict()
+        )
         receiver.register(stream)
         ref = first.actor.add_request.remote(
             request_id,
@@ -357,7 +450,16 @@ class Cluster:
         )
         return stream, ref
 
-    def _accepted(self, stream: RequestStream, reply: dict[str, Any]) -> RequestStream:
+    def _accepted(self, stream: RequestStream, reply: Any) -> RequestStream:
+        """The first instance's answer (or the error its call raised). One that could not
+        take the request (it died or restarts) is not the client's fault: the request
+        migrates to a decode instance, which computes the prompt itself."""
+        if isinstance(reply, ray.exceptions.RayError) or reply.get("retry"):
+            assert self.migrator is not None
+            if stream.migrations == 0:  # else the health monitor moved it already
+                first = stream.trace.prefill or stream.trace.decode
+                self.migrator.migrate(stream, "unavailable", {first} if first else set())
+            return stream
         if "error" in reply:
             self._require_started().unregister(stream.request_id)
             raise ValueError(reply["error"])
@@ -381,7 +483,11 @@ class Cluster:
         """Send one request; read its outputs with ``stream.get()``. ValueError (naming
         the field) when the request cannot run."""
         stream, ref = self._send(prompt, prompt_token_ids, params, request_id, messages)
-        return self._accepted(stream, ray.get(ref))
+        try:
+            reply = ray.get(ref)
+        except ray.exceptions.RayError as e:
+            reply = e
+        return self._accepted(stream, reply)
 
     async def stream(
         self,
@@ -397,7 +503,11 @@ class Cluster:
         stream, ref = self._send(prompt, prompt_token_ids, params, request_id, messages)
         outputs = stream.attach_loop(asyncio.get_running_loop())
         try:
-            self._accepted(stream, await ref)
+            try:
+                reply = await ref
+            except ray.exceptions.RayError as e:
+                reply = e
+            self._accepted(stream, reply)
             while True:
                 out = await outputs.get()
                 yield out
@@ -479,13 +589,15 @@ class Cluster:
         """Per serving instance: queues, running batch, free and total KV blocks, counters.
 
         Instances that are restarting or dead are left out (see :meth:`health`)."""
-        refs = [i.actor.stats.remote() for i in self.instances]
+        refs = [i.actor.stats.remote() for i in list(self.instances)]
+        if refs:  # all at once: a hung instance costs one timeout, not one each
+            ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         out = []
         for ref in refs:
             try:
-                reply = ray.get(ref, timeout=timeout_s)
-            except ray.exceptions.RayActorError:  # includes "being restarted"
-                continue
+                reply = ray.get(ref, timeout=0)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                continue  # restarting, dead or not answering
             if reply is not None:
                 out.append(InstanceStats(**reply))
         return out

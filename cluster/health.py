@@ -2,14 +2,16 @@
 
 Ray restarts a crashed instance actor (up to ``builder.MAX_RESTARTS`` times), but the new
 process only ran the constructor: it has no model loaded and none of the old requests.
-The monitor notices (``ping`` says not started), tells the cluster to give up on the
-requests that instance held, and starts it again with the same peers. An actor Ray has
-given up on is reported dead and never routed to again.
+The monitor notices (a ping fails, or says not started), tells the cluster to migrate
+the requests that instance held (``cluster.migration``), and starts it again with the
+same peers. An instance that misses two rounds of pings in a row (stopped, hung) is
+unresponsive: its requests migrate and nothing is routed to it until it answers again.
+An actor Ray has given up on is reported dead and never routed to again.
 
-An instance whose node Ray reports dead (a host lost: its raylet and workers gone) has
-its requests failed at once and takes no more; Ray may restart it elsewhere (or wait for
-room forever, e.g. when no other node carries its role's labels), and the monitor starts
-it again when it comes back.
+An instance whose node Ray reports dead (a host lost: its raylet and workers gone) is
+unresponsive at once: its requests migrate and it takes no more; Ray may restart it
+elsewhere (or wait for room forever, e.g. when no other node carries its role's labels),
+and the monitor starts it again when it comes back.
 
 A TP x PP instance is its ranks together: it is serving only while every rank is, and
 one rank that died (or stopped serving rank 0's steps) restarts the whole instance
@@ -18,6 +20,7 @@ one rank that died (or stopped serving rank 0's steps) restarts the whole instan
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import threading
@@ -34,6 +37,7 @@ logger = logging.getLogger(__name__)
 class Health(enum.Enum):
     SERVING = "serving"
     RESTARTING = "restarting"
+    UNRESPONSIVE = "unresponsive"  # missed pings; back to serving when it answers
     DEAD = "dead"
 
 
@@ -42,25 +46,42 @@ class HealthMonitor:
         self,
         instances: list[Instance],
         restart: Callable[[Instance], None],
-        lost: Callable[[Instance], None],
+        lost: Callable[[Instance, str], None],
         interval_s: float = 2.0,
         poll: Callable[[], None] | None = None,
-        ping_timeout_s: float = 10.0,
+        ping_timeout_s: float | None = None,
+        max_misses: int = 2,
     ):
-        """``lost(instance)``: fail the requests it held; ``restart(instance)``: start it;
-        ``poll()``: called after every round (the cluster refreshes its load figures)."""
-        self.instances = instances
+        """``lost(instance, cause)``: migrate the requests it held (cause "dead", "hung"
+        or "restarted"); ``restart(instance)``: start it again (on a thread of its own,
+        so the other instances are still watched); ``poll()``: called after every round
+        (the cluster refreshes its load figures). Every round pings all instances at once
+        and waits ``ping_timeout_s`` (default: ``interval_s``) for the answers; one that
+        misses ``max_misses`` rounds in a row (stopped, or its node gone) is lost."""
+        self.instances = instances  # the cluster's list: scaling adds and removes
         self.state = {inst.name: Health.SERVING for inst in instances}
         self._restart = restart
         self._poll = poll
         self._lost = lost
         self._interval_s = interval_s
-        self._ping_timeout_s = ping_timeout_s
+        self._ping_timeout_s = interval_s if ping_timeout_s is None else ping_timeout_s
+        self._max_misses = max_misses
+        self._misses: dict[str, int] = {}
+        self.pids: dict[str, int] = {}  # rank 0's process id, from its last ping
+        self._restarting: set[str] = set()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="baton-health", daemon=True)
 
     def serving(self) -> set[str]:
         return {name for name, h in self.state.items() if h is Health.SERVING}
+
+    def add(self, inst: Instance) -> None:
+        """A new instance, started: watch it from now on."""
+        self.state[inst.name] = Health.SERVING
+
+    def forget(self, name: str) -> None:
+        self.state.pop(name, None)
+        self._misses.pop(name, None)
 
     def start(self) -> None:
         self._thread.start()
@@ -68,11 +89,14 @@ class HealthMonitor:
     def stop(self) -> None:
         self._stopping.set()
         if self._thread.is_alive():
-            self._thread.join(self._ping_timeout_s + 5)
+            self._thread.join(self._ping_timeout_s + self._interval_s + 5)
 
     def _run(self) -> None:
         while not self._stopping.wait(self._interval_s):
-            self.check()
+            try:
+                self.check()
+            except Exception:  # never let the watcher die
+                logger.exception("health round failed")
             if self._poll is not None:
                 try:
                     self._poll()
@@ -80,47 +104,104 @@ class HealthMonitor:
                     logger.debug("polling stats failed", exc_info=True)
 
     def check(self) -> dict[str, Health]:
-        """Ping every instance once and act on what changed."""
-        alive = _alive_nodes()
-        for inst in self.instances:
-            if self.state[inst.name] is Health.DEAD or self._stopping.is_set():
+        """Ping every instance once (all at once) and act on what changed."""
+        watched = [
+            i for i in list(self.instances)
+            if i.name in self.state and self.state[i.name] is not Health.DEAD
+        ]  # fmt: skip
+        self._check_nodes(watched)
+        refs = {inst.name: [a.ping.remote() for a in inst.actors] for inst in watched}
+        flat = [r for rs in refs.values() for r in rs]
+        if flat:
+            ray.wait(flat, num_returns=len(flat), timeout=self._ping_timeout_s)
+        for inst in watched:
+            if self._stopping.is_set() or inst.name not in self.state:
                 continue
-            node = inst.info.get("node_id")
-            lost = node and alive is not None and node not in alive
-            if lost and self.state[inst.name] is Health.SERVING:
-                logger.error("instance %s: its node %s is dead", inst.name, node)
-                self.state[inst.name] = Health.RESTARTING
-                self._lost(inst)
-            started = self._ping(inst)
-            if started is None:
-                logger.error("instance %s is dead", inst.name)
-                self.state[inst.name] = Health.DEAD
-                self._lost(inst)
-            elif not started:
-                logger.warning("instance %s was restarted by Ray; starting it again", inst.name)
-                self.state[inst.name] = Health.RESTARTING
-                self._lost(inst)
-                try:
-                    self._restart(inst)
-                except Exception:
-                    logger.exception("restarting %s failed; will retry", inst.name)
-                    continue
-                self.state[inst.name] = Health.SERVING
+            self._act(inst, _verdict(refs[inst.name]))
+            with contextlib.suppress(Exception):  # no answer this round: keep the last
+                self.pids[inst.name] = int(ray.get(refs[inst.name][0], timeout=0)["pid"])
         return dict(self.state)
 
-    def _ping(self, inst: Instance) -> bool | None:
-        """Whether every rank of the instance is started; None when one is gone for good."""
-        refs = [actor.ping.remote() for actor in inst.actors]
-        started = True
-        for ref in refs:
-            try:
-                reply: dict[str, Any] = ray.get(ref, timeout=self._ping_timeout_s)
-            except (ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
-                continue  # busy, or being restarted by Ray: look again next round
-            except ray.exceptions.RayActorError:
-                return None
-            started = started and bool(reply["started"])
-        return started
+    def _check_nodes(self, watched: list[Instance]) -> None:
+        """A serving instance whose node Ray reports dead (its host lost) is unresponsive at
+        once: its requests migrate now rather than after two missed ping rounds."""
+        alive = _alive_nodes()
+        if alive is None:
+            return
+        for inst in watched:
+            node = inst.info.get("node_id")
+            if node and node not in alive and self.state.get(inst.name) is Health.SERVING:
+                logger.error("instance %s: its node %s is dead", inst.name, node)
+                self.state[inst.name] = Health.UNRESPONSIVE
+                self._lost(inst, "dead")
+
+    def _act(self, inst: Instance, verdict: str) -> None:
+        name, state = inst.name, self.state[inst.name]
+        if verdict == "dead":
+            logger.error("instance %s is dead", name)
+            self.state[name] = Health.DEAD
+            self._lost(inst, "dead")
+        elif verdict in ("miss", "gone"):
+            self._misses[name] = self._misses.get(name, 0) + 1
+            if state is Health.SERVING and (
+                verdict == "gone" or self._misses[name] >= self._max_misses
+            ):
+                cause = "restarted" if verdict == "gone" else "hung"
+                logger.warning(
+                    "instance %s is unresponsive (%s); migrating its requests", name, cause
+                )
+                self.state[name] = Health.UNRESPONSIVE
+                self._lost(inst, cause)
+        elif verdict == "fresh":  # Ray restarted the process: nothing loaded, no requests
+            self._misses[name] = 0
+            if state in (Health.SERVING, Health.UNRESPONSIVE):
+                logger.warning("instance %s was restarted by Ray; starting it again", name)
+                self._lost(inst, "restarted")
+            self.state[name] = Health.RESTARTING
+            if name not in self._restarting:
+                self._restarting.add(name)
+                threading.Thread(
+                    target=self._restart_one,
+                    args=(inst,),
+                    name=f"baton-restart-{name}",
+                    daemon=True,
+                ).start()
+        else:  # started
+            self._misses[name] = 0
+            if state is Health.UNRESPONSIVE or (
+                state is Health.RESTARTING and name not in self._restarting
+            ):
+                logger.info("instance %s is serving again", name)
+                self.state[name] = Health.SERVING
+
+    def _restart_one(self, inst: Instance) -> None:
+        try:
+            self._restart(inst)
+        except Exception:
+            logger.exception("restarting %s failed; will retry", inst.name)
+        finally:
+            self._restarting.discard(inst.name)
+
+
+def _verdict(refs: list[Any]) -> str:
+    """One instance's answer to a round of pings: "started", "fresh" (a rank is a new
+    process with nothing loaded), "miss" (no answer in time), "gone" (a rank's process
+    died; Ray is restarting it) or "dead" (Ray gave up on a rank)."""
+    verdict = "started"
+    for ref in refs:
+        try:
+            reply: dict[str, Any] = ray.get(ref, timeout=0)
+        except ray.exceptions.GetTimeoutError:
+            verdict = "miss" if verdict in ("started", "fresh") else verdict
+            continue
+        except ray.exceptions.ActorUnavailableError:
+            verdict = "gone" if verdict != "dead" else verdict
+            continue
+        except ray.exceptions.RayActorError:
+            return "dead"
+        if not reply["started"] and verdict == "started":
+            verdict = "fresh"
+    return verdict
 
 
 def _alive_nodes() -> set[str] | None:

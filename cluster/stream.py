@@ -60,6 +60,14 @@ class RequestStream:
         self._async: tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]] | None = None
         self.finished = False
         self._lock = threading.Lock()  # the event thread pushes, an abort finishes
+        # What a migration re-submits (cluster.migration): the request as first sent.
+        self.resubmit: dict[str, object] = {}
+        self.migrations = 0
+        self._ignored: set[str] = set()  # instances it was migrated away from
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return list(self._out.prompt_token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -82,9 +90,22 @@ class RequestStream:
     def push(self, event: TokenEvent) -> None:
         """Take one event (any thread); releases every output that is now in order."""
         with self._lock:
-            if self.finished:
+            if self.finished or event.source in self._ignored:
                 return
             self._push(event)
+
+    def begin_migration(self, away_from: set[str], to: str) -> list[int] | None:
+        """Stop listening to ``away_from`` and count a migration to ``to``; returns the
+        tokens streamed so far (None once finished). Tokens held back out of order are
+        dropped: the new instance generates them again, identically."""
+        with self._lock:
+            if self.finished:
+                return None
+            self._ignored |= away_from - {to}
+            self._early.clear()
+            self.migrations += 1
+            self.trace.prefill, self.trace.decode = None, to
+            return list(self._out.token_ids)
 
     def _push(self, event: TokenEvent) -> None:
         if event.finish_reason == "error" or event.index <= len(self._out.token_ids):

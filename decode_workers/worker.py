@@ -161,6 +161,7 @@ class DecodeWorker:
         self._counters: dict[str, float] = {
             "pulls": 0,
             "recomputes": 0,
+            "resumes": 0,  # migrated requests taken over (their KV recomputed here)
             "kv_bytes": 0,
             "kv_seconds": 0.0,
             "steps": 0,
@@ -210,6 +211,20 @@ class DecodeWorker:
         self.engine.validate_request(prompt_token_ids, params)
         self.loop.post(self._add_request, request_id, list(prompt_token_ids), params)
 
+    def resume(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        output_token_ids: list[int],
+        params: SamplingParams,
+    ) -> None:
+        """A request migrated here: recompute prompt plus the tokens already streamed
+        (replayed as output) and generate the rest (``LLMEngine.add_resumed``)."""
+        self.engine.validate_request(prompt_token_ids, params)
+        self.loop.post(
+            self._resume, request_id, list(prompt_token_ids), list(output_token_ids), params
+        )
+
     def abort(self, request_id: str) -> None:
         self.loop.post(self._abort, request_id)
 
@@ -228,8 +243,27 @@ class DecodeWorker:
             return
         self._started[request_id] = self._clock()
 
+    def _resume(
+        self, request_id: str, ids: list[int], outputs: list[int], params: SamplingParams
+    ) -> None:
+        if request_id in self._aborted:
+            return
+        # A copy of the request may still be here (its prefill instance died mid
+        # hand-off): the resumed one replaces it.
+        self._drop(request_id)
+        try:
+            self.engine.add_resumed(request_id, ids, outputs, params)
+        except ValueError as e:
+            self._send_error(request_id, str(e))
+            return
+        self._counters["resumes"] += 1
+        self._started[request_id] = self._clock()
+        self._first_timings[request_id] = {"recomputed": 1.0}
+
     def _add_handoff(self, handoff: HandOff) -> None:
-        if handoff.request_id in self._aborted:
+        # Aborted, or already resumed here by a migration (a late hand-off of a dead
+        # prefill instance): the KV is not wanted.
+        if handoff.request_id in self._aborted or handoff.request_id in self._started:
             self._release(handoff)
             return
         self.pending.add(handoff)
@@ -375,6 +409,10 @@ class DecodeWorker:
 
     def _abort(self, request_id: str) -> None:
         self._aborted.add(request_id)
+        self._drop(request_id)
+
+    def _drop(self, request_id: str) -> None:
+        """Forget a request wherever it is here, freeing what it holds."""
         handoff = self.pending.pop(request_id)
         if handoff is not None:
             self._release(handoff)

@@ -196,6 +196,34 @@ class LLMEngine:
         seq.num_computed_tokens = len(ids)
         self.scheduler.add_running(seq)
 
+    def add_resumed(
+        self,
+        request_id: str,
+        prompt_token_ids: Seq[int],
+        output_token_ids: Seq[int],
+        params: SamplingParams,
+    ) -> None:
+        """Continue a request another instance started and lost (a migration): its
+        ``output_token_ids`` were generated (and reported) there. They are replayed as
+        output, not prompt, through the stop checker and detokenizer, so max_tokens,
+        penalties, stop strings and seeded draws go on as if nothing happened; the KV of
+        prompt plus output is recomputed here before the next token is sampled."""
+        if request_id in self._states:
+            raise ValueError(f"request_id: {request_id!r} is already running")
+        ids = self._prompt_ids(None, prompt_token_ids)
+        self._check_fits(ids, params)
+        outputs = self._prompt_ids(None, output_token_ids) if output_token_ids else []
+        seq = Sequence(request_id, ids, params)
+        state = RequestState(seq, self.tokenizer)
+        for token in outputs:
+            _, reason = state.process(token, None)
+            if reason is not None:
+                raise ValueError(f"output_token_ids: already finish the request ({reason})")
+        if outputs:
+            seq.metrics.first_token_time = time.monotonic()
+        self._states[request_id] = state
+        self.scheduler.add(seq)
+
     def detach(self, request_id: str) -> tuple[Sequence, list[int]]:
         """Take a running request out of this engine, keeping its KV blocks allocated.
 

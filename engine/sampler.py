@@ -26,7 +26,7 @@ a uniform and a two-level cumsum cost well under 1 ms.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +75,29 @@ def make_generator(
     return torch.Generator(device=device).manual_seed(params.seed)
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def position_seed(seed: int, position: int) -> int:
+    """The seed of a request's draws for its output token number ``position`` (0-based):
+    splitmix64 of (seed, position), so a replay of the request on another instance (a
+    migration, a recompute) draws the same numbers for the same token whatever came
+    before on either instance."""
+    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & ((1 << 63) - 1)
+
+
+def _positioned(r: SamplingRequest) -> SamplingRequest:
+    """A seeded row with a generator for this token's position (see position_seed)."""
+    if r.generator is None or r.params.seed is None:
+        return r
+    g = torch.Generator(device=r.generator.device)
+    g.manual_seed(position_seed(r.params.seed, len(r.output_token_ids)))
+    return replace(r, generator=g)
+
+
 def _is_greedy(p: SamplingParams) -> bool:
     return p.temperature < _SAMPLING_EPS or p.top_k == 1
 
@@ -113,6 +136,8 @@ class Sampler:
             x = _penalised(logits, rows, greedy_idx)
             tokens[greedy_idx] = x.argmax(dim=-1)
         if sample_idx:
+            # Seeded rows draw from (seed, position): the same numbers on any instance.
+            rows = [_positioned(r) if not greedy[i] else r for i, r in enumerate(rows)]
             tokens[sample_idx] = _sample(logits, rows, sample_idx)
         token_ids: list[int] = tokens.tolist()
         logprobs: list[list[tuple[int, float]] | None] = [None] * len(rows)

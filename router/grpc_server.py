@@ -39,6 +39,7 @@ from router.vocabulary import Vocabulary
 logger = logging.getLogger(__name__)
 
 API_SERVICES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
+ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["BatonAdmin"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 _T = TypeVar("_T")
 
@@ -163,14 +164,23 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls without ``authorization: Bearer <key>``; health checks are exempt,
     so that load balancers and probes need no secret."""
 
-    def __init__(self, api_key: str):
-        self._expected = f"Bearer {api_key}".encode()
+    def __init__(self, api_key: str | None, admin_key: str | None = None):
+        """``admin_key``: when set, ``BatonAdmin`` takes only it (a client's key cannot
+        drain the cluster); it opens the generation API too. Without it, the api key
+        opens both."""
+        self._keys = [f"Bearer {k}".encode() for k in (api_key, admin_key) if k is not None]
+        self._admin = None if admin_key is None else [f"Bearer {admin_key}".encode()]
 
-    def _authorized(self, metadata: Any) -> bool:
+    def _authorized(self, metadata: Any, method: str = "") -> bool:
+        admin = self._admin is not None and method.startswith(f"/{ADMIN_SERVICE}/")
+        expected = self._admin if admin and self._admin is not None else self._keys
+        if not expected:
+            return True  # only an admin key is set and this is not an admin call
         for key, value in metadata or ():
             if key == "authorization":
                 given = value.encode() if isinstance(value, str) else bytes(value)
-                return hmac.compare_digest(given, self._expected)  # no timing oracle
+                # compare_digest against each: no timing oracle
+                return any([hmac.compare_digest(given, e) for e in expected])
         return False
 
     async def intercept_service(
@@ -182,7 +192,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         if (
             handler is None
             or details.method.startswith(f"/{HEALTH_SERVICE}/")
-            or self._authorized(details.invocation_metadata)
+            or self._authorized(details.invocation_metadata, details.method)
         ):
             return handler
         make = _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
@@ -217,13 +227,17 @@ async def start_grpc_server(
     *,
     api_key: str | None = None,
     tls: ServerTLS | grpc.ServerCredentials | None = None,
+    admin_key: str | None = None,
 ) -> tuple[GrpcServer, int]:
     """Bind and start; returns the server and the bound port (``port=0`` picks one)."""
-    interceptors = [] if api_key is None else [ApiKeyInterceptor(api_key)]
+    keyed = api_key is not None or admin_key is not None
+    interceptors = [ApiKeyInterceptor(api_key, admin_key)] if keyed else []
     # No SO_REUSEPORT: a second server on a taken port must fail, not share it.
     server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_BatonServicer_to_server(BatonServicer(router), server)
-    pb_grpc.add_BatonAdminServicer_to_server(BatonAdminServicer(router), server)
+    from router.admin import AdminServicer  # it builds on this module's servicer
+
+    pb_grpc.add_BatonAdminServicer_to_server(AdminServicer(router), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

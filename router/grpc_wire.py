@@ -28,6 +28,7 @@ HEALTH = {
     "serving": pb.INSTANCE_HEALTH_SERVING,
     "restarting": pb.INSTANCE_HEALTH_RESTARTING,
     "dead": pb.INSTANCE_HEALTH_DEAD,
+    "unresponsive": pb.INSTANCE_HEALTH_UNRESPONSIVE,
 }
 
 
@@ -171,8 +172,9 @@ def _instance(name: str, stats: InstanceStats | None, health: str) -> pb.Instanc
 def status(s: ClusterStatus) -> pb.StatusResponse:
     stats = {i.name: i for i in s.instances}
     pools: dict[str, pb.PoolStatus] = {}
-    for name in sorted(set(stats) | set(s.health)):
+    for name in sorted(set(stats) | set(s.health) | set(s.states)):
         inst = _instance(name, stats.get(name), s.health.get(name, "serving"))
+        _operations(inst, s, stats.get(name))
         pool = pools.setdefault(inst.role, pb.PoolStatus(role=inst.role))
         pool.instances.append(inst)
         pool.num_waiting += inst.num_waiting
@@ -183,4 +185,15 @@ def status(s: ClusterStatus) -> pb.StatusResponse:
         pool.kv_usage = _kv_usage(pool.free_blocks, pool.total_blocks)
     rank = {role: i for i, role in enumerate(ROLE_ORDER)}
     ordered = sorted(pools.values(), key=lambda p: (rank.get(p.role, len(rank)), p.role))
-    return pb.StatusResponse(model=s.model, mode=s.mode, transport=s.transport, pools=ordered)
+    return pb.StatusResponse(
+        model=s.model, mode=s.mode, transport=s.transport, pools=ordered,
+        counters={k: float(v) for k, v in s.counters.items()},
+    )  # fmt: skip
+
+
+def _operations(inst: pb.InstanceStatus, s: ClusterStatus, stats: InstanceStats | None) -> None:
+    """What ``baton status`` adds: the operator's state, pid and mean step time."""
+    inst.state = s.states.get(inst.name, "")
+    inst.pid = s.pids.get(inst.name, 0)
+    if stats is not None and stats.counters.get("steps"):
+        inst.step_time_ms = 1e3 * stats.counters["step_seconds"] / stats.counters["steps"]

@@ -152,6 +152,8 @@ class OpenAIHandlers:
 
     async def health(self, request: web.Request) -> web.Response:
         """200 while every role the cluster needs has a serving instance, else 503."""
+        if self.router.shutting_down:
+            raise RouterError(ErrorKind.UNAVAILABLE, "server: shutting down")
         cluster = self.router.cluster
         states = cluster.health()
         roles = {i.name: i.spec.role for i in cluster.instances}

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from engine.outputs import InstanceStats
 from router.instance_metrics import ClusterView, InstanceCollector
@@ -84,7 +86,8 @@ COUNTERS = (
     "baton:prompt_tokens", "baton:generation_tokens", "baton:request_success",
     "baton:kv_recomputes", "baton:requests", "baton:slo_requests",
     "baton:instance_steps", "baton:instance_step_seconds", "baton:kv_transfer_bytes",
-    "baton:kv_transfer_failures",
+    "baton:kv_transfer_failures", "baton:request_migrations",
+    "baton:request_migration_failures",
 )  # fmt: skip
 GAUGES = (
     "baton:num_requests_waiting", "baton:num_requests_running", "baton:kv_cache_usage_perc",
@@ -101,6 +104,33 @@ def exported_series() -> frozenset[str]:
     names = set(GAUGES) | {f"{c}{x}" for c in COUNTERS for x in ("_total", "_created")}
     names |= {f"{h}{x}" for h in HISTOGRAMS for x in ("_bucket", "_sum", "_count", "_created")}
     return frozenset(names)
+
+
+class MigrationCollector(Collector):
+    """The cluster's migration counters (``cluster.migration``), from the last status."""
+
+    def __init__(self) -> None:
+        self.model = ""
+        self.counters: dict[str, float] = {}
+
+    def collect(self) -> Iterable[Metric]:
+        moved = CounterMetricFamily(
+            "baton:request_migrations",
+            "Requests moved to another instance, by cause (dead, hung, restarted, "
+            "drained, unavailable).",
+            labels=("model_name", "cause"),
+        )
+        failed = CounterMetricFamily(
+            "baton:request_migration_failures",
+            "Requests that could not be migrated (limit reached, nowhere to go) and failed.",
+            labels=("model_name",),
+        )
+        for key, value in sorted(self.counters.items()):
+            if key.startswith("migrations_"):
+                moved.add_metric([self.model, key[len("migrations_") :]], value)
+        failed.add_metric([self.model], self.counters.get("migration_failures", 0.0))
+        yield moved
+        yield failed
 
 
 class RouterMetrics:
@@ -192,6 +222,8 @@ class RouterMetrics:
         }
         self.instances = InstanceCollector()
         r.register(self.instances)
+        self.migrations = MigrationCollector()
+        r.register(self.migrations)
         self.targets: dict[str, SLOTargets] = {}
         self.predictions: dict[str, PlanPrediction] = {}
         self.backend = ""
@@ -312,6 +344,8 @@ class RouterMetrics:
         roles = {i.name: i.spec.role for i in router.cluster.instances}
         self.backend = status.transport
         self.update_instances(status.model, status.instances, status.health, roles)
+        self.migrations.model = status.model
+        self.migrations.counters = {k: float(v) for k, v in status.counters.items()}
 
     def render(self) -> bytes:
         """The Prometheus text exposition of everything in the registry."""

@@ -41,6 +41,10 @@ class ServeConfig:
     cluster_options: dict[str, Any] = field(default_factory=dict)
     slo: SLOTargets | None = None  # judged per request, shown on /dashboard
     plan_prediction: PlanPrediction | None = None  # the --plan's predictions, as gauges
+    # BatonAdmin takes only this key when set (a client's api key cannot drain).
+    admin_key: str | None = None
+    # On SIGTERM: how long requests in flight may run before they are aborted.
+    shutdown_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("grpc_port", "http_port"):
@@ -91,14 +95,16 @@ async def serve(
             router.model_name, config.slo, config.plan_prediction, cluster.transport
         )
         grpc_server, grpc_port = await start_grpc_server(
-            router, config.host, config.grpc_port, api_key=config.api_key
-        )
+            router, config.host, config.grpc_port, api_key=config.api_key,
+            admin_key=config.admin_key,
+        )  # fmt: skip
         http_runner, http_port = await start_http_server(
             router, config.host, config.http_port, metrics=metrics, api_key=config.api_key
         )
         if on_ready is not None:
             on_ready(Endpoints(f"{config.host}:{grpc_port}", f"http://{config.host}:{http_port}"))
         await stop.wait()
+        await drain_requests(router, grpc_server, config.shutdown_timeout_s)
     finally:
         logger.info("shutting down")
         if grpc_server is not None:
@@ -154,6 +160,25 @@ async def start_unless_stopped(cluster: Any, stop: asyncio.Event) -> bool:
     except Exception as e:  # a stuck Ray call: the process exits anyway
         logger.warning("stopping the cluster while it started: %s", e)
     return False
+
+
+async def drain_requests(router: Router, grpc_server: Any, timeout_s: float) -> None:
+    """Graceful shutdown, the same on both front doors: not-ready at once (gRPC health
+    NOT_SERVING, HTTP /health 503), new requests refused (UNAVAILABLE / 503), the ones
+    in flight finish for up to ``timeout_s``, then the rest end with finish reason
+    "abort" (their streams close normally)."""
+    router.shutting_down = True
+    await grpc_server.health.enter_graceful_shutdown()
+    cluster = router.cluster
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while cluster.requests() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.1)
+    left = [r["request_id"] for r in cluster.requests()]
+    if left:
+        logger.warning("shutdown: aborting %d requests still running", len(left))
+    for request_id in left:
+        cluster.abort(request_id, reason="abort")
+    await asyncio.sleep(0.2)  # let the handlers write the final messages
 
 
 def run(config: ServeConfig, out: TextIO = sys.stdout) -> int:

@@ -80,6 +80,10 @@ class ClusterStatus:
     transport: str
     instances: list[InstanceStats]
     health: dict[str, str]
+    # Operations (cluster.control): per instance its state and pid; the router's counters.
+    states: dict[str, str] = field(default_factory=dict)
+    pids: dict[str, int] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)
 
 
 def served_model_name(model: str | None) -> str:
@@ -100,6 +104,9 @@ class Router:
         self.model_name = model_name or served_model_name(cluster.model)
         self.metrics = metrics
         self._created = int(time.time())
+        # Set at the start of a graceful shutdown: both front doors refuse new requests
+        # and report not-ready; the ones in flight go on.
+        self.shutting_down = False
 
     def models(self) -> list[ModelInfo]:
         return [ModelInfo(self.model_name, self.cluster.max_model_len, self._created)]
@@ -122,6 +129,8 @@ class Router:
         last: RequestOutput | None = None
         outcome = "rejected"  # an unknown model
         try:
+            if self.shutting_down:
+                raise RouterError(ErrorKind.UNAVAILABLE, "server: shutting down; retry elsewhere")
             self._check_model(request.model)
             outcome = "aborted"  # until the finished output: leaving now is an abort
             async for out in self.cluster.stream(
@@ -209,4 +218,7 @@ class Router:
             transport=self.cluster.transport,
             instances=instances,
             health=self.cluster.health(),
+            states=self.cluster.states(),
+            pids=self.cluster.pids(),
+            counters=self.cluster.counters(),
         )

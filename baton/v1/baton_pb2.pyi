@@ -20,6 +20,7 @@ class InstanceHealth(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INSTANCE_HEALTH_SERVING: _ClassVar[InstanceHealth]
     INSTANCE_HEALTH_RESTARTING: _ClassVar[InstanceHealth]
     INSTANCE_HEALTH_DEAD: _ClassVar[InstanceHealth]
+    INSTANCE_HEALTH_UNRESPONSIVE: _ClassVar[InstanceHealth]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -28,6 +29,7 @@ INSTANCE_HEALTH_UNSPECIFIED: InstanceHealth
 INSTANCE_HEALTH_SERVING: InstanceHealth
 INSTANCE_HEALTH_RESTARTING: InstanceHealth
 INSTANCE_HEALTH_DEAD: InstanceHealth
+INSTANCE_HEALTH_UNRESPONSIVE: InstanceHealth
 
 class SamplingParams(_message.Message):
     __slots__ = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty", "presence_penalty", "frequency_penalty", "stop", "stop_token_ids", "ignore_eos", "logprobs", "skip_special_tokens", "min_tokens", "logit_bias", "allowed_token_ids", "bad_words", "include_stop_str_in_output", "structured_output")
@@ -213,7 +215,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InstanceStatus(_message.Message):
-    __slots__ = ("name", "role", "health", "num_waiting", "num_running", "free_blocks", "total_blocks", "kv_usage", "num_preemptions", "counters", "node_id", "node_ip", "tp", "pp")
+    __slots__ = ("name", "role", "health", "num_waiting", "num_running", "free_blocks", "total_blocks", "kv_usage", "num_preemptions", "counters", "node_id", "node_ip", "tp", "pp", "state", "pid", "step_time_ms")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +237,9 @@ class InstanceStatus(_message.Message):
     NODE_IP_FIELD_NUMBER: _ClassVar[int]
     TP_FIELD_NUMBER: _ClassVar[int]
     PP_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    STEP_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     name: str
     role: str
     health: InstanceHealth
@@ -249,7 +254,10 @@ class InstanceStatus(_message.Message):
     node_ip: str
     tp: int
     pp: int
-    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., health: _Optional[_Union[InstanceHealth, str]] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., counters: _Optional[_Mapping[str, float]] = ..., node_id: _Optional[str] = ..., node_ip: _Optional[str] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ...) -> None: ...
+    state: str
+    pid: int
+    step_time_ms: float
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., health: _Optional[_Union[InstanceHealth, str]] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., counters: _Optional[_Mapping[str, float]] = ..., node_id: _Optional[str] = ..., node_ip: _Optional[str] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., state: _Optional[str] = ..., pid: _Optional[int] = ..., step_time_ms: _Optional[float] = ...) -> None: ...
 
 class PoolStatus(_message.Message):
     __slots__ = ("role", "instances", "num_waiting", "num_running", "free_blocks", "total_blocks", "kv_usage")
@@ -270,13 +278,106 @@ class PoolStatus(_message.Message):
     def __init__(self, role: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[InstanceStatus, _Mapping]]] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., kv_usage: _Optional[float] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("model", "mode", "transport", "pools")
+    __slots__ = ("model", "mode", "transport", "pools", "counters")
+    class CountersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     POOLS_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
     model: str
     mode: str
     transport: str
     pools: _containers.RepeatedCompositeFieldContainer[PoolStatus]
-    def __init__(self, model: _Optional[str] = ..., mode: _Optional[str] = ..., transport: _Optional[str] = ..., pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ...) -> None: ...
+    counters: _containers.ScalarMap[str, float]
+    def __init__(self, model: _Optional[str] = ..., mode: _Optional[str] = ..., transport: _Optional[str] = ..., pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ..., counters: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class InstanceRequest(_message.Message):
+    __slots__ = ("instance",)
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    instance: str
+    def __init__(self, instance: _Optional[str] = ...) -> None: ...
+
+class DrainRequest(_message.Message):
+    __slots__ = ("instance", "timeout_s")
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    instance: str
+    timeout_s: float
+    def __init__(self, instance: _Optional[str] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class OperationResponse(_message.Message):
+    __slots__ = ("message", "migrated")
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    MIGRATED_FIELD_NUMBER: _ClassVar[int]
+    message: str
+    migrated: int
+    def __init__(self, message: _Optional[str] = ..., migrated: _Optional[int] = ...) -> None: ...
+
+class ScaleRequest(_message.Message):
+    __slots__ = ("prefill", "decode", "dry_run", "drain_timeout_s")
+    PREFILL_FIELD_NUMBER: _ClassVar[int]
+    DECODE_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    prefill: int
+    decode: int
+    dry_run: bool
+    drain_timeout_s: float
+    def __init__(self, prefill: _Optional[int] = ..., decode: _Optional[int] = ..., dry_run: _Optional[bool] = ..., drain_timeout_s: _Optional[float] = ...) -> None: ...
+
+class PoolChange(_message.Message):
+    __slots__ = ("role", "running", "desired")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    running: int
+    desired: int
+    def __init__(self, role: _Optional[str] = ..., running: _Optional[int] = ..., desired: _Optional[int] = ...) -> None: ...
+
+class ScaleResponse(_message.Message):
+    __slots__ = ("changes", "applied")
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    changes: _containers.RepeatedCompositeFieldContainer[PoolChange]
+    applied: bool
+    def __init__(self, changes: _Optional[_Iterable[_Union[PoolChange, _Mapping]]] = ..., applied: _Optional[bool] = ...) -> None: ...
+
+class ListRequestsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RequestInfo(_message.Message):
+    __slots__ = ("request_id", "state", "instances", "tokens", "age_s", "migrations")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    AGE_S_FIELD_NUMBER: _ClassVar[int]
+    MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    state: str
+    instances: _containers.RepeatedScalarFieldContainer[str]
+    tokens: int
+    age_s: float
+    migrations: int
+    def __init__(self, request_id: _Optional[str] = ..., state: _Optional[str] = ..., instances: _Optional[_Iterable[str]] = ..., tokens: _Optional[int] = ..., age_s: _Optional[float] = ..., migrations: _Optional[int] = ...) -> None: ...
+
+class ListRequestsResponse(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[RequestInfo]
+    def __init__(self, requests: _Optional[_Iterable[_Union[RequestInfo, _Mapping]]] = ...) -> None: ...
+
+class AbortRequest(_message.Message):
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    def __init__(self, request_id: _Optional[str] = ...) -> None: ...

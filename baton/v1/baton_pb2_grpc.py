@@ -200,6 +200,36 @@ class BatonAdminStub:
                 request_serializer=baton_dot_v1_dot_baton__pb2.StatusRequest.SerializeToString,
                 response_deserializer=baton_dot_v1_dot_baton__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.Cordon = channel.unary_unary(
+                '/baton.v1.BatonAdmin/Cordon',
+                request_serializer=baton_dot_v1_dot_baton__pb2.InstanceRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_baton__pb2.OperationResponse.FromString,
+                _registered_method=True)
+        self.Uncordon = channel.unary_unary(
+                '/baton.v1.BatonAdmin/Uncordon',
+                request_serializer=baton_dot_v1_dot_baton__pb2.InstanceRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_baton__pb2.OperationResponse.FromString,
+                _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/baton.v1.BatonAdmin/Drain',
+                request_serializer=baton_dot_v1_dot_baton__pb2.DrainRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_baton__pb2.OperationResponse.FromString,
+                _registered_method=True)
+        self.Scale = channel.unary_unary(
+                '/baton.v1.BatonAdmin/Scale',
+                request_serializer=baton_dot_v1_dot_baton__pb2.ScaleRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_baton__pb2.ScaleResponse.FromString,
+                _registered_method=True)
+        self.ListRequests = channel.unary_unary(
+                '/baton.v1.BatonAdmin/ListRequests',
+                request_serializer=baton_dot_v1_dot_baton__pb2.ListRequestsRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_baton__pb2.ListRequestsResponse.FromString,
+                _registered_method=True)
+        self.Abort = channel.unary_unary(
+                '/baton.v1.BatonAdmin/Abort',
+                request_serializer=baton_dot_v1_dot_baton__pb2.AbortRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_baton__pb2.OperationResponse.FromString,
+                _registered_method=True)
 
 
 class BatonAdminServicer:
@@ -212,6 +242,49 @@ class BatonAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Cordon(self, request, context):
+        """Operating a running cluster (`baton cordon|uncordon|drain|scale|requests|abort`).
+        An unknown instance is NOT_FOUND; a bad number INVALID_ARGUMENT naming the field.
+        With an admin key set on the server, these and Status need it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Uncordon(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drain(self, request, context):
+        """Cordon, let in-flight requests finish up to timeout_s, migrate the rest, remove.
+        Returns once the instance is gone.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Scale(self, request, context):
+        """Set the instances per pool; new ones start and removed ones drain in the
+        background (see Status). dry_run: only report the change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRequests(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Abort(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BatonAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -219,6 +292,36 @@ def add_BatonAdminServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=baton_dot_v1_dot_baton__pb2.StatusRequest.FromString,
                     response_serializer=baton_dot_v1_dot_baton__pb2.StatusResponse.SerializeToString,
+            ),
+            'Cordon': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cordon,
+                    request_deserializer=baton_dot_v1_dot_baton__pb2.InstanceRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_baton__pb2.OperationResponse.SerializeToString,
+            ),
+            'Uncordon': grpc.unary_unary_rpc_method_handler(
+                    servicer.Uncordon,
+                    request_deserializer=baton_dot_v1_dot_baton__pb2.InstanceRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_baton__pb2.OperationResponse.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=baton_dot_v1_dot_baton__pb2.DrainRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_baton__pb2.OperationResponse.SerializeToString,
+            ),
+            'Scale': grpc.unary_unary_rpc_method_handler(
+                    servicer.Scale,
+                    request_deserializer=baton_dot_v1_dot_baton__pb2.ScaleRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_baton__pb2.ScaleResponse.SerializeToString,
+            ),
+            'ListRequests': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRequests,
+                    request_deserializer=baton_dot_v1_dot_baton__pb2.ListRequestsRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_baton__pb2.ListRequestsResponse.SerializeToString,
+            ),
+            'Abort': grpc.unary_unary_rpc_method_handler(
+                    servicer.Abort,
+                    request_deserializer=baton_dot_v1_dot_baton__pb2.AbortRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_baton__pb2.OperationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -248,6 +351,168 @@ class BatonAdmin:
             '/baton.v1.BatonAdmin/Status',
             baton_dot_v1_dot_baton__pb2.StatusRequest.SerializeToString,
             baton_dot_v1_dot_baton__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cordon(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.BatonAdmin/Cordon',
+            baton_dot_v1_dot_baton__pb2.InstanceRequest.SerializeToString,
+            baton_dot_v1_dot_baton__pb2.OperationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Uncordon(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.BatonAdmin/Uncordon',
+            baton_dot_v1_dot_baton__pb2.InstanceRequest.SerializeToString,
+            baton_dot_v1_dot_baton__pb2.OperationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.BatonAdmin/Drain',
+            baton_dot_v1_dot_baton__pb2.DrainRequest.SerializeToString,
+            baton_dot_v1_dot_baton__pb2.OperationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Scale(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.BatonAdmin/Scale',
+            baton_dot_v1_dot_baton__pb2.ScaleRequest.SerializeToString,
+            baton_dot_v1_dot_baton__pb2.ScaleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRequests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.BatonAdmin/ListRequests',
+            baton_dot_v1_dot_baton__pb2.ListRequestsRequest.SerializeToString,
+            baton_dot_v1_dot_baton__pb2.ListRequestsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Abort(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.BatonAdmin/Abort',
+            baton_dot_v1_dot_baton__pb2.AbortRequest.SerializeToString,
+            baton_dot_v1_dot_baton__pb2.OperationResponse.FromString,
             options,
             channel_credentials,
             insecure,

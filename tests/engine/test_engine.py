@@ -148,3 +148,32 @@ def test_bad_sampling_params_name_the_field(kwargs: dict, field: str) -> None:
 def test_nonexistent_model_names_the_path(model: str, make_llm: Callable[..., LLM]) -> None:
     with pytest.raises(ValueError, match="model"):
         make_llm(model)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, frequency_penalty=0.5),
+        SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=7, presence_penalty=0.3),
+    ],
+    ids=["greedy-penalised", "seeded"],
+)
+def test_a_resumed_request_continues_exactly(smollm: LLM, params: SamplingParams) -> None:
+    """A migration's resume: the tokens generated elsewhere replay as output (penalties,
+    max_tokens, seeded draws by position) and the rest equals an uninterrupted run."""
+    prompt = "Tell me about the sea:"
+    [whole] = smollm.generate([prompt], params)
+    engine = smollm.engine
+    ids = whole.prompt_token_ids
+    for cut in (1, 9):
+        engine.add_resumed("r", ids, whole.token_ids[:cut], params)
+        final = None
+        while engine.has_unfinished():
+            for out in engine.step():
+                final = out
+        assert final is not None and final.finished
+        assert final.token_ids == whole.token_ids
+        assert final.finish_reason == whole.finish_reason
+    with pytest.raises(ValueError, match="output_token_ids"):
+        engine.add_resumed("r", ids, whole.token_ids, params)  # already finished
+    assert engine.stats().free_blocks == engine.stats().total_blocks

@@ -337,3 +337,27 @@ def test_unseeded_rows_use_the_global_rng() -> None:
     first = [Sampler()(logits, rows).token_ids for _ in range(5)]
     torch.manual_seed(10)
     assert [Sampler()(logits, rows).token_ids for _ in range(5)] == first
+
+
+def test_seeded_draws_depend_on_seed_and_position_only() -> None:
+    """A replay (a migrated request recomputed elsewhere) draws the same token for the
+    same position, whatever the generator drew before; another position draws anew."""
+    logits = torch.zeros(1, 50)  # uniform: the draw alone picks the token
+    params = SamplingParams(seed=42, temperature=1.0)
+
+    def draw(output: list[int], used: int) -> int:
+        r = row(params, output=output)
+        assert r.generator is not None
+        for _ in range(used):  # a generator that already drew `used` numbers elsewhere
+            torch.rand(1, generator=r.generator)
+        return Sampler()(logits, [r]).token_ids[0]
+
+    at5 = [draw([1] * 5, used) for used in (0, 3, 17)]
+    assert len(set(at5)) == 1
+    by_position = [draw([1] * n, 0) for n in range(12)]
+    assert len(set(by_position)) > 3  # positions are not one stream repeated
+    other = SamplingParams(seed=43, temperature=1.0)
+    by_other_seed = [
+        Sampler()(logits, [row(other, output=[1] * n)]).token_ids[0] for n in range(12)
+    ]
+    assert by_other_seed != by_position

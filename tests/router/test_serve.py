@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +21,15 @@ import baton
 from engine import LLM
 from engine import SamplingParams as EngineParams
 
-GRPC = "127.0.0.1:50051"
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+GRPC_PORT, HTTP_PORT = _free_port(), _free_port()
+GRPC = f"127.0.0.1:{GRPC_PORT}"
 TOPICS = ["rivers", "owls", "glass", "tea", "maps", "bells", "snow", "ships"]
 
 
@@ -28,7 +37,7 @@ TOPICS = ["rivers", "owls", "glass", "tea", "maps", "bells", "snow", "ships"]
 def server() -> Iterator[subprocess.Popen[str]]:
     exe = Path(sys.executable).parent / "baton"
     proc = subprocess.Popen(
-        [str(exe), "serve"],
+        [str(exe), "serve", "--grpc-port", str(GRPC_PORT), "--http-port", str(HTTP_PORT)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -79,7 +88,7 @@ def _wait_idle(timeout_s: float = 20.0) -> baton.ClusterStatus:
 
 def test_the_readme_command_prints_its_endpoints(server: subprocess.Popen[str]) -> None:
     text = "".join(server.lines)  # type: ignore[attr-defined]
-    assert "127.0.0.1:50051" in text and "http://127.0.0.1:8000" in text
+    assert GRPC in text and f"http://127.0.0.1:{HTTP_PORT}" in text
 
 
 def test_64_concurrent_streams_equal_the_offline_engine(server: subprocess.Popen[str]) -> None:

@@ -1,0 +1,160 @@
+"""Request migration: a request whose instance is lost continues on another one.
+
+When a decode (or colocated) instance dies, hangs, restarts or is drained past its
+timeout, every request it held is re-submitted to another decode instance: the prompt
+as first sent plus the tokens already streamed, which the new instance replays as
+*output* (``LLMEngine.add_resumed``: penalties, stop rules, max_tokens and the seeded
+draws, a function of (seed, position), go on as if nothing happened) while it
+recomputes their KV. The client's stream (``RequestStream.begin_migration``) stops
+listening to the old instances and takes the new one's tokens from the index it had
+reached, so nothing is duplicated or lost and the output is the fault-free one.
+
+A request on a prefill instance that is lost before its decode instance produced a
+token is re-submitted the same way with what it has (at most the first token); the
+decode instance recomputes its prompt. A request migrated more than ``limit`` times
+ends with an error finish. Where no decode instance can take it right now, it waits
+(``retry`` runs on every health round) up to ``wait_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from cluster.dispatch import InstanceLoad, decode_preference
+from cluster.stream import RequestStream
+
+logger = logging.getLogger(__name__)
+
+CAUSES = ("dead", "hung", "restarted", "drained", "unavailable")
+
+
+@dataclass
+class Target:
+    """A decode instance a request can move to: its name and rank-0 actor handle."""
+
+    name: str
+    actor: Any
+
+
+def pick_decode(loads: Sequence[InstanceLoad], exclude: set[str]) -> str | None:
+    """The decode (or colocated) instance to move a request to: the routing default's
+    order (``decode_preference``) among the routable ones not excluded."""
+    decode = [x for x in loads if x.role != "prefill" and x.name not in exclude]
+    if not decode:
+        return None
+    best = min(decode, key=lambda x: decode_preference(x.free_blocks, x.total_blocks, x.active))
+    return best.name
+
+
+class Migrator:
+    def __init__(
+        self,
+        streams: Callable[[], dict[str, RequestStream]],
+        pick: Callable[[set[str]], Target | None],
+        abort_on: Callable[[str, str], None],
+        fail: Callable[[str, str], object],
+        limit: int = 3,
+        wait_s: float = 60.0,
+    ):
+        """``streams()``: the requests in flight; ``pick(exclude)``: the decode instance
+        to move to (see :func:`pick_decode`), None when there is none;
+        ``abort_on(instance, request_id)``: a fire-and-forget abort of the old copy;
+        ``fail(request_id, message)``: end a request with an error finish everywhere."""
+        self._streams = streams
+        self._pick = pick
+        self._abort_on = abort_on
+        self._fail_request = fail
+        self.limit = limit
+        self.wait_s = wait_s
+        self._lock = threading.Lock()
+        self._waiting: dict[str, tuple[RequestStream, str, float]] = {}
+        self.counters: dict[str, int] = {f"migrations_{c}": 0 for c in CAUSES}
+        self.counters["migration_failures"] = 0
+
+    def lost(self, instance: str, cause: str) -> int:
+        """Migrate every request that ``instance`` held; returns how many moved."""
+        moved = 0
+        for stream in self._streams().values():
+            t = stream.trace
+            on_decode = t.decode == instance
+            # A prefill instance's request is its own until the decode side made a token.
+            on_prefill = t.prefill == instance and len(t.token_times) < 2
+            if (on_decode or on_prefill) and self.migrate(stream, cause, {instance}):
+                moved += 1
+        return moved
+
+    def migrate(self, stream: RequestStream, cause: str, exclude: set[str]) -> bool:
+        """Move one request off the instances in ``exclude`` (and its current ones)."""
+        if stream.finished:
+            return False
+        if stream.migrations >= self.limit:
+            self._fail(stream, f"request migrated {stream.migrations} times; giving up")
+            return False
+        away = {n for n in (stream.trace.prefill, stream.trace.decode) if n} | exclude
+        target = self._pick(exclude)
+        if target is None:
+            with self._lock:
+                self._waiting.setdefault(
+                    stream.request_id, (stream, cause, time.monotonic() + self.wait_s)
+                )
+            logger.warning("request %s: no decode instance to migrate to yet", stream.request_id)
+            return False
+        outputs = stream.begin_migration(away, target.name)
+        if outputs is None:
+            return False
+        self.counters[f"migrations_{cause}"] += 1
+        for name in away - {target.name}:
+            self._abort_on(name, stream.request_id)
+        r = stream.resubmit
+        ids = r.get("prompt_token_ids") or (stream.prompt_token_ids or None)
+        logger.info(
+            "request %s: migrating to %s after %d tokens (%s)",
+            stream.request_id, target.name, len(outputs), cause,
+        )  # fmt: skip
+        ref = target.actor.resume_request.remote(
+            stream.request_id, r.get("prompt"), ids, outputs, r.get("params"), r.get("messages")
+        )
+        ref.future().add_done_callback(lambda f: self._resumed(stream, target.name, cause, f))
+        return True
+
+    def _resumed(self, stream: RequestStream, name: str, cause: str, future: Any) -> None:
+        """The new instance's answer: accepted, or try another (or fail clearly)."""
+        try:
+            reply = future.result()
+        except ray.exceptions.RayError as e:
+            reply = {"error": f"{name}: {e}", "retry": True}
+        if "error" not in reply:
+            if not stream.prompt_token_ids:
+                stream.set_prompt(reply["prompt_token_ids"])
+            return
+        if reply.get("retry"):
+            self.migrate(stream, cause, {name})
+        else:
+            self._fail(stream, str(reply["error"]))
+
+    def retry(self) -> None:
+        """Migrate the requests that waited for a decode instance (each health round)."""
+        with self._lock:
+            waiting, self._waiting = self._waiting, {}
+        now = time.monotonic()
+        for stream, cause, deadline in waiting.values():
+            if stream.finished:
+                continue
+            if now > deadline:
+                self._fail(stream, "no decode instance could take the request over")
+            elif not self.migrate(stream, cause, set()):
+                with self._lock:  # keep the first deadline
+                    if stream.request_id in self._waiting:
+                        self._waiting[stream.request_id] = (stream, cause, deadline)
+
+    def _fail(self, stream: RequestStream, message: str) -> None:
+        self.counters["migration_failures"] += 1
+        logger.error("request %s failed: %s", stream.request_id, message)
+        self._fail_request(stream.request_id, message)

@@ -1,0 +1,317 @@
+"""`baton status|cordon|uncordon|drain|scale|requests|abort|apply` against a real
+`baton serve` (its own embedded Ray, free ports, an admin key), including the error
+cases; scaling up and draining under a steady stream of requests, whose outputs must
+equal the offline engine's; and a graceful SIGTERM on both front doors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import baton
+from engine import LLM
+from engine import SamplingParams as EngineParams
+from tests.cluster.test_cli import PLAN_ARGS
+
+EXE = str(Path(sys.executable).parent / "baton")
+KEY = "admin-secret"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    def __init__(self) -> None:
+        self.grpc_port, self.http_port = _free_port(), _free_port()
+        self.grpc = f"127.0.0.1:{self.grpc_port}"
+        self.http = f"http://127.0.0.1:{self.http_port}"
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [EXE, "serve", "--grpc-port", str(self.grpc_port), "--http-port",
+             str(self.http_port), "--admin-key", KEY, "--shutdown-timeout", "60",
+             "--num-kv-blocks", "512"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "BATON_LOG_LEVEL": "WARNING"},
+        )  # fmt: skip
+        ready = threading.Event()
+
+        def read() -> None:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self.lines.append(line)
+                if line.startswith("baton serve: ready"):
+                    ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        deadline = time.monotonic() + 300
+        while not ready.wait(1):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                pytest.fail("baton serve did not get ready:\n" + "".join(self.lines[-60:]))
+
+    def cli(self, *argv: str, key: str | None = KEY) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("BATON_ADMIN_KEY",)}
+        env["BATON_SERVER"] = self.grpc
+        if key is not None:
+            env["BATON_ADMIN_KEY"] = key
+        return subprocess.run([EXE, *argv], capture_output=True, text=True, env=env, timeout=600)
+
+    def status(self) -> dict[str, Any]:
+        done = self.cli("status", "--json")
+        assert done.returncode == 0, done.stderr
+        data: dict[str, Any] = json.loads(done.stdout)
+        return data
+
+    def instances(self) -> dict[str, dict[str, Any]]:
+        return {i["name"]: i for p in self.status()["pools"] for i in p["instances"]}
+
+    def wait_for(self, check: Any, what: str, timeout_s: float = 300) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            instances = self.instances()
+            if check(instances):
+                return instances
+            assert time.monotonic() < deadline, f"{what}: {instances}"
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    s = Server()
+    yield s
+    if s.proc.poll() is None:
+        s.proc.kill()
+        s.proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def offline() -> LLM:
+    return LLM(None)
+
+
+def _idle(s: Server) -> dict[str, Any]:
+    return s.wait_for(
+        lambda insts: all(
+            i["num_running"] == 0 and i["free_blocks"] == i["total_blocks"] for i in insts.values()
+        ),
+        "KV blocks still in use",
+        30,
+    )
+
+
+def test_status_shows_every_instance_with_its_process(server: Server) -> None:
+    table = server.cli("status")
+    assert table.returncode == 0, table.stderr
+    assert "prefill-0" in table.stdout and "decode-0" in table.stdout and "ready" in table.stdout
+    insts = server.instances()
+    assert {n: i["state"] for n, i in insts.items()} == {"prefill-0": "ready", "decode-0": "ready"}
+    for name, inst in insts.items():
+        ps = subprocess.run(["ps", "-o", "args=", "-p", str(inst["pid"])], capture_output=True,
+                            text=True)  # fmt: skip
+        role = inst["role"].capitalize()
+        assert f"{role}Instance_{name.replace('-', '_')}" in ps.stdout, ps.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "key", "code", "message"),
+    [
+        (["status"], None, 1, "admin-key: it needs an admin key"),
+        (["status"], "client-key", 1, "admin-key: the admin key given was refused"),
+        (["cordon", "decode-9"], KEY, 1, "no instance named 'decode-9'"),
+        (["drain", "nope"], KEY, 1, "no instance named 'nope'"),
+        (["drain", "prefill-0"], KEY, 1, "last prefill instance"),
+        (["drain", "decode-0", "--timeout", "-1"], KEY, 2, "--timeout: must be >= 0"),
+        (["scale", "--decode", "0"], KEY, 2, "--decode: must be at least 1"),
+        (["scale", "--prefill", "two"], KEY, 2, "--prefill: must be a whole number"),
+        (["scale"], KEY, 2, "give --prefill N and/or --decode M"),
+        (["abort", "no-such-request"], KEY, 1, "no request 'no-such-request'"),
+        (["apply", "/nonexistent/plan.json"], KEY, 2, "plan: no such file"),
+        (["status", "--server", "127.0.0.1:1"], KEY, 1, "no server answers at 127.0.0.1:1"),
+    ],
+)
+def test_errors_exit_non_zero_naming_the_fault(
+    server: Server, argv: list[str], key: str | None, code: int, message: str
+) -> None:
+    done = server.cli(*argv, key=key)
+    assert done.returncode == code, (done.stdout, done.stderr)
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_cordon_and_uncordon(server: Server) -> None:
+    assert server.cli("cordon", "decode-0").returncode == 0
+    assert server.instances()["decode-0"]["state"] == "cordoned"
+    assert server.cli("uncordon", "decode-0").stdout.strip() == "decode-0 uncordoned"
+    assert server.instances()["decode-0"]["state"] == "ready"
+
+
+def test_requests_lists_and_abort_ends_a_request(server: Server) -> None:
+    params = baton.SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+    chunks: list[Any] = []
+    with baton.Client(server.grpc, api_key=KEY) as client:
+        stream = client.stream("Count slowly:", params, request_id="long-one")
+        chunks.append(next(stream))
+        rows = json.loads(server.cli("requests", "--json").stdout)
+        assert [r["request_id"] for r in rows] == ["long-one"]
+        assert rows[0]["instances"] and rows[0]["tokens"] >= 1
+        done = server.cli("abort", "long-one")
+        assert done.returncode == 0 and "long-one aborted" in done.stdout
+        chunks.extend(stream)
+    assert chunks[-1].finish_reason == "abort"
+    assert sum(len(c.token_ids) for c in chunks) < 400
+    _idle(server)
+
+
+def test_apply_dry_run_shows_the_difference(
+    server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cluster import cli
+
+    plan = tmp_path / "plan.json"
+    assert cli.main([*PLAN_ARGS, "--out", str(plan)]) == 0
+    roles = [i["role"] for i in json.loads(plan.read_text())["instances"]]
+    done = server.cli("apply", str(plan), "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert f"prefill: 1 -> {roles.count('prefill')}" in done.stdout
+    assert f"decode: 1 -> {roles.count('decode')}" in done.stdout
+    assert "dry run: nothing changed" in done.stdout
+    assert set(server.instances()) == {"prefill-0", "decode-0"}
+
+
+def test_scale_up_then_drain_under_a_steady_stream(server: Server, offline: LLM) -> None:
+    """Requests keep streaming while a decode instance is added and the first one is
+    drained: none fails, every output equals the offline engine's, the new instance
+    takes traffic, and every KV block is free afterwards."""
+    stop = threading.Event()
+    results: list[tuple[int, list[int], str | None]] = []
+    errors: list[BaseException] = []
+
+    def prompt(i: int) -> tuple[str, baton.SamplingParams]:
+        return f"Story number {i}: once upon a time", baton.SamplingParams(
+            max_tokens=6 + i % 11, temperature=0, ignore_eos=True
+        )
+
+    def load() -> None:
+        i = 0
+        with baton.Client(server.grpc, api_key=KEY) as client:
+            while not stop.is_set():
+                text, params = prompt(i)
+                try:
+                    ids: list[int] = []
+                    last = None
+                    for chunk in client.stream(text, params):
+                        ids.extend(chunk.token_ids)
+                        last = chunk.finish_reason
+                    results.append((i, ids, last))
+                except BaseException as e:  # recorded: the assertion below names it
+                    errors.append(e)
+                i += 1
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        done = server.cli("scale", "--decode", "2")
+        assert done.returncode == 0 and "decode: 1 -> 2 (+1)" in done.stdout, done.stdout
+        server.wait_for(
+            lambda insts: insts.get("decode-1", {}).get("state") == "ready", "decode-1 not ready"
+        )
+        server.wait_for(
+            lambda insts: insts["decode-1"]["counters"].get("pulls", 0)
+            + insts["decode-1"]["counters"].get("recomputes", 0) > 0,
+            "decode-1 got no traffic", 60,
+        )  # fmt: skip
+        drained = server.cli("drain", "decode-0", "--timeout", "2")
+        assert drained.returncode == 0, drained.stderr
+        assert "decode-0 drained" in drained.stdout
+        time.sleep(2)  # more requests, on the survivor
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+    assert not errors, errors[:3]
+    assert len(results) >= 4
+    expected = {}
+    for i in sorted({i for i, _, _ in results}):
+        text, params = prompt(i)
+        [out] = offline.generate(
+            [text], EngineParams(max_tokens=params.max_tokens, temperature=0, ignore_eos=True)
+        )
+        expected[i] = out.token_ids
+    assert [(i, ids) for i, ids, _ in results] == [(i, expected[i]) for i, _, _ in results]
+    assert {reason for _, _, reason in results} == {"length"}
+    insts = _idle(server)
+    assert set(insts) == {"prefill-0", "decode-1"}
+
+
+def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(
+    server: Server, offline: LLM
+) -> None:
+    """Both front doors alike: not ready at once, new requests refused, the ones in
+    flight run to their end, exit 0. (Last: it stops the module's server.)"""
+    params = baton.SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
+    got: dict[str, list[int]] = {}
+
+    def grpc_stream() -> None:
+        with baton.Client(server.grpc, api_key=KEY) as client:
+            ids = [t for c in client.stream("The history of tea", params) for t in c.token_ids]
+            got["grpc"] = ids
+
+    def http_stream() -> None:
+        fields = {"prompt": "The history of tea", "max_tokens": 48, "temperature": 0,
+                  "ignore_eos": True, "stream": True}  # fmt: skip
+        body = json.dumps(fields).encode()
+        request = urllib.request.Request(
+            f"{server.http}/v1/completions", body,
+            {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},
+        )  # fmt: skip
+        lines = urllib.request.urlopen(request, timeout=300).read().decode().splitlines()
+        events = [line[len("data: ") :] for line in lines if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+        got["http_text"] = ["".join(c["text"] for c in chunks)]
+        got["http_finish"] = [c["finish_reason"] for c in chunks if c.get("finish_reason")]
+
+    threads = [threading.Thread(target=f) for f in (grpc_stream, http_stream)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)  # both under way
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    with pytest.raises(urllib.error.HTTPError) as health:
+        urllib.request.urlopen(f"{server.http}/health", timeout=10)
+    assert health.value.code == 503
+    with baton.Client(server.grpc, api_key=KEY) as client, pytest.raises(baton.errors.Unavailable):
+        client.generate("new", baton.SamplingParams(max_tokens=2), timeout=10)
+    new = urllib.request.Request(
+        f"{server.http}/v1/completions", json.dumps({"prompt": "x", "max_tokens": 2}).encode(),
+        {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},
+    )  # fmt: skip
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(new, timeout=10)
+    assert refused.value.code == 503
+    for t in threads:
+        t.join(300)
+    assert server.proc.wait(120) == 0
+    [expected] = offline.generate(
+        ["The history of tea"], EngineParams(max_tokens=48, temperature=0, ignore_eos=True)
+    )
+    assert got["grpc"] == expected.token_ids
+    assert got["http_text"] == [expected.text]
+    assert got["http_finish"] == ["length"]
