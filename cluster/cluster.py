@@ -30,9 +30,9 @@ from cluster.actors import InstanceSpec
 from cluster.control import DEFAULT_DRAIN_TIMEOUT_S, Controller, requests_in_flight
 from cluster.dispatch import InstanceLoad, RoutePolicy, RouteRequest, default_policy
 from cluster.health import HealthMonitor
-from cluster.node_address import host_ip
 from cluster.membership import Membership
 from cluster.migration import Migrator, Target, pick_decode
+from cluster.node_address import host_ip
 from cluster.planner.latency import ProfileSet
 from cluster.ray_connect import DEFAULT_CONNECT_TIMEOUT_S
 from cluster.stream import EventReceiver, RequestStream, RequestTrace

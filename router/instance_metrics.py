@@ -19,8 +19,8 @@ from engine.outputs import InstanceStats
 
 # "instance_name", not "instance": Prometheus sets "instance" to the scrape target.
 INSTANCE_LABELS = ("model_name", "instance_name", "role", "node")
-# Instance states as the dashboard shows them (cluster.health plus the operator's).
-STATES = ("serving", "restarting", "dead", "cordoned", "draining")
+# Instance states as an operator sees them (Cluster.states: health plus cordon/drain).
+STATES = ("starting", "ready", "cordoned", "draining", "restarting", "unresponsive", "dead")
 
 
 def kv_cache_usage(stats: InstanceStats) -> float:
@@ -41,7 +41,7 @@ class ClusterView:
     model: str = ""
     backend: str = ""
     instances: Sequence[InstanceStats] = ()
-    health: Mapping[str, str] = field(default_factory=dict)
+    states: Mapping[str, str] = field(default_factory=dict)  # Cluster.states()
     roles: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -90,7 +90,7 @@ class InstanceCollector(Collector):
             if s.role == "decode":
                 kv_bytes.add_metric([*labels, v.backend], s.counters.get("kv_bytes", 0.0))
                 kv_fail.add_metric([*labels, v.backend], s.counters.get("recomputes", 0.0))
-        for name, current in v.health.items():
+        for name, current in v.states.items():
             labels = [v.model, name, v.roles.get(name, ""), nodes.get(name, "local")]
             for st in STATES:
                 state.add_metric([*labels, st], 1.0 if st == current else 0.0)

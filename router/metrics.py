@@ -326,11 +326,11 @@ class RouterMetrics:
         self,
         model: str,
         instances: Sequence[InstanceStats],
-        health: dict[str, str] | None = None,
+        states: dict[str, str] | None = None,
         roles: dict[str, str] | None = None,
     ) -> None:
         self.instances.view = ClusterView(
-            model, self.backend, list(instances), dict(health or {}), dict(roles or {})
+            model, self.backend, list(instances), dict(states or {}), dict(roles or {})
         )
 
     async def refresh(self, router: Router) -> None:
@@ -343,7 +343,8 @@ class RouterMetrics:
             return
         roles = {i.name: i.spec.role for i in router.cluster.instances}
         self.backend = status.transport
-        self.update_instances(status.model, status.instances, status.health, roles)
+        # The operator's view (ready, cordoned, draining, ...), not bare health.
+        self.update_instances(status.model, status.instances, status.states, roles)
         self.migrations.model = status.model
         self.migrations.counters = {k: float(v) for k, v in status.counters.items()}
 

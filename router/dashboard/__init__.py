@@ -155,7 +155,7 @@ class Dashboard:
                     "name": s.name,
                     "role": s.role,
                     "node": instance_node(s),
-                    "state": view.health.get(s.name, "serving"),
+                    "state": view.states.get(s.name, "ready"),
                     "waiting": s.num_waiting,
                     "running": s.num_running,
                     "kv_usage": kv_cache_usage(s),
@@ -168,7 +168,7 @@ class Dashboard:
                     ),  # fmt: skip
                 }
             )
-        for name, state in view.health.items():  # restarting or dead: no stats
+        for name, state in view.states.items():  # restarting or dead: no stats
             if name not in seen:
                 rows.append({"name": name, "role": view.roles.get(name, ""), "node": "",
                              "state": state, "waiting": None, "running": None,
