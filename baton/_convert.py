@@ -22,6 +22,8 @@ from baton.types import (
     PoolStatus,
     Prompt,
     SamplingParams,
+    SLOStatus,
+    SLOWindow,
     TokenLogprob,
     Usage,
 )
@@ -171,4 +173,16 @@ def status(r: pb.StatusResponse) -> ClusterStatus:
         )
         for p in r.pools
     )
-    return ClusterStatus(r.model, r.mode, r.transport, pools, dict(r.counters))
+    slo = _slo(r.slo) if r.HasField("slo") else None
+    return ClusterStatus(r.model, r.mode, r.transport, pools, dict(r.counters), slo)
+
+
+def _slo(s: pb.SLOStatus) -> SLOStatus:
+    def share(w: pb.SLOWindow, name: str) -> float | None:
+        return getattr(w, name) if w.HasField(name) else None
+
+    windows = tuple(
+        SLOWindow(w.window, w.judged, share(w, "joint"), share(w, "ttft"), share(w, "tpot"))
+        for w in s.windows
+    )
+    return SLOStatus(s.ttft_target_s, s.tpot_target_s, s.objective, windows)

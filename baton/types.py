@@ -171,12 +171,32 @@ class PoolStatus:
 
 
 @dataclass(frozen=True)
+class SLOWindow:
+    """The router's attainment over the requests that finished in one window."""
+
+    window: str  # "1m" | "5m" | "60m"
+    judged: int  # requests finished ok and judged against the targets
+    joint: float | None  # share meeting both SLOs; None when nothing was judged
+    ttft: float | None
+    tpot: float | None
+
+
+@dataclass(frozen=True)
+class SLOStatus:
+    ttft_target_s: float
+    tpot_target_s: float
+    objective: float  # share of requests that must meet both
+    windows: tuple[SLOWindow, ...]  # shortest first
+
+
+@dataclass(frozen=True)
 class ClusterStatus:
     model: str
     mode: str  # "disaggregated" | "colocated"
     transport: str
     pools: tuple[PoolStatus, ...]
     counters: Mapping[str, float] = field(default_factory=dict)  # migrations by cause
+    slo: SLOStatus | None = None  # the router's live attainment; None: no SLO targets
 
     @property
     def instances(self) -> tuple[InstanceStatus, ...]:

@@ -150,7 +150,28 @@ def status_table(status: Any) -> str:
     moved = {k: int(v) for k, v in status.counters.items() if v}
     if moved:
         lines.append("counters: " + ", ".join(f"{k}={v}" for k, v in sorted(moved.items())))
+    lines.append(slo_line(getattr(status, "slo", None)))
     return "\n".join(lines)
+
+
+def _pct(share: float) -> str:
+    """98%, 97.5%: one decimal at most, and 100% only when (nearly) all met."""
+    return f"{100 * share:.1f}".removesuffix(".0") + "%"
+
+
+def slo_line(slo: Any) -> str:
+    """``SLO attainment (joint): 1m 100% (12 req) · 5m 98% (60 req) · 60m --; objective
+    90%`` (``--`` for a window with nothing judged), or that no SLO is set."""
+    if slo is None:
+        return "SLO attainment: no SLO targets set (baton serve --slo-ttft/--slo-tpot or --plan)"
+    shown = [
+        f"{w.window} --" if w.joint is None else f"{w.window} {_pct(w.joint)} ({w.judged} req)"
+        for w in slo.windows
+    ]
+    return (
+        f"SLO attainment (joint): {' · '.join(shown)}; objective {_pct(slo.objective)} "
+        f"(TTFT <= {slo.ttft_target_s:g} s, TPOT <= {slo.tpot_target_s:g} s)"
+    )
 
 
 def _cordon(args: argparse.Namespace) -> int:

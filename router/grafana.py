@@ -235,6 +235,28 @@ PLANNER = (
         description="Below 1 on attainment with rate and lengths near 1: the profile is "
         "optimistic; rate or lengths above 1: the load differs from the plan's.",
     ),
+    *(
+        Panel(
+            f"{name}: observed and planned p90 / p99",
+            (
+                *_quantiles(f"baton:{histogram}")[1:],
+                *(
+                    (
+                        f'max(baton:plan_predicted_{metric}_seconds{{{M}, quantile="{q}"}})',
+                        f"plan {label}",
+                    )
+                    for q, label in (("0.9", "p90"), ("0.99", "p99"))
+                ),
+            ),
+            "s",
+            description=f"The plan's {name} percentiles, simulated at its rate, beside the "
+            "live ones from the histogram.",
+        )
+        for name, metric, histogram in (
+            ("TTFT", "ttft", "time_to_first_token_seconds"),
+            ("TPOT", "tpot", "time_per_output_token_seconds"),
+        )
+    ),
     Panel(
         "Plan predictions",
         (

@@ -33,6 +33,7 @@ from engine.outputs import RequestOutput
 from router import grpc_wire as wire
 from router.errors import ErrorKind, RouterError
 from router.service import Router
+from router.slo_status import slo_status
 from router.tokenize_api import VocabularySource
 from router.vocabulary import Vocabulary
 
@@ -143,7 +144,11 @@ class BatonAdminServicer(pb_grpc.BatonAdminServicer):
         self, request: pb.StatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.StatusResponse:
         async def run() -> pb.StatusResponse:
-            return wire.status(await self.router.status())
+            out = wire.status(await self.router.status())
+            slo = slo_status(self.router)
+            if slo is not None:
+                out.slo.CopyFrom(slo)
+            return out
 
         return await _answer(context, run())
 

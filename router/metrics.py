@@ -95,7 +95,10 @@ GAUGES = (
     "baton:slo_objective",
     "baton:plan_predicted_attainment", "baton:plan_rate_rps", "baton:plan_mean_prompt_tokens",
     "baton:plan_mean_output_tokens", "baton:plan_max_goodput_rps",
+    "baton:plan_predicted_ttft_seconds", "baton:plan_predicted_tpot_seconds",
 )  # fmt: skip
+# The plan's simulated percentiles, as the ``quantile`` label of its latency gauges.
+PLAN_QUANTILES = {"p50": "0.5", "p90": "0.9", "p99": "0.99"}
 
 
 def exported_series() -> frozenset[str]:
@@ -220,6 +223,15 @@ class RouterMetrics:
                 ("max_goodput_rps", "The plan's goodput: req/s within both SLOs."),
             )
         }
+        self.plan_latency = {
+            metric: Gauge(
+                f"baton:plan_predicted_{metric}_seconds",
+                f"{metric.upper()} percentile the running plan's simulation predicted at its "
+                "rate (quantile 0.5, 0.9, 0.99).",
+                [*model, "quantile"], registry=r,
+            )  # fmt: skip
+            for metric in ("ttft", "tpot")
+        }
         self.instances = InstanceCollector()
         r.register(self.instances)
         self.migrations = MigrationCollector()
@@ -258,12 +270,23 @@ class RouterMetrics:
             self.slo_target.labels(model, "tpot").set(targets.tpot_s)
             self.slo_objective.labels(model).set(targets.objective)
         if prediction is not None:
-            self.predictions[model] = prediction
-            for name, value in prediction.to_dict().items():
-                if value is not None:
-                    self.plan[name if name != "attainment" else "predicted_attainment"].labels(
-                        model
-                    ).set(value)
+            self._predict(model, prediction)
+
+    def _predict(self, model: str, prediction: PlanPrediction) -> None:
+        self.predictions[model] = prediction
+        p = prediction
+        for name, value in (
+            ("predicted_attainment", p.attainment),
+            ("rate_rps", p.rate_rps),
+            ("mean_prompt_tokens", p.mean_prompt_tokens),
+            ("mean_output_tokens", p.mean_output_tokens),
+            ("max_goodput_rps", p.max_goodput_rps),
+        ):
+            if value is not None:
+                self.plan[name].labels(model).set(value)
+        for metric, quantiles in (("ttft", p.ttft_s), ("tpot", p.tpot_s)):
+            for key, seconds in (quantiles or {}).items():
+                self.plan_latency[metric].labels(model, PLAN_QUANTILES[key]).set(seconds)
 
     def request_finished(self, record: RequestRecord) -> None:
         """Record one request; never raises (the router calls it on its way out)."""

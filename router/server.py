@@ -135,6 +135,10 @@ async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
             result, error = None, e
         if not loop.is_closed():
             loop.call_soon_threadsafe(settle, result, error)
+        # Stay parked: Ray starts its GCS and raylet with PR_SET_PDEATHSIG, which fires
+        # when the *thread* that forked them exits, so a returning thread would SIGKILL
+        # the embedded Ray right after start (the driver then exits 60 s later).
+        threading.Event().wait()
 
     threading.Thread(target=work, name=getattr(fn, "__name__", "work"), daemon=True).start()
     return await done

@@ -59,14 +59,25 @@ class PlanPrediction:
     mean_prompt_tokens: float | None
     mean_output_tokens: float | None
     max_goodput_rps: float  # per-GPU goodput x the plan's GPUs
+    # Simulated at the plan's rate: {"p50", "p90", "p99"} -> seconds (inf: never served);
+    # None for a plan file written before the planner recorded them.
+    ttft_s: dict[str, float] | None = None
+    tpot_s: dict[str, float] | None = None
 
-    def to_dict(self) -> dict[str, float | None]:
+    def to_dict(self) -> dict[str, Any]:
+        """For ``/api/v1/slo``: JSON has no infinity, so a never-served percentile is null."""
+
+        def finite(q: dict[str, float] | None) -> dict[str, float | None] | None:
+            return None if q is None else {k: v if math.isfinite(v) else None for k, v in q.items()}
+
         return {
             "attainment": self.attainment,
             "rate_rps": self.rate_rps,
             "mean_prompt_tokens": self.mean_prompt_tokens,
             "mean_output_tokens": self.mean_output_tokens,
             "max_goodput_rps": self.max_goodput_rps,
+            "ttft_s": finite(self.ttft_s),
+            "tpot_s": finite(self.tpot_s),
         }
 
 
@@ -313,7 +324,14 @@ def slo_settings(
         mean_prompt_tokens=_workload_means(plan.workload)[0],
         mean_output_tokens=_workload_means(plan.workload)[1],
         max_goodput_rps=plan.per_gpu_goodput * plan.num_gpus,
+        ttft_s=None if plan.ttft is None else _quantiles(plan.ttft),
+        tpot_s=None if plan.tpot is None else _quantiles(plan.tpot),
     )
+
+
+def _quantiles(q: Any) -> dict[str, float]:
+    """A plan's ``LatencyPercentiles`` as the live windows' keys."""
+    return {"p50": q.p50, "p90": q.p90, "p99": q.p99}
 
 
 def _workload_means(spec: str) -> tuple[float | None, float | None]:

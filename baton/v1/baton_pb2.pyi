@@ -278,7 +278,7 @@ class PoolStatus(_message.Message):
     def __init__(self, role: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[InstanceStatus, _Mapping]]] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., kv_usage: _Optional[float] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("model", "mode", "transport", "pools", "counters")
+    __slots__ = ("model", "mode", "transport", "pools", "counters", "slo")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -291,12 +291,40 @@ class StatusResponse(_message.Message):
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     POOLS_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    SLO_FIELD_NUMBER: _ClassVar[int]
     model: str
     mode: str
     transport: str
     pools: _containers.RepeatedCompositeFieldContainer[PoolStatus]
     counters: _containers.ScalarMap[str, float]
-    def __init__(self, model: _Optional[str] = ..., mode: _Optional[str] = ..., transport: _Optional[str] = ..., pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ..., counters: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    slo: SLOStatus
+    def __init__(self, model: _Optional[str] = ..., mode: _Optional[str] = ..., transport: _Optional[str] = ..., pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ..., counters: _Optional[_Mapping[str, float]] = ..., slo: _Optional[_Union[SLOStatus, _Mapping]] = ...) -> None: ...
+
+class SLOWindow(_message.Message):
+    __slots__ = ("window", "judged", "joint", "ttft", "tpot")
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    JUDGED_FIELD_NUMBER: _ClassVar[int]
+    JOINT_FIELD_NUMBER: _ClassVar[int]
+    TTFT_FIELD_NUMBER: _ClassVar[int]
+    TPOT_FIELD_NUMBER: _ClassVar[int]
+    window: str
+    judged: int
+    joint: float
+    ttft: float
+    tpot: float
+    def __init__(self, window: _Optional[str] = ..., judged: _Optional[int] = ..., joint: _Optional[float] = ..., ttft: _Optional[float] = ..., tpot: _Optional[float] = ...) -> None: ...
+
+class SLOStatus(_message.Message):
+    __slots__ = ("ttft_target_s", "tpot_target_s", "objective", "windows")
+    TTFT_TARGET_S_FIELD_NUMBER: _ClassVar[int]
+    TPOT_TARGET_S_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    ttft_target_s: float
+    tpot_target_s: float
+    objective: float
+    windows: _containers.RepeatedCompositeFieldContainer[SLOWindow]
+    def __init__(self, ttft_target_s: _Optional[float] = ..., tpot_target_s: _Optional[float] = ..., objective: _Optional[float] = ..., windows: _Optional[_Iterable[_Union[SLOWindow, _Mapping]]] = ...) -> None: ...
 
 class InstanceRequest(_message.Message):
     __slots__ = ("instance",)

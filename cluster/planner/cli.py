@@ -213,6 +213,10 @@ def _placement(stages: Any) -> str:
     )
 
 
+def _secs(v: float) -> str:
+    return "never" if v == float("inf") else f"{v * 1000:.0f} ms" if v < 1 else f"{v:.2f} s"
+
+
 def format_plan(p: Plan) -> str:
     """The plan as a readable table, predictions beside the colocated baseline's."""
     c, s = p.cluster, p.slos
@@ -238,6 +242,10 @@ def format_plan(p: Plan) -> str:
         ("per-GPU goodput", f"{p.per_gpu_goodput:.3g} req/s", f"{b.per_gpu_goodput:.3g} req/s"),
         (f"attainment @ {p.rate:g}", f"{p.attainment:.1%}", f"{b.attainment:.1%}"),
     ]
+    for name, q in (("TTFT", p.ttft), ("TPOT", p.tpot)):
+        if q is not None:
+            shown = " / ".join(_secs(v) for v in (q.p50, q.p90, q.p99))
+            rows.append((f"{name} p50/p90/p99", shown, ""))
     lines.append("")
     lines.extend(f"{a:<18} {x:<24} {y}" for a, x, y in rows)
     if p.attainment < s.attainment:

@@ -5,13 +5,17 @@ TP x PP layout and, stage by stage, the node and the GPU indices on it (a stage'
 never leaves a node). Beside it sit the predictions: per-GPU goodput (DistServe's metric:
 the request rate each GPU sustains within the SLOs, with the phases in their ideal ratio)
 and the attainment simulated at the offered rate, for the plan and for the best colocated
-deployment of the same GPUs. The JSON carries ``schema`` and ``version`` so that a later
-reader can refuse a file it does not understand instead of misreading it.
+deployment of the same GPUs, and the plan's simulated TTFT and TPOT percentiles (p50, p90,
+p99, nearest rank over the same simulation's counted requests; absent from files written
+before they were recorded, and null for a request never served). The JSON carries
+``schema`` and ``version`` so that a later reader can refuse a file it does not understand
+instead of misreading it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -108,6 +112,27 @@ class ColocatedBaseline:
 
 
 @dataclass(frozen=True)
+class LatencyPercentiles:
+    """Simulated latency percentiles in seconds (inf: some request was never served)."""
+
+    p50: float
+    p90: float
+    p99: float
+
+    def to_dict(self) -> dict[str, float | None]:
+        # JSON has no infinity; null reads back as inf.
+        return {k: (v if math.isfinite(v) else None) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: Any, name: str) -> LatencyPercentiles:
+        require(isinstance(data, dict), name, "must be a JSON object")
+        require(set(data) == {"p50", "p90", "p99"}, name, "must hold p50, p90 and p99")
+        values = {k: math.inf if v is None else float(v) for k, v in data.items()}
+        require(all(v >= 0 for v in values.values()), name, "percentiles must be >= 0")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
 class Plan:
     algorithm: str  # "high" or "low" node affinity
     model: str
@@ -122,6 +147,8 @@ class Plan:
     per_gpu_goodput: float  # req/s per GPU within the SLOs
     attainment: float  # simulated at ``rate`` with these instances
     colocated: ColocatedBaseline
+    ttft: LatencyPercentiles | None = None  # simulated at ``rate``; None in older files
+    tpot: LatencyPercentiles | None = None
 
     def __post_init__(self) -> None:
         require(
@@ -160,9 +187,20 @@ class Plan:
             "seed": self.seed,
             "profile_source": self.profile_source,
             "instances": [i.to_dict() for i in self.instances],
-            "predicted": {"per_gpu_goodput": self.per_gpu_goodput, "attainment": self.attainment},
+            "predicted": self._predicted(),
             "colocated": self.colocated.to_dict(),
         }
+
+    def _predicted(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "per_gpu_goodput": self.per_gpu_goodput,
+            "attainment": self.attainment,
+        }
+        if self.ttft is not None:
+            out["ttft_s"] = self.ttft.to_dict()
+        if self.tpot is not None:
+            out["tpot_s"] = self.tpot.to_dict()
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -184,6 +222,13 @@ class Plan:
             f"must be {PLAN_SCHEMA_VERSION}, got {data.get('version')!r}",
         )
         try:
+            predicted = data["predicted"]
+            latency = {
+                key: LatencyPercentiles.from_dict(predicted[key], f"predicted.{key}")
+                if predicted.get(key) is not None
+                else None
+                for key in ("ttft_s", "tpot_s")
+            }
             return cls(
                 algorithm=data["algorithm"],
                 model=data["model"],
@@ -198,6 +243,8 @@ class Plan:
                 per_gpu_goodput=float(data["predicted"]["per_gpu_goodput"]),
                 attainment=float(data["predicted"]["attainment"]),
                 colocated=from_fields(ColocatedBaseline, data["colocated"], "colocated"),
+                ttft=latency["ttft_s"],
+                tpot=latency["tpot_s"],
             )
         except KeyError as exc:
             raise ValueError(f"{exc.args[0]}: missing from the plan") from None

@@ -39,7 +39,7 @@ from cluster.planner.goodput import Evaluator, SimBudget
 from cluster.planner.latency import ProfileSet
 from cluster.planner.model_spec import ModelSpec
 from cluster.planner.placement import Allocator, Unit, place_units, units_capacity
-from cluster.planner.plan import ColocatedBaseline, InstancePlan, Plan
+from cluster.planner.plan import ColocatedBaseline, InstancePlan, LatencyPercentiles, Plan
 from cluster.planner.simulator import SimInstance
 from cluster.planner.workload import Workload
 
@@ -143,6 +143,20 @@ def check_plan(
     )
     s = ev.slos
     return result.attainment(s), result.attainment(s, tpot=False), result.attainment(s, ttft=False)
+
+
+def plan_latency(
+    ev: Evaluator, instances: list[InstancePlan], rate: float
+) -> tuple[LatencyPercentiles | None, LatencyPercentiles | None]:
+    """TTFT and TPOT p50/p90/p99 at ``rate``, from the simulation ``check_plan`` ran."""
+    result, _ = ev.simulate(
+        _signature(instances), _sim_instances(ev, instances), rate, plan_check=True
+    )
+    ttft, tpot = result.percentiles("ttft"), result.percentiles("tpot")
+    return (
+        None if ttft is None else LatencyPercentiles(*ttft),
+        None if tpot is None else LatencyPercentiles(*tpot),
+    )
 
 
 def _phase_rates(
@@ -384,6 +398,7 @@ def plan(
         inputs.budget,
     )
     algo, instances, per_gpu, attainment = _run_algorithms(ev, inputs, affinity, say)
+    ttft, tpot = plan_latency(ev, instances, inputs.rate)  # the same (cached) simulation
     baseline = colocated_baseline(ev, inputs, say)
     say(f"done: {ev.simulations} simulations")
     return Plan(
@@ -400,4 +415,6 @@ def plan(
         per_gpu_goodput=per_gpu,
         attainment=attainment,
         colocated=baseline,
+        ttft=ttft,
+        tpot=tpot,
     )

@@ -126,6 +126,20 @@ class SimResult:
         lo, hi = self.window
         return statistics.fmean(self.tpot_s[lo:hi])
 
+    def percentiles(
+        self, metric: str, qs: Sequence[float] = (50, 90, 99)
+    ) -> tuple[float, ...] | None:
+        """Nearest-rank percentiles (q in 0..100) of the counted requests' ``"ttft"`` or
+        ``"tpot"`` (inf: never served); None when that metric is not scored. Nearest rank,
+        as the router's live windows compute them, so p90 <= the SLO exactly when at
+        least 90% of the counted requests meet it."""
+        require(metric in ("ttft", "tpot"), "metric", f"must be ttft or tpot, got {metric!r}")
+        if not (self.scores_ttft if metric == "ttft" else self.scores_tpot):
+            return None
+        lo, hi = self.window
+        ordered = sorted((self.ttft_s if metric == "ttft" else self.tpot_s)[lo:hi])
+        return tuple(ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1] for q in qs)
+
 
 def make_requests(
     lengths: Sequence[Lengths], gaps: Sequence[float], rate: float

@@ -28,6 +28,8 @@ from tests.cluster.test_cli import PLAN_ARGS
 
 EXE = str(Path(sys.executable).parent / "baton")
 KEY = "admin-secret"
+# Generous targets: a loaded 2-core machine still meets them for a few tokens.
+SLO_FLAGS = ["--slo-ttft", "30", "--slo-tpot", "10", "--slo-attainment", "0.95"]
 
 
 def _free_port() -> int:
@@ -45,7 +47,7 @@ class Server:
         self.proc = subprocess.Popen(
             [EXE, "serve", "--grpc-port", str(self.grpc_port), "--http-port",
              str(self.http_port), "--admin-key", KEY, "--shutdown-timeout", "60",
-             "--num-kv-blocks", "512"],
+             "--num-kv-blocks", "512", *SLO_FLAGS],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "BATON_LOG_LEVEL": "WARNING"},
         )  # fmt: skip
@@ -130,6 +132,33 @@ def test_status_shows_every_instance_with_its_process(server: Server) -> None:
                             text=True)  # fmt: skip
         role = inst["role"].capitalize()
         assert f"{role}Instance_{name.replace('-', '_')}" in ps.stdout, ps.stdout
+
+
+def test_status_shows_the_routers_live_slo_attainment(server: Server) -> None:
+    def slo() -> dict[str, Any]:
+        data: dict[str, Any] = server.status()["slo"]
+        return data
+
+    before = {w["window"]: w["judged"] for w in slo()["windows"]}
+    params = baton.SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    with baton.Client(server.grpc, api_key=KEY) as client:  # the admin key opens it too
+        for _ in range(2):
+            assert len(client.generate("Hello there", params).token_ids) == 3
+    got = slo()
+    assert (got["ttft_target_s"], got["tpot_target_s"], got["objective"]) == (30, 10, 0.95)
+    assert [w["window"] for w in got["windows"]] == ["1m", "5m", "60m"]
+    for w in got["windows"]:
+        assert w["judged"] == before[w["window"]] + 2
+        assert (w["joint"], w["ttft"], w["tpot"]) == (1.0, 1.0, 1.0)  # generous targets
+    with baton.AdminClient(server.grpc, api_key=KEY) as admin:
+        typed = admin.status(timeout=30).slo
+    assert typed is not None and typed.windows[0].judged == got["windows"][0]["judged"]
+    table = server.cli("status")
+    assert table.returncode == 0, table.stderr
+    n = got["windows"][2]["judged"]
+    line = table.stdout.splitlines()[-1]
+    assert line.startswith(f"SLO attainment (joint): 1m 100% ({got['windows'][0]['judged']} req)")
+    assert f"60m 100% ({n} req); objective 95% (TTFT <= 30 s, TPOT <= 10 s)" in line
 
 
 @pytest.mark.parametrize(

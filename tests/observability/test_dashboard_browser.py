@@ -4,6 +4,7 @@ error; the screenshot is kept as a test artifact."""
 
 from __future__ import annotations
 
+import json
 import time
 
 from tests.observability import served as served_mod
@@ -49,6 +50,15 @@ def test_dashboard_in_chromium(served: served_mod.Served) -> None:
             ]  # fmt: skip
             page.wait_for_timeout(1000)
         assert not missing, f"panels without data: {missing}"
+        # The plan's simulated percentiles beside the live ones (served runs a --plan).
+        status, body = served.request("GET", "/api/v1/slo")
+        assert status == 200
+        plan = json.loads(body)["plan"]
+        for metric in ("ttft", "tpot"):
+            assert plan[f"{metric}_s"]["p90"] is not None  # all served in the plan's simulation
+            assert page.locator(f"#{metric} line.plan-ref").count() == 1
+            legend = page.text_content(f"#{metric} .plan-pred") or ""
+            assert legend.startswith("plan p50 / p90 / p99 "), legend
         page.wait_for_timeout(2500)  # one more refresh, so the charts carry several points
         page.screenshot(path=str(artifacts_dir() / "dashboard.png"), full_page=True)
 

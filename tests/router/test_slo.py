@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -151,6 +152,33 @@ def test_every_label_combination_starts_at_zero() -> None:
     assert value(m, "baton:slo_objective", model_name="m") == 0.9
     assert value(m, "baton:plan_predicted_attainment", model_name="m") == 0.95
     assert value(m, "baton:plan_max_goodput_rps", model_name="m") == 3.5
+
+
+def test_the_plans_latency_percentiles_are_gauges() -> None:
+    m = RouterMetrics()
+    plan = PlanPrediction(
+        0.95, 2.0, 100.0, 50.0, 3.5,
+        ttft_s={"p50": 0.1, "p90": 0.2, "p99": 0.3},
+        tpot_s={"p50": 0.01, "p90": 0.02, "p99": math.inf},  # a request never served
+    )  # fmt: skip
+    m.serve_model("m", T, plan)
+    for metric, want in (("ttft", (0.1, 0.2, 0.3)), ("tpot", (0.01, 0.02, math.inf))):
+        got = tuple(
+            value(m, f"baton:plan_predicted_{metric}_seconds", model_name="m", quantile=q)
+            for q in ("0.5", "0.9", "0.99")
+        )
+        assert got == want
+    text = m.render().decode()
+    assert 'baton:plan_predicted_tpot_seconds{model_name="m",quantile="0.99"} +Inf' in text
+    assert plan.to_dict()["tpot_s"] == {"p50": 0.01, "p90": 0.02, "p99": None}
+
+
+def test_a_plan_without_percentiles_exports_no_latency_gauges() -> None:
+    m = RouterMetrics()
+    m.serve_model("m", T, PlanPrediction(0.95, 2.0, None, None, 3.5))
+    assert value(m, "baton:plan_predicted_ttft_seconds", model_name="m", quantile="0.9") is None
+    assert value(m, "baton:plan_mean_prompt_tokens", model_name="m") is None
+    assert value(m, "baton:plan_rate_rps", model_name="m") == 2.0
 
 
 def test_each_request_is_judged_once_and_rejections_have_no_latency() -> None:

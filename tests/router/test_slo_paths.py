@@ -187,6 +187,24 @@ def test_slo_json_windows_and_bad_window(servers: Servers) -> None:
     assert status == 400 and body["error"]["param"] == "window"
 
 
+def test_admin_status_carries_the_live_attainment(servers: Servers) -> None:
+    """AdminClient.status() reads the same windows as /api/v1/slo."""
+    params = baton.SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    with baton.Client(servers.grpc.target, api_key=KEY) as client:
+        client.generate("Hello there", params)
+    with baton.AdminClient(servers.grpc.target, api_key=KEY) as admin:
+        slo = admin.status(timeout=30).slo
+    _, body = servers.http.request("GET", "/api/v1/slo", headers=AUTH)
+    assert slo is not None
+    assert (slo.ttft_target_s, slo.tpot_target_s, slo.objective) == (30.0, 10.0, 0.9)
+    assert [w.window for w in slo.windows] == ["1m", "5m", "60m"]
+    for w in slo.windows:
+        page = body["windows"][w.window]
+        assert w.judged == page["judged"] >= 1
+        assert (w.joint, w.ttft, w.tpot) == tuple(page["attainment"][c] for c in
+                                                  ("joint", "ttft", "tpot"))  # fmt: skip
+
+
 def test_the_page_needs_the_key(servers: Servers) -> None:
     status, text = servers.http.request("GET", "/api/v1/slo")
     assert status == 401 and "windows" not in json.dumps(text)

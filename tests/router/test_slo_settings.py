@@ -52,6 +52,17 @@ def test_the_plan_gives_targets_and_predictions(plan_file: Any) -> None:
     assert (prediction.mean_prompt_tokens, prediction.mean_output_tokens) == (512, 128)
     gpus = sum(i["tp"] * i["pp"] for i in data["instances"])
     assert prediction.max_goodput_rps == pytest.approx(data["predicted"]["per_gpu_goodput"] * gpus)
+    # The simulated percentiles, as the live windows name them.
+    for key in ("ttft_s", "tpot_s"):
+        assert getattr(prediction, key) == data["predicted"][key]
+        assert set(data["predicted"][key]) == {"p50", "p90", "p99"}
+    # A plan file from before the percentiles: no latency predictions, the rest as before.
+    for key in ("ttft_s", "tpot_s"):
+        del data["predicted"][key]
+    plan_file.write_text(json.dumps(data))
+    older = slo_settings(None, None, None, str(plan_file))[1]
+    assert older is not None and (older.ttft_s, older.tpot_s) == (None, None)
+    assert older.attainment == prediction.attainment
     # A flag overrides the plan's value.
     assert slo_settings(1.0, None, None, str(plan_file))[0] == SLOTargets(1.0, 0.1, 0.9)
 

@@ -95,15 +95,17 @@ function drawGoodput(d) {
   mark("goodput", w.requests > 0);
 }
 
-// A line chart of the series' points with optional dashed target; null values are gaps.
-function lineChart(box, points, lines, target, stacked) {
+// A line chart of the series' points with an optional dashed target and dashed plan
+// reference (the plan's predicted p90); null values are gaps.
+function lineChart(box, points, lines, target, stacked, plan) {
   box.replaceChildren();
   const W = 560, H = 210, L = 52, R = 10, T = 10, B = 22;
   const values = [];
   for (const p of points) for (const s of lines) { const v = s.get(p); if (v !== null && v !== undefined) values.push(v); }
   if (stacked) for (const p of points) values.push(lines.reduce((a, s) => a + (s.get(p) || 0), 0));
   if (!values.length) { box.append(el("div", { class: "empty" }, "no requests in the last 10 minutes")); return false; }
-  let top = Math.max(...values, target || 0) * 1.15 || 1;
+  const ref = plan && plan.p90 !== null && plan.p90 !== undefined ? plan.p90 : null;
+  let top = Math.max(...values, target || 0, ref || 0) * 1.15 || 1;
   const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none" });
   const x = (i) => L + (W - L - R) * (points.length > 1 ? i / (points.length - 1) : 0.5);
   const y = (v) => T + (H - T - B) * (1 - v / top);
@@ -145,10 +147,18 @@ function lineChart(box, points, lines, target, stacked) {
   if (target) {
     root.append(svg("line", { x1: L, x2: W - R, y1: y(target), y2: y(target), stroke: "#f85149", "stroke-dasharray": "6 4", "stroke-width": 1.5 }));
   }
+  if (ref !== null) {
+    root.append(svg("line", { x1: L, x2: W - R, y1: y(ref), y2: y(ref), class: "plan-ref", stroke: "#d29922", "stroke-dasharray": "2 4", "stroke-width": 1.5 }));
+  }
   box.append(root);
   const legend = el("div", { class: "legend" });
   lines.forEach((s, k) => { const i = el("span"); i.append(el("span", { class: `swatch c${k}` }), s.label); legend.append(i); });
   if (target) legend.append(el("span", { class: "bad" }, `target ${secs(target)}`));
+  if (plan) {
+    const known = (v) => (v === null ? "never" : secs(v));
+    legend.append(el("span", { class: "warn plan-pred" },
+      `plan p50 / p90 / p99 ${known(plan.p50)} / ${known(plan.p90)} / ${known(plan.p99)}`));
+  }
   box.append(legend);
   return true;
 }
@@ -166,7 +176,8 @@ function drawCharts(d) {
   const tgt = d.targets || {};
   for (const metric of ["ttft", "tpot"]) {
     const lines = ["p50", "p90", "p99"].map((q) => ({ label: q, get: (p) => p[metric + "_s"][q] }));
-    mark(metric, lineChart($(metric), pts, lines, tgt[metric + "_s"], false));
+    const predicted = d.plan ? d.plan[metric + "_s"] : null;
+    mark(metric, lineChart($(metric), pts, lines, tgt[metric + "_s"], false, predicted));
   }
   const parts = COMPONENTS.map((c) => ({ label: c.replace(/_/g, " "), get: (p) => p.breakdown_s[c] }));
   mark("breakdown", lineChart($("breakdown"), pts, parts, null, true));

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 
 import pytest
 
 from cluster.planner.cluster_spec import ClusterSpec, SLOs
-from cluster.planner.plan import ColocatedBaseline, InstancePlan, Plan, Stage
+from cluster.planner.plan import ColocatedBaseline, InstancePlan, LatencyPercentiles, Plan, Stage
 
 
 def _plan(instances: tuple[InstancePlan, ...]) -> Plan:
@@ -98,3 +100,33 @@ def test_unknown_or_missing_nested_fields_are_named() -> None:
         Plan.from_json(json.dumps({**data, "colocated": colocated}))
     with pytest.raises(ValueError, match="^slos: must be a JSON object"):
         Plan.from_json(json.dumps({**data, "slos": [0.25, 0.1]}))
+
+
+def test_round_trip_with_latency_percentiles() -> None:
+    plan = dataclasses.replace(
+        _plan((PREFILL, DECODE)),
+        ttft=LatencyPercentiles(0.05, 0.2, 0.4),
+        tpot=LatencyPercentiles(0.03, 0.06, math.inf),  # a request never served
+    )
+    text = plan.to_json()
+    predicted = json.loads(text)["predicted"]
+    assert predicted["ttft_s"] == {"p50": 0.05, "p90": 0.2, "p99": 0.4}
+    assert predicted["tpot_s"] == {"p50": 0.03, "p90": 0.06, "p99": None}  # JSON has no inf
+    assert Plan.from_json(text) == plan
+
+
+def test_a_plan_file_without_percentiles_still_loads() -> None:
+    data = json.loads(_plan((PREFILL, DECODE)).to_json())
+    assert set(data["predicted"]) == {"per_gpu_goodput", "attainment"}  # an older file
+    loaded = Plan.from_json(json.dumps(data))
+    assert (loaded.ttft, loaded.tpot, loaded.attainment) == (None, None, 0.97)
+
+
+def test_bad_percentiles_name_the_field() -> None:
+    data = json.loads(_plan((PREFILL, DECODE)).to_json())
+    data["predicted"]["ttft_s"] = {"p50": 0.1, "p90": 0.2}
+    with pytest.raises(ValueError, match="^predicted.ttft_s: must hold p50, p90 and p99"):
+        Plan.from_json(json.dumps(data))
+    data["predicted"]["ttft_s"] = [0.1, 0.2, 0.3]
+    with pytest.raises(ValueError, match="^predicted.ttft_s: must be a JSON object"):
+        Plan.from_json(json.dumps(data))

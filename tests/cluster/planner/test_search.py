@@ -65,6 +65,23 @@ def test_tight_ttft_gets_tp2_prefill_and_tp1_decode() -> None:
     assert result.algorithm == "high"
 
 
+def test_the_plans_percentiles_agree_with_its_attainment() -> None:
+    """Nearest-rank percentiles of the simulation that scored the plan: with a TPOT SLO
+    every request meets (generous), p90 TTFT is within the TTFT SLO exactly when TTFT
+    attainment, and so joint attainment, reaches 90%."""
+    for ttft_slo in (0.09, 0.2):
+        inputs = _toy(ttft_s=ttft_slo)
+        result = plan(inputs, affinity="high")
+        assert result.ttft is not None and result.tpot is not None
+        ttft, tpot = result.ttft, result.tpot
+        assert 0 < ttft.p50 <= ttft.p90 <= ttft.p99
+        assert 0 < tpot.p50 <= tpot.p90 <= tpot.p99 <= inputs.slos.tpot_s  # generous TPOT
+        assert result.attainment >= 0.9
+        assert ttft.p90 <= ttft_slo
+        # each prefill batch takes 40 ms at tp=2 (the profile): no TTFT can be shorter
+        assert ttft.p50 >= 0.04 - 1e-9
+
+
 def test_the_offered_rate_sets_the_instance_counts() -> None:
     few = plan(_toy(rate=10.0), affinity="high")
     many = plan(_toy(rate=1000.0, nodes=2), affinity="high")
