@@ -43,11 +43,13 @@ def test_parse_address() -> None:
 
 
 def test_join_nothing_listening_is_bounded() -> None:
-    with socket.socket() as s:  # a port that was free a moment ago: nothing listens
+    # A port held bound but not listening: connections are refused, and nothing else on
+    # the machine can take it while the test runs.
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    start = time.monotonic()
-    expected = f"^address: nothing answers at 127.0.0.1:{port} within 1 s"
-    with pytest.raises(ConnectionError, match=expected):
-        ray_connect.init_ray(f"127.0.0.1:{port}", 1, connect_timeout_s=1.0)
-    assert time.monotonic() - start < 10.0  # bounded (generous: a loaded machine)
+        start = time.monotonic()
+        expected = f"^address: nothing answers at 127.0.0.1:{port} within 1 s"
+        with pytest.raises(ConnectionError, match=expected):
+            ray_connect.init_ray(f"127.0.0.1:{port}", 1, connect_timeout_s=1.0)
+        assert time.monotonic() - start < 10.0  # bounded (generous: a loaded machine)
