@@ -184,35 +184,20 @@ class Cluster:
         self._started_ray = builder.init_ray(self.address, n + headroom, self.connect_timeout_s)
         gpus = 1 if builder.has_gpus() else 0
         cpus = self.cpus_per_instance or max(1, (os.cpu_count() or 1) // n)
-        # Embedded Ray is one node: loopback. Joined: each process resolves its own node's
-        # address (cluster.node_address), the driver here for the event socket.
-        host = "127.0.0.1" if self.address is None else ""
         counts: dict[str, int] = {}
         try:
             pinned = self._placement(roles, gpus, cpus)
             for role in roles:
                 name = f"{role}-{counts.setdefault(role, 0)}"
                 counts[role] += 1
-                tp, pp = self.parallel[role]
-                spec = InstanceSpec(
-                    name=name,
-                    role=role,
-                    num_threads=max(1, int(cpus)),
-                    host=host,
-                    tp=tp,
-                    pp=pp,
-                    profile=self.role_profiles.get(role),
-                    **self._spec,
-                )
+                spec = self.instance_spec(name, role, cpus)
                 if self._stopped:
                     raise RuntimeError("cluster: stopped while starting")
-                selector = placement.bundle_selectors(
-                    self.selectors[role], spec.world_size, pinned.get(name)
-                )
+                selector = self.role_selector(role, spec.world_size, pinned.get(name))
                 self.instances.append(
                     builder.create(spec, cpus, gpus, self.start_timeout_s, self.id, selector)
                 )
-            self._receiver = EventReceiver(host_ip(host))
+            self._receiver = EventReceiver(host_ip(self._host))
             self._receiver.start()
             self.migrator = Migrator(
                 self._receiver.streams, self._migration_target, self._abort_on,
@@ -232,6 +217,32 @@ class Cluster:
             raise
         logger.info("cluster started: %s", [i.name for i in self.instances])
         return self
+
+    @property
+    def _host(self) -> str:
+        """Embedded Ray is one node: loopback. Joined: "", each process resolves its own
+        node's address (``cluster.node_address``), the driver for the event socket."""
+        return "127.0.0.1" if self.address is None else ""
+
+    def instance_spec(self, name: str, role: str, cpus: float) -> InstanceSpec:
+        """An instance of ``role`` as this cluster makes them (at start and by scaling)."""
+        tp, pp = self.parallel[role]
+        return InstanceSpec(
+            name=name,
+            role=role,
+            num_threads=max(1, int(cpus)),
+            host=self._host,
+            tp=tp,
+            pp=pp,
+            profile=self.role_profiles.get(role),
+            **self._spec,
+        )
+
+    def role_selector(
+        self, role: str, world_size: int, node: placement.Node | None = None
+    ) -> list[dict[str, str]] | None:
+        """Per rank, the node labels an instance of ``role`` needs (pinned to ``node``)."""
+        return placement.bundle_selectors(self.selectors[role], world_size, node)
 
     def _placement(
         self, roles: list[str], gpus: int, cpus: float

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 import ray
 
 from cluster import builder
-from cluster.actors import InstanceSpec
 
 if TYPE_CHECKING:
     from cluster.cluster import Cluster
@@ -60,23 +59,16 @@ class Membership:
         k = self._next.get(role, 0)
         self._next[role] = k + 1
         name = f"{role}-{k}"
-        tp, pp = c.parallel[role]
         # As at start: the per-instance share of the machine (Ray's CPUs are logical).
         cpus = c.cpus_per_instance or max(1, (os.cpu_count() or 1) // max(1, len(c.instances)))
-        host = "127.0.0.1" if c.address is None else ray.util.get_node_ip_address()
-        spec = InstanceSpec(
-            name=name,
-            role=role,
-            num_threads=max(1, int(cpus)),
-            host=host,
-            tp=tp,
-            pp=pp,
-            profile=c.role_profiles.get(role),
-            **c._spec,
-        )
+        spec = c.instance_spec(name, role, cpus)
         gpus = 1 if builder.has_gpus() else 0
-        # A bounded wait for room: the controller tries again later rather than hang.
-        inst = builder.create(spec, cpus, gpus, min(c.start_timeout_s, PLACEMENT_WAIT_S), c.id)
+        # A bounded wait for room: the controller tries again later rather than hang. The
+        # role's node labels hold as at start (no plan pinning: a plan sized the start).
+        selector = c.role_selector(role, spec.world_size)
+        inst = builder.create(
+            spec, cpus, gpus, min(c.start_timeout_s, PLACEMENT_WAIT_S), c.id, selector
+        )
         try:
             handles = {i.name: i.actor for i in c.instances} | {name: inst.actor}
             builder.start_all([inst], receiver.address, c.start_timeout_s, handles)
