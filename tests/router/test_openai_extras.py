@@ -197,10 +197,11 @@ def test_json_schema_outputs_validate(
 
 
 def test_json_object_and_guided_fields_streamed(client: openai.OpenAI) -> None:
-    # The grammar ends the object with EOS; max_tokens is only a bound the object must fit in
-    # (a cut object is not valid JSON), so it is generous and the finish reason is checked.
+    # Greedy: json_object bounds no string's length, and at temperature 1.0 a small model
+    # can wander in one past any max_tokens (the cut object is then not JSON). The
+    # json_schema tests cover temperature 1.0. The finish reason says the object closed.
     stream = _chat(client, response_format={"type": "json_object"}, stream=True, max_tokens=512,
-                   temperature=1.0, seed=3)  # fmt: skip
+                   temperature=0)  # fmt: skip
     chunks = [c for c in stream if c.choices]
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert chunks[-1].choices[0].finish_reason == "stop", text
