@@ -35,7 +35,6 @@ MAX_RESTARTS = 3
 # steps the engine on its own thread.
 ACTOR_CONCURRENCY = 32
 
-RemoteInstance = ray.remote(InstanceActor)
 RemoteRank = ray.remote(RankActor)
 
 
