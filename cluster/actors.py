@@ -33,6 +33,14 @@ logger = logging.getLogger(__name__)
 
 ROLES = ("prefill", "decode", "colocated")
 
+# Ray starts its worker processes at niceness 15 (its ``worker_niceness`` setting), so on a
+# shared host the router, a client or anything else runs before the instances and starves
+# them. Every instance actor (each rank) is created with this runtime env: Ray then leaves
+# the process at the niceness it was started with. Raising niceness back needs no
+# privilege, but lowering it afterwards does (CAP_SYS_NICE), so resetting it inside the
+# actor (``normal_priority``) only works as root; this works for any user.
+INSTANCE_RUNTIME_ENV: dict[str, Any] = {"env_vars": {"RAY_worker_niceness": "0"}}
+
 
 @dataclass(frozen=True)
 class InstanceSpec:
@@ -174,6 +182,22 @@ def join_group(s: InstanceSpec, rank: int, address: str, store: Any = None) -> A
     return join(address, rank, config.parallel, resolve_device(s.device), s.group_timeout_s, store)
 
 
+def normal_priority(name: str) -> int:
+    """Put every thread of this process at niceness 0 if it is above and the process may
+    (root); returns the niceness it then has, with a warning when it is still above 0.
+    (On Linux a niceness is per thread: each of ``/proc/self/task`` is set.)"""
+    nice = os.getpriority(os.PRIO_PROCESS, 0)
+    if nice <= 0:
+        return nice
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            os.setpriority(os.PRIO_PROCESS, int(tid), 0)
+    except (OSError, ValueError) as e:
+        logger.warning("%s runs at niceness %d and cannot lower it: %s", name, nice, e)
+        return nice
+    return os.getpriority(os.PRIO_PROCESS, 0)
+
+
 class InstanceActor:
     def __init__(self, spec: dict[str, Any]):
         self.spec = InstanceSpec(**spec)
@@ -187,7 +211,9 @@ class InstanceActor:
         self._peers: RayPeers | None = None
 
     def ping(self) -> dict[str, Any]:
-        return {"name": self.spec.name, "started": self.worker is not None, "pid": os.getpid()}
+        started = self.worker is not None
+        return {"name": self.spec.name, "started": started, "pid": os.getpid(),
+                "nice": os.getpriority(os.PRIO_PROCESS, 0)}  # fmt: skip
 
     def add_peers(self, handles: dict[str, Any]) -> None:
         """Instances added since this one started (``baton scale``)."""
@@ -218,6 +244,7 @@ class InstanceActor:
         if self.worker is not None:
             return self.info
         self._resolve_host()
+        normal_priority(self.spec.name)
         import ray
         import torch
 
@@ -248,6 +275,7 @@ class InstanceActor:
             "host": self.spec.host,
             "layout": f"tp{self.spec.tp} pp{self.spec.pp}",
             "pid": os.getpid(),
+            "nice": os.getpriority(os.PRIO_PROCESS, 0),
         }
         logger.info("instance %s (%s) started: %s", self.spec.name, self.spec.role, self.info)
         return self.info

@@ -24,7 +24,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster import placement, ray_connect
-from cluster.actors import InstanceActor, InstanceSpec
+from cluster.actors import INSTANCE_RUNTIME_ENV, InstanceActor, InstanceSpec
 from cluster.ranks import RankActor
 from cluster.ray_connect import DEFAULT_CONNECT_TIMEOUT_S
 
@@ -124,6 +124,7 @@ def create(
             num_gpus=gpus,
             max_concurrency=ACTOR_CONCURRENCY,
             max_restarts=MAX_RESTARTS,
+            runtime_env=INSTANCE_RUNTIME_ENV,  # normal priority: see cluster.actors
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 group, placement_group_bundle_index=rank
             ),

@@ -10,11 +10,18 @@ heavy imports happen only in ``start()``, inside the Ray worker.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import replace
 from typing import Any
 
-from cluster.actors import InstanceSpec, engine_config, join_group, transfer_config
+from cluster.actors import (
+    InstanceSpec,
+    engine_config,
+    join_group,
+    normal_priority,
+    transfer_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +88,8 @@ class RankActor:
     def ping(self) -> dict[str, Any]:
         """Started while it serves rank 0's steps; a failed group ends that."""
         started = self._thread is not None and self._thread.is_alive()
-        return {"name": self.spec.name, "rank": self.rank, "started": started}
+        return {"name": self.spec.name, "rank": self.rank, "started": started,
+                "pid": os.getpid(), "nice": os.getpriority(os.PRIO_PROCESS, 0)}  # fmt: skip
 
     def start(self, store_address: str, driver: Any) -> dict[str, Any]:
         """Join the instance's group at rank 0's ``store_address`` and load this rank's share
@@ -91,6 +99,7 @@ class RankActor:
         from cluster.node_address import resolve_host
 
         self.spec = replace(self.spec, host=resolve_host(self.spec.host))
+        normal_priority(f"{self.spec.name} rank {self.rank}")
         import torch
 
         torch.set_num_threads(self.spec.num_threads)
