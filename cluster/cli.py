@@ -5,7 +5,7 @@ Subcommands:
   baton plan ...            the placement planner: layouts and instance counts per SLO
   baton profile             this engine's latencies here, as a profile for `baton plan`
   baton generate "PROMPT"   a completion from a running server (--offline: in-process)
-  baton bench engine|serve|kv-transfer ...   the README's benchmarks (bench/)
+  baton bench engine|serve|kv-transfer|peers ...   the README's benchmarks (bench/)
   baton status|cordon|uncordon|drain|scale|requests|abort|apply   operate a running
                             cluster through its admin API (cluster/admin_cli.py)
 
@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         "running `baton serve`); kv-transfer: bench/kv_transfer.py; planner: "
         "bench/planner.py (planning time); planner-validation: bench/planner_validation.py "
         "(simulated against measured attainment, disaggregated against colocated); "
-        "chaos: bench/chaos.py (faults while requests stream; full size, not in CI)",
+        "chaos: bench/chaos.py (faults while requests stream; full size, not in CI); "
+        "peers: bench/peers.py (against vLLM's CPU build, side by side; not in CI)",
     )
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options passed to the benchmark")
     bench.set_defaults(func=_cmd_bench)
@@ -184,6 +185,14 @@ def _add_serve(sub: Any) -> None:
         metavar="N",
         help="Ray CPUs (and torch threads) each rank of an instance reserves (default: this "
         "host's cores shared by all ranks; set it when joining a cluster of other hosts)",
+    )
+    serve.add_argument(
+        "--threads-per-rank",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch threads each rank of an instance runs (default: its --cpus-per-rank; "
+        "more than that oversubscribes the cores, see `baton bench peers`)",
     )
     serve.add_argument(
         "--profile",
@@ -310,6 +319,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if not args.cpus_per_rank > 0:
             raise ValueError(f"cpus-per-rank: must be > 0, got {args.cpus_per_rank}")
         options["cpus_per_instance"] = args.cpus_per_rank
+    if args.threads_per_rank is not None:
+        if not args.threads_per_rank >= 1:
+            raise ValueError(f"threads-per-rank: must be >= 1, got {args.threads_per_rank}")
+        options["threads_per_rank"] = args.threads_per_rank
     if args.profile is not None:
         from cluster.planner.latency import load_profiles
 
@@ -430,6 +443,7 @@ _BENCHES = {
     "planner": "bench.planner",
     "planner-validation": "bench.planner_validation",
     "chaos": "bench.chaos",
+    "peers": "bench.peers",
 }
 
 

