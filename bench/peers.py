@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the fp32 HF directory vLLM serves and its client tokenizes "
                    "with")  # fmt: skip
     p.add_argument("--vllm-threads-bind", default="0-1", help="VLLM_CPU_OMP_THREADS_BIND")
+    p.add_argument("--vllm-kv-space", default="4", help="VLLM_CPU_KVCACHE_SPACE, GiB")
     p.add_argument("--baton-model", default=None, help="baton serve --model (default: its own)")
     p.add_argument("--start-timeout", type=float, default=900.0)
     p.add_argument("--stop-timeout", type=float, default=60.0)
@@ -159,7 +160,7 @@ class Server:
 
 def start_vllm(args: argparse.Namespace, logs: Path) -> tuple[Server, str]:
     port = free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="4",
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE=args.vllm_kv_space,
                VLLM_CPU_OMP_THREADS_BIND=args.vllm_threads_bind)  # fmt: skip
     env.pop("PYTHONPATH", None)
     cmd = [str(args.venv / "bin" / "vllm"), "serve", str(args.hf_model), "--dtype", "float32",
