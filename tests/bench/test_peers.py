@@ -96,3 +96,8 @@ def test_phases_get_new_seeds_and_bad_options_name_the_field() -> None:
         peers.systems(peers.build_parser().parse_args(["--systems", "sglang"]))
     phase = Phase("x", 2, 1.0, None, 0, 4, 2)
     assert len(peer_client.random_prompts(phase, (5, 9))[0]) == 4
+
+
+def test_a_failed_system_is_a_row_of_the_table() -> None:
+    table = peers.format_table([{"system": "baton-1p1d", "error": "not ready\nlog", "phases": []}])
+    assert "| baton-1p1d | failed: not ready |" in table
