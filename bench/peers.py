@@ -43,14 +43,15 @@ from bench import peer_client, peer_setup
 from bench.peer_client import Phase, Slo
 
 SERVED_NAME = "smollm2"
-# Baton deployments by name: `baton serve` arguments. Threads per rank: see the README.
+# Baton deployments by name: `baton serve` arguments. Threads per rank: Baton's default
+# (cluster.actors.default_threads) unless -tN says N.
 DEPLOYMENTS: dict[str, list[str]] = {
     name: args.split()
     for name, args in {
         "1p1d": "--prefill 1 --decode 1",
         "1p1d-t2": "--prefill 1 --decode 1 --threads-per-rank 2",
         "colocated2": "--mode colocated --prefill 0 --decode 2",
-        "colocated2-t2": "--mode colocated --prefill 0 --decode 2 --threads-per-rank 2",
+        "colocated2-t1": "--mode colocated --prefill 0 --decode 2 --threads-per-rank 1",
         "colocated1": "--mode colocated --prefill 0 --decode 1",
     }.items()
 }

@@ -182,6 +182,22 @@ def join_group(s: InstanceSpec, rank: int, address: str, store: Any = None) -> A
     return join(address, rank, config.parallel, resolve_device(s.device), s.group_timeout_s, store)
 
 
+def default_threads(role: str, cpus: float, host_cores: int | None) -> int:
+    """Torch threads per rank when the deployment does not say (``threads_per_rank``).
+
+    One per Ray CPU the rank reserves, except colocated instances sharing this one host
+    (``host_cores`` given: an embedded Ray, no ``cpus_per_instance``), which get every
+    core: an instance whose requests are all waiting on the other leaves its cores to it.
+    Measured with ``baton bench peers`` (README, "Against vLLM's CPU build"; one run on a
+    loaded 2-core machine): colocated x2 at 2 threads each served 1.15x the tokens of 1
+    thread each at concurrency 32, and a lower TTFT and TPOT at 1 req/s. Disaggregated
+    instances keep one per CPU: their 2-thread runs were lost to the machine's memory
+    pressure, so nothing was measured to change it."""
+    if role == "colocated" and host_cores is not None:
+        return max(1, host_cores)
+    return max(1, int(cpus))
+
+
 def normal_priority(name: str) -> int:
     """Put every thread of this process at niceness 0 if it is above and the process may
     (root); returns the niceness it then has, with a warning when it is still above 0.

@@ -26,7 +26,7 @@ from typing import Any
 import ray
 
 from cluster import builder, placement
-from cluster.actors import InstanceSpec
+from cluster.actors import InstanceSpec, default_threads
 from cluster.control import DEFAULT_DRAIN_TIMEOUT_S, Controller, requests_in_flight
 from cluster.dispatch import InstanceLoad, RoutePolicy, RouteRequest, default_policy
 from cluster.health import HealthMonitor
@@ -233,13 +233,19 @@ class Cluster:
         return InstanceSpec(
             name=name,
             role=role,
-            num_threads=self.threads_per_rank or max(1, int(cpus)),
+            num_threads=self.threads_per_rank or default_threads(role, cpus, self._host_cores),
             host=self._host,
             tp=tp,
             pp=pp,
             profile=self.role_profiles.get(role),
             **self._spec,
         )
+
+    @property
+    def _host_cores(self) -> int | None:
+        """This host's cores when every instance shares them (see ``default_threads``)."""
+        alone = self.address is None and self.cpus_per_instance is None
+        return (os.cpu_count() or 1) if alone else None
 
     def role_selector(
         self, role: str, world_size: int, node: placement.Node | None = None

@@ -63,3 +63,20 @@ def test_every_rank_of_every_instance_runs_at_normal_priority(
             assert os.getpriority(os.PRIO_PROCESS, pid) == 0, name
             threads = thread_niceness(pid)
             assert len(threads) > 1 and set(threads.values()) == {0}, (name, threads)
+
+
+def test_threads_per_rank_defaults_per_deployment() -> None:
+    """Colocated instances on one host get all its cores (they oversubscribe it); other
+    ranks one thread per Ray CPU; a given threads_per_rank or cpus_per_instance wins."""
+    cores = os.cpu_count() or 1
+
+    def threads(role: str, cpus: float = 1, **kwargs: object) -> int:
+        return Cluster(**kwargs).instance_spec(f"{role}-0", role, cpus).num_threads  # type: ignore[arg-type]
+
+    colocated = dict(mode="colocated", prefill=0, decode=2)
+    assert threads("colocated", **colocated) == cores
+    assert threads("colocated", cpus_per_instance=1, **colocated) == 1
+    assert threads("colocated", address="10.0.0.1:6379", **colocated) == 1
+    assert threads("colocated", threads_per_rank=3, **colocated) == 3
+    assert (threads("prefill"), threads("decode"), threads("decode", cpus=2)) == (1, 1, 2)
+    assert threads("decode", threads_per_rank=2) == 2
