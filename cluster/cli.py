@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         "running `baton serve`); kv-transfer: bench/kv_transfer.py; planner: "
         "bench/planner.py (planning time); planner-validation: bench/planner_validation.py "
         "(simulated against measured attainment, disaggregated against colocated); "
-        "chaos: bench/chaos.py (faults while requests stream; full size, not in CI)",
+        "chaos: bench/chaos.py (faults while requests stream; full size, not in CI); "
+        "multihost: bench/multihost.py (1P+1D on two namespace hosts against one; root)",
     )
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options passed to the benchmark")
     bench.set_defaults(func=_cmd_bench)
@@ -430,6 +431,7 @@ _BENCHES = {
     "planner": "bench.planner",
     "planner-validation": "bench.planner_validation",
     "chaos": "bench.chaos",
+    "multihost": "bench.multihost",
 }
 
 
