@@ -107,7 +107,7 @@ def serve(args: argparse.Namespace, transport: str, log: Path) -> Iterator[tuple
             "--prefill-nodes", f"{HOST_LABEL}={prefill}", "--decode-nodes",
             f"{HOST_LABEL}={decode}", "--transport", transport, "--cpus-per-rank", "1",
             "--http-port", "0", "--grpc-port", "0", "--num-kv-blocks", "512"]  # fmt: skip
-    with open(log, "ab") as out:
+    with open(log, "wb") as out:  # a log of its own: an old "ready" must not match
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + args.ready_timeout
@@ -116,7 +116,8 @@ def serve(args: argparse.Namespace, transport: str, log: Path) -> Iterator[tuple
             if "baton serve: ready" in text:
                 grpc = re.search(r"gRPC +[\d.]+:(\d+)", text)
                 http = re.search(r"HTTP +http://[\d.]+:(\d+)", text)
-                assert grpc and http, text[-2000:]
+                if grpc is None or http is None:
+                    raise RuntimeError(f"baton serve printed no ports:\n{text[-2000:]}")
                 break
             if proc.poll() is not None:
                 raise RuntimeError(f"baton serve exited {proc.returncode}:\n{text[-3000:]}")
@@ -219,8 +220,8 @@ def run_modes(args: argparse.Namespace, argv: Sequence[str]) -> list[dict[str, A
         head = net.hosts[0]
         ips = {"h1": net.hosts[1].ip, "h2": net.hosts[2].ip}
         for transport in transports:
-            for mode in modes:
-                out = head.tmp / f"{mode}-{transport}.json"
+            for k, mode in enumerate(modes):  # a mode may repeat (one,two,two,one)
+                out = head.tmp / f"{transport}-{k}-{mode}.json"
                 cmd = [sys.executable, "-m", "bench.multihost", *argv, "--inner", mode,
                        "--transports", transport, "--address", hosts.address,
                        "--inner-out", str(out)]  # fmt: skip
@@ -287,6 +288,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         results = run_modes(args, argv)
+    except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as exc:
+        print(f"error: {exc}", file=sys.stderr)  # the hosts are already down
+        return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
     note = SHARED_NOTE.format(cpus=os.cpu_count())

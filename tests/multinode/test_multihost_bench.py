@@ -23,6 +23,8 @@ SLOW = pytest.mark.skipif(
     os.environ.get("BATON_SLOW_TESTS") != "1", reason="slow multi-host test: BATON_SLOW_TESTS=1"
 )
 TINY = ["--num-prompts", "3", "--request-rate", "4", "--input-len", "32", "--output-len", "6"]
+# A mode twice: each run reads its own serve log (an earlier run's "ready" must not match).
+TWICE = ["--modes", "one-host,two-host,two-host"]
 
 
 @pytest.mark.parametrize(
@@ -61,12 +63,12 @@ def root() -> None:
 def test_tiny_run_compares_one_host_with_two(tmp_path: Path) -> None:
     before = _namespaces()
     out = tmp_path / "multihost.json"
-    assert multihost.main([*TINY, "--json-out", str(out)]) == 0
+    assert multihost.main([*TINY, *TWICE, "--json-out", str(out)]) == 0
     assert _namespaces() == before  # everything it made is gone
     data = json.loads(out.read_text())
     assert "sharing its" in data["note"]
+    assert [r["mode"] for r in data["results"]] == ["one-host", "two-host", "two-host"]
     results = {r["mode"]: r for r in data["results"]}
-    assert set(results) == {"one-host", "two-host"}
     where = {
         mode: {i["role"]: i["node_ip"] for i in r["instances"].values()}
         for mode, r in results.items()
@@ -74,7 +76,7 @@ def test_tiny_run_compares_one_host_with_two(tmp_path: Path) -> None:
     assert where["one-host"]["prefill"] == where["one-host"]["decode"]
     assert where["two-host"]["prefill"] == where["one-host"]["prefill"]
     assert where["two-host"]["decode"] != where["two-host"]["prefill"]
-    for r in results.values():
+    for r in data["results"]:
         (run,) = r["runs"]
         assert run["completed"] == 3 and run["failed"] == 0
         assert 0.0 <= run["slo_attainment"] <= 1.0
@@ -87,8 +89,10 @@ def test_tiny_run_compares_one_host_with_two(tmp_path: Path) -> None:
 @SLOW
 @pytest.mark.slow
 @pytest.mark.usefixtures("root")
-def test_a_failed_run_still_removes_every_host() -> None:
+def test_a_failed_run_still_removes_every_host(capsys: pytest.CaptureFixture[str]) -> None:
     before = _namespaces()
-    with pytest.raises(RuntimeError, match="one-host over torch failed"):
-        multihost.main([*TINY, "--modes", "one-host", "--ready-timeout", "1"])
+    assert multihost.main([*TINY, "--modes", "one-host", "--ready-timeout", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "error: multihost: one-host over torch failed" in err
+    assert "baton serve not ready in 1s" in err
     assert _namespaces() == before
