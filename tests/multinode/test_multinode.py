@@ -8,7 +8,8 @@ Three hosts on one bridge: a head (Ray's GCS and ``baton serve``), a host labell
 By default: greedy parity over the torch transport with KV crossing hosts, Ray's token
 refusing a node without it, and bad node-facing input (a label no node has). With
 ``BATON_SLOW_TESTS=1`` also: grpc transport, a TP x PP prefill instance on one host with a
-TP1 decode on the other, and losing the decode host during streamed requests.
+TP1 decode on the other, a PP2 prefill instance whose stages a plan puts on two hosts, and
+losing the decode host during streamed requests.
 """
 
 from __future__ import annotations
