@@ -10,4 +10,6 @@
 - ``bench.planner`` (``planner``): planning time of ``baton plan``.
 - ``bench.planner_validation`` (``planner-validation``): the planner's simulator against
   the real local cluster, disaggregated against colocated.
+- ``bench.multihost`` (``multihost``): 1 prefill + 1 decode serving on one network-namespace
+  host against the same pair across two (root).
 """

@@ -71,8 +71,8 @@ def _strategy(
     bundles: list[dict[str, float]], label_selector: list[dict[str, str]] | None = None
 ) -> str:
     """STRICT_PACK when one node allowed for the instance can hold all its ranks."""
-    if len(bundles) == 1:
-        return "PACK"
+    if len(bundles) == 1 or not placement.one_node(label_selector):
+        return "PACK"  # one rank, or PP stages pinned to different nodes by a plan
     need = {k: sum(b.get(k, 0) for b in bundles) for k in bundles[0]}
     selector = label_selector[0] if label_selector else {}
     for node in placement.alive_nodes():

@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         "bench/planner.py (planning time); planner-validation: bench/planner_validation.py "
         "(simulated against measured attainment, disaggregated against colocated); "
         "chaos: bench/chaos.py (faults while requests stream; full size, not in CI); "
-        "peers: bench/peers.py (against vLLM's CPU build, side by side; not in CI)",
+        "peers: bench/peers.py (against vLLM's CPU build, side by side; not in CI); "
+        "multihost: bench/multihost.py (1P+1D on two namespace hosts against one; root)",
     )
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options passed to the benchmark")
     bench.set_defaults(func=_cmd_bench)
@@ -444,6 +445,7 @@ _BENCHES = {
     "planner-validation": "bench.planner_validation",
     "chaos": "bench.chaos",
     "peers": "bench.peers",
+    "multihost": "bench.multihost",
 }
 
 

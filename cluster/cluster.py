@@ -248,14 +248,15 @@ class Cluster:
         return (os.cpu_count() or 1) if alone else None
 
     def role_selector(
-        self, role: str, world_size: int, node: placement.Node | None = None
+        self, role: str, world_size: int, stages: Sequence[placement.Node] | None = None
     ) -> list[dict[str, str]] | None:
-        """Per rank, the node labels an instance of ``role`` needs (pinned to ``node``)."""
-        return placement.bundle_selectors(self.selectors[role], world_size, node)
+        """Per rank, the node labels an instance of ``role`` needs (each PP stage pinned
+        to its node in ``stages``)."""
+        return placement.bundle_selectors(self.selectors[role], world_size, stages)
 
     def _placement(
         self, roles: list[str], gpus: int, cpus: float
-    ) -> dict[str, placement.Node | None]:
+    ) -> dict[str, tuple[placement.Node, ...]]:
         """Checked before anything starts (Ray would leave an impossible group pending):
         every role's labels exist on a live node; the plan's instances' nodes, if any."""
         nodes = placement.alive_nodes()

@@ -15,6 +15,11 @@ Ray leaves a group that no node can satisfy pending forever, so everything is ch
 against the live nodes (:func:`alive_nodes`) before anything starts: a label that no node
 has, or a plan that needs more nodes, GPUs or CPUs than there are, is a ``ValueError``
 naming the role or the instance and why.
+
+A plan that spreads an instance's PP stages over nodes pins each stage's TP ranks to its
+node (each bundle its own ``ray.io/node-id``; the group is then PACK, as STRICT_PACK
+would need one node); a stage's node that does not exist, lacks the role's labels or has
+no room is refused like a whole instance's.
 """
 
 from __future__ import annotations
@@ -110,14 +115,31 @@ def _fmt(selector: Mapping[str, str]) -> str:
 
 
 def bundle_selectors(
-    selector: Mapping[str, str], world_size: int, node: Node | None = None
+    selector: Mapping[str, str], world_size: int, stages: Sequence[Node] | None = None
 ) -> list[dict[str, str]] | None:
     """The placement group's ``bundle_label_selector``: the role's labels on every rank,
-    plus the pinned node's id; None when nothing restricts the instance."""
-    labels = dict(selector)
-    if node is not None:
-        labels[NODE_ID_LABEL] = node.node_id
-    return [dict(labels) for _ in range(world_size)] if labels else None
+    plus, when pinned, the id of the node of each rank's PP stage (``stages``: one node per
+    stage; ranks are stage-major, ``rank = stage * tp + tp_rank``); None when nothing
+    restricts the instance."""
+    if not selector and not stages:
+        return None
+    if stages and world_size % len(stages):
+        raise ValueError(f"{world_size} ranks do not split into {len(stages)} stages")
+    tp = world_size // len(stages) if stages else world_size
+    out = []
+    for rank in range(world_size):
+        labels = dict(selector)
+        if stages:
+            labels[NODE_ID_LABEL] = stages[rank // tp].node_id
+        out.append(labels)
+    return out
+
+
+def one_node(selectors: Sequence[Mapping[str, str]] | None) -> bool:
+    """Whether every rank may share one node: the ranks' selectors do not pin them to
+    different nodes (then STRICT_PACK cannot hold, and the group uses PACK)."""
+    pinned = {s.get(NODE_ID_LABEL) for s in selectors or ()}
+    return len(pinned) <= 1
 
 
 @dataclass(frozen=True)
@@ -137,41 +159,53 @@ def pin_plan(
     nodes: Sequence[Node],
     bundle: Mapping[str, float],
     selectors: Mapping[str, Mapping[str, str]],
-) -> dict[str, Node | None]:
-    """Each planned instance's Ray node: plan node i is the i-th live node (by IP).
+) -> dict[str, tuple[Node, ...]]:
+    """Each planned instance's Ray node per PP stage: plan node i is the i-th live node
+    (by IP). A TP x PP instance on one node keeps all its ranks there; one whose stages the
+    plan spreads over nodes has each stage's TP ranks pinned to that stage's node.
 
-    ValueError naming the first instance that cannot be placed and why: its plan node
-    does not exist, does not carry its role's labels, or lacks room for its ranks (all
-    instances on a node together). An instance whose stages span nodes is not pinned
-    (None): Ray spreads its PP stages (PACK)."""
+    ValueError naming the first instance that cannot be placed and why: its stages do not
+    match its pp, a stage's plan node does not exist, does not carry the role's labels,
+    or lacks room for the ranks put there (all instances on a node together)."""
     if plan_nodes > len(nodes):
         raise ValueError(
             f"plan: needs {plan_nodes} nodes, the Ray cluster has {len(nodes)} live "
             f"({', '.join(n.ip for n in nodes) or 'none'})"
         )
     used: dict[str, dict[str, float]] = {}
-    out: dict[str, Node | None] = {}
+    out: dict[str, tuple[Node, ...]] = {}
     for inst in instances:
-        if len(set(inst.nodes)) != 1:
-            out[inst.name] = None
-            continue
-        node = nodes[inst.nodes[0]]
+        if len(inst.nodes) != inst.pp:
+            raise ValueError(
+                f"plan: instance {inst.name} ({inst.role}, tp{inst.tp} pp{inst.pp}) has "
+                f"{len(inst.nodes)} stages, not {inst.pp}"
+            )
         selector = selectors.get(inst.role) or {}
-        if not node.matches(selector):
-            raise ValueError(
-                f"plan: instance {inst.name} ({inst.role}) is planned on node "
-                f"{inst.nodes[0]} ({node.ip}), which lacks the labels {_fmt(selector)}"
-            )
-        total = used.setdefault(node.node_id, {})
-        for key, value in bundle.items():
-            total[key] = total.get(key, 0.0) + value * inst.tp * inst.pp
-        if not node.fits(total):
-            raise ValueError(
-                f"plan: instance {inst.name} ({inst.role}, tp{inst.tp} pp{inst.pp}) does not "
-                f"fit on node {inst.nodes[0]} ({node.ip}): the plan puts "
-                f"{_fmt_res(total)} there, it has {_fmt_res(node.resources, total)}"
-            )
-        out[inst.name] = node
+        stages = []
+        for stage, index in enumerate(inst.nodes):
+            where = f"stage {stage} " if len(set(inst.nodes)) > 1 else ""
+            if not 0 <= index < len(nodes):
+                raise ValueError(
+                    f"plan: instance {inst.name} ({inst.role}) {where}is planned on node "
+                    f"{index}, the Ray cluster has nodes 0-{len(nodes) - 1}"
+                )
+            node = nodes[index]
+            if not node.matches(selector):
+                raise ValueError(
+                    f"plan: instance {inst.name} ({inst.role}) {where}is planned on node "
+                    f"{index} ({node.ip}), which lacks the labels {_fmt(selector)}"
+                )
+            total = used.setdefault(node.node_id, {})
+            for key, value in bundle.items():
+                total[key] = total.get(key, 0.0) + value * inst.tp
+            if not node.fits(total):
+                raise ValueError(
+                    f"plan: instance {inst.name} ({inst.role}, tp{inst.tp} pp{inst.pp}) "
+                    f"{where}does not fit on node {index} ({node.ip}): the plan puts "
+                    f"{_fmt_res(total)} there, it has {_fmt_res(node.resources, total)}"
+                )
+            stages.append(node)
+        out[inst.name] = tuple(stages)
     return out
 
 

@@ -10,6 +10,7 @@ from cluster.placement import (
     PlannedInstance,
     bundle_selectors,
     check_roles,
+    one_node,
     parse_selector,
     pin_plan,
     role_selectors,
@@ -42,9 +43,15 @@ def test_role_selectors_and_missing_label() -> None:
 
 def test_bundle_selectors() -> None:
     assert bundle_selectors({}, 2) is None
-    assert bundle_selectors({ROLE: "decode"}, 2, NODES[1]) == [
+    assert bundle_selectors({ROLE: "decode"}, 2, [NODES[1]]) == [
         {ROLE: "decode", NODE_ID_LABEL: "b"}
     ] * 2
+    # TP2 x PP2 spread by a plan: ranks are stage-major, each stage's ranks on its node.
+    assert bundle_selectors({}, 4, NODES) == [
+        {NODE_ID_LABEL: "a"}, {NODE_ID_LABEL: "a"}, {NODE_ID_LABEL: "b"}, {NODE_ID_LABEL: "b"}
+    ]
+    assert one_node(bundle_selectors({ROLE: "decode"}, 2, [NODES[1], NODES[1]]))
+    assert one_node(None) and not one_node(bundle_selectors({}, 4, NODES))
 
 
 def test_pin_plan() -> None:
@@ -52,8 +59,8 @@ def test_pin_plan() -> None:
     plan = [PlannedInstance("prefill-0", "prefill", 2, 1, (0,)),
             PlannedInstance("decode-0", "decode", 1, 1, (1,))]  # fmt: skip
     got = pin_plan(plan, 2, NODES, {"CPU": 2.0}, sel)
-    pinned = {k: v.node_id if v else None for k, v in got.items()}
-    assert pinned == {"prefill-0": "a", "decode-0": "b"}
+    pinned = {k: [n.node_id for n in v] for k, v in got.items()}
+    assert pinned == {"prefill-0": ["a"], "decode-0": ["b"]}
     with pytest.raises(ValueError, match="^plan: needs 3 nodes, the Ray cluster has 2 live"):
         pin_plan(plan, 3, NODES, {"CPU": 1.0}, sel)
     with pytest.raises(ValueError, match=r"^plan: instance prefill-0 \(prefill, tp2 pp1\) does not "
@@ -62,5 +69,35 @@ def test_pin_plan() -> None:
     swapped = [PlannedInstance("prefill-0", "prefill", 1, 1, (1,))]
     with pytest.raises(ValueError, match="^plan: instance prefill-0 .* lacks the labels"):
         pin_plan(swapped, 2, NODES, {"CPU": 1.0}, sel)
+    anywhere = role_selectors(None, None)
     spread = [PlannedInstance("prefill-0", "prefill", 1, 2, (0, 1))]
-    assert pin_plan(spread, 2, NODES, {"CPU": 1.0}, sel) == {"prefill-0": None}
+    assert pin_plan(spread, 2, NODES, {"CPU": 1.0}, anywhere) == {"prefill-0": tuple(NODES)}
+
+
+def test_pin_plan_pp_stages_across_nodes() -> None:
+    """Each PP stage on its plan node, checked per stage: labels, room, existence."""
+    anywhere = role_selectors(None, None)
+    tp2pp2 = [PlannedInstance("prefill-0", "prefill", 2, 2, (0, 1))]
+    got = pin_plan(tp2pp2, 2, NODES, {"CPU": 1.0}, anywhere)
+    assert [n.node_id for n in got["prefill-0"]] == ["a", "b"]
+    # Stage 1's node (b, 2 CPUs) cannot hold a second TP2 stage's ranks beside decode's.
+    busy = [*tp2pp2, PlannedInstance("decode-0", "decode", 1, 1, (1,))]
+    with pytest.raises(ValueError, match=r"^plan: instance decode-0 \(decode, tp1 pp1\) does "
+                       r"not fit on node 1 \(10.0.0.2\): the plan puts CPU=3 there, it has CPU=2"):
+        pin_plan(busy, 2, NODES, {"CPU": 1.0}, anywhere)
+    labelled = role_selectors({ROLE: "prefill"}, None)
+    with pytest.raises(ValueError, match=r"^plan: instance prefill-0 \(prefill\) stage 1 is "
+                       r"planned on node 1 \(10.0.0.2\), which lacks the labels "
+                       r"baton.io/role=prefill"):
+        pin_plan(tp2pp2, 2, NODES, {"CPU": 1.0}, labelled)
+    with pytest.raises(ValueError, match=r"^plan: instance prefill-0 \(prefill, tp2 pp2\) "
+                       r"stage 1 does not fit on node 1 \(10.0.0.2\): the plan puts CPU=4"):
+        pin_plan(tp2pp2, 2, NODES, {"CPU": 2.0}, anywhere)
+    short = [PlannedInstance("prefill-0", "prefill", 1, 2, (0,))]
+    with pytest.raises(ValueError, match=r"^plan: instance prefill-0 \(prefill, tp1 pp2\) has "
+                       r"1 stages, not 2"):
+        pin_plan(short, 1, NODES, {"CPU": 1.0}, anywhere)
+    beyond = [PlannedInstance("prefill-0", "prefill", 1, 2, (0, 5))]
+    with pytest.raises(ValueError, match=r"stage 1 is planned on node 5, the Ray cluster has "
+                       r"nodes 0-1"):
+        pin_plan(beyond, 2, NODES, {"CPU": 1.0}, anywhere)

@@ -22,6 +22,7 @@ permission), for the tests to skip with that reason. Also used by
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -43,6 +44,7 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 ROLE_LABEL = "baton.io/role"
 _CLONE_NEWNET = 0x40000000
+ETC_NETNS = Path("/etc/netns")  # `ip netns exec NAME` mounts ETC_NETNS/NAME/* over /etc/*
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -117,7 +119,24 @@ class Network:
         _ip("-n", host.netns, "link", "set", "eth0", "up")
         _ip("-n", host.netns, "link", "set", "lo", "up")
         _ip("-n", host.netns, "route", "add", "default", "dev", "eth0")
+        self.write_names()
         return host
+
+    def write_names(self) -> None:
+        """Each host's own name service: a hosts file naming every host, and a resolver
+        with no name server (so a lookup fails at once). Without them a process in a host
+        asks the machine's DNS server, which no host can reach, and waits for its timeout:
+        torch's TCPStore looks up each client's address by name when it accepts it (for a
+        log line), which cost the first KV pair 6 s across hosts."""
+        names = "".join(f"{h.ip} {h.netns}\n" for h in self.hosts)
+        for host in self.hosts:
+            etc = ETC_NETNS / host.netns
+            etc.mkdir(parents=True, exist_ok=True)
+            (etc / "hosts").write_text(f"127.0.0.1 localhost\n{names}")
+            (etc / "resolv.conf").write_text(
+                "# test network: no name service (lookups fail at once)\n"
+                "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n"
+            )
 
     def pids(self, host: Host) -> list[int]:
         out = _ip("netns", "pids", host.netns, check=False).stdout.split()
@@ -145,6 +164,9 @@ class Network:
             self.kill_host(host)
         for host in self.hosts:
             _ip("netns", "del", host.netns, check=False)
+            shutil.rmtree(ETC_NETNS / host.netns, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            ETC_NETNS.rmdir()  # only when empty: no other run's hosts left
         _ip("netns", "del", self.switch, check=False)  # its veth ends and bridge with it
         for host in self.hosts:
             shutil.rmtree(host.tmp.parent, ignore_errors=True)

@@ -8,7 +8,8 @@ Three hosts on one bridge: a head (Ray's GCS and ``baton serve``), a host labell
 By default: greedy parity over the torch transport with KV crossing hosts, Ray's token
 refusing a node without it, and bad node-facing input (a label no node has). With
 ``BATON_SLOW_TESTS=1`` also: grpc transport, a TP x PP prefill instance on one host with a
-TP1 decode on the other, and losing the decode host during streamed requests.
+TP1 decode on the other, a PP2 prefill instance whose stages a plan puts on two hosts, and
+losing the decode host during streamed requests.
 """
 
 from __future__ import annotations
@@ -121,12 +122,16 @@ class Server:
 
 
 @contextmanager
-def serving(hosts: netns.RayHosts, *extra: str, timeout_s: float = 420.0) -> Iterator[Server]:
+def serving(
+    hosts: netns.RayHosts, *extra: str, timeout_s: float = 420.0, roles: bool = True
+) -> Iterator[Server]:
     head = hosts.net.hosts[0]
     log = head.tmp / f"serve-{time.monotonic_ns()}.log"
+    role_args = ["--prefill-nodes", "baton.io/role=prefill",
+                 "--decode-nodes", "baton.io/role=decode"] if roles else []  # fmt: skip
     argv = [sys.executable, "-m", "cluster.cli", "serve", "--address", hosts.address,
-            "--prefill-nodes", "baton.io/role=prefill", "--decode-nodes", "baton.io/role=decode",
-            "--http-port", "0", "--grpc-port", "0", "--num-kv-blocks", "256", *extra]  # fmt: skip
+            *role_args, "--http-port", "0", "--grpc-port", "0", "--num-kv-blocks", "256",
+            *extra]  # fmt: skip
     proc = hosts.net.popen(head, argv, hosts.env(), log.name)
     server = Server(hosts, proc, log)
     try:
@@ -232,9 +237,13 @@ def test_a_node_without_the_token_cannot_join(hosts: netns.RayHosts) -> None:
         net.kill_host(intruder)
 
 
-def plan_file(tmp: Path, prefill: tuple[int, int, int], decode: tuple[int, int, int]) -> Path:
+Placed = tuple[int, int, "int | tuple[int, ...]"]
+
+
+def plan_file(tmp: Path, prefill: Placed, decode: Placed) -> Path:
     """A plan (``baton plan``'s format) with one prefill and one decode instance, each
-    (tp, pp, plan node); plan node i is the i-th live Ray node by IP (head = 0)."""
+    (tp, pp, plan node, or one plan node per stage); plan node i is the i-th live Ray
+    node by IP (head = 0)."""
     from cluster import cli
 
     out = tmp / "plan.json"
@@ -245,8 +254,10 @@ def plan_file(tmp: Path, prefill: tuple[int, int, int], decode: tuple[int, int, 
     assert cli.main(args) == 0
     plan = json.loads(out.read_text())
 
-    def instance(role: str, tp: int, pp: int, node: int) -> dict[str, Any]:
-        stages = [{"node": node, "gpus": list(range(s * tp, (s + 1) * tp))} for s in range(pp)]
+    def instance(role: str, tp: int, pp: int, node: int | tuple[int, ...]) -> dict[str, Any]:
+        nodes = node if isinstance(node, tuple) else (node,) * pp
+        stages = [{"node": nodes[s], "gpus": list(range(s * tp, (s + 1) * tp))}
+                  for s in range(pp)]  # fmt: skip
         return {"role": role, "tp": tp, "pp": pp, "stages": stages}
 
     plan["instances"] = [instance("prefill", *prefill), instance("decode", *decode)]
@@ -273,6 +284,48 @@ def test_tp3_prefill_on_one_host_tp1_decode_on_another(
         check_parity(server, prompts[:8], expected[:8])
         layout = {i["name"]: (i["tp"], i["pp"]) for i in server.status()}
         assert layout == {"prefill-0": (3, 1), "decode-0": (1, 1)}
+
+
+def rank_nodes(hosts: netns.RayHosts) -> dict[str, list[str]]:
+    """Per live instance (by name), the node IP of each rank's bundle, from Ray's
+    placement group table (asked on the head host)."""
+    code = (
+        f"import ray, json; ray.init(address={hosts.address!r}, logging_level='ERROR');"
+        "ips = {n['NodeID']: n['NodeManagerAddress'] for n in ray.nodes()};"
+        "print(json.dumps({g['name'].rsplit('-', 2)[-2] + '-' + g['name'].rsplit('-', 1)[-1]:"
+        " [ips[n] for _, n in sorted(g['bundles_to_node_id'].items())]"
+        " for g in ray.util.placement_group_table().values() if g['state'] == 'CREATED'}))"
+    )
+    got = hosts.net.run(hosts.net.hosts[0], [sys.executable, "-c", code], hosts.env(), 60)
+    assert got.returncode == 0, got.stderr[-2000:]
+    out: dict[str, list[str]] = json.loads(got.stdout.strip().splitlines()[-1])
+    return out
+
+
+@SLOW
+def test_pp2_prefill_stages_pinned_to_two_hosts_by_plan(
+    hosts: netns.RayHosts, prompts: list[list[int]], expected: list[str], tmp_path: Path
+) -> None:
+    """A plan spreads the PP2 prefill instance's stages: stage 0 on the prefill host (node
+    1), stage 1 on the decode host (node 2), beside the TP1 decode instance. Each stage's
+    rank runs where the plan says (Ray's placement groups), and the output is exact.
+    With the role labels on, the same plan is refused first, naming stage 1."""
+    path = plan_file(tmp_path, (1, 2, (1, 2)), (1, 1, 2))
+    head = hosts.net.hosts[0]
+    argv = [sys.executable, "-m", "cluster.cli", "serve", "--address", hosts.address,
+            "--prefill-nodes", "baton.io/role=prefill", "--plan", str(path)]  # fmt: skip
+    got = hosts.net.run(head, argv, hosts.env(), timeout=120)
+    assert got.returncode == 2, got.stderr[-2000:]
+    ip = {h.index: h.ip for h in hosts.net.hosts}
+    assert (
+        f"plan: instance prefill-0 (prefill) stage 1 is planned on node 2 ({ip[2]}), which "
+        "lacks the labels baton.io/role=prefill"
+    ) in got.stderr
+    with serving(hosts, "--plan", str(path), roles=False) as server:
+        assert rank_nodes(hosts) == {"prefill-0": [ip[1], ip[2]], "decode-0": [ip[2]]}
+        check_parity(server, prompts[:8], expected[:8])
+        layout = {i["name"]: (i["tp"], i["pp"]) for i in server.status()}
+        assert layout == {"prefill-0": (1, 2), "decode-0": (1, 1)}
 
 
 def stream(server: Server, ids: list[int], max_tokens: int) -> dict[str, Any]:
