@@ -291,6 +291,7 @@ def test_bad_input_is_400_naming_the_field_with_nothing_allocated(
         ({"logit_bias": {"10000000": 5}}, "logit_bias"),
         ({"allowed_token_ids": [10000000]}, "allowed_token_ids"),
         ({"guided_json": bad_pattern}, "guided_json"),
+        ({"n": 3, "logit_bias": {"10000000": 5}}, "logit_bias"),  # a group, refused whole
     ]  # fmt: skip
     for stream in (False, True):
         for extra, param in cases:
@@ -415,10 +416,18 @@ def test_auto_and_none_tool_choice(client: openai.OpenAI, server: HttpServerThre
     assert with_tools[1]["count"] > without
 
 
-def test_n_sequences(client: openai.OpenAI, server: HttpServerThread) -> None:
+def _counter(cluster: Cluster, role: str, name: str) -> float:
+    return sum(s.counters.get(name, 0) for s in cluster.stats() if s.role == role)
+
+
+def test_n_sequences(client: openai.OpenAI, server: HttpServerThread, cluster: Cluster) -> None:
     prompt = "The capital of France is"
     one = client.completions.create(model="", prompt=prompt, max_tokens=8, temperature=0)
+    before = [_counter(cluster, r, c) for r, c in MOVES]
     three = client.completions.create(model="", prompt=prompt, max_tokens=8, temperature=0, n=3)
+    # One prompt prefilled, handed off and pulled once; three sequences forked off it.
+    after = [_counter(cluster, r, c) for r, c in MOVES]
+    assert [b - a for a, b in zip(before, after, strict=True)] == [1, 1, 3]
     assert [c.index for c in three.choices] == [0, 1, 2]
     assert [c.text for c in three.choices] == [one.choices[0].text] * 3
     assert three.usage.completion_tokens == 3 * one.usage.completion_tokens
@@ -443,6 +452,9 @@ def test_n_sequences(client: openai.OpenAI, server: HttpServerThread) -> None:
         "POST", "/v1/completions", json.dumps({"prompt": "x", "n": 17}).encode()
     )
     assert status == 400 and reply["error"]["param"] == "n"
+
+
+MOVES = [("prefill", "handoffs"), ("decode", "pulls"), ("decode", "forked")]
 
 
 @pytest.mark.parametrize("stream", [True, False])
