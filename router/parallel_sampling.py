@@ -40,7 +40,7 @@ def children(api: ApiRequest, n: int) -> list[ApiRequest]:
     return out
 
 
-class _Merged:
+class Merged:
     """The children's output streams, read concurrently into one queue."""
 
     def __init__(self, streams: list[AsyncIterator[RequestOutput]]):
@@ -96,7 +96,7 @@ async def answer_n(
         streams = await router.open_group(api.input, n)
     except RouterError as e:
         raise api.client_error(e) from e
-    merged = _Merged(streams)
+    merged = Merged(streams)
     merged.start()
     try:
         pending: list[tuple[int, RequestOutput]] = []
@@ -145,7 +145,7 @@ async def _stream(
     api: ApiRequest,
     builders: list[ResponseBuilder],
     parent: str,
-    merged: _Merged,
+    merged: Merged,
     pending: list[tuple[int, RequestOutput]],
 ) -> web.StreamResponse:
     response = web.StreamResponse(

@@ -11,6 +11,7 @@ import re
 import socket
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import jsonschema
@@ -328,6 +329,47 @@ def test_sdk_over_grpc(router: Router, vocab: Vocabulary) -> None:
                     "Hi", baton.SamplingParams(structured_output=baton.StructuredOutput.regex("a("))
                 )
             assert "guided_regex" in str(info.value)
+    finally:
+        st.stop()
+
+
+def test_n_over_grpc_with_the_sdk(router: Router, cluster: Cluster) -> None:
+    st = ServerThread(router)
+    try:
+        with baton.Client(st.target) as sdk:
+            greedy = baton.SamplingParams(max_tokens=6, temperature=0)
+            one = sdk.generate("The capital of France is", greedy)
+            before = [_counter(cluster, r, c) for r, c in MOVES]
+            three = sdk.generate("The capital of France is", replace(greedy, n=3, logprobs=1))
+            after = [_counter(cluster, r, c) for r, c in MOVES]
+            assert [b - a for a, b in zip(before, after, strict=True)] == [1, 1, 3]
+            assert [s.index for s in three.sequences] == [0, 1, 2]
+            assert [s.token_ids for s in three.sequences] == [one.token_ids] * 3
+            assert all(s.logprobs and len(s.logprobs) == 6 for s in three.sequences)
+            assert three.text == one.text and three.usage.completion_tokens == 18
+            seeded = baton.SamplingParams(max_tokens=8, temperature=1.0, seed=3, n=3)
+            a = sdk.generate("Once upon a time", seeded)
+            texts: dict[int, str] = {}
+            ends: dict[int, str | None] = {}
+            usage = []
+            for c in sdk.stream("Once upon a time", seeded):
+                texts[c.index] = texts.get(c.index, "") + c.text
+                if c.finish_reason:
+                    ends[c.index] = c.finish_reason
+                if c.usage is not None:
+                    usage.append(c.usage)
+            assert [texts[i] for i in range(3)] == [s.text for s in a.sequences]
+            assert set(ends) == {0, 1, 2} and len(usage) == 1
+            assert usage[0].completion_tokens == sum(len(s.token_ids) for s in a.sequences)
+            alone = sdk.generate("Once upon a time", replace(seeded, n=None, seed=5))
+            assert alone.text == a.sequences[2].text  # sequence i: the seed + i request
+            for bad in (17, 0):
+                with pytest.raises(baton.BatonError) as info:
+                    sdk.generate("Hi", replace(greedy, n=bad))
+                assert info.value.code.name == "INVALID_ARGUMENT" and info.value.field == "n"
+            with pytest.raises(baton.BatonError) as info:  # a group refused whole
+                sdk.generate("Hi", replace(greedy, n=2, logit_bias={10_000_000: 1.0}))
+            assert info.value.field == "logit_bias"
     finally:
         st.stop()
 
