@@ -15,7 +15,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from engine import envs, native
+from engine import envs, native, sequence_group
 from engine.attention import describe, select_backend
 from engine.block_manager import BlockManager
 from engine.config import CacheConfig, EngineConfig, ModelConfig
@@ -226,29 +226,9 @@ class LLMEngine:
         self.scheduler.add_running(seq)
 
     def share_blocks(self, block_ids: list[int], num_tokens: int, n: int) -> list[list[int]]:
-        """``n`` block tables over the KV of ``num_tokens`` tokens held in ``block_ids``
-        (whose reference the first table keeps): the full blocks are shared (one more
-        reference each), and the last, partial block, which each sequence's next token
-        writes into, is copied for every other table (copy on write, done now since
-        that write is the next step). Where this engine cannot copy blocks itself (its
-        KV spread over TP/PP ranks) or no block is free, a table stops at the full
-        blocks and its sequence recomputes the tail (under one block of tokens)."""
-        blocks = self.block_manager
-        full = min(num_tokens // blocks.block_size, len(block_ids))
-        shared, tail = block_ids[:full], block_ids[full:]
-        tables = [list(block_ids)]
-        can_copy = isinstance(self.runner, ModelRunner)
-        for _ in range(n - 1):
-            blocks.acquire(shared)
-            copies: list[int] = []
-            if tail and can_copy and blocks.num_free_blocks >= len(tail):
-                copies = blocks.allocate(len(tail))
-                kv = self.kv_blocks
-                layers = range(kv.layout.num_layers)
-                buf = kv.read(layers, tail, kv.empty(len(layers), len(tail)))
-                kv.write(layers, copies, buf)
-            tables.append(list(shared) + copies)
-        return tables
+        """``n`` block tables over one sequence's KV (``sequence_group.share_blocks``)."""
+        kv = self.kv_blocks if isinstance(self.runner, ModelRunner) else None
+        return sequence_group.share_blocks(self.block_manager, kv, block_ids, num_tokens, n)
 
     def take_held(self) -> list[tuple[Sequence, list[int]]]:
         """With ``hold_groups``: the sequence groups whose children got their first
@@ -372,46 +352,7 @@ class LLMEngine:
         return outputs
 
     def _fan_out(self, group: Sequence, drawn: SamplerOutput, now: float) -> list[RequestOutput]:
-        """A group's prompt is done: each child takes its first token; then the group's
-        blocks go to the children still running (forked here) or are held."""
-        outputs, live = [], []
-        children = group.children or []
-        for j, child in enumerate(children):
-            state = self._states[child.request_id]
-            child.parent = None
-            child.num_cached_tokens = group.num_cached_tokens
-            child.metrics.first_scheduled_time = group.metrics.first_scheduled_time
-            child.metrics.first_token_time = now
-            token = drawn.token_ids[j]
-            delta, reason = state.process(token, drawn.logprobs[j])
-            if reason is None:
-                live.append(child)
-            else:
-                child.status = SequenceStatus.FINISHED
-                child.finish_reason = reason
-                child.metrics.finish_time = now
-                del self._states[child.request_id]
-            outputs.append(self._output(state, [token], delta))
-        del self._states[group.request_id]
-        blocks = self.scheduler.detach(group)
-        group.children = live
-        if not live:
-            self.free_blocks(blocks)
-            blocks = []
-        if self.hold_groups:  # the children leave this engine with the blocks
-            for child in live:
-                del self._states[child.request_id]
-                child.status = SequenceStatus.FINISHED
-            self._held.append((group, blocks))
-        elif live:
-            tables = self.share_blocks(blocks, group.num_prompt_tokens, len(live))
-            for child, table in zip(live, tables, strict=True):
-                child.block_table = table
-                child.num_computed_tokens = min(
-                    group.num_prompt_tokens, len(table) * self.block_manager.block_size
-                )
-                self.scheduler.add_running(child)
-        return outputs
+        return sequence_group.fan_out(self, group, drawn, now)
 
     @property
     def last_step(self) -> StepShape:

@@ -25,7 +25,8 @@ from aiohttp import web
 
 from engine.outputs import RequestOutput
 from router.errors import ErrorKind, RouterError
-from router.openai_protocol import SSE_DONE, ApiRequest, ResponseBuilder, error_body, sse
+from router.openai_protocol import ApiRequest
+from router.openai_response import SSE_DONE, ResponseBuilder, error_body, sse
 from router.service import Router
 
 

@@ -420,16 +420,36 @@ def test_forced_tool_calls_validate(client: openai.OpenAI, temperature: float) -
     stream = client.chat.completions.create(
         **common, tool_choice=named, seed=9, max_tokens=100, stream=True
     )
+    parts, reasons, pieces = _reassemble(stream)
+    assert reasons[-1] == "tool_calls" and parts[0]["name"] == "get_weather"
+    jsonschema.validate(json.loads(parts[0]["arguments"]), WEATHER)
+    assert pieces[0] > 2  # the arguments streamed as the model wrote them, not at the end
+    stream = client.chat.completions.create(
+        **common, tool_choice="required", seed=8, max_tokens=150, stream=True
+    )
+    parts, reasons, pieces = _reassemble(stream)
+    assert reasons[-1] in ("tool_calls", "length") and parts and pieces[0] > 2
+    if reasons[-1] == "tool_calls":
+        streamed = [(p["name"], json.loads(p["arguments"])) for p in parts.values()]
+        assert streamed == [
+            (c.function.name, json.loads(c.function.arguments))
+            for c in out.choices[0].message.tool_calls
+        ]  # the same seeded output as the whole response above
+
+
+def _reassemble(stream: Any) -> tuple[dict[int, dict[str, str]], list[Any], dict[int, int]]:
+    """Tool-call deltas put together as clients do; with each call's argument chunks."""
     parts: dict[int, dict[str, str]] = {}
+    pieces: dict[int, int] = {}
     reasons = []
     for chunk in stream:
         for d in chunk.choices[0].delta.tool_calls or []:
             part = parts.setdefault(d.index, {"name": "", "arguments": ""})
             part["name"] += d.function.name or ""
             part["arguments"] += d.function.arguments or ""
+            pieces[d.index] = pieces.get(d.index, 0) + bool(d.function.arguments)
         reasons.append(chunk.choices[0].finish_reason)
-    assert reasons[-1] == "tool_calls" and parts[0]["name"] == "get_weather"
-    jsonschema.validate(json.loads(parts[0]["arguments"]), WEATHER)
+    return parts, reasons, pieces
 
 
 def test_auto_and_none_tool_choice(client: openai.OpenAI, server: HttpServerThread) -> None:
@@ -447,6 +467,15 @@ def test_auto_and_none_tool_choice(client: openai.OpenAI, server: HttpServerThre
     assert choice.message.tool_calls, choice.message.content  # the model follows the shot
     assert choice.finish_reason == "tool_calls"
     _check_calls(choice.message.tool_calls)
+    stream = client.chat.completions.create(
+        model="", messages=shots, tools=TOOLS, temperature=0, max_tokens=40, stream=True,
+        extra_body={"chat_template": HERMES_TEMPLATE},
+    )  # fmt: skip
+    parts, reasons, pieces = _reassemble(stream)
+    assert reasons[-1] == "tool_calls" and pieces[0] > 1
+    assert [(p["name"], json.loads(p["arguments"])) for p in parts.values()] == [
+        (c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls
+    ]
     plain = client.chat.completions.create(
         model="", messages=shots, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=8
     )
