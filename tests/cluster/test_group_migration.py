@@ -1,7 +1,6 @@
 """n > 1 sequence groups through a decode kill (issue 16 with issue 12's migration), on
 a real 1 prefill + 1 decode cluster on a local Ray (the killed decode instance is
-restarted by the health monitor, and the sequences migrate to it). Opt-in
-(BATON_SLOW_TESTS=1): it starts a cluster of its own besides the offline engine."""
+restarted by the health monitor, and the sequences migrate to it). About a minute."""
 
 from __future__ import annotations
 
@@ -19,10 +18,6 @@ from engine.outputs import RequestOutput
 from tests.cluster.test_chaos import _load, _pids, _wait_serving
 from tests.cluster.test_cluster import wait_all_blocks_free
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("BATON_SLOW_TESTS") != "1", reason="starts its own cluster: BATON_SLOW_TESTS=1"
-)
-
 
 @pytest.fixture(scope="module")
 def group_cluster(ray_session: None) -> Iterator[Cluster]:
@@ -37,7 +32,6 @@ def offline() -> LLM:
     return LLM(None)
 
 
-@pytest.mark.slow
 def test_n_groups_survive_a_decode_kill(group_cluster: Cluster, offline: LLM) -> None:
     """n = 3 sequence groups (issue 16: one prefill, one hand-off, the sequences sharing
     the prompt's blocks on one decode instance) through a decode kill -9: each sequence
