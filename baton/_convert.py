@@ -22,6 +22,7 @@ from baton.types import (
     PoolStatus,
     Prompt,
     SamplingParams,
+    SequenceOutput,
     SLOStatus,
     SLOWindow,
     TokenLogprob,
@@ -53,6 +54,8 @@ def sampling_params(params: SamplingParams) -> pb.SamplingParams:
                 getattr(out, f.name).extend(value or ())
             elif f.name == "logit_bias":
                 out.logit_bias.update({int(k): float(v) for k, v in (value or {}).items()})
+            elif f.name == "n":
+                continue  # a field of the request (generate_request)
             elif f.name == "structured_output":
                 if value is not None:
                     out.structured_output.kind = value.kind
@@ -96,6 +99,10 @@ def generate_request(
         if not isinstance(params, SamplingParams):
             raise InvalidArgument(f"params: must be SamplingParams, got {type(params).__name__}")
         request.params.CopyFrom(sampling_params(params))
+        if params.n is not None:
+            if isinstance(params.n, bool) or not isinstance(params.n, int) or params.n < 1:
+                raise InvalidArgument(f"n: must be a positive integer, got {params.n!r}")
+            request.n = params.n
     return request
 
 
@@ -120,6 +127,13 @@ def completion(r: pb.GenerateResponse) -> Completion:
         finish_reason=FINISH_REASONS.get(r.finish_reason),
         usage=usage(r.usage),
         logprobs=logprobs(r.logprobs),
+        sequences=tuple(
+            SequenceOutput(
+                s.index, s.text, tuple(s.token_ids),
+                FINISH_REASONS.get(s.finish_reason), logprobs(s.logprobs),
+            )  # fmt: skip
+            for s in r.sequences
+        ),
     )
 
 
@@ -131,6 +145,7 @@ def chunk(r: pb.GenerateStreamResponse) -> Chunk:
         finish_reason=FINISH_REASONS.get(r.finish_reason),
         usage=usage(r.usage) if r.HasField("usage") else None,
         logprobs=logprobs(r.logprobs),
+        index=r.index,
     )
 
 

@@ -69,6 +69,9 @@ class SamplingParams:
     bad_words: Sequence[str] = ()
     include_stop_str_in_output: bool | None = None
     structured_output: StructuredOutput | None = None
+    # Sequences for the prompt, 1..16 (None: 1): computed once, its KV shared; a seeded
+    # request gives sequence i the seed + i. See Completion.sequences and Chunk.index.
+    n: int | None = None
 
     def __post_init__(self) -> None:
         # Frozen: the normalised sequences are written once, here, so instances hash.
@@ -115,6 +118,20 @@ class Completion:
     finish_reason: str | None  # "stop" | "length" | "abort"
     usage: Usage
     logprobs: tuple[Logprobs, ...] | None = None  # one per token, when asked for
+    # n > 1: every sequence by index (the fields above are sequence 0's; usage counts
+    # the prompt once and every sequence's tokens).
+    sequences: tuple[SequenceOutput, ...] = ()
+
+
+@dataclass(frozen=True)
+class SequenceOutput:
+    """One of the n sequences of a request."""
+
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None
+    logprobs: tuple[Logprobs, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +145,9 @@ class Chunk:
     finish_reason: str | None = None  # set on the last chunk only
     usage: Usage | None = None  # set on the last chunk only
     logprobs: tuple[Logprobs, ...] | None = None
+    # n > 1: the sequence this chunk extends; finish_reason ends each sequence, usage
+    # (every sequence's) comes on the last chunk of the stream.
+    index: int = 0
 
 
 @dataclass(frozen=True)

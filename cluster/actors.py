@@ -351,9 +351,11 @@ class InstanceActor:
         params: dict[str, Any],
         decode_instance: str | None = None,
         messages: list[dict[str, str]] | None = None,
+        children: list[tuple[str, dict[str, Any]]] | None = None,
     ) -> dict[str, Any]:
         """Tokenize (a text prompt, or chat ``messages`` through the model's chat template),
-        validate and queue; returns the prompt's token ids or an error."""
+        validate and queue; returns the prompt's token ids or an error. ``children``:
+        a sequence group's (request id, params) for n > 1 (``LLMEngine.add_request``)."""
         from engine.sampling_params import SamplingParams
 
         if self.worker is None:
@@ -368,10 +370,15 @@ class InstanceActor:
                 if not isinstance(prompt, str):
                     raise ValueError(f"prompt: must be a str, got {type(prompt).__name__}")
                 prompt_token_ids = engine.tokenizer.encode(prompt)
+            group = None
+            if children is not None:
+                group = [(str(c), SamplingParams.from_dict(p)) for c, p in children]
             if self.spec.role == "prefill":
-                self.worker.add_request(request_id, prompt_token_ids, sampling, decode_instance)
+                self.worker.add_request(
+                    request_id, prompt_token_ids, sampling, decode_instance, group
+                )
             else:
-                self.worker.add_request(request_id, prompt_token_ids, sampling)
+                self.worker.add_request(request_id, prompt_token_ids, sampling, group)
         except ValueError as e:
             return {"error": str(e)}
         return {"prompt_token_ids": list(prompt_token_ids)}

@@ -538,6 +538,28 @@ class Cluster:
             if not stream.finished:
                 self.abort(stream.request_id)
 
+    async def stream_n(
+        self,
+        prompt: str | None,
+        params: SamplingParams | None,
+        n: int,
+        *,
+        prompt_token_ids: Sequence[int] | None = None,
+        messages: list[dict[str, str]] | None = None,
+        request_id: str | None = None,
+    ) -> list[AsyncIterator[RequestOutput]]:
+        """``n`` sequences for one prompt, computed once and sharing its KV
+        (``cluster.groups``): one output stream per sequence, each aborted when closed
+        (``aclose``) before its end."""
+        from cluster.groups import stream_group
+
+        return list(
+            await stream_group(
+                self, prompt, params, n,
+                prompt_token_ids=prompt_token_ids, messages=messages, request_id=request_id,
+            )  # fmt: skip
+        )
+
     def generate(
         self,
         prompts: Sequence[str] | None = None,

@@ -18,6 +18,12 @@ A request's path, through the queues named as the classes below:
 5. Finishing or aborting frees the blocks; the engine preempts (and later recomputes)
    the newest requests when blocks run out, as it does offline.
 
+A sequence group's hand-off (``n`` > 1) is pulled once; then its children fork off the
+pulled block table, sharing the prompt's full blocks and each with its own copy of the
+last, partial one (``LLMEngine.share_blocks``), and decode as requests of their own.
+Aborting one child leaves the others running; aborting all of them before the pull
+releases the group.
+
 In colocated mode ``add_request`` hands a fresh prompt straight to the engine, which
 prefills and decodes it here with no transfer.
 
@@ -153,6 +159,10 @@ class DecodeWorker:
         self.endpoint = ""
         self._clock = clock
         self._aborted = Tombstones()
+        # Children of sequence groups still pending or pulling: their group's id, and
+        # per group the children dropped meanwhile.
+        self._group_of: dict[str, str] = {}
+        self._dropped: dict[str, set[str]] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._next_heartbeat = 0.0
         # Per running request: when the instance took it on, and the transfer's time.
@@ -162,6 +172,7 @@ class DecodeWorker:
             "pulls": 0,
             "recomputes": 0,
             "resumes": 0,  # migrated requests taken over (their KV recomputed here)
+            "forked": 0,  # sequences of n > 1 groups started off one pulled prompt
             "kv_bytes": 0,
             "kv_seconds": 0.0,
             "steps": 0,
@@ -205,11 +216,18 @@ class DecodeWorker:
         self.loop.post(self._add_handoff, HandOff.from_dict(handoff))
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        children: list[tuple[str, SamplingParams]] | None = None,
     ) -> None:
-        """Colocated mode: prefill and decode a prompt here."""
+        """Colocated mode: prefill and decode a prompt here (a sequence group with
+        ``children``: the prompt once, the children sharing its blocks)."""
         self.engine.validate_request(prompt_token_ids, params)
-        self.loop.post(self._add_request, request_id, list(prompt_token_ids), params)
+        for _, child_params in children or []:
+            self.engine.validate_request(prompt_token_ids, child_params)
+        self.loop.post(self._add_request, request_id, list(prompt_token_ids), params, children)
 
     def resume(
         self,
@@ -233,15 +251,30 @@ class DecodeWorker:
 
     # -- the loop thread ----------------------------------------------------------------
 
-    def _add_request(self, request_id: str, ids: list[int], params: SamplingParams) -> None:
-        if request_id in self._aborted:
+    def _add_request(
+        self,
+        request_id: str,
+        ids: list[int],
+        params: SamplingParams,
+        children: list[tuple[str, SamplingParams]] | None = None,
+    ) -> None:
+        if children is not None:
+            children = [c for c in children if c[0] not in self._aborted]
+            if not children:
+                return
+        elif request_id in self._aborted:
             return
+        rids = [c for c, _ in children] if children is not None else [request_id]
         try:
-            self.engine.add_request(request_id, params=params, prompt_token_ids=ids)
+            self.engine.add_request(
+                request_id, params=params, prompt_token_ids=ids, children=children
+            )
         except ValueError as e:
-            self._send_error(request_id, str(e))
+            for rid in rids:
+                self._send_error(rid, str(e))
             return
-        self._started[request_id] = self._clock()
+        for rid in rids:
+            self._started[rid] = self._clock()
 
     def _resume(
         self, request_id: str, ids: list[int], outputs: list[int], params: SamplingParams
@@ -263,7 +296,14 @@ class DecodeWorker:
     def _add_handoff(self, handoff: HandOff) -> None:
         # Aborted, or already resumed here by a migration (a late hand-off of a dead
         # prefill instance): the KV is not wanted.
-        if handoff.request_id in self._aborted or handoff.request_id in self._started:
+        if handoff.children is not None:
+            gone = {c for c in handoff.request_ids if c in self._aborted or c in self._started}
+            if len(gone) == len(handoff.children):
+                self._release(handoff)
+                return
+            self._dropped[handoff.request_id] = gone
+            self._group_of.update((c, handoff.request_id) for c in handoff.request_ids)
+        elif handoff.request_id in self._aborted or handoff.request_id in self._started:
             self._release(handoff)
             return
         self.pending.add(handoff)
@@ -315,13 +355,16 @@ class DecodeWorker:
         blocks = self.engine.block_manager
         while (handoff := self.pending.peek()) is not None:
             running = len(self.engine.scheduler.running) + len(self.transfers)
-            if running >= self.engine.scheduler.config.max_num_seqs:
+            if running + len(handoff.request_ids) - 1 >= self.engine.scheduler.config.max_num_seqs:
                 return
+            # A group's children but the first each copy the prompt's partial block.
             need = handoff.kv.num_blocks
+            if len(handoff.prompt_token_ids) % blocks.block_size:
+                need += len(handoff.request_ids) - 1
             if blocks.num_free_blocks < need + self.config.reserve_blocks:
                 return
             self.pending.pop(handoff.request_id)
-            pull = Pull(handoff, self.engine.reserve_blocks(need))
+            pull = Pull(handoff, self.engine.reserve_blocks(handoff.kv.num_blocks))
             self.transfers.add(pull)
             assert self._pool is not None
             self._pool.submit(self._pull, pull)
@@ -348,6 +391,8 @@ class DecodeWorker:
         self._release(h)
         if pull.aborted:
             self.engine.free_blocks(pull.block_ids)
+            if h.children is not None:
+                self._forget_group(h)
             return
         timings = {"kv_transfer": result.seconds}
         block_table: list[int] | None = pull.block_ids
@@ -363,6 +408,9 @@ class DecodeWorker:
             self.engine.free_blocks(pull.block_ids)
             block_table = None
             timings["recomputed"] = 1.0
+        if h.children is not None:
+            self._add_children(h, block_table, timings)
+            return
         try:
             self.engine.add_prefilled(
                 h.request_id,
@@ -380,6 +428,46 @@ class DecodeWorker:
             return
         self._started[h.request_id] = self._clock()
         self._first_timings[h.request_id] = timings
+
+    def _add_children(
+        self, h: HandOff, block_table: list[int] | None, timings: dict[str, float]
+    ) -> None:
+        """A group's KV is here (or failed to come): fork its children off it."""
+        dropped = self._forget_group(h)
+        live = [c for c in h.children or [] if c.request_id not in dropped]
+        if not live:
+            if block_table is not None:
+                self.engine.free_blocks(block_table)
+            return
+        tables: list[list[int] | None] = [None] * len(live)
+        if block_table is not None:
+            shared = self.engine.share_blocks(block_table, len(h.prompt_token_ids), len(live))
+            tables = list(shared)
+        self._counters["forked"] += len(live)
+        for child, table in zip(live, tables, strict=True):
+            try:
+                self.engine.add_prefilled(
+                    child.request_id,
+                    h.prompt_token_ids,
+                    child.first_token,
+                    child.params,
+                    block_table=table,
+                    generator_state=child.generator_state,
+                    first_logprobs=child.first_logprobs,
+                )
+            except ValueError as e:
+                if table is not None:
+                    self.engine.free_blocks(table)
+                self._send_error(child.request_id, str(e))
+                continue
+            self._started[child.request_id] = self._clock()
+            self._first_timings[child.request_id] = dict(timings)
+
+    def _forget_group(self, h: HandOff) -> set[str]:
+        """Stop tracking a group's children here; returns those dropped meanwhile."""
+        for rid in h.request_ids:
+            self._group_of.pop(rid, None)
+        return self._dropped.pop(h.request_id, set())
 
     def _emit(self, out: RequestOutput) -> None:
         new = list(out.new_token_ids)
@@ -413,6 +501,17 @@ class DecodeWorker:
 
     def _drop(self, request_id: str) -> None:
         """Forget a request wherever it is here, freeing what it holds."""
+        group = self._group_of.get(request_id)
+        if group is not None:  # a child whose group is pending or pulling
+            dropped = self._dropped.setdefault(group, set())
+            dropped.add(request_id)
+            pending = next((h for h in self.pending.values() if h.request_id == group), None)
+            whole = pending or (p.handoff if (p := self.transfers.get(group)) else None)
+            if whole is None or len(dropped) < len(whole.request_ids):
+                return
+            request_id = group  # every child dropped: the group goes
+            if pending is not None:
+                self._forget_group(pending)
         handoff = self.pending.pop(request_id)
         if handoff is not None:
             self._release(handoff)

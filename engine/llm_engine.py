@@ -15,7 +15,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from engine import envs, native
+from engine import envs, native, sequence_group
 from engine.attention import describe, select_backend
 from engine.block_manager import BlockManager
 from engine.config import CacheConfig, EngineConfig, ModelConfig
@@ -27,10 +27,10 @@ from engine.model_runner import ModelRunner, Runner
 from engine.models import LlamaForCausalLM
 from engine.output_processor import RequestState
 from engine.outputs import EngineStats, RequestOutput
-from engine.sampler import SamplingRequest
+from engine.sampler import SamplerOutput, SamplingRequest
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.sequence import Sequence
+from engine.sequence import Sequence, SequenceStatus
 from engine.step import StepPlan, StepShape
 from engine.structured_output import Grammars
 from engine.tokenizer import Tokenizer
@@ -71,6 +71,11 @@ class LLMEngine:
         self._last_plan = StepPlan()
         self._states: dict[str, RequestState] = {}
         self.grammars = Grammars(tokenizer, model_config.vocab_size)
+        # Sequence groups (n > 1) whose children got their first token: forked here to
+        # decode on (False), or held with their prompt's blocks for a prefill instance
+        # to hand off (True; see take_held).
+        self.hold_groups = False
+        self._held: list[tuple[Sequence, list[int]]] = []
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -139,16 +144,38 @@ class LLMEngine:
         params: SamplingParams | None = None,
         *,
         prompt_token_ids: Seq[int] | None = None,
+        children: Seq[tuple[str, SamplingParams]] | None = None,
     ) -> None:
+        """Queue a prompt. With ``children`` ((request id, params) each) it is a
+        sequence group: the prompt is computed once under ``request_id`` and each child
+        gets its own first token from its logits, then decodes as its own request
+        sharing the prompt's blocks. ``params`` is then only the group's own."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params: must be SamplingParams, got {type(params).__name__}")
-        if request_id in self._states:
-            raise ValueError(f"request_id: {request_id!r} is already running")
+        ids_taken = [request_id, *(c for c, _ in children or [])]
+        if len(set(ids_taken)) != len(ids_taken):
+            raise ValueError(f"request_id: the ids of a group must differ, got {ids_taken}")
+        for rid in ids_taken:
+            if rid in self._states:
+                raise ValueError(f"request_id: {rid!r} is already running")
         ids = self._prompt_ids(prompt, prompt_token_ids)
         self._check_fits(ids, params)
         seq = Sequence(request_id, ids, params)
-        seq.logits_processor = build_processor(params, self.tokenizer, self.grammars)
+        kids: list[tuple[Sequence, RequestState]] = []
+        for child_id, child_params in children or []:
+            self._check_fits(ids, child_params)
+            child = Sequence(child_id, ids, child_params, parent=seq)
+            child.logits_processor = build_processor(child_params, self.tokenizer, self.grammars)
+            kids.append((child, RequestState(child, self.tokenizer)))
+        if children is not None:
+            if not kids:
+                raise ValueError("children: a sequence group needs at least one child")
+            seq.children = [child for child, _ in kids]
+            for child, state in kids:
+                self._states[child.request_id] = state
+        else:
+            seq.logits_processor = build_processor(params, self.tokenizer, self.grammars)
         self._states[request_id] = RequestState(seq, self.tokenizer)
         self.scheduler.add(seq)
 
@@ -188,13 +215,28 @@ class LLMEngine:
         if block_table is None:
             self.scheduler.add(seq)
             return
-        if self.block_manager.blocks_needed(len(ids)) > len(block_table):
+        if len(block_table) > self.block_manager.blocks_needed(len(ids)):
             raise ValueError(
-                f"block_table: {len(block_table)} blocks cannot hold {len(ids)} prompt tokens"
+                f"block_table: {len(block_table)} blocks for {len(ids)} prompt tokens"
             )
+        # A table short of the prompt (a group's child without its copy of the last
+        # partial block, see share_blocks) recomputes the rest in its first step.
         seq.block_table = list(block_table)
-        seq.num_computed_tokens = len(ids)
+        seq.num_computed_tokens = min(len(ids), len(block_table) * self.block_manager.block_size)
         self.scheduler.add_running(seq)
+
+    def share_blocks(self, block_ids: list[int], num_tokens: int, n: int) -> list[list[int]]:
+        """``n`` block tables over one sequence's KV (``sequence_group.share_blocks``)."""
+        kv = self.kv_blocks if isinstance(self.runner, ModelRunner) else None
+        return sequence_group.share_blocks(self.block_manager, kv, block_ids, num_tokens, n)
+
+    def take_held(self) -> list[tuple[Sequence, list[int]]]:
+        """With ``hold_groups``: the sequence groups whose children got their first
+        token since the last call, each with its prompt's blocks, which the caller now
+        owns (``free_blocks``); ``seq.children`` are the children not finished yet
+        (none: the blocks are already freed and the list is empty)."""
+        held, self._held = self._held, []
+        return held
 
     def add_resumed(
         self,
@@ -296,6 +338,9 @@ class LLMEngine:
         for i, request_id in enumerate(sampled):
             state = self._states[request_id]
             seq = state.seq
+            if seq.children is not None:
+                outputs.extend(self._fan_out(seq, out.fanout[i], now))
+                continue
             if seq.metrics.first_token_time is None:
                 seq.metrics.first_token_time = now
             token = out.token_ids[i]
@@ -306,12 +351,18 @@ class LLMEngine:
             outputs.append(self._output(state, [token], delta))
         return outputs
 
+    def _fan_out(self, group: Sequence, drawn: SamplerOutput, now: float) -> list[RequestOutput]:
+        return sequence_group.fan_out(self, group, drawn, now)
+
     @property
     def last_step(self) -> StepShape:
         """What the latest non-empty step computed (worked out only when asked)."""
         return self._last_plan.shape()
 
     def _sampling_row(self, seq: Sequence) -> SamplingRequest:
+        if seq.children is not None:
+            fanout = [self._sampling_row(c) for c in seq.children]
+            return SamplingRequest(seq.params, seq.prompt_token_ids, [], None, fanout=fanout)
         if seq.logits_processor is None and seq.params.has_logits_processing:
             # A request that reached this engine by another path (hand-off, migration):
             # a fresh processor replays its output tokens on first use.
@@ -342,7 +393,18 @@ class LLMEngine:
         state = self._states.pop(request_id, None)
         if state is None:
             return None
-        self.scheduler.finish(state.seq, "abort")
+        seq = state.seq
+        group = seq.parent
+        if group is not None and group.children is not None:  # before its first token
+            group.children.remove(seq)
+            seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+            if not group.children:
+                self.abort(group.request_id)
+            return self._output(state, [], "")
+        for child in seq.children or []:  # a group: its children end with it
+            self._states.pop(child.request_id, None)
+            child.status, child.finish_reason = SequenceStatus.FINISHED, "abort"
+        self.scheduler.finish(seq, "abort")
         return self._output(state, [], "")
 
     def close(self) -> None:

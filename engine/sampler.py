@@ -26,7 +26,7 @@ a uniform and a two-level cumsum cost well under 1 ms.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,9 @@ class SamplingRequest:
     generator: torch.Generator | None = None
     # min_tokens, logit_bias, allowed ids, bad words, grammar; None -> nothing to do.
     processor: LogitsProcessor | None = None
+    # A sequence group's row (n > 1): one draw per child row from this row's logits,
+    # reported in SamplerOutput.fanout; this row's own token is the first child's.
+    fanout: list[SamplingRequest] | None = None
 
 
 @dataclass
@@ -61,6 +64,8 @@ class SamplerOutput:
     token_ids: list[int]
     # Per row: [(sampled token, logprob), *top-N (token, logprob)], or None when not asked.
     logprobs: list[list[tuple[int, float]] | None]
+    # Row index -> the draws of its fanout rows, one per child, in order.
+    fanout: dict[int, SamplerOutput] = field(default_factory=dict)
 
 
 def make_generator(
@@ -121,6 +126,8 @@ class Sampler:
         # logits: [B, V] fp32
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits: expected shape [{len(rows)}, V], got {list(logits.shape)}")
+        if any(r.fanout for r in rows):
+            return self._fan_out(logits, rows)
         raw = logits  # logprobs report the model's own distribution, as vLLM's default
         logits = apply_logits_processors(logits, [(r.processor, r.output_token_ids) for r in rows])
         params = [r.params for r in rows]
@@ -144,6 +151,30 @@ class Sampler:
         if wants_logprobs:
             logprobs = _logprobs(raw, rows, token_ids)
         return SamplerOutput(token_ids, logprobs)
+
+    def _fan_out(self, logits: torch.Tensor, rows: Sequence[SamplingRequest]) -> SamplerOutput:
+        """Expand each group row into its children's rows (the same logits repeated),
+        sample them all as one batch, and fold the draws back per group row."""
+        flat: list[SamplingRequest] = []
+        source: list[int] = []
+        for i, r in enumerate(rows):
+            for child in r.fanout or [r]:
+                flat.append(child)
+                source.append(i)
+        index = torch.tensor(source, dtype=torch.long, device=logits.device)
+        drawn = self(logits.index_select(0, index), flat)
+        out = SamplerOutput([], [])
+        k = 0
+        for i, r in enumerate(rows):
+            width = len(r.fanout) if r.fanout else 1
+            out.token_ids.append(drawn.token_ids[k])
+            out.logprobs.append(drawn.logprobs[k])
+            if r.fanout:
+                out.fanout[i] = SamplerOutput(
+                    drawn.token_ids[k : k + width], drawn.logprobs[k : k + width]
+                )
+            k += width
+        return out
 
 
 def _padded(lists: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:

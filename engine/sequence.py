@@ -44,6 +44,11 @@ class Sequence:
     # first needed; rebuilt (by replaying the output) wherever the request moves.
     logits_processor: Any = None
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.monotonic()))
+    # n > 1, a sequence group: this Sequence computes the prompt once and its one sampled
+    # row gives each child its first token (same logits, each child's own params and
+    # seed); the children then share the prompt's blocks (LLMEngine.share_blocks).
+    children: list[Sequence] | None = None
+    parent: Sequence | None = None  # a child's group, until it has its first token
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -3,6 +3,11 @@
 It travels as a plain dict (through a Ray actor call), carrying the request, the first
 token the prefill side sampled, where and how to pull the KV, and, for seeded sampling,
 the request's random generator state so decoding continues the same stream.
+
+A sequence group (``n`` > 1) is one hand-off: ``request_id`` names the group and its
+prompt's KV, which travels once; ``children`` are the sequences, each with its own first
+token, params (seed + i) and generator state. The decode side forks them off the one
+pulled block table (``LLMEngine.share_blocks``).
 """
 
 from __future__ import annotations
@@ -12,6 +17,44 @@ from typing import Any
 
 from engine.sampling_params import SamplingParams
 from kv_transfer.base import KVDescriptor
+
+
+@dataclass(frozen=True)
+class ChildHandOff:
+    """One sequence of a group: what ``LLMEngine.add_prefilled`` needs besides the KV."""
+
+    request_id: str
+    first_token: int
+    params: SamplingParams
+    generator_state: bytes | None = None
+    first_logprobs: list[tuple[int, float]] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "first_token": self.first_token,
+            "params": self.params.to_dict(),
+            "generator_state": self.generator_state,
+            "first_logprobs": _logprobs_out(self.first_logprobs),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ChildHandOff:
+        return cls(
+            request_id=str(d["request_id"]),
+            first_token=int(d["first_token"]),
+            params=SamplingParams.from_dict(d["params"]),
+            generator_state=d.get("generator_state"),
+            first_logprobs=_logprobs_in(d.get("first_logprobs")),
+        )
+
+
+def _logprobs_out(logprobs: list[tuple[int, float]] | None) -> list[list[Any]] | None:
+    return None if logprobs is None else [[t, lp] for t, lp in logprobs]
+
+
+def _logprobs_in(logprobs: Any) -> list[tuple[int, float]] | None:
+    return None if logprobs is None else [(int(t), float(lp)) for t, lp in logprobs]
 
 
 @dataclass(frozen=True)
@@ -27,6 +70,15 @@ class HandOff:
     first_logprobs: list[tuple[int, float]] | None = None
     num_cached_tokens: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    # A sequence group's sequences (None: a single request, first_token and params above).
+    children: list[ChildHandOff] | None = None
+
+    @property
+    def request_ids(self) -> list[str]:
+        """The requests the router streams: the children of a group, else this one."""
+        if self.children is None:
+            return [self.request_id]
+        return [c.request_id for c in self.children]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -43,6 +95,9 @@ class HandOff:
             else [[t, lp] for t, lp in self.first_logprobs],
             "num_cached_tokens": self.num_cached_tokens,
             "timings": dict(self.timings),
+            "children": None
+            if self.children is None
+            else [c.to_dict() for c in self.children],
         }
 
     @classmethod
@@ -62,4 +117,7 @@ class HandOff:
             else [(int(t), float(lp)) for t, lp in logprobs],
             num_cached_tokens=int(d.get("num_cached_tokens", 0)),
             timings={str(k): float(v) for k, v in d.get("timings", {}).items()},
+            children=None
+            if d.get("children") is None
+            else [ChildHandOff.from_dict(c) for c in d["children"]],
         )

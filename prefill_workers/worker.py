@@ -13,6 +13,9 @@ A request's path, through the queues named as the classes below:
 3. Otherwise the engine *detaches* the request, keeping its blocks; they go under a
    lease in the :class:`~kv_transfer.lease.LeaseTable`, the transfer sender publishes
    them, and a :class:`~kv_transfer.handoff.HandOff` goes to the chosen decode instance.
+   A sequence group (``n`` > 1, ``children``) is computed once: the engine samples each
+   child's first token from the prompt's logits (one event per child), holds the
+   prompt's blocks, and one hand-off carries them with every child still running.
 4. The decode instance renews the lease while the request waits for blocks there,
    pulls the KV, and calls ``release``. The lease also ends when nobody renews it in
    time or the request is aborted. Whichever comes first retracts the blocks from the
@@ -37,7 +40,7 @@ from engine.sampling_params import SamplingParams
 from engine.step import StepCost
 from engine.worker_loop import Tombstones, WorkerLoop
 from kv_transfer.base import KVSender
-from kv_transfer.handoff import HandOff
+from kv_transfer.handoff import ChildHandOff, HandOff
 from kv_transfer.lease import Lease, LeaseTable
 
 logger = logging.getLogger(__name__)
@@ -73,6 +76,9 @@ class PrefillQueue:
     def pop(self, request_id: str) -> QueuedPrefill | None:
         return self._items.pop(request_id, None)
 
+    def get(self, request_id: str) -> QueuedPrefill | None:
+        return self._items.get(request_id)
+
     def ids(self) -> list[str]:
         return list(self._items)
 
@@ -107,6 +113,11 @@ class PrefillWorker:
         self.endpoint = ""
         self._clock = clock
         self._aborted = Tombstones()
+        engine.hold_groups = True  # a group's blocks wait for its hand-off (take_held)
+        # Sequence groups by id: their children still wanted; and each child's group.
+        self._groups: dict[str, set[str]] = {}
+        self._group_of: dict[str, str] = {}
+        self._firsts: dict[str, dict[str, RequestOutput]] = {}  # this step's first tokens
         self._counters: dict[str, float] = {
             "handoffs": 0,
             "finished_at_prefill": 0,
@@ -140,10 +151,16 @@ class PrefillWorker:
         prompt_token_ids: list[int],
         params: SamplingParams,
         decode_instance: str,
+        children: list[tuple[str, SamplingParams]] | None = None,
     ) -> None:
-        """Queue a prompt; ValueError naming the field if it cannot run."""
+        """Queue a prompt; ValueError naming the field if it cannot run. ``children``:
+        a sequence group's (request id, params), see ``LLMEngine.add_request``."""
         self.engine.validate_request(prompt_token_ids, params)
-        self.loop.post(self._add, request_id, list(prompt_token_ids), params, decode_instance)
+        for _, child_params in children or []:
+            self.engine.validate_request(prompt_token_ids, child_params)
+        self.loop.post(
+            self._add, request_id, list(prompt_token_ids), params, decode_instance, children
+        )
 
     def abort(self, request_id: str) -> None:
         self.loop.post(self._abort, request_id)
@@ -166,21 +183,37 @@ class PrefillWorker:
     # -- the loop thread ----------------------------------------------------------------
 
     def _add(
-        self, request_id: str, ids: list[int], params: SamplingParams, decode_instance: str
+        self,
+        request_id: str,
+        ids: list[int],
+        params: SamplingParams,
+        decode_instance: str,
+        children: list[tuple[str, SamplingParams]] | None = None,
     ) -> None:
-        if request_id in self._aborted:
+        if children is not None:
+            children = [c for c in children if c[0] not in self._aborted]
+            if not children:
+                return
+        elif request_id in self._aborted:
             return
         try:
-            self.engine.add_request(request_id, params=params, prompt_token_ids=ids)
+            self.engine.add_request(
+                request_id, params=params, prompt_token_ids=ids, children=children
+            )
         except ValueError as e:  # e.g. a duplicate id; validation ran before
-            self._send_error(request_id, str(e))
+            for rid in [c for c, _ in children] if children else [request_id]:
+                self._send_error(rid, str(e))
             return
+        if children is not None:
+            self._groups[request_id] = {c for c, _ in children}
+            self._group_of.update((c, request_id) for c, _ in children)
         self.queue.add(QueuedPrefill(request_id, len(ids), decode_instance, self._clock()))
 
     def _tick(self) -> bool:
         for lease in self.leases.expire():
             logger.warning("%s: lease of %s expired unpulled", self.name, lease.request_id)
             self._counters["expired_leases"] += 1
+            self._forget_group(lease.request_id)
             self._free(lease)
         if not self.engine.has_unfinished():
             return False
@@ -192,7 +225,9 @@ class PrefillWorker:
             for request_id in self.queue.ids():
                 self.engine.abort(request_id)
                 self.queue.pop(request_id)
-                self._send_error(request_id, f"prefill step failed: {e}")
+                for rid in self._groups.get(request_id) or [request_id]:
+                    self._send_error(rid, f"prefill step failed: {e}")
+                self._forget_group(request_id)
             return True
         self._counters["steps"] += 1
         self._counters["step_seconds"] += time.perf_counter() - started
@@ -200,10 +235,14 @@ class PrefillWorker:
             self._counters["profiled_seconds"] += self.step_cost(self.engine.last_step) / 1e3
         for out in outputs:
             self._on_first_token(out)
+        for group, blocks in self.engine.take_held():
+            self._hand_off_group(group, blocks)
         return True
 
     def _on_first_token(self, out: RequestOutput) -> None:
-        item = self.queue.pop(out.request_id)
+        group = self._group_of.get(out.request_id)
+        # A child: its event now, the group's hand-off once all have their first token.
+        item = self.queue.get(group) if group is not None else self.queue.pop(out.request_id)
         if item is None:
             return
         now = self._clock()
@@ -225,8 +264,13 @@ class PrefillWorker:
             num_cached_tokens=out.num_cached_tokens,
             timings=timings,
         )
+        if group is not None:
+            self._firsts.setdefault(group, {})[out.request_id] = out
         if out.finished:
             self._counters["finished_at_prefill"] += 1
+            self.events.send(event)
+            return
+        if group is not None:
             self.events.send(event)
             return
         seq, blocks = self.engine.detach(out.request_id)
@@ -252,14 +296,80 @@ class PrefillWorker:
         self._counters["handoffs"] += 1
         self.hand_off(item.decode_instance, handoff.to_dict())
 
+    def _hand_off_group(self, group: Any, blocks: list[int]) -> None:
+        """A group's children have their first tokens (sent): hand the prompt's KV and
+        the children still running to the decode instance, in one hand-off."""
+        gid = group.request_id
+        item = self.queue.pop(gid)
+        firsts = self._firsts.pop(gid, {})
+        wanted = self._groups.get(gid, set())
+        live = [c for c in group.children or [] if c.request_id in wanted]
+        if item is None or not live:
+            if blocks:
+                self.engine.free_blocks(blocks)
+            self._forget_group(gid)
+            return
+        children = []
+        for c in live:
+            first = firsts.get(c.request_id)
+            state = None if c.generator is None else bytes(c.generator.get_state().tolist())
+            children.append(
+                ChildHandOff(
+                    request_id=c.request_id,
+                    first_token=c.output_token_ids[0],
+                    params=c.params,
+                    generator_state=state,
+                    first_logprobs=first.logprobs[0] if first and first.logprobs else None,
+                )
+            )
+        self._groups[gid] = {c.request_id for c in children}
+        desc = self.sender.describe(gid, group.num_prompt_tokens, blocks)
+        self.leases.grant(gid, blocks)
+        self.sender.publish(desc)
+        now = self._clock()
+        started = group.metrics.first_scheduled_time
+        handoff = HandOff(
+            request_id=gid,
+            prompt_token_ids=group.prompt_token_ids,
+            first_token=children[0].first_token,
+            params=group.params,
+            kv=desc,
+            source=self.name,
+            source_endpoint=self.endpoint,
+            num_cached_tokens=group.num_cached_tokens,
+            timings={"queue": (started or now) - item.arrival, "prefill": now - (started or now)},
+            children=children,
+        )
+        self._counters["handoffs"] += 1
+        self.hand_off(item.decode_instance, handoff.to_dict())
+
+    def _forget_group(self, group: str) -> None:
+        for child in self._groups.pop(group, set()):
+            self._group_of.pop(child, None)
+        self._firsts.pop(group, None)
+
     def _abort(self, request_id: str) -> None:
         self._aborted.add(request_id)
+        group = self._group_of.pop(request_id, None)
+        if group is not None:  # one child: the group goes on while others want it
+            wanted = self._groups.get(group, set())
+            wanted.discard(request_id)
+            if group in self.queue:
+                self.engine.abort(request_id)  # the engine drops the group with its last
+                if not wanted:
+                    self.queue.pop(group)
+                    self._forget_group(group)
+            elif not wanted:
+                self._forget_group(group)
+                self._end_lease(group)
+            return
         if self.queue.pop(request_id) is not None:
             self.engine.abort(request_id)
         else:
             self._end_lease(request_id)
 
     def _end_lease(self, request_id: str) -> None:
+        self._forget_group(request_id)
         lease = self.leases.end(request_id)
         if lease is not None:
             self._free(lease)

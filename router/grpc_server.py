@@ -30,8 +30,10 @@ from grpc_reflection.v1alpha import reflection
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc as pb_grpc
 from engine.outputs import RequestOutput
+from router import grpc_group
 from router import grpc_wire as wire
 from router.errors import ErrorKind, RouterError
+from router.grpc_group import requested_n
 from router.service import Router
 from router.slo_status import slo_status
 from router.tokenize_api import VocabularySource
@@ -105,6 +107,10 @@ class BatonServicer(pb_grpc.BatonServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
         async def run() -> pb.GenerateResponse:
+            n = requested_n(self.router, request)
+            if n > 1:
+                vocab = await self._vocab(request)
+                return await grpc_group.generate(self.router, request, n, vocab)
             last = None
             async with _outputs(self.router, request) as outputs:
                 async for out in outputs:
@@ -119,7 +125,11 @@ class BatonServicer(pb_grpc.BatonServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> None:
         async def run() -> None:
+            n = requested_n(self.router, request)
             vocab = await self._vocab(request)
+            if n > 1:
+                await grpc_group.stream(self.router, request, n, vocab, context.write)
+                return
             async with _outputs(self.router, request) as outputs:
                 async for out in outputs:
                     if out.new_token_ids or out.delta_text or out.finished:

@@ -38,17 +38,14 @@ from router import dashboard
 from router.errors import ErrorKind, RouterError
 from router.metrics import RouterMetrics
 from router.openai_protocol import (
-    SSE_DONE,
     ApiRequest,
-    ResponseBuilder,
     TokenText,
-    error_body,
     invalid,
     parse_chat,
     parse_completion,
     parse_json_body,
-    sse,
 )
+from router.openai_response import SSE_DONE, ResponseBuilder, error_body, sse
 from router.parallel_sampling import answer_n
 from router.service import Router
 from router.tokenize_api import VocabularySource, detokenize, render_chat, tokenize

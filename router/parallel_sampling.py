@@ -1,24 +1,23 @@
 """``n`` > 1: several sequences for one prompt, each with its own ``index``.
 
-What this does (not yet the shared-KV design of issue 16): the router runs the n
-sequences as n child requests of the same prompt (ids ``<request id>-<i>``), at once,
-through the normal disaggregated path, and merges their outputs into one response or
-one stream. The prompt's KV is shared only as far as the prefill instance's prefix
-cache shares it (its full blocks, once the first child has computed them); each child
-holds its own blocks on the decode side and its KV is transferred separately. A seeded
-request gives child i the seed ``seed + i`` (so sequence i is reproducible, and the
-sequences differ), as vLLM does.
+The router sends the n sequences as one sequence group (``Router.open_group``,
+``cluster.groups``): the prompt is prefilled once, each sequence's first token sampled
+from its logits, its KV sent once to one decode instance, where the sequences share the
+prompt's blocks. Each sequence streams as a child request (ids ``<request id>-<i>``)
+and this module merges their outputs into one response or one stream, each choice with
+its ``index``. A seeded request gives sequence i the seed ``seed + i`` (so sequence i is
+reproducible, and the sequences differ), as vLLM does.
 
-The first output of every child arrives before anything is answered, so a bad request
-is a plain 400 (every child fails the same way). Leaving early (a client that goes
-away) closes every child's stream, which aborts it on every instance.
+A bad request is refused before the group is queued (a plain 400, nothing allocated),
+and the first output of every child arrives before anything is answered. Leaving early
+(a client that goes away) closes every child's stream, which aborts it everywhere.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any, cast
 
@@ -26,7 +25,8 @@ from aiohttp import web
 
 from engine.outputs import RequestOutput
 from router.errors import ErrorKind, RouterError
-from router.openai_protocol import SSE_DONE, ApiRequest, ResponseBuilder, error_body, sse
+from router.openai_protocol import ApiRequest
+from router.openai_response import SSE_DONE, ResponseBuilder, error_body, sse
 from router.service import Router
 
 
@@ -41,13 +41,11 @@ def children(api: ApiRequest, n: int) -> list[ApiRequest]:
     return out
 
 
-class _Merged:
+class Merged:
     """The children's output streams, read concurrently into one queue."""
 
-    def __init__(self, router: Router, apis: list[ApiRequest]):
-        self.streams = [
-            cast(AsyncGenerator[RequestOutput, None], router.stream(a.input)) for a in apis
-        ]
+    def __init__(self, streams: list[AsyncIterator[RequestOutput]]):
+        self.streams = [cast(AsyncGenerator[RequestOutput, None], s) for s in streams]
         self.queue: asyncio.Queue[tuple[int, RequestOutput | BaseException]] = asyncio.Queue()
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -95,7 +93,11 @@ async def answer_n(
     apis = children(api, n)
     builders = [make_builder(a) for a in apis]
     parent = make_builder(api).id
-    merged = _Merged(router, apis)
+    try:
+        streams = await router.open_group(api.input, n)
+    except RouterError as e:
+        raise api.client_error(e) from e
+    merged = Merged(streams)
     merged.start()
     try:
         pending: list[tuple[int, RequestOutput]] = []
@@ -144,7 +146,7 @@ async def _stream(
     api: ApiRequest,
     builders: list[ResponseBuilder],
     parent: str,
-    merged: _Merged,
+    merged: Merged,
     pending: list[tuple[int, RequestOutput]],
 ) -> web.StreamResponse:
     response = web.StreamResponse(

@@ -118,8 +118,11 @@ class Router:
                 "model",
             )
 
-    async def stream(self, request: GenerateInput) -> AsyncIterator[RequestOutput]:
+    async def stream(
+        self, request: GenerateInput, source: AsyncIterator[RequestOutput] | None = None
+    ) -> AsyncIterator[RequestOutput]:
         """Yield output snapshots until the request finishes; RouterError on failure.
+        ``source``: one sequence of :meth:`open_group`, instead of sending ``request``.
 
         The request is recorded exactly once, on every way out (the ``finally``): a
         consumer that stops at the finished output (the HTTP stream) still records it,
@@ -133,13 +136,15 @@ class Router:
                 raise RouterError(ErrorKind.UNAVAILABLE, "server: shutting down; retry elsewhere")
             self._check_model(request.model)
             outcome = "aborted"  # until the finished output: leaving now is an abort
-            async for out in self.cluster.stream(
-                request.prompt,
-                request.params,
-                prompt_token_ids=request.prompt_token_ids,
-                messages=request.messages,
-                request_id=request.request_id,
-            ):
+            if source is None:
+                source = self.cluster.stream(
+                    request.prompt,
+                    request.params,
+                    prompt_token_ids=request.prompt_token_ids,
+                    messages=request.messages,
+                    request_id=request.request_id,
+                )
+            async for out in source:
                 last = out
                 if out.finish_reason == "error":
                     outcome = "error"
@@ -161,8 +166,39 @@ class Router:
             outcome = "error"
             raise
         finally:
+            if source is not None:
+                await source.aclose()  # type: ignore[attr-defined]  # aborts it if running
             if self.metrics is not None:
                 self.metrics.request_finished(self._record(last, start, times, outcome))
+
+    async def open_group(
+        self, request: GenerateInput, n: int
+    ) -> list[AsyncIterator[RequestOutput]]:
+        """``n`` sequences for one prompt, its KV computed once and shared
+        (``cluster.groups``); once accepted, one :meth:`stream` per sequence, index i
+        the request ``<id>-i``. RouterError (nothing left running) when refused."""
+        try:
+            if self.shutting_down:
+                raise RouterError(ErrorKind.UNAVAILABLE, "server: shutting down; retry elsewhere")
+            self._check_model(request.model)
+            sources = await self.cluster.stream_n(
+                request.prompt,
+                request.params,
+                n,
+                prompt_token_ids=request.prompt_token_ids,
+                messages=request.messages,
+                request_id=request.request_id,
+            )
+        except ValueError as e:
+            self.rejected()
+            raise RouterError.invalid(str(e)) from e
+        except RuntimeError as e:
+            self.rejected()
+            raise RouterError(ErrorKind.UNAVAILABLE, str(e)) from e
+        except RouterError:
+            self.rejected()
+            raise
+        return [self.stream(request, source) for source in sources]
 
     def rejected(self) -> None:
         """Count a request a front end refused before :meth:`stream` (a malformed body,

@@ -17,9 +17,9 @@ The chat template receives ``tools`` (as transformers' ``apply_chat_template`` d
 when a request has tools, the router renders the prompt itself with the model's
 template (or the request's ``chat_template``) and sends the token ids.
 
-Streaming: a request with tools streams its tool calls in OpenAI's delta shape (a delta
-per call with its index, id, name, then its arguments) once the output is complete, so
-that ``auto`` can tell a call from content; content is streamed the same way.
+Streaming: a request with tools streams its tool calls in OpenAI's delta shape as the
+model writes them (``router.tool_stream``: a delta per call with its index, id and name,
+then its arguments as they grow); Llama 3 JSON's ``auto`` is told from content at the end.
 """
 
 from __future__ import annotations
@@ -215,15 +215,3 @@ def message(content: str | None, calls: list[dict[str, Any]]) -> dict[str, Any]:
     if calls:
         out["tool_calls"] = calls
     return out
-
-
-def call_deltas(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """OpenAI's streamed shape: per call, its header then its arguments."""
-    deltas = []
-    for i, c in enumerate(calls):
-        fn = c["function"]
-        head = {"index": i, "id": c["id"], "type": "function",
-                "function": {"name": fn["name"], "arguments": ""}}  # fmt: skip
-        deltas.append({"tool_calls": [head]})
-        deltas.append({"tool_calls": [{"index": i, "function": {"arguments": fn["arguments"]}}]})
-    return deltas

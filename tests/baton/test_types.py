@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_sampling_fields_match_the_engine_and_the_proto() -> None:
     engine = [f.name for f in dataclasses.fields(EngineSamplingParams)]
-    assert [f.name for f in dataclasses.fields(SamplingParams)] == engine
+    # and n, which the SDK carries in its params as vLLM does (GenerateRequest.n)
+    assert [f.name for f in dataclasses.fields(SamplingParams)] == [*engine, "n"]
     assert [f.name for f in pb.SamplingParams.DESCRIPTOR.fields] == engine
 
 

@@ -24,12 +24,11 @@ from router.http_server import MAX_BODY_BYTES
 from router.metrics import RouterMetrics
 from router.openai_protocol import (
     CHAT_DEFAULT_MAX_TOKENS,
-    ResponseBuilder,
     parse_chat,
     parse_completion,
     parse_json_body,
-    sse,
 )
+from router.openai_response import ResponseBuilder, sse
 from router.service import Router
 from tests.router.servers import HttpServerThread, wait_cluster_idle
 

@@ -11,6 +11,7 @@ import re
 import socket
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import jsonschema
@@ -291,6 +292,7 @@ def test_bad_input_is_400_naming_the_field_with_nothing_allocated(
         ({"logit_bias": {"10000000": 5}}, "logit_bias"),
         ({"allowed_token_ids": [10000000]}, "allowed_token_ids"),
         ({"guided_json": bad_pattern}, "guided_json"),
+        ({"n": 3, "logit_bias": {"10000000": 5}}, "logit_bias"),  # a group, refused whole
     ]  # fmt: skip
     for stream in (False, True):
         for extra, param in cases:
@@ -327,6 +329,47 @@ def test_sdk_over_grpc(router: Router, vocab: Vocabulary) -> None:
                     "Hi", baton.SamplingParams(structured_output=baton.StructuredOutput.regex("a("))
                 )
             assert "guided_regex" in str(info.value)
+    finally:
+        st.stop()
+
+
+def test_n_over_grpc_with_the_sdk(router: Router, cluster: Cluster) -> None:
+    st = ServerThread(router)
+    try:
+        with baton.Client(st.target) as sdk:
+            greedy = baton.SamplingParams(max_tokens=6, temperature=0)
+            one = sdk.generate("The capital of France is", greedy)
+            before = [_counter(cluster, r, c) for r, c in MOVES]
+            three = sdk.generate("The capital of France is", replace(greedy, n=3, logprobs=1))
+            after = [_counter(cluster, r, c) for r, c in MOVES]
+            assert [b - a for a, b in zip(before, after, strict=True)] == [1, 1, 3]
+            assert [s.index for s in three.sequences] == [0, 1, 2]
+            assert [s.token_ids for s in three.sequences] == [one.token_ids] * 3
+            assert all(s.logprobs and len(s.logprobs) == 6 for s in three.sequences)
+            assert three.text == one.text and three.usage.completion_tokens == 18
+            seeded = baton.SamplingParams(max_tokens=8, temperature=1.0, seed=3, n=3)
+            a = sdk.generate("Once upon a time", seeded)
+            texts: dict[int, str] = {}
+            ends: dict[int, str | None] = {}
+            usage = []
+            for c in sdk.stream("Once upon a time", seeded):
+                texts[c.index] = texts.get(c.index, "") + c.text
+                if c.finish_reason:
+                    ends[c.index] = c.finish_reason
+                if c.usage is not None:
+                    usage.append(c.usage)
+            assert [texts[i] for i in range(3)] == [s.text for s in a.sequences]
+            assert set(ends) == {0, 1, 2} and len(usage) == 1
+            assert usage[0].completion_tokens == sum(len(s.token_ids) for s in a.sequences)
+            alone = sdk.generate("Once upon a time", replace(seeded, n=None, seed=5))
+            assert alone.text == a.sequences[2].text  # sequence i: the seed + i request
+            for bad in (17, 0):
+                with pytest.raises(baton.BatonError) as info:
+                    sdk.generate("Hi", replace(greedy, n=bad))
+                assert info.value.code.name == "INVALID_ARGUMENT" and info.value.field == "n"
+            with pytest.raises(baton.BatonError) as info:  # a group refused whole
+                sdk.generate("Hi", replace(greedy, n=2, logit_bias={10_000_000: 1.0}))
+            assert info.value.field == "logit_bias"
     finally:
         st.stop()
 
@@ -377,16 +420,36 @@ def test_forced_tool_calls_validate(client: openai.OpenAI, temperature: float) -
     stream = client.chat.completions.create(
         **common, tool_choice=named, seed=9, max_tokens=100, stream=True
     )
+    parts, reasons, pieces = _reassemble(stream)
+    assert reasons[-1] == "tool_calls" and parts[0]["name"] == "get_weather"
+    jsonschema.validate(json.loads(parts[0]["arguments"]), WEATHER)
+    assert pieces[0] > 2  # the arguments streamed as the model wrote them, not at the end
+    stream = client.chat.completions.create(
+        **common, tool_choice="required", seed=8, max_tokens=150, stream=True
+    )
+    parts, reasons, pieces = _reassemble(stream)
+    assert reasons[-1] in ("tool_calls", "length") and parts and pieces[0] > 2
+    if reasons[-1] == "tool_calls":
+        streamed = [(p["name"], json.loads(p["arguments"])) for p in parts.values()]
+        assert streamed == [
+            (c.function.name, json.loads(c.function.arguments))
+            for c in out.choices[0].message.tool_calls
+        ]  # the same seeded output as the whole response above
+
+
+def _reassemble(stream: Any) -> tuple[dict[int, dict[str, str]], list[Any], dict[int, int]]:
+    """Tool-call deltas put together as clients do; with each call's argument chunks."""
     parts: dict[int, dict[str, str]] = {}
+    pieces: dict[int, int] = {}
     reasons = []
     for chunk in stream:
         for d in chunk.choices[0].delta.tool_calls or []:
             part = parts.setdefault(d.index, {"name": "", "arguments": ""})
             part["name"] += d.function.name or ""
             part["arguments"] += d.function.arguments or ""
+            pieces[d.index] = pieces.get(d.index, 0) + bool(d.function.arguments)
         reasons.append(chunk.choices[0].finish_reason)
-    assert reasons[-1] == "tool_calls" and parts[0]["name"] == "get_weather"
-    jsonschema.validate(json.loads(parts[0]["arguments"]), WEATHER)
+    return parts, reasons, pieces
 
 
 def test_auto_and_none_tool_choice(client: openai.OpenAI, server: HttpServerThread) -> None:
@@ -404,6 +467,15 @@ def test_auto_and_none_tool_choice(client: openai.OpenAI, server: HttpServerThre
     assert choice.message.tool_calls, choice.message.content  # the model follows the shot
     assert choice.finish_reason == "tool_calls"
     _check_calls(choice.message.tool_calls)
+    stream = client.chat.completions.create(
+        model="", messages=shots, tools=TOOLS, temperature=0, max_tokens=40, stream=True,
+        extra_body={"chat_template": HERMES_TEMPLATE},
+    )  # fmt: skip
+    parts, reasons, pieces = _reassemble(stream)
+    assert reasons[-1] == "tool_calls" and pieces[0] > 1
+    assert [(p["name"], json.loads(p["arguments"])) for p in parts.values()] == [
+        (c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls
+    ]
     plain = client.chat.completions.create(
         model="", messages=shots, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=8
     )
@@ -415,10 +487,18 @@ def test_auto_and_none_tool_choice(client: openai.OpenAI, server: HttpServerThre
     assert with_tools[1]["count"] > without
 
 
-def test_n_sequences(client: openai.OpenAI, server: HttpServerThread) -> None:
+def _counter(cluster: Cluster, role: str, name: str) -> float:
+    return sum(s.counters.get(name, 0) for s in cluster.stats() if s.role == role)
+
+
+def test_n_sequences(client: openai.OpenAI, server: HttpServerThread, cluster: Cluster) -> None:
     prompt = "The capital of France is"
     one = client.completions.create(model="", prompt=prompt, max_tokens=8, temperature=0)
+    before = [_counter(cluster, r, c) for r, c in MOVES]
     three = client.completions.create(model="", prompt=prompt, max_tokens=8, temperature=0, n=3)
+    # One prompt prefilled, handed off and pulled once; three sequences forked off it.
+    after = [_counter(cluster, r, c) for r, c in MOVES]
+    assert [b - a for a, b in zip(before, after, strict=True)] == [1, 1, 3]
     assert [c.index for c in three.choices] == [0, 1, 2]
     assert [c.text for c in three.choices] == [one.choices[0].text] * 3
     assert three.usage.completion_tokens == 3 * one.usage.completion_tokens
@@ -443,6 +523,9 @@ def test_n_sequences(client: openai.OpenAI, server: HttpServerThread) -> None:
         "POST", "/v1/completions", json.dumps({"prompt": "x", "n": 17}).encode()
     )
     assert status == 400 and reply["error"]["param"] == "n"
+
+
+MOVES = [("prefill", "handoffs"), ("decode", "pulls"), ("decode", "forked")]
 
 
 @pytest.mark.parametrize("stream", [True, False])
