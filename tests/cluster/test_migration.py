@@ -99,9 +99,7 @@ def test_without_a_live_prefill_instance_decode_recomputes() -> None:
     t = Setup(live={"decode-0", "decode-1"})
     t.stream("r", "prefill-0", "decode-0")
     assert t.migrator.lost("prefill-0", "dead") == 1
-    assert t.actors["decode-1"].calls == [
-        ("resume_request", ("r", None, [1, 2, 3], [], {}, None))
-    ]
+    assert t.actors["decode-1"].calls == [("resume_request", ("r", None, [1, 2, 3], [], {}, None))]
     c = t.migrator.counters
     assert (c["to_prefill"], c["to_decode"], c["prefill_fallbacks"]) == (0, 1, 1)
 
