@@ -152,9 +152,12 @@ def test_chaos(name: str, chaos_cluster: Cluster, offline: LLM) -> None:
     scenario = SCENARIOS[name]
     if scenario.slow and not SLOW:
         pytest.skip("heavy variant: set BATON_SLOW_TESTS=1")
-    _wait_serving(chaos_cluster)
     ids, params = _load(offline, scenario.requests)
     expected = offline.generate(prompt_token_ids=ids, params=params)
+    # After the offline run: on a crowded machine Ray's memory monitor may have killed
+    # an instance meanwhile (Ray restarts it), and a cluster with no decode instance
+    # serving refuses new requests.
+    _wait_serving(chaos_cluster)
     assert chaos_cluster.migrator is not None
     before = dict(chaos_cluster.migrator.counters)
 
