@@ -617,8 +617,10 @@ class Cluster:
         for ref in refs:
             try:
                 reply = ray.get(ref, timeout=0)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                continue  # restarting, dead or not answering
+            except ray.exceptions.RayError:
+                # Restarting, dead, not answering, or the call itself was lost (Ray's
+                # memory monitor kills a task's worker with an OutOfMemoryError).
+                continue
             if reply is not None:
                 out.append(InstanceStats(**reply))
         return out
