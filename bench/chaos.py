@@ -9,7 +9,9 @@ after). The outputs are compared with the offline engine's (a fault-free run).
 
 Reported per transport: requests failed, outputs differing, streams whose tokens were
 duplicated or lost (what the stream delivered is not exactly the final output), KV
-blocks still held after the run, migrations by cause, the recovery time of each
+blocks still held after the run, migrations by cause and by where they went (a lost
+prefill instance's unstarted prompts to another prefill instance, the rest resumed on a
+decode instance), the recovery time of each
 migrated request (from the fault to its next token: p50 / p99), and the throughput dip
 (the lowest 1-second token rate within 10 s after a fault over the run's median).
 Targets: 0 failed, 0 differing, 0 duplicated or lost, 0 leaked; recovery p99 under 3 s
@@ -195,13 +197,16 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for transport in args.transports:
         results.append(asyncio.run(_run_one(args, transport)))
-    print("| transport | failed | differing | dup/lost | leaked | recovery p50 / p99 | dip |")
-    print("|---|---|---|---|---|---|---|")
+    print("| transport | failed | differing | dup/lost | leaked | recovery p50 / p99 | dip "
+          "| moved to prefill / decode |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
+        moved = r["migrations"]
         print(
             f"| {r['transport']} | {r['failed']} | {r['differing']} | {r['duplicated_or_lost']} "
             f"| {r['leaked_blocks']} | {r['recovery_p50_s']:.2f} s / {r['recovery_p99_s']:.2f} s "
-            f"| {r['throughput_dip_min_over_median']} |"
+            f"| {r['throughput_dip_min_over_median']} "
+            f"| {moved.get('to_prefill', 0)} / {moved.get('to_decode', 0)} |"
         )
     if args.json_out:
         with open(args.json_out, "w") as f:

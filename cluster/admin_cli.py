@@ -65,7 +65,11 @@ def add_parsers(sub: Any) -> None:
         return p
 
     p = verb("status", "pools and instances of a running cluster", _status)
-    p.add_argument("--watch", action="store_true", help="refresh every --interval seconds")
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        help="refresh every --interval seconds until Ctrl-C (then exit 0)",
+    )
     p.add_argument("--interval", type=_seconds, default=2.0, help="default: %(default)s")
     for name, text in (("cordon", "route no new work to"), ("uncordon", "route work again to")):
         p = verb(name, f"{text} INSTANCE", _cordon)
@@ -85,7 +89,12 @@ def add_parsers(sub: Any) -> None:
     verb("requests", "requests in flight", _requests)
     p = verb("abort", "abort a request in flight", _abort)
     p.add_argument("request_id", metavar="REQUEST_ID")
-    p = verb("apply", "scale the running cluster to a plan (baton plan --out)", _apply)
+    p = verb(
+        "apply",
+        "scale the running cluster to a plan (baton plan --out); a plan "
+        "whose layouts (TP x PP) differ from the running instances' is refused",
+        _apply,
+    )
     p.add_argument("plan", metavar="PLAN.json")
     p.add_argument("--dry-run", action="store_true", help="show the difference only")
 
@@ -116,6 +125,15 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def _status(args: argparse.Namespace) -> int:
+    try:
+        return _show_status(args)
+    except KeyboardInterrupt:
+        if args.watch:  # Ctrl-C is how a watch ends
+            return 0
+        raise
+
+
+def _show_status(args: argparse.Namespace) -> int:
     with _client(args) as admin:
         while True:
             status = admin.status(timeout=30)
@@ -219,9 +237,45 @@ def _apply(args: argparse.Namespace) -> int:
         _err(str(e))
         return EXIT_USAGE
     args.drain_timeout = None
+    with _client(args) as admin:
+        refusal = layout_refusal(deployment, admin.status(timeout=30))
+    if refusal is not None:
+        _err(refusal)
+        return EXIT_FAILED
     if deployment["mode"] == "colocated":
         return _scale_to(args, None, deployment["decode"])
     return _scale_to(args, deployment["prefill"], deployment["decode"])
+
+
+def layout_refusal(deployment: dict[str, Any], status: Any) -> str | None:
+    """Why the plan (``cluster.cli.plan_deployment``) cannot be applied to the running
+    cluster (``status``), or None. Only counts change live: an instance's layout (TP x PP)
+    and the mode are fixed when ``baton serve`` starts (a new instance takes its role's
+    layout), so a plan that differs there is refused, naming the first instance at odds."""
+    if deployment["mode"] != status.mode:
+        return (
+            f"plan: it is {deployment['mode']} but the cluster runs {status.mode}; the mode "
+            "cannot change on a live cluster (restart: baton serve --plan PLAN.json)"
+        )
+    wanted = {"colocated": deployment.get("decode_parallel")}
+    if deployment["mode"] == "disaggregated":
+        wanted = {r: deployment[f"{r}_parallel"] for r in ("prefill", "decode")}
+    seen = set()
+    for inst in status.instances:
+        if not inst.tp:  # not serving: it reports no layout
+            continue
+        seen.add(inst.role)
+        want = tuple(wanted.get(inst.role) or (inst.tp, inst.pp))
+        if (inst.tp, inst.pp) != want:
+            return (
+                f"instance {inst.name}: runs tp{inst.tp}pp{inst.pp} but the plan wants "
+                f"tp{want[0]}pp{want[1]} for {inst.role}; a layout cannot change on a live "
+                "cluster (restart: baton serve --plan PLAN.json)"
+            )
+    unknown = sorted(set(wanted) - seen)
+    if unknown:
+        return f"{unknown[0]}: no instance is serving to compare the plan's layout with; retry"
+    return None
 
 
 def _requests(args: argparse.Namespace) -> int:

@@ -31,7 +31,7 @@ from cluster.control import DEFAULT_DRAIN_TIMEOUT_S, Controller, requests_in_fli
 from cluster.dispatch import InstanceLoad, RoutePolicy, RouteRequest, default_policy
 from cluster.health import HealthMonitor
 from cluster.membership import Membership
-from cluster.migration import Migrator, Target, pick_decode
+from cluster.migration import Migrator, Target, pick_decode, pick_prefill
 from cluster.node_address import host_ip
 from cluster.planner.latency import ProfileSet
 from cluster.ray_connect import DEFAULT_CONNECT_TIMEOUT_S
@@ -205,7 +205,7 @@ class Cluster:
             self.migrator = Migrator(
                 self._receiver.streams, self._migration_target, self._abort_on,
                 lambda rid, msg: self.abort(rid, reason="error", error=msg),
-                limit=self.max_migrations,
+                limit=self.max_migrations, pick_prefill=self._prefill_target,
             )  # fmt: skip
             builder.start_all(self.instances, self._receiver.address, self.start_timeout_s)
             self._health = HealthMonitor(
@@ -307,6 +307,11 @@ class Cluster:
 
     def _migration_target(self, exclude: set[str]) -> Target | None:
         name = pick_decode(self._loads(), exclude)
+        by_name = {i.name: i for i in self.instances}
+        return None if name is None else Target(name, by_name[name].actor)
+
+    def _prefill_target(self, exclude: set[str]) -> Target | None:
+        name = pick_prefill(self._loads(), exclude)
         by_name = {i.name: i for i in self.instances}
         return None if name is None else Target(name, by_name[name].actor)
 
@@ -474,12 +479,17 @@ class Cluster:
     def _accepted(self, stream: RequestStream, reply: Any) -> RequestStream:
         """The first instance's answer (or the error its call raised). One that could not
         take the request (it died or restarts) is not the client's fault: the request
-        migrates to a decode instance, which computes the prompt itself."""
+        migrates: to another prefill instance (or, with none live, to a decode instance,
+        which computes the prompt itself)."""
         if isinstance(reply, ray.exceptions.RayError) or reply.get("retry"):
             assert self.migrator is not None
             if stream.migrations == 0:  # else the health monitor moved it already
                 first = stream.trace.prefill or stream.trace.decode
-                self.migrator.migrate(stream, "unavailable", {first} if first else set())
+                away = {first} if first else set()
+                if stream.trace.prefill:
+                    self.migrator.redispatch(stream, "unavailable", away)
+                else:
+                    self.migrator.migrate(stream, "unavailable", away)
             return stream
         if "error" in reply:
             self._require_started().unregister(stream.request_id)
@@ -639,8 +649,10 @@ class Cluster:
         for ref in refs:
             try:
                 reply = ray.get(ref, timeout=0)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                continue  # restarting, dead or not answering
+            except ray.exceptions.RayError:
+                # Restarting, dead, not answering, or the call itself was lost (Ray's
+                # memory monitor kills a task's worker with an OutOfMemoryError).
+                continue
             if reply is not None:
                 out.append(InstanceStats(**reply))
         return out

@@ -47,6 +47,7 @@ def decode_preference(
         return (0, active, -free)
     return (1, -free, active)
 
+
 # (request, loads of the serving instances) -> (prompt instance, decode instance or None)
 RoutePolicy = Callable[[RouteRequest, Sequence[InstanceLoad]], tuple[str, str | None]]
 

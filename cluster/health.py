@@ -199,6 +199,11 @@ def _verdict(refs: list[Any]) -> str:
             continue
         except ray.exceptions.RayActorError:
             return "dead"
+        except ray.exceptions.RayError:
+            # The ping's worker was killed under it (Ray's memory monitor raises an
+            # OutOfMemoryError): the process is gone and Ray restarts the actor.
+            verdict = "gone" if verdict != "dead" else verdict
+            continue
         if not reply["started"] and verdict == "started":
             verdict = "fresh"
     return verdict

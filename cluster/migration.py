@@ -9,11 +9,21 @@ recomputes their KV. The client's stream (``RequestStream.begin_migration``) sto
 listening to the old instances and takes the new one's tokens from the index it had
 reached, so nothing is duplicated or lost and the output is the fault-free one.
 
-A request on a prefill instance that is lost before its decode instance produced a
-token is re-submitted the same way with what it has (at most the first token); the
-decode instance recomputes its prompt. A request migrated more than ``limit`` times
-ends with an error finish. Where no decode instance can take it right now, it waits
-(``retry`` runs on every health round) up to ``wait_s``.
+A request a prefill instance held before its first token (queued, or mid-prefill) is
+*re-dispatched* instead: sent afresh to a live prefill instance (``pick_prefill``), with
+a decode destination, and handed off to decode as usual; the stream ignores the old
+prefill instance from then on. Only when no prefill instance is live does it fall back
+to a decode instance, which recomputes the prompt (counted apart, see ``counters``).
+A request whose first token is out (handed off, or its hand-off lost with the
+instance) goes to a decode instance with that token, as above; the decode side
+recomputes the prompt. A request migrated more than ``limit`` times ends with an error
+finish. Where no instance can take it right now, it waits (``retry`` runs on every
+health round) up to ``wait_s``.
+
+``counters``: ``migrations_<cause>`` (every move), ``to_prefill`` (re-dispatched to a
+prefill instance), ``to_decode`` (resumed on a decode instance), ``prefill_fallbacks``
+(a prefill instance's unstarted request resumed on decode because no prefill instance
+was live), ``migration_failures``.
 """
 
 from __future__ import annotations
@@ -53,6 +63,15 @@ def pick_decode(loads: Sequence[InstanceLoad], exclude: set[str]) -> str | None:
     return best.name
 
 
+def pick_prefill(loads: Sequence[InstanceLoad], exclude: set[str]) -> str | None:
+    """The prefill instance to re-dispatch a request to: the routable one not excluded
+    with the fewest queued prompt tokens (the routing default's order)."""
+    prefill = [x for x in loads if x.role == "prefill" and x.name not in exclude]
+    if not prefill:
+        return None
+    return min(prefill, key=lambda x: x.queued_prompt_tokens).name
+
+
 class Migrator:
     def __init__(
         self,
@@ -62,13 +81,17 @@ class Migrator:
         fail: Callable[[str, str], object],
         limit: int = 3,
         wait_s: float = 60.0,
+        pick_prefill: Callable[[set[str]], Target | None] | None = None,
     ):
         """``streams()``: the requests in flight; ``pick(exclude)``: the decode instance
         to move to (see :func:`pick_decode`), None when there is none;
         ``abort_on(instance, request_id)``: a fire-and-forget abort of the old copy;
-        ``fail(request_id, message)``: end a request with an error finish everywhere."""
+        ``fail(request_id, message)``: end a request with an error finish everywhere;
+        ``pick_prefill(exclude)``: the live prefill instance to re-dispatch an unstarted
+        prefill to, None when there is none (or no prefill pool)."""
         self._streams = streams
         self._pick = pick
+        self._pick_prefill = pick_prefill
         self._abort_on = abort_on
         self._fail_request = fail
         self.limit = limit
@@ -76,6 +99,7 @@ class Migrator:
         self._lock = threading.Lock()
         self._waiting: dict[str, tuple[RequestStream, str, float]] = {}
         self.counters: dict[str, int] = {f"migrations_{c}": 0 for c in CAUSES}
+        self.counters.update(to_prefill=0, to_decode=0, prefill_fallbacks=0)
         self.counters["migration_failures"] = 0
 
     def lost(self, instance: str, cause: str) -> int:
@@ -83,12 +107,58 @@ class Migrator:
         moved = 0
         for stream in self._streams().values():
             t = stream.trace
+            if t.prefill == instance and not t.token_times:  # queued or mid-prefill
+                moved += self.redispatch(stream, cause, {instance})
+                continue
             on_decode = t.decode == instance
             # A prefill instance's request is its own until the decode side made a token.
             on_prefill = t.prefill == instance and len(t.token_times) < 2
             if (on_decode or on_prefill) and self.migrate(stream, cause, {instance}):
                 moved += 1
         return moved
+
+    def redispatch(self, stream: RequestStream, cause: str, exclude: set[str]) -> bool:
+        """Send a request that has no token yet to a live prefill instance (not in
+        ``exclude``); without one, resume it on a decode instance (:meth:`migrate`)."""
+        if stream.finished:
+            return False
+        if stream.migrations >= self.limit:
+            self._fail(stream, f"request migrated {stream.migrations} times; giving up")
+            return False
+        target = None if self._pick_prefill is None else self._pick_prefill(exclude)
+        dest = self._pick(exclude)
+        if target is None or dest is None:
+            moved = self.migrate(stream, cause, exclude)
+            if moved and target is None:
+                self.counters["prefill_fallbacks"] += 1
+                logger.warning(
+                    "request %s: no prefill instance is live; its prompt is recomputed on "
+                    "a decode instance", stream.request_id,
+                )  # fmt: skip
+            return moved
+        old = stream.trace.prefill
+        began = stream.begin_redispatch(exclude, target.name, dest.name)
+        if began == "moved":
+            return False
+        if began == "started":  # its first token came in meanwhile: handed off, or lost
+            return self.migrate(stream, cause, exclude)
+        self.counters[f"migrations_{cause}"] += 1
+        self.counters["to_prefill"] += 1
+        for name in ({old} | exclude) - {None, target.name, dest.name}:
+            self._abort_on(str(name), stream.request_id)
+        r = stream.resubmit
+        ids = r.get("prompt_token_ids") or (stream.prompt_token_ids or None)
+        logger.info(
+            "request %s: re-dispatched to prefill %s, decode %s (%s)",
+            stream.request_id, target.name, dest.name, cause,
+        )  # fmt: skip
+        ref = target.actor.add_request.remote(
+            stream.request_id, r.get("prompt"), ids, r.get("params"), dest.name, r.get("messages")
+        )
+        ref.future().add_done_callback(
+            lambda f: self._answered(stream, target.name, cause, f, self.redispatch)
+        )
+        return True
 
     def migrate(self, stream: RequestStream, cause: str, exclude: set[str]) -> bool:
         """Move one request off the instances in ``exclude`` (and its current ones)."""
@@ -110,6 +180,7 @@ class Migrator:
         if outputs is None:
             return False
         self.counters[f"migrations_{cause}"] += 1
+        self.counters["to_decode"] += 1
         for name in away - {target.name}:
             self._abort_on(name, stream.request_id)
         r = stream.resubmit
@@ -121,11 +192,21 @@ class Migrator:
         ref = target.actor.resume_request.remote(
             stream.request_id, r.get("prompt"), ids, outputs, r.get("params"), r.get("messages")
         )
-        ref.future().add_done_callback(lambda f: self._resumed(stream, target.name, cause, f))
+        ref.future().add_done_callback(
+            lambda f: self._answered(stream, target.name, cause, f, self.migrate)
+        )
         return True
 
-    def _resumed(self, stream: RequestStream, name: str, cause: str, future: Any) -> None:
-        """The new instance's answer: accepted, or try another (or fail clearly)."""
+    def _answered(
+        self,
+        stream: RequestStream,
+        name: str,
+        cause: str,
+        future: Any,
+        again: Callable[[RequestStream, str, set[str]], bool],
+    ) -> None:
+        """The new instance's answer: accepted, or try another (``again``, without
+        ``name``), or fail clearly."""
         try:
             reply = future.result()
         except ray.exceptions.RayError as e:
@@ -135,7 +216,7 @@ class Migrator:
                 stream.set_prompt(reply["prompt_token_ids"])
             return
         if reply.get("retry"):
-            self.migrate(stream, cause, {name})
+            again(stream, cause, {name})
         else:
             self._fail(stream, str(reply["error"]))
 

@@ -101,11 +101,29 @@ class RequestStream:
         with self._lock:
             if self.finished:
                 return None
-            self._ignored |= away_from - {to}
+            # An instance it comes back to (restarted since) is listened to again.
+            self._ignored = (self._ignored | away_from) - {to}
             self._early.clear()
             self.migrations += 1
             self.trace.prefill, self.trace.decode = None, to
             return list(self._out.token_ids)
+
+    def begin_redispatch(self, away_from: set[str], prefill: str, decode: str) -> str:
+        """Stop listening to ``away_from`` and count a re-dispatch of a request that has
+        no token yet to ``prefill`` (handing off to ``decode``). Returns "ok"; "started"
+        if a token came in meanwhile (it must resume on decode instead); "moved" if it
+        is no longer on a prefill instance in ``away_from`` (someone else moved it, or it
+        finished): nothing to do."""
+        with self._lock:
+            if self.finished or self.trace.prefill not in away_from:
+                return "moved"
+            if self._out.token_ids:
+                return "started"
+            self._ignored = (self._ignored | away_from) - {prefill, decode}
+            self._early.clear()
+            self.migrations += 1
+            self.trace.prefill, self.trace.decode = prefill, decode
+            return "ok"
 
     def _push(self, event: TokenEvent) -> None:
         if event.finish_reason == "error" or event.index <= len(self._out.token_ids):

@@ -294,18 +294,25 @@ class DecodeWorker:
         self._first_timings[request_id] = {"recomputed": 1.0}
 
     def _add_handoff(self, handoff: HandOff) -> None:
-        # Aborted, or already resumed here by a migration (a late hand-off of a dead
-        # prefill instance): the KV is not wanted.
+        # Aborted, already resumed here by a migration (a late hand-off of a dead
+        # prefill instance), or being pulled already: the KV is not wanted.
+        rid = handoff.request_id
         if handoff.children is not None:
             gone = {c for c in handoff.request_ids if c in self._aborted or c in self._started}
-            if len(gone) == len(handoff.children):
+            if len(gone) == len(handoff.children) or self.transfers.get(rid) is not None:
                 self._release(handoff)
                 return
-            self._dropped[handoff.request_id] = gone
-            self._group_of.update((c, handoff.request_id) for c in handoff.request_ids)
-        elif handoff.request_id in self._aborted or handoff.request_id in self._started:
+            self._dropped[rid] = gone
+            self._group_of.update((c, rid) for c in handoff.request_ids)
+        elif rid in self._aborted or rid in self._started or self.transfers.get(rid) is not None:
             self._release(handoff)
             return
+        # A second hand-off of one request: its prefill instance was lost (hung) and it
+        # was re-dispatched to another, then the first woke up. Either copy of the KV is
+        # the same; keep the newer, release the other's lease.
+        earlier = self.pending.pop(rid)
+        if earlier is not None:
+            self._release(earlier)
         self.pending.add(handoff)
 
     def _tick(self) -> bool:

@@ -88,6 +88,7 @@ COUNTERS = (
     "baton:instance_steps", "baton:instance_step_seconds", "baton:kv_transfer_bytes",
     "baton:kv_transfer_failures", "baton:request_migrations",
     "baton:request_migration_failures",
+    "baton:request_migration_targets", "baton:prefill_recompute_fallbacks",
 )  # fmt: skip
 GAUGES = (
     "baton:num_requests_waiting", "baton:num_requests_running", "baton:kv_cache_usage_perc",
@@ -128,12 +129,27 @@ class MigrationCollector(Collector):
             "Requests that could not be migrated (limit reached, nowhere to go) and failed.",
             labels=("model_name",),
         )
+        targets = CounterMetricFamily(
+            "baton:request_migration_targets",
+            "Migrated requests by where they went: prefill (a lost prefill instance's "
+            "request without a token, sent to another prefill instance) or decode "
+            "(resumed on a decode instance, which recomputes its KV).",
+            labels=("model_name", "target"),
+        )
+        fallbacks = CounterMetricFamily(
+            "baton:prefill_recompute_fallbacks",
+            "A lost prefill instance's requests recomputed on a decode instance because "
+            "no prefill instance was live.",
+            labels=("model_name",),
+        )
         for key, value in sorted(self.counters.items()):
             if key.startswith("migrations_"):
                 moved.add_metric([self.model, key[len("migrations_") :]], value)
         failed.add_metric([self.model], self.counters.get("migration_failures", 0.0))
-        yield moved
-        yield failed
+        for target in ("prefill", "decode"):
+            targets.add_metric([self.model, target], self.counters.get(f"to_{target}", 0.0))
+        fallbacks.add_metric([self.model], self.counters.get("prefill_fallbacks", 0.0))
+        yield from (moved, failed, targets, fallbacks)
 
 
 class RouterMetrics:

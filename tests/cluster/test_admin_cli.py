@@ -213,20 +213,75 @@ def test_requests_lists_and_abort_ends_a_request(server: Server) -> None:
     _idle(server)
 
 
-def test_apply_dry_run_shows_the_difference(
-    server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def _plan(tmp_path: Path, tp1: bool) -> tuple[Path, list[str]]:
+    """A plan from ``baton plan`` (its prefill instance is TP 2, the running one TP 1);
+    ``tp1``: every instance rewritten to one GPU, as this cluster runs, plus a decode
+    instance."""
     from cluster import cli
 
     plan = tmp_path / "plan.json"
     assert cli.main([*PLAN_ARGS, "--out", str(plan)]) == 0
-    roles = [i["role"] for i in json.loads(plan.read_text())["instances"]]
+    data = json.loads(plan.read_text())
+    assert {(i["role"], i["tp"]) for i in data["instances"]} == {("prefill", 2), ("decode", 1)}
+    if tp1:
+        data["instances"].append(dict(data["instances"][-1]))
+        for k, inst in enumerate(data["instances"]):
+            inst.update(tp=1, pp=1, stages=[{"node": 0, "gpus": [k]}])
+        plan.write_text(json.dumps(data))
+    return plan, [i["role"] for i in data["instances"]]
+
+
+def test_apply_dry_run_shows_the_difference(server: Server, tmp_path: Path) -> None:
+    plan, roles = _plan(tmp_path, tp1=True)
     done = server.cli("apply", str(plan), "--dry-run")
     assert done.returncode == 0, done.stderr
-    assert f"prefill: 1 -> {roles.count('prefill')}" in done.stdout
-    assert f"decode: 1 -> {roles.count('decode')}" in done.stdout
+    assert f"prefill: 1 -> {roles.count('prefill')} (no change)" in done.stdout
+    assert f"decode: 1 -> {roles.count('decode')} (+1)" in done.stdout
     assert "dry run: nothing changed" in done.stdout
     assert set(server.instances()) == {"prefill-0", "decode-0"}
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_apply_refuses_a_layout_change_naming_the_instance(
+    server: Server, tmp_path: Path, dry_run: bool
+) -> None:
+    plan, _ = _plan(tmp_path, tp1=False)
+    done = server.cli("apply", str(plan), *(["--dry-run"] if dry_run else []))
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "instance prefill-0: runs tp1pp1 but the plan wants tp2pp1 for prefill" in done.stderr
+    assert "cannot change on a live cluster" in done.stderr and "Traceback" not in done.stderr
+    assert done.stdout == ""
+    assert set(server.instances()) == {"prefill-0", "decode-0"}
+
+
+def test_status_watch_refreshes_until_sigint(server: Server) -> None:
+    env = {**os.environ, "BATON_SERVER": server.grpc, "BATON_ADMIN_KEY": KEY}
+    proc = subprocess.Popen(
+        [EXE, "status", "--watch", "--interval", "0.5"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        seen: list[str] = []
+        deadline = time.monotonic() + 120
+        # Two refreshes: each clears the screen and prints the whole table again.
+        while sum(line.startswith("INSTANCE") for line in seen) < 2:
+            assert time.monotonic() < deadline and proc.poll() is None, seen
+            seen.append(proc.stdout.readline())
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+        # Read through the text wrappers: communicate() would skip what they buffered.
+        out, err = proc.stdout.read(), proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and err == ""
+    text = "".join(seen) + out
+    assert text.count("\033[2J\033[H") >= 2
+    assert text.count("prefill-0") >= 2 and text.count("decode-0") >= 2
+    assert "SLO attainment (joint)" in text
 
 
 def test_scale_up_then_drain_under_a_steady_stream(server: Server, offline: LLM) -> None:

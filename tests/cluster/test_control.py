@@ -113,7 +113,11 @@ def test_migration_counters_are_exported() -> None:
     m = RouterMetrics()
     m.migrations.model = "m"
     m.migrations.counters = {"migrations_dead": 3.0, "migrations_hung": 0.0,
-                             "migration_failures": 1.0}  # fmt: skip
+                             "migration_failures": 1.0, "to_prefill": 2.0, "to_decode": 1.0,
+                             "prefill_fallbacks": 1.0}  # fmt: skip
     text = m.render().decode()
+    assert 'baton:request_migration_targets_total{model_name="m",target="prefill"} 2.0' in text
+    assert 'baton:request_migration_targets_total{model_name="m",target="decode"} 1.0' in text
+    assert 'baton:prefill_recompute_fallbacks_total{model_name="m"} 1.0' in text
     assert 'baton:request_migrations_total{cause="dead",model_name="m"} 3.0' in text
     assert 'baton:request_migration_failures_total{model_name="m"} 1.0' in text

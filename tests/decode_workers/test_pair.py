@@ -138,3 +138,22 @@ def test_abort_mid_stream_frees_both_sides(engines, prompts) -> None:
         stats = [pair.prefill.stats(), pair.decode.stats()]
     assert out.finish_reason == "abort" and len(out.token_ids) < 400
     assert all(s.free_blocks == s.total_blocks for s in stats)
+
+
+def test_a_second_hand_off_of_one_request_is_released(engines, offline, prompts) -> None:
+    """A prefill instance that hung, its request re-dispatched to another, wakes and hands
+    off too: the decode side keeps one copy, releases the other, and the output is the
+    offline engine's with every block free on both sides."""
+    ids = prompts(1, seed=6)
+    params = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)]
+    expected = offline.generate(prompt_token_ids=ids, params=params)[0]
+    with Pair(*engines, hand_off=lambda _, h: handed.append(h)) as pair:
+        handed: list[dict] = []
+        stream = pair.submit("twice", ids[0], params[0])
+        wait_until(lambda: len(handed) == 1, timeout_s=60)
+        pair.decode.add_handoff(handed[0])
+        pair.decode.add_handoff(dict(handed[0]))
+        out = final(stream)
+        wait_until(lambda: pair.prefill.stats().counters["leases"] == 0)
+        wait_until(lambda: pair.decode.stats().num_running == 0)
+    assert out.token_ids == expected.token_ids
