@@ -11,8 +11,9 @@ GGUF, fp32):
 4. Decode tok/s at batch 1, 16, 64 through the step API, as a share of the compute roofline;
    the batch-1 step against the memory roofline and against transformers' batch-1 step.
 5. Unless ``--no-compare-paths``: the same decode steps, and prefill chunks, alternating
-   step by step between the fused CPU path (the default) and the plain torch path
-   (``BATON_FUSED_OPS=0``), so the two are compared under the same load.
+   step by step between the fused CPU path (``BATON_FUSED_OPS=1``) and the plain torch
+   path (the default), so the two are compared under the same load. Only the model's
+   elementwise ops switch; the attention backend stays as the engine started.
 
 Usage: ``python -m bench.engine_throughput [--json-out FILE]`` or ``baton bench engine``;
 ``--num-prompts 8 --output-len 16 --skip-transformers`` for a quick look.
@@ -152,18 +153,24 @@ def run_baton_decode(
 
 
 class PathSwitch:
-    """Flips an engine's model between its fused CPU path and the plain torch path."""
+    """Flips an engine's model between the fused CPU path (``BATON_FUSED_OPS=1``) and the
+    plain torch path, whichever the engine started with; ``use(None)`` restores that."""
 
     def __init__(self, engine: Any):
+        from engine import native
+
         self.model = engine.runner.model
-        self.fused = getattr(self.model, "fused", None)
+        self.start = getattr(self.model, "fused", None)
+        param = next(self.model.parameters())
+        cpu_fp32 = param.device.type == "cpu" and param.dtype == torch.float32
+        self.fused = self.start or (native.load() if cpu_fp32 else None)
 
     @property
     def available(self) -> bool:
         return self.fused is not None
 
-    def use(self, fused: bool) -> None:
-        self.model.fused = self.fused if fused else None
+    def use(self, fused: bool | None) -> None:
+        self.model.fused = self.start if fused is None else self.fused if fused else None
 
 
 def compare_decode_paths(
@@ -194,7 +201,7 @@ def compare_decode_paths(
             if i >= warmup:
                 times[fused].append(elapsed)
     finally:
-        switch.use(True)
+        switch.use(None)
         for request_id in ids:
             engine.abort(request_id)
         while engine.has_unfinished():
@@ -226,7 +233,7 @@ def compare_prefill_paths(
             if i >= 2:
                 times[fused].append(elapsed)
     finally:
-        switch.use(True)
+        switch.use(None)
     return PathCompare(f"prefill, {len(prompts[0])} tokens", len(times[True]),
                        statistics.median(times[True]), statistics.median(times[False]))
 
@@ -295,8 +302,7 @@ def run(args: argparse.Namespace) -> Report:
                                               args.decode_steps))
     switch = PathSwitch(llm.engine)
     if not args.no_compare_paths and not switch.available:
-        _say("no fused path here (not CPU fp32, no compiler, or BATON_FUSED_OPS=0): "
-             "paths not compared")
+        _say("no fused path here (not CPU fp32, or no compiler): paths not compared")
     elif not args.no_compare_paths:
         for batch in args.batches:
             _say(f"fused vs torch path: decode steps at batch {batch}")
