@@ -27,11 +27,10 @@ def native_kernels() -> bool:
 
 
 def fused_ops() -> bool:
-    """BATON_FUSED_OPS=1 runs the decoder layer's elementwise work (residual add + RMSNorm,
-    rotary, SiLU x mul) in the native fused kernels, and decode attention in the native
-    kernel down to batch 1, on CPU in fp32. Off by default: its last-bit differences have
-    not yet been shown to keep greedy parity with transformers on every parity test."""
-    return os.environ.get("BATON_FUSED_OPS", "0") in ("1", "true", "yes")
+    """BATON_FUSED_OPS=0 runs the decoder layer's elementwise work (residual add + RMSNorm,
+    rotary, SiLU x mul) as plain torch ops, and decode attention below 4 requests through
+    the gather path, instead of the native kernels (CPU fp32; on by default)."""
+    return os.environ.get("BATON_FUSED_OPS", "1") not in ("0", "false", "no")
 
 
 def c_compiler() -> str:

@@ -4,7 +4,7 @@ The cache is head-major, ``[Hkv, num_blocks, block_size, Dh]``, so gathering blo
 along dim 1 yields, for each request and head, one contiguous ``[L, Dh]`` slab.
 
 Decode tokens (one new token per request) are attended together. On CPU in fp32, with
-at least ``NATIVE_MIN_BATCH`` of them (any number with ``BATON_FUSED_OPS=1``), a small C
+at least one of them (``NATIVE_MIN_BATCH`` with ``BATON_FUSED_OPS=0``), a small C
 kernel (``engine/native``) reads keys and values straight from the blocks. Otherwise
 each request's blocks are gathered, with one ``index_select`` into a buffer allocated once
 per step and reused by every layer, into a padded ``[B, Hkv, L, Dh]`` view masked past
@@ -28,10 +28,10 @@ from engine import envs, native
 from engine.attention import KVCache, slot_mapping
 from engine.step import ScheduledChunk
 
-# Below this many decode tokens the gather path attends, unless BATON_FUSED_OPS=1: the
-# kernel runs small batches on the calling thread (no thread start-up), which beat the
-# gather's ten torch ops per layer at batch 1 (measured alternating in one run), but its
-# sums differ from the gather's in the last bits.
+# With BATON_FUSED_OPS=0, below this many decode tokens the gather path attends. By
+# default the kernel takes any batch: it runs small ones on the calling thread (no thread
+# start-up), which beat the gather's ten torch ops per layer at batch 1 (measured
+# alternating in one run); its sums differ from the gather's in the last bits.
 NATIVE_MIN_BATCH = 4
 
 _HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")

@@ -4,12 +4,11 @@ The batch is every scheduled token of every request laid end to end (``T`` token
 the attention backend knows from its metadata which tokens belong to which request
 and where their KV lives in the paged cache.
 
-With ``BATON_FUSED_OPS=1``, on CPU in fp32 with the native kernels loaded, the whole
+On CPU in fp32 with the native kernels loaded (unless ``BATON_FUSED_OPS=0``), the whole
 model's forward takes the fused path (``forward_fused`` methods): the residual add and the
 next RMSNorm are one kernel, the rotary embedding is applied in place in the fused qkv
 rows, and SiLU x mul reads the fused gate_up rows, each computing the same elementwise
 operations as the torch path (the norm's sum and silu's exp differ in the last bits).
-By default the plain torch ops run.
 """
 
 from __future__ import annotations
@@ -313,7 +312,7 @@ class LlamaForCausalLM(nn.Module):
         return model.eval()
 
     def use_native_kernel(self, kernel: ctypes.CDLL | None) -> None:
-        """Route few-row matmuls to the native GEMV and, with BATON_FUSED_OPS=1, the
+        """Route few-row matmuls to the native GEMV and, unless BATON_FUSED_OPS=0, the
         forward to the fused path (CPU, fp32 weights only), or stop (None)."""
         for module in self.modules():
             if isinstance(module, Linear):

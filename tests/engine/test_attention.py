@@ -71,7 +71,8 @@ def test_native_kernel_equals_dense(lengths: list[int], new: list[int], uses_ker
     kernel = native.load()
     if kernel is None:
         pytest.skip("no C compiler here: the native decode kernel is not built")
-    out, ref, meta = run_step(TorchPagedAttention(D, kernel), lengths, new)
+    backend = TorchPagedAttention(D, kernel, NATIVE_MIN_BATCH)  # as BATON_FUSED_OPS=0 sets
+    out, ref, meta = run_step(backend, lengths, new)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     # Big decode batches take the kernel; small ones (here 2 < NATIVE_MIN_BATCH) gather.
     assert (meta.native_tables is not None) is uses_kernel
@@ -86,7 +87,7 @@ def test_native_kernel_down_to_batch_1_equals_dense(lengths: list[int], new: lis
     kernel = native.load()
     if kernel is None:
         pytest.skip("no C compiler here: the native decode kernel is not built")
-    backend = TorchPagedAttention(D, kernel, native_min_batch=1)  # as BATON_FUSED_OPS=1 sets
+    backend = TorchPagedAttention(D, kernel, native_min_batch=1)  # the default
     out, ref, meta = run_step(backend, lengths, new)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert meta.native_tables is not None

@@ -1,7 +1,7 @@
-"""The fused CPU path (native residual-add + RMSNorm, rotary, SiLU x mul; opt-in with
-BATON_FUSED_OPS=1) against the plain torch path and transformers: the same greedy token
-ids, alone and in mixed batches, through prefill, chunked prefill and decode; and without
-the switch the engine runs the torch path."""
+"""The fused CPU path (native residual-add + RMSNorm, rotary, SiLU x mul; the default,
+off with BATON_FUSED_OPS=0) against the plain torch path and transformers: the same greedy
+token ids, alone and in mixed batches, through prefill, chunked prefill and decode; and
+BATON_FUSED_OPS=0 falls back to the torch path."""
 
 from __future__ import annotations
 
@@ -33,22 +33,24 @@ def _model(llm: LLM) -> LlamaForCausalLM:
 
 
 @contextmanager
-def _fused(llm: LLM) -> Iterator[None]:
-    """Run ``llm`` on the fused path for the block (what BATON_FUSED_OPS=1 sets at start)."""
+def _path(llm: LLM, fused: bool) -> Iterator[None]:
+    """Run ``llm``'s model on the fused or the torch path for the block."""
     model = _model(llm)
-    assert model.fused is None, "the torch path is the default"
-    model.fused = native.load()
+    start = model.fused
+    model.fused = native.load() if fused else None
     try:
         yield
     finally:
-        model.fused = None
+        model.fused = start
 
 
 def _both(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> tuple[list, list]:
-    with _fused(llm):
-        fused = [o.token_ids for o in llm.generate(prompt_token_ids=prompts, params=params)]
-    eager = [o.token_ids for o in llm.generate(prompt_token_ids=prompts, params=params)]
-    return fused, eager
+    out = []
+    for fused in (True, False):
+        with _path(llm, fused):
+            out.append([o.token_ids for o in llm.generate(prompt_token_ids=prompts,
+                                                          params=params)])
+    return out[0], out[1]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -96,8 +98,11 @@ def test_fused_ops_switch(
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     ref_model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     ref = hf_greedy(ref_model.eval(), prompts, 8)
-    for value, fused in (("1", True), ("0", False)):
-        monkeypatch.setenv("BATON_FUSED_OPS", value)
+    for value, fused in ((None, True), ("0", False)):
+        if value is None:
+            monkeypatch.delenv("BATON_FUSED_OPS", raising=False)  # the default: on
+        else:
+            monkeypatch.setenv("BATON_FUSED_OPS", value)
         llm = LLM(str(path), num_kv_blocks=64)
         model = _model(llm)
         assert (model.fused is not None) is fused
