@@ -10,6 +10,10 @@ GGUF, fp32):
    extrapolated) and static padded batches (``bench.hf_baseline``).
 4. Decode tok/s at batch 1, 16, 64 through the step API, as a share of the compute roofline;
    the batch-1 step against the memory roofline and against transformers' batch-1 step.
+5. Unless ``--no-compare-paths``: the same decode steps, and prefill chunks, alternating
+   step by step between the fused CPU path (``BATON_FUSED_OPS=1``) and the plain torch
+   path (the default), so the two are compared under the same load. Only the model's
+   elementwise ops switch; the attention backend stays as the engine started.
 
 Usage: ``python -m bench.engine_throughput [--json-out FILE]`` or ``baton bench engine``;
 ``--num-prompts 8 --output-len 16 --skip-transformers`` for a quick look.
@@ -30,7 +34,7 @@ from typing import Any
 import torch
 
 from bench import roofline
-from bench.report import DecodeResult, Report, Throughput, format_report
+from bench.report import DecodeResult, PathCompare, Report, Throughput, format_report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--read-bytes", type=int, default=1 << 30)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: as set)")
+    p.add_argument("--no-compare-paths", action="store_true",
+                   help="skip timing the plain torch path against the fused one")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="tokens of the prefill step timed on both paths")
     p.add_argument("--json-out", default=None, help="also write the results as JSON here")
     return p
 
@@ -144,6 +152,92 @@ def run_baton_decode(
     return DecodeResult(batch, steps, batch * steps / sum(times), statistics.median(times))
 
 
+class PathSwitch:
+    """Flips an engine's model between the fused CPU path (``BATON_FUSED_OPS=1``) and the
+    plain torch path, whichever the engine started with; ``use(None)`` restores that."""
+
+    def __init__(self, engine: Any):
+        from engine import native
+
+        self.model = engine.runner.model
+        self.start = getattr(self.model, "fused", None)
+        param = next(self.model.parameters())
+        cpu_fp32 = param.device.type == "cpu" and param.dtype == torch.float32
+        self.fused = self.start or (native.load() if cpu_fp32 else None)
+
+    @property
+    def available(self) -> bool:
+        return self.fused is not None
+
+    def use(self, fused: bool | None) -> None:
+        self.model.fused = self.start if fused is None else self.fused if fused else None
+
+
+def compare_decode_paths(
+    engine: Any, prompts: list[list[int]], steps: int, switch: PathSwitch, warmup: int = 2
+) -> PathCompare:
+    """Decode steps at batch ``len(prompts)``, alternating fused and torch step by step."""
+    from engine import SamplingParams
+
+    batch = len(prompts)
+    params = SamplingParams(max_tokens=warmup + 2 * steps + 2, temperature=0.0,
+                            ignore_eos=True)
+    ids = [f"bench-paths-{batch}-{i}" for i in range(batch)]
+    for request_id, prompt in zip(ids, prompts, strict=True):
+        engine.add_request(request_id, params=params, prompt_token_ids=prompt)
+    started: set[str] = set()
+    while len(started) < batch:
+        started.update(o.request_id for o in engine.step() if o.token_ids)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    try:
+        for i in range(warmup + 2 * steps):
+            fused = i % 2 == 0
+            switch.use(fused)
+            start = time.perf_counter()
+            outputs = engine.step()
+            elapsed = time.perf_counter() - start
+            if sum(len(o.new_token_ids) for o in outputs) != batch:
+                raise RuntimeError(f"a decode step at batch {batch} did not decode the batch")
+            if i >= warmup:
+                times[fused].append(elapsed)
+    finally:
+        switch.use(None)
+        for request_id in ids:
+            engine.abort(request_id)
+        while engine.has_unfinished():
+            engine.step()
+    return PathCompare(f"decode, batch {batch}", steps, statistics.median(times[True]),
+                       statistics.median(times[False]))
+
+
+def compare_prefill_paths(
+    engine: Any, prompts: list[list[int]], switch: PathSwitch
+) -> PathCompare:
+    """One fresh prompt prefilled per step (distinct prompts: no prefix-cache hits),
+    alternating fused and torch; the first two steps are a warm-up."""
+    from engine import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    try:
+        for i, prompt in enumerate(prompts):
+            fused = i % 2 == 0
+            switch.use(fused)
+            request_id = f"bench-prefill-{i}"
+            engine.add_request(request_id, params=params, prompt_token_ids=prompt)
+            start = time.perf_counter()
+            engine.step()
+            elapsed = time.perf_counter() - start
+            while engine.has_unfinished():
+                engine.step()
+            if i >= 2:
+                times[fused].append(elapsed)
+    finally:
+        switch.use(None)
+    return PathCompare(f"prefill, {len(prompts[0])} tokens", len(times[True]),
+                       statistics.median(times[True]), statistics.median(times[False]))
+
+
 def run_transformers(
     args: argparse.Namespace, path: str, prompts: list[list[int]], decode_prompt: list[int],
     report: Report,
@@ -206,6 +300,19 @@ def run(args: argparse.Namespace) -> Report:
         _say(f"Baton: decode steps at batch {batch}")
         report.decode.append(run_baton_decode(llm.engine, decode_prompts[:batch],
                                               args.decode_steps))
+    switch = PathSwitch(llm.engine)
+    if not args.no_compare_paths and not switch.available:
+        _say("no fused path here (not CPU fp32, or no compiler): paths not compared")
+    elif not args.no_compare_paths:
+        for batch in args.batches:
+            _say(f"fused vs torch path: decode steps at batch {batch}")
+            report.paths.append(compare_decode_paths(
+                llm.engine, decode_prompts[:batch], args.decode_steps, switch))
+        chunk = min(args.prefill_chunk, llm.engine.scheduler.config.max_num_batched_tokens)
+        _say(f"fused vs torch path: prefill steps of {chunk} tokens")
+        prefill_prompts = make_prompts(10, chunk, chunk, tok.vocab_size, args.seed + 2,
+                                       lambda i: not tok.is_special(i))
+        report.paths.append(compare_prefill_paths(llm.engine, prefill_prompts, switch))
     del llm
     gc.collect()  # free the engine's weights and KV cache before transformers loads its copy
     if not args.skip_transformers:
@@ -220,7 +327,7 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         parser.error(f"--decode-batches: expected comma-separated ints, "
                      f"got {args.decode_batches!r}")
     positive = ("num_prompts", "min_prompt_len", "output_len", "decode_steps",
-                "decode_prompt_len", "hf_single_prompts", "hf_batch_size")
+                "decode_prompt_len", "hf_single_prompts", "hf_batch_size", "prefill_chunk")
     for name in positive:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")

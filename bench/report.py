@@ -39,6 +39,17 @@ class DecodeResult:
     median_step_s: float
 
 
+@dataclass(frozen=True)
+class PathCompare:
+    """One step kind timed on the fused path and the plain torch path, alternating step by
+    step in the same run (so the machine's load weighs on both alike)."""
+
+    label: str  # e.g. "decode, batch 64"
+    steps: int  # timed steps per path
+    fused_step_s: float  # median
+    torch_step_s: float  # median
+
+
 @dataclass
 class Report:
     model: str
@@ -54,6 +65,7 @@ class Report:
     decode: list[DecodeResult] = field(default_factory=list)
     hf_decode_step_s: float | None = None
     transformers_version: str | None = None
+    paths: list[PathCompare] = field(default_factory=list)
 
     @property
     def compute_roofline_tokens_per_s(self) -> float:
@@ -136,6 +148,20 @@ def _step_table(r: Report) -> list[str]:
     return lines
 
 
+def _paths_table(r: Report) -> list[str]:
+    if not r.paths:
+        return []
+    lines = [
+        "| step (alternating paths) | steps each | torch path (ms) | fused path (ms) "
+        "| fused / torch |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for p in r.paths:
+        lines.append(f"| {p.label} | {p.steps} | {p.torch_step_s * 1e3:.1f} | "
+                     f"{p.fused_step_s * 1e3:.1f} | {p.fused_step_s / p.torch_step_s:.2f} |")
+    return lines
+
+
 def format_report(r: Report) -> str:
     lo, hi = r.prompt_len
     header = [
@@ -149,5 +175,5 @@ def format_report(r: Report) -> str:
         f"Workload: {r.num_prompts} prompts of {lo}..{hi} random tokens (seed {r.seed}), "
         f"{r.output_len} output tokens each, greedy, ignore_eos.",
     ]
-    sections = [header, _throughput_table(r), _decode_table(r), _step_table(r)]
+    sections = [header, _throughput_table(r), _decode_table(r), _step_table(r), _paths_table(r)]
     return "\n\n".join("\n".join(s) for s in sections if s)

@@ -26,6 +26,13 @@ def native_kernels() -> bool:
     return os.environ.get("BATON_NATIVE_KERNELS", "1") not in ("0", "false", "no")
 
 
+def fused_ops() -> bool:
+    """BATON_FUSED_OPS=0 runs the decoder layer's elementwise work (residual add + RMSNorm,
+    rotary, SiLU x mul) as plain torch ops, and decode attention below 4 requests through
+    the gather path, instead of the native kernels (CPU fp32; on by default)."""
+    return os.environ.get("BATON_FUSED_OPS", "1") not in ("0", "false", "no")
+
+
 def c_compiler() -> str:
     """CC: the C compiler that builds the native kernels (default cc)."""
     return os.environ.get("CC", "cc")

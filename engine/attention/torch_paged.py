@@ -4,10 +4,11 @@ The cache is head-major, ``[Hkv, num_blocks, block_size, Dh]``, so gathering blo
 along dim 1 yields, for each request and head, one contiguous ``[L, Dh]`` slab.
 
 Decode tokens (one new token per request) are attended together. On CPU in fp32, with
-at least ``NATIVE_MIN_BATCH`` of them, a small C kernel (``engine/native``) reads keys and
-values straight from the blocks. Otherwise each request's blocks are gathered, with one
-``index_select`` into a buffer allocated once per step and reused by every layer, into a
-padded ``[B, Hkv, L, Dh]`` view masked past each length, and attended with two matmuls.
+at least one of them (``NATIVE_MIN_BATCH`` with ``BATON_FUSED_OPS=0``), a small C
+kernel (``engine/native``) reads keys and values straight from the blocks. Otherwise
+each request's blocks are gathered, with one ``index_select`` into a buffer allocated once
+per step and reused by every layer, into a padded ``[B, Hkv, L, Dh]`` view masked past
+each length, and attended with two matmuls.
 
 Prefill chunks are attended one request at a time with SDPA; a chunk that starts at
 position 0 uses its fresh keys directly, a later chunk (or a prefix-cache hit) gathers
@@ -23,11 +24,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from engine import native
+from engine import envs, native
 from engine.attention import KVCache, slot_mapping
 from engine.step import ScheduledChunk
 
-# Below this many decode tokens the kernel's thread start-up costs more than the gather.
+# With BATON_FUSED_OPS=0, below this many decode tokens the gather path attends. By
+# default the kernel takes any batch: it runs small ones on the calling thread (no thread
+# start-up), which beat the gather's ten torch ops per layer at batch 1 (measured
+# alternating in one run); its sums differ from the gather's in the last bits.
 NATIVE_MIN_BATCH = 4
 
 _HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
@@ -64,10 +68,19 @@ class TorchPagedAttention:
     name = "torch"
     kv_order = "head_major"  # see engine.kv_blocks
 
-    def __init__(self, head_dim: int, native_kernel: ctypes.CDLL | None = None):
-        """``native_kernel``: the loaded C decode kernel, for fp32 caches on CPU only."""
+    def __init__(
+        self,
+        head_dim: int,
+        native_kernel: ctypes.CDLL | None = None,
+        native_min_batch: int | None = None,
+    ):
+        """``native_kernel``: the loaded C decode kernel, for fp32 caches on CPU only;
+        ``native_min_batch``: the fewest decode tokens it takes (default: see above)."""
         self.scale = 1.0 / math.sqrt(head_dim)
         self.native = native_kernel
+        if native_min_batch is None:
+            native_min_batch = 1 if envs.fused_ops() else NATIVE_MIN_BATCH
+        self.native_min_batch = native_min_batch
 
     @staticmethod
     def cache_shape(
@@ -82,7 +95,7 @@ class TorchPagedAttention:
         slots = torch.tensor(slot_mapping(chunks, block_size), dtype=torch.long, device=device)
         decode = [c for c in chunks if c.num_tokens == 1 and c.start_pos > 0]
         meta = TorchMetadata(slot_mapping=slots, num_decode=len(decode))
-        if decode and self.native is not None and len(decode) >= NATIVE_MIN_BATCH:
+        if decode and self.native is not None and len(decode) >= self.native_min_batch:
             _plan_native_decode(meta, decode)
         elif decode:
             _plan_gather_decode(meta, decode, block_size, device)

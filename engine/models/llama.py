@@ -3,19 +3,26 @@
 The batch is every scheduled token of every request laid end to end (``T`` tokens);
 the attention backend knows from its metadata which tokens belong to which request
 and where their KV lives in the paged cache.
+
+On CPU in fp32 with the native kernels loaded (unless ``BATON_FUSED_OPS=0``), the whole
+model's forward takes the fused path (``forward_fused`` methods): the residual add and the
+next RMSNorm are one kernel, the rotary embedding is applied in place in the fused qkv
+rows, and SiLU x mul reads the fused gate_up rows, each computing the same elementwise
+operations as the torch path (the norm's sum and silu's exp differ in the last bits).
 """
 
 from __future__ import annotations
 
 import ctypes
 import math
+from dataclasses import dataclass
 from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import native
+from engine import envs, native
 from engine.attention import AttentionBackend, AttentionMetadata, KVCache
 from engine.config import ModelConfig, RopeScaling
 
@@ -141,6 +148,29 @@ class Attention(nn.Module):
         out = backend.forward(q, k, v, cache, meta)  # [T, H, Dh]
         return self.o_proj(out.reshape(t, self.q_size))
 
+    def forward_fused(
+        self,
+        x: torch.Tensor,
+        rope: FusedRope,
+        backend: AttentionBackend,
+        meta: AttentionMetadata,
+        cache: KVCache,
+        lib: ctypes.CDLL,
+    ) -> torch.Tensor:
+        """``forward`` with the rotary embedding applied in place by the native kernel."""
+        t = x.shape[0]
+        qkv = self.qkv_proj(x).contiguous()  # [T, q + 2kv]
+        native.rope_qkv(
+            lib, qkv, rope.cos, rope.sin, rope.positions,
+            self.num_heads + self.num_kv_heads, self.head_dim,
+        )
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        out = backend.forward(q, k, v, cache, meta)  # [T, H, Dh]
+        return self.o_proj(out.reshape(t, self.q_size))
+
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -152,6 +182,9 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
+
+    def forward_fused(self, x: torch.Tensor, lib: ctypes.CDLL) -> torch.Tensor:
+        return self.down_proj(native.silu_mul(lib, self.gate_up_proj(x).contiguous()))
 
 
 class DecoderLayer(nn.Module):
@@ -173,6 +206,34 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), rope, backend, meta, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def forward_fused(
+        self,
+        x: torch.Tensor,
+        h: torch.Tensor,
+        next_norm: RMSNorm,
+        rope: FusedRope,
+        backend: AttentionBackend,
+        meta: AttentionMetadata,
+        cache: KVCache,
+        lib: ctypes.CDLL,
+    ) -> None:
+        """In place: ``x`` [T, D] is the residual stream, ``h`` holds this layer's input norm
+        of it on entry and ``next_norm`` of the layer's output on return."""
+        a = self.self_attn.forward_fused(h, rope, backend, meta, cache, lib)
+        post = self.post_attention_layernorm
+        native.add_rms_norm(lib, x, a, post.weight, h, post.eps)
+        m = self.mlp.forward_fused(h, lib)
+        native.add_rms_norm(lib, x, m, next_norm.weight, h, next_norm.eps)
+
+
+@dataclass
+class FusedRope:
+    """The fused path's rotary inputs: the whole fp32 tables and the step's positions."""
+
+    cos: torch.Tensor  # [P, Dh]
+    sin: torch.Tensor
+    positions: torch.Tensor  # [T] int64, contiguous
+
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -185,6 +246,8 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # The native fused kernels, when in use (see use_native_kernel).
+        self.fused: ctypes.CDLL | None = None
 
     def forward(
         self,
@@ -196,10 +259,39 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         # input_ids, positions: [T] -> hidden states [T, D]
         x = self.embed_tokens(input_ids)
+        if self.fused is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+            return self.forward_fused(x, positions, backend, meta, caches, self.fused)
         rope = self.rope.tables(positions, x.dtype)
         for layer, cache in zip(self.layers, caches, strict=True):
             x = layer(x, rope, backend, meta, cache)
         return self.norm(x)
+
+    def forward_fused(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        backend: AttentionBackend,
+        meta: AttentionMetadata,
+        caches: list[KVCache],
+        lib: ctypes.CDLL,
+    ) -> torch.Tensor:
+        """``forward`` from the embedded tokens ``x`` [T, D] (fp32, CPU), with each residual
+        add fused into the RMSNorm after it."""
+        positions = positions.contiguous()
+        limit = self.rope.cos.shape[0]
+        if positions.numel() and int(positions.max()) >= limit:
+            raise ValueError(f"model: position {int(positions.max())} is past the {limit} "
+                             "the rotary tables cover (max_position_embeddings)")
+        rope = FusedRope(self.rope.cos.float(), self.rope.sin.float(), positions)
+        x = x.contiguous()
+        h = torch.empty_like(x)
+        layers = [cast(DecoderLayer, layer) for layer in self.layers]
+        first = layers[0].input_layernorm
+        native.add_rms_norm(lib, x, None, first.weight, h, first.eps)
+        for i, (layer, cache) in enumerate(zip(layers, caches, strict=True)):
+            nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
+            layer.forward_fused(x, h, nxt, rope, backend, meta, cache, lib)
+        return h
 
     @classmethod
     def from_weights(
@@ -220,10 +312,12 @@ class LlamaForCausalLM(nn.Module):
         return model.eval()
 
     def use_native_kernel(self, kernel: ctypes.CDLL | None) -> None:
-        """Route few-row matmuls to the native GEMV (CPU, fp32 weights only), or stop."""
+        """Route few-row matmuls to the native GEMV and, unless BATON_FUSED_OPS=0, the
+        forward to the fused path (CPU, fp32 weights only), or stop (None)."""
         for module in self.modules():
             if isinstance(module, Linear):
                 module.kernel = kernel
+        self.fused = kernel if envs.fused_ops() else None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [N, V]

@@ -2,6 +2,8 @@
 
 - ``paged_decode``: decode attention read straight from the paged KV cache.
 - ``small_linear``: ``x @ W.T`` for a few rows, where MKL's sgemv is bandwidth-starved.
+- ``fused_ops``: the decoder layer's elementwise work in one pass each (residual add +
+  RMSNorm, rotary embedding in place, SiLU x mul); see ``engine.models.llama``.
 
 Plain C files build in about a second with the system compiler and need neither ninja
 nor torch's headers.
@@ -99,6 +101,15 @@ def load() -> ctypes.CDLL | None:
     fn = lib.small_linear
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+    fn = lib.add_rms_norm
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float]
+    fn = lib.rope_qkv
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
+    fn = lib.silu_mul
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
     return lib
 
 
@@ -154,4 +165,59 @@ def small_linear(
         weight.shape[0],
         weight.shape[1],
     )
+    return out
+
+
+def add_rms_norm(
+    lib: ctypes.CDLL,
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    out: torch.Tensor,
+    eps: float,
+) -> None:
+    """``x += residual`` (when given) in place, then ``out = weight * rms_norm(x)``.
+
+    x, residual, out: [T, D] contiguous fp32 CPU tensors; weight: [D]."""
+    lib.add_rms_norm(
+        x.data_ptr(),
+        None if residual is None else residual.data_ptr(),
+        weight.data_ptr(),
+        out.data_ptr(),
+        x.shape[0],
+        x.shape[1],
+        eps,
+    )
+
+
+def rope_qkv(
+    lib: ctypes.CDLL,
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    num_rotated_heads: int,
+    head_dim: int,
+) -> None:
+    """Rotate the first ``num_rotated_heads`` heads (q's, then k's) of each qkv row in place.
+
+    qkv: [T, W] contiguous fp32; cos, sin: [P, Dh] fp32 tables; positions: [T] int64, each
+    below P (the caller checks)."""
+    lib.rope_qkv(
+        qkv.data_ptr(),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        positions.data_ptr(),
+        qkv.shape[0],
+        qkv.shape[1],
+        num_rotated_heads,
+        head_dim,
+    )
+
+
+def silu_mul(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up: [T, 2I] contiguous fp32 (gate, then up); returns silu(gate) * up, [T, I]."""
+    t, width = gate_up.shape
+    out = gate_up.new_empty(t, width // 2)
+    lib.silu_mul(gate_up.data_ptr(), out.data_ptr(), t, width // 2)
     return out

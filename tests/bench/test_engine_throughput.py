@@ -6,7 +6,7 @@ import pytest
 
 from bench import engine_throughput as et
 from bench import roofline
-from bench.report import DecodeResult, Report, Throughput, format_report
+from bench.report import DecodeResult, PathCompare, Report, Throughput, format_report
 
 
 def test_prompts_are_deterministic_and_in_range() -> None:
@@ -80,3 +80,11 @@ def test_report_without_transformers_and_its_json() -> None:
     assert data["throughput"][0]["tokens_per_s"] == pytest.approx(819.2)
     assert data["decode"][1]["compute_roofline_share"] == pytest.approx(0.6)
     assert data["memory_roofline_step_s"] == pytest.approx(0.02)
+
+
+def test_report_compares_the_paths() -> None:
+    r = _report(transformers=False)
+    assert "fused / torch" not in format_report(r)
+    r.paths.append(PathCompare("decode, batch 64", 32, fused_step_s=0.150, torch_step_s=0.200))
+    assert "| decode, batch 64 | 32 | 200.0 | 150.0 | 0.75 |" in format_report(r)
+    assert r.to_json()["paths"][0]["fused_step_s"] == pytest.approx(0.150)

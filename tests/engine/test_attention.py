@@ -71,8 +71,23 @@ def test_native_kernel_equals_dense(lengths: list[int], new: list[int], uses_ker
     kernel = native.load()
     if kernel is None:
         pytest.skip("no C compiler here: the native decode kernel is not built")
-    out, ref, meta = run_step(TorchPagedAttention(D, kernel), lengths, new)
+    backend = TorchPagedAttention(D, kernel, NATIVE_MIN_BATCH)  # as BATON_FUSED_OPS=0 sets
+    out, ref, meta = run_step(backend, lengths, new)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     # Big decode batches take the kernel; small ones (here 2 < NATIVE_MIN_BATCH) gather.
     assert (meta.native_tables is not None) is uses_kernel
     assert NATIVE_MIN_BATCH > 2
+
+
+SINGLE = ([40], [1])  # batch-1 decode: the kernel on the calling thread
+
+
+@pytest.mark.parametrize(("lengths", "new"), [SINGLE, MIXED])
+def test_native_kernel_down_to_batch_1_equals_dense(lengths: list[int], new: list[int]) -> None:
+    kernel = native.load()
+    if kernel is None:
+        pytest.skip("no C compiler here: the native decode kernel is not built")
+    backend = TorchPagedAttention(D, kernel, native_min_batch=1)  # the default
+    out, ref, meta = run_step(backend, lengths, new)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert meta.native_tables is not None

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import native
-from engine.models.llama import SMALL_LINEAR_MAX_ROWS, Linear
+from engine.models.llama import SMALL_LINEAR_MAX_ROWS, Linear, RMSNorm, apply_rope
 
 
 @pytest.fixture(scope="module")
@@ -47,3 +47,49 @@ def test_linear_uses_torch_above_the_row_limit(kernel: ctypes.CDLL) -> None:
 
 def test_the_build_is_cached(kernel: ctypes.CDLL) -> None:
     assert native.load() is kernel
+
+
+# The fused elementwise kernels against the torch ops they replace (engine/models/llama.py).
+
+
+@pytest.mark.parametrize("rows", [1, 5, 80])  # 80 x 576 takes the threaded branch
+@pytest.mark.parametrize("add", [False, True])
+def test_add_rms_norm_equals_torch(kernel: ctypes.CDLL, rows: int, add: bool) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    norm = RMSNorm(576, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(1.0 + 0.1 * torch.randn(576, generator=gen))
+    x = torch.randn(rows, 576, generator=gen)
+    r = torch.randn(rows, 576, generator=gen) if add else None
+    summed = x + r if r is not None else x.clone()
+    expected = norm(summed)
+    out = torch.empty_like(x)
+    native.add_rms_norm(kernel, x, r, norm.weight, out, norm.eps)
+    assert torch.equal(x, summed)  # the residual add is one rounding, as torch's
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 70])
+def test_rope_qkv_equals_torch(kernel: ctypes.CDLL, rows: int) -> None:
+    heads, kv_heads, dh = 9, 3, 64
+    gen = torch.Generator().manual_seed(rows)
+    cos, sin = torch.randn(300, dh, generator=gen), torch.randn(300, dh, generator=gen)
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * dh, generator=gen)
+    positions = torch.randint(0, 300, (rows,), generator=gen)
+    q, k, v = qkv.view(rows, -1, dh).split([heads, kv_heads, kv_heads], dim=1)
+    eq, ek = apply_rope(q, k, cos[positions].unsqueeze(1), sin[positions].unsqueeze(1))
+    v_before = v.clone()
+    native.rope_qkv(kernel, qkv, cos, sin, positions, heads + kv_heads, dh)
+    # The same products and sums in the same order: bit for bit.
+    assert torch.equal(q, eq) and torch.equal(k, ek)
+    assert torch.equal(v, v_before)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 64])
+def test_silu_mul_equals_torch(kernel: ctypes.CDLL, rows: int) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    gate_up = 4 * torch.randn(rows, 2 * 1536, generator=gen)
+    gate, up = gate_up.split(1536, dim=-1)
+    torch.testing.assert_close(
+        native.silu_mul(kernel, gate_up), F.silu(gate) * up, rtol=1e-6, atol=1e-6
+    )

@@ -9,6 +9,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#define PAR_MIN_WORK (1 << 20)
+
 static void one(const float *q, const float *kc, const float *vc, const int64_t *table,
                 int64_t len, float *out, float *scores, int64_t G, int64_t D, int64_t bs,
                 int64_t N, int64_t kvh, float scale) {
@@ -46,7 +48,9 @@ int paged_decode_attention(const float *q, const float *kc, const float *vc,
                            float *scratch, int64_t B, int64_t H, int64_t Hkv, int64_t D,
                            int64_t bs, int64_t N, int64_t W, int64_t max_len, float scale) {
     const int64_t G = H / Hkv;
-#pragma omp parallel for schedule(dynamic)
+    /* A few short contexts (batch-1 decode) run on the calling thread: waking the pool
+     * would cost more than the work. */
+#pragma omp parallel for schedule(dynamic) if (B * H * max_len * D >= PAR_MIN_WORK)
     for (int64_t i = 0; i < B * Hkv; i++) {
         int64_t b = i / Hkv, kvh = i % Hkv;
         one(q + (b * H + kvh * G) * D, kc, vc, tables + b * W, lens[b],
