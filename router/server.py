@@ -3,13 +3,15 @@
 It starts (or joins) the cluster, then the gRPC API and the OpenAI-compatible HTTP API
 over one :class:`~router.service.Router`, prints the endpoints once the model is loaded
 everywhere, and on SIGINT or SIGTERM stops taking requests, drains the servers, and
-stops the cluster.
+stops the cluster; a second SIGINT or SIGTERM while it drains exits at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -111,7 +113,10 @@ async def serve(
             await grpc_server.stop(grace=5)
         if http_runner is not None:
             await http_runner.cleanup()
-        await asyncio.to_thread(cluster.stop)
+        try:
+            await asyncio.wait_for(_in_daemon_thread(cluster.stop), STOP_TIMEOUT_S)
+        except TimeoutError:  # a Ray call that never returns: the process exits anyway
+            logger.warning("stopping the cluster took over %.0f s; exiting", STOP_TIMEOUT_S)
 
 
 async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
@@ -144,6 +149,7 @@ async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
     return await done
 
 
+STOP_TIMEOUT_S = 60.0  # cluster.stop bounds each of its own Ray calls; this bounds them all
 STOP_WHILE_STARTING_S = 30.0  # to tear down what a start interrupted by a signal made
 
 
@@ -185,6 +191,33 @@ async def drain_requests(router: Router, grpc_server: Any, timeout_s: float) -> 
     await asyncio.sleep(0.2)  # let the handlers write the final messages
 
 
+def kill_descendants() -> None:
+    """SIGKILL every process below this one (read from /proc; Linux only, else nothing)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+                ppid = int(f.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    below, todo = [], [os.getpid()]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            below.append(child)
+            todo.append(child)
+    for pid in below:
+        with contextlib.suppress(OSError):  # gone already
+            os.kill(pid, signal.SIGKILL)
+
+
 def run(config: ServeConfig, out: TextIO = sys.stdout) -> int:
     """The blocking entry point of `baton serve`."""
 
@@ -214,9 +247,21 @@ def run(config: ServeConfig, out: TextIO = sys.stdout) -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
 
+        def on_signal(signum: int) -> None:
+            if not stop.is_set():
+                stop.set()
+                return
+            # A second signal while draining: leave now, as uvicorn and vLLM do, taking
+            # the embedded Ray's processes along (its agents outlive a killed raylet).
+            name = signal.Signals(signum).name
+            print(f"baton serve: {name} again, exiting without draining", file=sys.stderr,
+                  flush=True)  # fmt: skip
+            kill_descendants()
+            os._exit(128 + signum)
+
         def handle_signals() -> None:
             for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
+                loop.add_signal_handler(sig, on_signal, sig)
 
         handle_signals()
         # Again once Ray is up: its core worker installs a C-level handler that prints a
