@@ -225,6 +225,8 @@ class InstanceActor:
         self._groups: Any = None
         self._transfer: Any = None  # ShardedSender | ShardedReceiver
         self._peers: RayPeers | None = None
+        # Peers announced before start() (an instance added while this one restarts).
+        self._early_peers: dict[str, Any] = {}
 
     def ping(self) -> dict[str, Any]:
         started = self.worker is not None
@@ -235,6 +237,8 @@ class InstanceActor:
         """Instances added since this one started (``baton scale``)."""
         if self._peers is not None:
             self._peers.add(handles)
+        else:
+            self._early_peers.update(handles)
 
     def _resolve_host(self) -> None:
         """Bind and advertise this node's address (``cluster.node_address``), resolved here
@@ -277,6 +281,7 @@ class InstanceActor:
             engine = create_driver(engine_config(self.spec), self._groups)
         events = ZmqEventSink(events_address)
         self._peers = RayPeers(dict(peers))
+        self._peers.add(self._early_peers)
         self.worker = self._build_worker(engine, events, self._peers)
         endpoint = self.worker.start()
         self.info = {

@@ -299,6 +299,9 @@ class Cluster:
         handles = {i.name: i.actor for i in self.instances}
         address = self._require_started().address
         builder.restart(instance, address, handles, self.start_timeout_s)
+        # An instance added while this one restarted: its handle reached the old process
+        # (or none), so send the whole table again.
+        instance.actor.add_peers.remote({i.name: i.actor for i in self.instances})
 
     def _lost(self, instance: builder.Instance, cause: str) -> None:
         """An instance lost its requests (or stopped answering): migrate them."""

@@ -294,7 +294,7 @@ class PrefillWorker:
             timings=timings,
         )
         self._counters["handoffs"] += 1
-        self.hand_off(item.decode_instance, handoff.to_dict())
+        self._send_handoff(item.decode_instance, handoff, [out.request_id])
 
     def _hand_off_group(self, group: Any, blocks: list[int]) -> None:
         """A group's children have their first tokens (sent): hand the prompt's KV and
@@ -341,7 +341,16 @@ class PrefillWorker:
             children=children,
         )
         self._counters["handoffs"] += 1
-        self.hand_off(item.decode_instance, handoff.to_dict())
+        self._send_handoff(item.decode_instance, handoff, [c.request_id for c in children])
+
+    def _send_handoff(self, decode: str, handoff: HandOff, request_ids: list[str]) -> None:
+        try:
+            self.hand_off(decode, handoff.to_dict())
+        except KeyError as e:  # a decode instance not known here: fail these requests only
+            logger.error("%s: hand-off of %s: %s", self.name, handoff.request_id, e)
+            self._end_lease(handoff.request_id)
+            for request_id in request_ids:
+                self._send_error(request_id, f"hand-off: {e}")
 
     def _forget_group(self, group: str) -> None:
         for child in self._groups.pop(group, set()):
