@@ -16,10 +16,10 @@ from tests.observability import served as served_mod
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[served_mod.Served]:
     plan = tmp_path_factory.mktemp("plan") / "plan.json"
     assert cli.main([*served_mod.PLAN_ARGS, "--out", str(plan)]) == 0
-    s = served_mod.start(plan)
+    s = served_mod.Served(plan)
     try:
         for i in range(6):
             assert s.complete(i, stream=i % 2 == 0) == 200
         yield s
     finally:
-        served_mod.stop(s.proc)
+        s.stop()

@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
+
+from tests.serve_proc import ServeProcess
 
 KEY = "observability-test-key"
 # The plan `baton serve --plan` launches: 1 prefill + 1 decode, tp1, with its SLOs
@@ -25,10 +22,13 @@ PLAN_ARGS = [
 ]  # fmt: skip
 
 
-class Served:
-    def __init__(self, proc: subprocess.Popen[str], lines: list[str], http: str, grpc: str):
-        self.proc, self.lines, self.http, self.grpc = proc, lines, http, grpc
-        self.host, port = http.removeprefix("http://").split(":")
+class Served(ServeProcess):
+    """`baton serve --plan PLAN` with an API key, and a small HTTP client for it."""
+
+    def __init__(self, plan: Path, timeout_s: float = 300.0) -> None:
+        super().__init__("--api-key", KEY, "--num-kv-blocks", "512", "--plan", str(plan),
+                         timeout_s=timeout_s)  # fmt: skip
+        self.host, port = self.http.removeprefix("http://").split(":")
         self.port = int(port)
 
     def request(self, method: str, path: str, body: object = None,
@@ -47,63 +47,6 @@ class Served:
         body = {"prompt": f"Tell me about the number {i}.", "max_tokens": 6 + i % 5,
                 "temperature": 0, "ignore_eos": True, "stream": stream}  # fmt: skip
         return self.request("POST", "/v1/completions", body)[0]
-
-
-def start(plan: Path, timeout_s: float = 300.0) -> Served:
-    exe = Path(sys.executable).parent / "baton"
-    proc = subprocess.Popen(
-        [
-            str(exe),
-            "serve",
-            "--grpc-port",
-            "0",
-            "--http-port",
-            "0",
-            "--api-key",
-            KEY,
-            "--num-kv-blocks",
-            "512",
-            "--plan",
-            str(plan),
-        ],  # fmt: skip
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "BATON_LOG_LEVEL": "WARNING"},
-        start_new_session=True,  # its own process group: stopped as one
-    )
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("  metrics "):
-                ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + timeout_s
-    while not ready.wait(1):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop(proc)
-            raise RuntimeError("baton serve did not get ready:\n" + "".join(lines[-60:]))
-    text = "".join(lines)
-    grpc = re.search(r"gRPC\s+(\S+)", text)
-    http_url = re.search(r"HTTP\s+(http://\S+)/v1", text)
-    assert grpc and http_url, text
-    return Served(proc, lines, http_url.group(1), grpc.group(1))
-
-
-def stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
 
 
 class Load:
