@@ -67,7 +67,7 @@ def test_prompt_logprobs_equal_transformers(
     [plain] = smollm.generate(prompt_token_ids=[ids], params=SamplingParams(max_tokens=1))
     assert plain.num_cached_tokens > 0 and plain.prompt_logprobs is None
     # Chunked prefill (16-token chunks) gives the same values, and the first token.
-    chunked = make_llm(None, max_num_batched_tokens=16)
+    chunked = make_llm(None, max_num_batched_tokens=16, num_kv_blocks=64)
     [c] = chunked.generate(prompt_token_ids=[ids], params=params)
     check_rows(c.prompt_logprobs, ids, ref, 3)
     assert c.token_ids == out.token_ids
