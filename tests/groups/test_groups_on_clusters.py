@@ -81,6 +81,10 @@ def test_n_greedy_on_tp2_equals_the_offline_engine(
         assert all(o.finish_reason == "length" for o in outs)
         stats = {s.name: s for s in c.stats()}
         assert stats["decode-0"].counters["recomputes"] == 0  # the KV was pulled
+        if prefill != (1, 1):  # a TP stage returns sampled rows only: refused, named
+            asks = SamplingParams(max_tokens=2, prompt_logprobs=1)
+            with pytest.raises(ValueError, match="^prompt_logprobs: "):
+                c.submit(prompt_token_ids=PROMPT, params=asks)
         wait_all_blocks_free(c)
 
 
