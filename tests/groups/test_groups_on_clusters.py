@@ -129,3 +129,23 @@ def test_a_group_whose_prefill_instance_dies_is_redispatched(
             assert time.monotonic() < deadline, f"not serving again: {c.health()}"
             time.sleep(0.5)
         wait_all_blocks_free(c)
+
+
+def test_prompt_logprobs_on_a_colocated_instance(ray_session: None, model_dir: Path) -> None:
+    """Colocated, the decode worker computes the prompt and sends its logprobs with the
+    first token: the offline engine's rows."""
+    asks = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, prompt_logprobs=2)
+    offline = LLM(str(model_dir), device="cpu", num_kv_blocks=64)
+    [want] = offline.generate(prompt_token_ids=[PROMPT], params=asks)
+    assert want.prompt_logprobs is not None and len(want.prompt_logprobs) == len(PROMPT) - 1
+    with _cluster(model_dir, mode="colocated", prefill=0, decode=1) as c:
+        stream = c.submit(prompt_token_ids=PROMPT, params=asks)
+        while not (out := stream.get(timeout=60)).finished:
+            pass
+        assert out.token_ids == want.token_ids
+        got = out.prompt_logprobs
+        assert got is not None and len(got) == len(want.prompt_logprobs)
+        for g, w in zip(got, want.prompt_logprobs, strict=True):
+            assert [(t, r) for t, _, r in g] == [(t, r) for t, _, r in w]
+            assert all(abs(a[1] - b[1]) < 1e-4 for a, b in zip(g, w, strict=True))
+        wait_all_blocks_free(c)
