@@ -56,6 +56,8 @@ def sampling_params(params: SamplingParams) -> pb.SamplingParams:
                 out.logit_bias.update({int(k): float(v) for k, v in (value or {}).items()})
             elif f.name == "n":
                 continue  # a field of the request (generate_request)
+            elif f.name == "prompt_logprobs" and isinstance(value, bool):
+                raise TypeError(f"must be an int, got bool {value!r}")
             elif f.name == "structured_output":
                 if value is not None:
                     out.structured_output.kind = value.kind
@@ -112,7 +114,7 @@ def usage(u: pb.Usage) -> Usage:
 
 def logprobs(items: Iterable[pb.Logprobs]) -> tuple[Logprobs, ...] | None:
     def one(t: pb.TokenLogprob) -> TokenLogprob:
-        return TokenLogprob(t.token_id, t.logprob, t.token, t.bytes)
+        return TokenLogprob(t.token_id, t.logprob, t.token, t.bytes, t.rank)
 
     out = tuple(Logprobs(one(x.sampled), tuple(one(t) for t in x.top)) for x in items)
     return out or None  # not asked for (or nothing generated)
@@ -134,6 +136,7 @@ def completion(r: pb.GenerateResponse) -> Completion:
             )  # fmt: skip
             for s in r.sequences
         ),
+        prompt_logprobs=logprobs(r.prompt_logprobs),
     )
 
 
@@ -146,6 +149,7 @@ def chunk(r: pb.GenerateStreamResponse) -> Chunk:
         usage=usage(r.usage) if r.HasField("usage") else None,
         logprobs=logprobs(r.logprobs),
         index=r.index,
+        prompt_logprobs=logprobs(r.prompt_logprobs),
     )
 
 

@@ -69,6 +69,9 @@ class SamplingParams:
     bad_words: Sequence[str] = ()
     include_stop_str_in_output: bool | None = None
     structured_output: StructuredOutput | None = None
+    # vLLM's prompt_logprobs: each prompt token's logprob and the top-N (0..20) at its
+    # position (Completion.prompt_logprobs); the prompt is then computed in full.
+    prompt_logprobs: int | None = None
     # Sequences for the prompt, 1..16 (None: 1): computed once, its KV shared; a seeded
     # request gives sequence i the seed + i. See Completion.sequences and Chunk.index.
     n: int | None = None
@@ -99,6 +102,7 @@ class TokenLogprob:
     logprob: float
     token: str = ""  # the token's text (U+FFFD where it holds part of a character)
     bytes: bytes = b""  # its exact UTF-8 bytes
+    rank: int = 0  # prompt_logprobs only: 1 = the most likely token (0: not given)
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,8 @@ class Completion:
     # n > 1: every sequence by index (the fields above are sequence 0's; usage counts
     # the prompt once and every sequence's tokens).
     sequences: tuple[SequenceOutput, ...] = ()
+    # When asked for: one per prompt token after the first; sampled is the prompt's token.
+    prompt_logprobs: tuple[Logprobs, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -148,6 +154,7 @@ class Chunk:
     # n > 1: the sequence this chunk extends; finish_reason ends each sequence, usage
     # (every sequence's) comes on the last chunk of the stream.
     index: int = 0
+    prompt_logprobs: tuple[Logprobs, ...] | None = None  # on the chunk of the first token
 
 
 @dataclass(frozen=True)

@@ -152,6 +152,8 @@ class RequestStream:
         out.num_cached_tokens = max(out.num_cached_tokens, event.num_cached_tokens)
         if event.logprobs is not None and new:
             out.logprobs = (out.logprobs or []) + event.logprobs[-len(new) :]
+        if event.prompt_logprobs is not None:
+            out.prompt_logprobs = event.prompt_logprobs
         self.trace.timings.update(event.timings)
         if out.metrics:
             out.metrics.timings.update(event.timings)

@@ -499,6 +499,8 @@ class DecodeWorker:
                 num_prompt_tokens=len(out.prompt_token_ids),
                 num_cached_tokens=out.num_cached_tokens,
                 timings=timings,
+                # Colocated: the prompt's logprobs go with the first token.
+                prompt_logprobs=out.prompt_logprobs if len(out.token_ids) == len(new) else None,
             )
         )
 

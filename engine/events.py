@@ -34,6 +34,9 @@ class TokenEvent:
     # "queue", "prefill", "kv_transfer", "decode"; "recomputed" = 1.0 after a failed pull.
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    # With the first token, when asked: [(token, logprob, rank), *top-N] per prompt token
+    # after the first (engine/prompt_logprobs.py).
+    prompt_logprobs: list[list[tuple[int, float, int]]] | None = None
 
     @property
     def finished(self) -> bool:
@@ -57,6 +60,8 @@ def encode(event: TokenEvent) -> bytes:
         frame["l"] = [[[tok, lp] for tok, lp in row] for row in event.logprobs]
     if event.error is not None:
         frame["e"] = event.error
+    if event.prompt_logprobs is not None:
+        frame["q"] = [[[t, lp, r] for t, lp, r in row] for row in event.prompt_logprobs]
     return msgpack.packb(frame, use_bin_type=True)
 
 
@@ -65,6 +70,7 @@ def decode(frame: bytes) -> TokenEvent:
     try:
         d = msgpack.unpackb(frame, raw=False, strict_map_key=True)
         logprobs = d.get("l")
+        prompt = d.get("q")
         return TokenEvent(
             request_id=str(d["r"]),
             index=int(d["i"]),
@@ -79,6 +85,9 @@ def decode(frame: bytes) -> TokenEvent:
             num_cached_tokens=int(d["c"]),
             timings={str(k): float(v) for k, v in d["m"].items()},
             error=d.get("e"),
+            prompt_logprobs=None
+            if prompt is None
+            else [[(int(t), float(lp), int(r)) for t, lp, r in row] for row in prompt],
         )
     except (ValueError, TypeError, KeyError, AttributeError, msgpack.ExtraData) as e:
         raise ValueError(f"token event: malformed frame ({e})") from e

@@ -15,7 +15,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from engine import envs, native, sequence_group
+from engine import envs, native, prompt_logprobs, sequence_group
 from engine.attention import describe, select_backend
 from engine.block_manager import BlockManager
 from engine.config import CacheConfig, EngineConfig, ModelConfig
@@ -161,6 +161,7 @@ class LLMEngine:
                 raise ValueError(f"request_id: {rid!r} is already running")
         ids = self._prompt_ids(prompt, prompt_token_ids)
         self._check_fits(ids, params)
+        self._check_prompt_logprobs(params)
         seq = Sequence(request_id, ids, params)
         kids: list[tuple[Sequence, RequestState]] = []
         for child_id, child_params in children or []:
@@ -289,6 +290,7 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params: must be SamplingParams, got {type(params).__name__}")
         self._check_fits(self._prompt_ids(None, prompt_token_ids), params)
+        self._check_prompt_logprobs(params)
         build_processor(params, self.tokenizer, self.grammars)  # ids in vocab, grammar compiles
 
     def _prompt_ids(self, prompt: str | None, prompt_token_ids: Seq[int] | None) -> list[int]:
@@ -305,6 +307,13 @@ class LLMEngine:
         if not ids:
             raise ValueError("prompt: must not be empty")
         return ids
+
+    def _check_prompt_logprobs(self, params: SamplingParams) -> None:
+        # Only ModelRunner computes them; a TP/PP stage's runner returns sampled rows only.
+        if params.prompt_logprobs is not None and not isinstance(self.runner, ModelRunner):
+            raise ValueError(
+                "prompt_logprobs: not supported on a tensor/pipeline-parallel instance"
+            )
 
     def _check_fits(self, ids: list[int], params: SamplingParams) -> None:
         longest = len(ids) + params.max_tokens
@@ -332,6 +341,10 @@ class LLMEngine:
         }
         sampled, out = self.runner.execute(plan, rows)
         self.scheduler.commit(plan)
+        for rid, (start, prompt_rows) in (out.prompt_logprobs or {}).items():
+            acc = self._states[rid].seq.prompt_logprobs
+            if acc is not None:
+                prompt_logprobs.merge(acc, start, prompt_rows)
         self._last_plan = plan
         now = time.monotonic()
         outputs = []
@@ -386,6 +399,7 @@ class LLMEngine:
             logprobs=state.logprobs,
             num_cached_tokens=seq.num_cached_tokens,
             metrics=seq.metrics,
+            prompt_logprobs=seq.prompt_logprobs,
         )
 
     def abort(self, request_id: str) -> RequestOutput | None:

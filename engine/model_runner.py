@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from engine import prompt_logprobs
 from engine.attention import AttentionBackend, KVCache
 from engine.kv_cache import KVShape
 from engine.models import LlamaForCausalLM
@@ -93,13 +94,20 @@ class ModelRunner:
         input_ids = torch.tensor(batch.token_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(batch.positions, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, pos, self.backend, meta, self.caches)  # [T, D]
+        # prompt_logprobs (s19-api's block): logits at every prompt position of the chunks
+        # that ask, not only the sampled rows (engine/prompt_logprobs.py).
+        prompt = None
+        if prompt_logprobs.wanted(batch.chunks):
+            prompt = prompt_logprobs.compute(self.model, hidden, batch.chunks)
         if not batch.sample_rows:
-            return [], SamplerOutput(token_ids=[], logprobs=[])
+            return [], SamplerOutput(token_ids=[], logprobs=[], prompt_logprobs=prompt)
         # Logits only where a token is sampled: the LM head is a fifth of this model's FLOPs.
         rows = torch.tensor(batch.sample_rows, device=self.device)
         logits = self.model.compute_logits(hidden[rows])
         sampled = batch.sampled
-        return sampled, self.sampler(logits, [sampling[r] for r in sampled])
+        out = self.sampler(logits, [sampling[r] for r in sampled])
+        out.prompt_logprobs = prompt
+        return sampled, out
 
     def close(self) -> None:
         """Nothing to release: the model and cache go with the runner."""

@@ -34,6 +34,9 @@ class RequestOutput:
     logprobs: list[list[tuple[int, float]]] | None = None
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
+    # prompt_logprobs: per prompt token after the first, [(token, logprob, rank), *top-N
+    # (token, logprob, rank)] (engine/prompt_logprobs.py); None when not asked.
+    prompt_logprobs: list[list[tuple[int, float, int]]] | None = None
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,9 @@ class SamplerOutput:
     logprobs: list[list[tuple[int, float]] | None]
     # Row index -> the draws of its fanout rows, one per child, in order.
     fanout: dict[int, SamplerOutput] = field(default_factory=dict)
+    # Set by the model runner: request id -> (chunk start, rows) of prompt_logprobs
+    # (engine/prompt_logprobs.py, plain values); None when no chunk asked.
+    prompt_logprobs: dict[str, tuple[int, list[list[tuple[int, float, int]]]]] | None = None
 
 
 def make_generator(

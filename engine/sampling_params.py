@@ -182,6 +182,9 @@ class SamplingParams:
     bad_words: tuple[str, ...] = ()
     include_stop_str_in_output: bool = False
     structured_output: StructuredOutput | None = None
+    # vLLM's extra: the prompt tokens' logprobs and the top-N at each prompt position
+    # (engine/prompt_logprobs.py); computed on a prefill, never from the prefix cache.
+    prompt_logprobs: int | None = None
 
     if TYPE_CHECKING:
         # The signature callers type-check against: stop and stop_token_ids take any
@@ -209,6 +212,7 @@ class SamplingParams:
             bad_words: Sequence[str] | None = (),
             include_stop_str_in_output: bool = False,
             structured_output: StructuredOutput | Mapping[str, str] | None = None,
+            prompt_logprobs: int | None = None,
         ) -> None: ...
 
     def __post_init__(self) -> None:
@@ -241,6 +245,12 @@ class SamplingParams:
         n_logprobs = self.logprobs
         if n_logprobs is not None and not 0 <= _check_int("logprobs", n_logprobs) <= MAX_LOGPROBS:
             _fail("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        n_prompt = self.prompt_logprobs
+        if (
+            n_prompt is not None
+            and not 0 <= _check_int("prompt_logprobs", n_prompt) <= MAX_LOGPROBS
+        ):
+            _fail("prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}], got {n_prompt}")
 
     def _validate_floats(self) -> None:
         ranges = {

@@ -78,12 +78,17 @@ class Scheduler:
 
     def _chunk(self, seq: Sequence, num_new: int) -> ScheduledChunk:
         start = seq.num_computed_tokens
+        end = start + num_new
+        # Prompt logprobs while the prompt is computed the first time (not after output).
+        top = seq.params.prompt_logprobs if seq.num_output_tokens == 0 else None
         return ScheduledChunk(
             request_id=seq.request_id,
-            token_ids=seq.token_ids[start : start + num_new],
+            token_ids=seq.token_ids[start:end],
             start_pos=start,
             block_table=list(seq.block_table),
-            sample=start + num_new == seq.num_tokens,
+            sample=end == seq.num_tokens,
+            prompt_logprobs=top,
+            next_token=seq.token_ids[end] if top is not None and end < seq.num_tokens else None,
         )
 
     def _make_room(
@@ -109,7 +114,9 @@ class Scheduler:
     def _admit(self, seq: Sequence, budget: int) -> int:
         """Reserve blocks for a waiting request's first chunk; 0 if it must keep waiting."""
         cached: list[int] = []
-        if seq.num_computed_tokens == 0:
+        # prompt_logprobs needs logits at every prompt position: no prefix cache (as vLLM).
+        asks = seq.params.prompt_logprobs is not None and seq.num_output_tokens == 0
+        if seq.num_computed_tokens == 0 and not asks:
             # Leave at least one token to compute: its logits give the next token.
             max_blocks = (seq.num_tokens - 1) // self.blocks.block_size
             cached = self.blocks.find_cached_prefix(seq.token_ids, max_blocks)

@@ -49,10 +49,15 @@ class Sequence:
     # seed); the children then share the prompt's blocks (LLMEngine.share_blocks).
     children: list[Sequence] | None = None
     parent: Sequence | None = None  # a child's group, until it has its first token
+    # params.prompt_logprobs: one row per prompt token after the first, filled while the
+    # prompt is computed (engine/prompt_logprobs.py); None when not asked.
+    prompt_logprobs: list[list[tuple[int, float, int]]] | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = []
         if self.params.seed is not None and self.generator is None:
             self.generator = torch.Generator().manual_seed(self.params.seed)
 

@@ -71,6 +71,7 @@ def fan_out(
             child.finish_reason = reason
             child.metrics.finish_time = now
             del states[child.request_id]
+        child.prompt_logprobs = group.prompt_logprobs  # computed once, for the group
         outputs.append(engine._output(state, [token], delta))
     del states[group.request_id]
     block_ids = engine.scheduler.detach(group)

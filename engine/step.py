@@ -21,6 +21,11 @@ class ScheduledChunk:
     block_table: list[int]
     # True when the chunk ends the request's known tokens, so its last logits are sampled.
     sample: bool
+    # prompt_logprobs (engine/prompt_logprobs.py): the top-N wanted at every position this
+    # chunk computes (None: only the sampled row's logits); the targets are the chunk's
+    # own next tokens, then ``next_token`` (the prompt's token after the chunk).
+    prompt_logprobs: int | None = None
+    next_token: int | None = None
 
     @property
     def num_tokens(self) -> int:

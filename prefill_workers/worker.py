@@ -263,6 +263,7 @@ class PrefillWorker:
             num_prompt_tokens=len(out.prompt_token_ids),
             num_cached_tokens=out.num_cached_tokens,
             timings=timings,
+            prompt_logprobs=out.prompt_logprobs,
         )
         if group is not None:
             self._firsts.setdefault(group, {})[out.request_id] = out

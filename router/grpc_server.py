@@ -101,7 +101,9 @@ class BatonServicer(pb_grpc.BatonServicer):
         self.vocabulary = VocabularySource(router)  # logprobs' token text
 
     async def _vocab(self, request: pb.GenerateRequest) -> Vocabulary | None:
-        return await self.vocabulary.get() if request.params.HasField("logprobs") else None
+        params = request.params
+        wanted = params.HasField("logprobs") or params.HasField("prompt_logprobs")
+        return await self.vocabulary.get() if wanted else None
 
     async def Generate(  # noqa: N802 (grpc's method names)
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext

@@ -99,6 +99,20 @@ def logprobs(
     ]
 
 
+def prompt_logprobs(
+    rows: Sequence[Sequence[tuple[int, float, int]]] | None, vocab: Vocabulary | None = None
+) -> list[pb.Logprobs]:
+    """The engine's prompt_logprobs rows: the prompt's token, then the top-N; with ranks."""
+    out = []
+    for row in rows or []:
+        [item] = logprobs([[(t, lp) for t, lp, _ in row]], vocab)
+        item.sampled.rank = row[0][2]
+        for entry, (_, _, rank) in zip(item.top, row[1:], strict=True):
+            entry.rank = rank
+        out.append(item)
+    return out
+
+
 def finish_reason(out: RequestOutput) -> pb.FinishReason:
     if not out.finished:
         return pb.FINISH_REASON_UNSPECIFIED
@@ -116,6 +130,7 @@ def response(
         finish_reason=finish_reason(out),
         usage=usage(out),
         logprobs=logprobs(out.logprobs or [], vocab),
+        prompt_logprobs=prompt_logprobs(out.prompt_logprobs, vocab),
     )
 
 
@@ -131,6 +146,8 @@ def chunk(out: RequestOutput, vocab: Vocabulary | None = None) -> pb.GenerateStr
         ),
         finish_reason=finish_reason(out),
     )
+    if new and len(new) == len(out.token_ids):  # the first token: the prompt's logprobs
+        message.prompt_logprobs.extend(prompt_logprobs(out.prompt_logprobs, vocab))
     if out.finished:
         message.usage.CopyFrom(usage(out))
     return message

@@ -184,7 +184,8 @@ class OpenAIHandlers:
         if api.template_messages is not None:  # tools or a chat_template: render here
             api = await render_chat(self.vocabulary, api)
         vocab = None
-        if self.token_text is None and (api.logprobs or api.echo):
+        spelled = api.logprobs or api.echo or api.prompt_logprobs is not None
+        if self.token_text is None and spelled:
             vocab = await self.vocabulary.get()
         def make_builder(a: ApiRequest) -> ResponseBuilder:
             return ResponseBuilder(

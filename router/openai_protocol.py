@@ -13,9 +13,10 @@ vLLM's extra fields and structured output are read in ``router.openai_extras``.
 Unknown fields are accepted and ignored with a warning in the log, as vLLM does.
 
 Not supported, and answered with a 400 naming the field: several prompts in one
-request, ``n`` above ``openai_extras.MAX_N`` (16), ``best_of`` other than 1, ``suffix``
-and ``prompt_logprobs``. Tool calling is ``router.tool_calls``; ``n`` > 1 is
-``router.parallel_sampling``.
+request, ``n`` above ``openai_extras.MAX_N`` (16), ``best_of`` other than 1, ``suffix``,
+and ``prompt_logprobs`` with ``stream`` (as vLLM). ``prompt_logprobs`` (vLLM's extra, an
+int 0..20) is a sampling parameter; the response carries it in vLLM's shape. Tool
+calling is ``router.tool_calls``; ``n`` > 1 is ``router.parallel_sampling``.
 """
 
 from __future__ import annotations
@@ -40,13 +41,13 @@ TokenBytes = Callable[[int], bytes]
 SAMPLING_FIELDS = (
     "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
     "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids", "ignore_eos",
-    "skip_special_tokens",
+    "skip_special_tokens", "prompt_logprobs",
 )  # fmt: skip
 # Accepted and ignored: bookkeeping for OpenAI's platform, no effect on one answer.
 IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "prompt_cache_key")
 _COMMON = {"model", "stream", "stream_options", "n", "max_tokens", "logit_bias"}
 _COMMON |= {*SAMPLING_FIELDS, *IGNORED_FIELDS, *extras.EXTRA_SAMPLING_FIELDS}
-_COMMON |= {*extras.STRUCTURED_FIELDS, "prompt_logprobs"}
+_COMMON |= set(extras.STRUCTURED_FIELDS)
 COMPLETION_FIELDS = frozenset(_COMMON | {"prompt", "logprobs", "best_of", "echo", "suffix"})
 CHAT_FIELDS = frozenset(
     _COMMON
@@ -123,6 +124,11 @@ class ApiRequest:
     n: int = 1  # sequences for this prompt (router.parallel_sampling)
     aliases: Mapping[str, str] = field(default_factory=dict)  # engine field -> client's
 
+    @property
+    def prompt_logprobs(self) -> int | None:
+        params = self.input.params
+        return None if params is None else params.prompt_logprobs
+
     def client_error(self, error: RouterError) -> RouterError:
         return rename_param(error, self.aliases)
 
@@ -150,10 +156,10 @@ def _check_common(body: Body, allowed: frozenset[str], request_id: str = "") -> 
     if not 1 <= _get(body, "n", int, 1) <= extras.MAX_N:
         raise invalid("n", f"must be in [1, {extras.MAX_N}], got {body['n']}")
     _get(body, "logit_bias", dict)
-    if body.get("prompt_logprobs") is not None:
-        raise invalid("prompt_logprobs", "is not supported")
     _get(body, "user", str)
     stream = _get(body, "stream", bool, False)
+    if stream and body.get("prompt_logprobs") is not None:  # as vLLM
+        raise invalid("prompt_logprobs", "is not available when stream=true")
     options = _get(body, "stream_options", dict, {})
     if set(options) - {"include_usage"}:
         raise invalid(

@@ -11,7 +11,7 @@ from typing import Any
 
 from engine.outputs import RequestOutput
 from router import tool_calls
-from router.errors import RouterError
+from router.errors import ErrorKind, RouterError
 from router.openai_protocol import ApiRequest, TokenBytes, TokenText
 from router.tool_stream import ToolCallStream
 
@@ -81,7 +81,32 @@ class ResponseBuilder:
             choice["text"] = self._echo(out) + out.text
         choice["logprobs"] = self._logprobs(out.logprobs or []) if self.api.logprobs else None
         choice["finish_reason"] = reason
-        return {**self._envelope(False), "choices": [choice], "usage": self.usage(out)}
+        body = {**self._envelope(False), "choices": [choice], "usage": self.usage(out)}
+        if self.api.prompt_logprobs is not None:
+            # vLLM's places: on each choice of a completion, on a chat response.
+            prompt = self.prompt_logprobs(out)
+            if self.api.kind == "chat":
+                body["prompt_logprobs"] = prompt
+            else:
+                choice["prompt_logprobs"] = prompt
+        return body
+
+    def prompt_logprobs(self, out: RequestOutput) -> list[dict[str, dict[str, Any]] | None]:
+        """vLLM's shape: None for the first prompt token, then per token
+        {token id: {logprob, rank, decoded_token}}, the prompt's token and the top-N."""
+        rows = out.prompt_logprobs or []
+        if len(rows) != max(0, len(out.prompt_token_ids) - 1):
+            message = f"prompt_logprobs: {len(rows)} rows for {len(out.prompt_token_ids)} tokens"
+            raise RouterError(ErrorKind.INTERNAL, message)
+        entries: list[dict[str, dict[str, Any]] | None] = [None]
+        for row in rows:
+            entry: dict[str, dict[str, Any]] = {}
+            for token, lp, rank in row:
+                entry.setdefault(
+                    str(token), {"logprob": lp, "rank": rank, "decoded_token": self._text(token)}
+                )
+            entries.append(entry)
+        return entries
 
     def chunks(self, out: RequestOutput) -> list[dict[str, Any]]:
         """The stream chunks one snapshot adds (none while the detokenizer holds text)."""

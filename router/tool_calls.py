@@ -19,7 +19,7 @@ template (or the request's ``chat_template``) and sends the token ids.
 
 Streaming: a request with tools streams its tool calls in OpenAI's delta shape as the
 model writes them (``router.tool_stream``: a delta per call with its index, id and name,
-then its arguments as they grow); Llama 3 JSON's ``auto`` is told from content at the end.
+then its arguments as they grow), Llama 3 JSON's ``auto`` included.
 """
 
 from __future__ import annotations

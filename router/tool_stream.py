@@ -15,7 +15,13 @@ the non-streamed response reports.
   tag is held back until told apart); each ``<tool_call>{"name", "arguments"}`` block
   streams as a call. Should no block hold a call of a known tool, the held text goes
   out as content at the end, as the non-streamed response has it.
-- auto, Llama 3 JSON: told from content only once complete (``tool_calls.extract``).
+- auto, Llama 3 JSON: an output that starts (after spaces and an optional
+  ``<|python_tag|>``) with ``{`` is held as a possible call; each top-level object's call
+  streams once its name (a known tool) is complete, then its ``parameters`` (or
+  ``arguments``) as they grow, objects separated by ``;``. Any other output is content at
+  once. Should no object name a known tool, the held text goes out as content at the
+  end. Unlike the non-streamed answer, calls already sent stay sent if a later object
+  turns out not to be a call.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Any
 from router import tool_calls
 
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"
+_PYTHON_TAG = "<|python_tag|>"
 
 
 @dataclass
@@ -39,10 +46,11 @@ class _Call:
 @dataclass
 class _Scanner:
     """Walks JSON text as it grows: in each object at ``depth`` (1 = the top level),
-    the string value of ``"name"`` and where the value of ``args_key`` lies."""
+    the string value of ``"name"`` and where the value of the first of ``args_keys``
+    present lies."""
 
     depth: int
-    args_key: str
+    args_keys: tuple[str, ...]
     calls: list[_Call] = field(default_factory=list)
     _pos: int = 0
     _level: int = 0
@@ -88,7 +96,9 @@ class _Scanner:
         elif self._level == self.depth:
             if ch == ":":
                 self._expect_key = False
-                self._args_pending = self._key == self.args_key
+                call = self.calls[-1] if self.calls else None
+                free = call is not None and call.args_start is None
+                self._args_pending = free and self._key in self.args_keys
             elif ch == ",":
                 self._value_done(i)
                 self._expect_key = True
@@ -101,8 +111,10 @@ class _Scanner:
 
     def _value_done(self, i: int) -> None:
         call = self.calls[-1] if self.calls else None
-        if call is not None and self._key == self.args_key and call.args_end is None:
-            call.args_end = i if call.args_start is not None else None
+        if call is None or self._key not in self.args_keys or call.args_start is None:
+            return
+        if call.args_end is None:
+            call.args_end = i
 
 
 @dataclass
@@ -120,7 +132,8 @@ class ToolCallStream:
         self._sent: list[_Sent] = []
         self._keys: list[_Call] = []  # the scanned call behind each sent one, by index
         self._scanners: list[_Scanner] = []
-        self._array = _Scanner(depth=2, args_key="parameters")
+        self._array = _Scanner(depth=2, args_keys=("parameters",))
+        self._llama = _Scanner(depth=1, args_keys=("parameters", "arguments"))
 
     @property
     def called(self) -> bool:
@@ -133,15 +146,37 @@ class ToolCallStream:
         if self.plan.mode == "required":
             self._array.feed(text)
             return self._calls(text, self._array.calls)
-        if self.parser != "hermes":  # Llama 3 JSON: whole, at the end
-            if not finished:
-                return []
-            content, calls = tool_calls.extract(self.plan, text, self.parser)
-            out: list[dict[str, Any]] = [{"content": content}] if content else []
-            for c in calls:
-                out += self._whole(c)
-            return out
+        if self.parser == "llama3_json":
+            return self._llama3(text, finished)
         return self._hermes(text, finished)
+
+    def _llama3(self, text: str, finished: bool) -> list[dict[str, Any]]:
+        lead = len(text) - len(text.lstrip())
+        rest = text[lead:]
+        if rest.startswith(_PYTHON_TAG):
+            after = rest[len(_PYTHON_TAG) :]
+            start = lead + len(_PYTHON_TAG) + len(after) - len(after.lstrip())
+        elif _PYTHON_TAG.startswith(rest) and not finished:
+            return []  # nothing yet, or a possible start of the tag
+        else:
+            start = lead
+        body = text[start:]
+        if not body and not finished:
+            return []
+        if not body.startswith("{") or self._content:  # content, as extract has it
+            return self._rest_as_content(text)
+        self._llama.feed(body)
+        out = self._calls(body, self._llama.calls)
+        if finished and not self._sent:
+            out += self._rest_as_content(text)  # no call after all
+        return out
+
+    def _rest_as_content(self, text: str) -> list[dict[str, Any]]:
+        if len(text) <= self._content:
+            return []
+        out = [{"content": text[self._content :]}]
+        self._content = len(text)
+        return out
 
     def _named(self, text: str) -> list[dict[str, Any]]:
         out = []
@@ -166,7 +201,7 @@ class ToolCallStream:
         found = []
         for k, block in enumerate(text[start:].split(_OPEN)[1:]):
             if k == len(self._scanners):
-                self._scanners.append(_Scanner(depth=1, args_key="arguments"))
+                self._scanners.append(_Scanner(depth=1, args_keys=("arguments",)))
             body = block.split(_CLOSE)[0]
             scanner = self._scanners[k]
             scanner.feed(body)
@@ -214,11 +249,6 @@ class ToolCallStream:
     @staticmethod
     def _args(index: int, text: str) -> dict[str, Any]:
         return {"tool_calls": [{"index": index, "function": {"arguments": text}}]}
-
-    def _whole(self, call: dict[str, Any]) -> list[dict[str, Any]]:
-        index = len(self._sent)
-        fn = call["function"]
-        return [self._header(index, fn["name"]), self._args(index, fn["arguments"])]
 
 
 def _held_back(text: str) -> int:

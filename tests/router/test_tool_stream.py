@@ -69,6 +69,15 @@ def _first_args_delta(deltas: list[dict[str, Any]]) -> int:
          'Oops <tool_call>{"name": "nope", "arguments": {}}</tool_call>', []),
         ("auto", "llama3_json", '{"name": "add", "parameters": {"a": 5}}', "",
          [("add", {"a": 5})]),
+        ("auto", "llama3_json",
+         ' <|python_tag|> {"name": "get_weather", "parameters": {"city": "Oslo"}}; '
+         '{"name": "add", "arguments": {"a": 2}}', "",
+         [("get_weather", {"city": "Oslo"}), ("add", {"a": 2})]),
+        ("auto", "llama3_json", "Sure: it is sunny.", "Sure: it is sunny.", []),
+        ("auto", "llama3_json", "<|python", "<|python", []),
+        ("auto", "llama3_json", '{"city": "Oslo"}', '{"city": "Oslo"}', []),
+        ("auto", "llama3_json", '{"name": "nope", "parameters": {}}',
+         '{"name": "nope", "parameters": {}}', []),
     ],
 )  # fmt: skip
 def test_deltas_rebuild_the_calls(
@@ -80,6 +89,11 @@ def test_deltas_rebuild_the_calls(
         assert got_content == content
         assert [(c["name"], json.loads(c["arguments"])) for c in got_calls] == calls
         assert stream.called == bool(calls)
+    if parser == "llama3_json":  # the streamed answer is the non-streamed one
+        whole_content, whole_calls = tool_calls.extract(_plan(choice), text, parser)
+        assert (whole_content or "") == content
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+                for c in whole_calls] == calls  # fmt: skip
 
 
 def test_calls_stream_before_the_output_is_complete() -> None:
@@ -93,3 +107,10 @@ def test_calls_stream_before_the_output_is_complete() -> None:
     deltas = _feed(required, '[{"name": "add", "parameters": {"a": 4', 2)
     assert _assemble(deltas)[1] == [{"name": "add", "arguments": '{"a": 4'}]
     assert _first_args_delta(deltas) > 0
+    llama = ToolCallStream(_plan("auto"), "llama3_json")
+    deltas = _feed(llama, '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Rey', 2)
+    assert _assemble(deltas) == ("", [{"name": "get_weather", "arguments": '{"city": "Rey'}])
+    assert _first_args_delta(deltas) > 0
+    # Plain text is content at once, before the output is complete.
+    text = ToolCallStream(_plan("auto"), "llama3_json")
+    assert _assemble(_feed(text, "It is sunny in", 2))[0] == "It is sunny in"
