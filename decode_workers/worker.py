@@ -33,6 +33,7 @@ transfers run on their own threads and post their results back to it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import OrderedDict
@@ -237,7 +238,10 @@ class DecodeWorker:
         params: SamplingParams,
     ) -> None:
         """A request migrated here: recompute prompt plus the tokens already streamed
-        (replayed as output) and generate the rest (``LLMEngine.add_resumed``)."""
+        (replayed as output) and generate the rest (``LLMEngine.add_resumed``). The
+        prompt's logprobs went out with its first token, so they are not asked again
+        (a TP/PP instance, which cannot compute them, takes the request too)."""
+        params = dataclasses.replace(params, prompt_logprobs=None)
         self.engine.validate_request(prompt_token_ids, params)
         self.loop.post(
             self._resume, request_id, list(prompt_token_ids), list(output_token_ids), params

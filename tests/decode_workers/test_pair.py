@@ -3,12 +3,13 @@ the offline engine's, the fallback recomputes, leases and aborts free every bloc
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Iterator
 
 import pytest
 
-from engine import LLM, SamplingParams
+from engine import LLM, SamplingParams, llm_engine
 from engine.llm_engine import LLMEngine
 from engine.step import StepShape
 from kv_transfer import TransferConfig
@@ -157,3 +158,23 @@ def test_a_second_hand_off_of_one_request_is_released(engines, offline, prompts)
         wait_until(lambda: pair.prefill.stats().counters["leases"] == 0)
         wait_until(lambda: pair.decode.stats().num_running == 0)
     assert out.token_ids == expected.token_ids
+
+
+def test_a_resumed_request_does_not_ask_for_its_prompt_logprobs_again(
+    engines, offline, prompts, monkeypatch
+):
+    # A migrated request's prompt logprobs went out with its first token on the prefill
+    # side; the decode instance that resumes it only continues the output, even one
+    # that cannot compute them (a TP/PP instance: its runner is not a ModelRunner).
+    monkeypatch.setattr(llm_engine, "ModelRunner", type("OtherRunner", (), {}))
+    ids = prompts(1, seed=5)[0]
+    plain = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    expected = offline.generate(prompt_token_ids=[ids], params=[plain])[0]
+    asked = dataclasses.replace(plain, prompt_logprobs=2)
+    with Pair(*engines) as pair:
+        pair.decode.resume("resumed", ids, expected.token_ids[:3], asked)
+        events = pair.sink.events
+        wait_until(lambda: any(e.finish_reason for e in events), timeout_s=120)
+    assert [e.error for e in events] == [None] * len(events)
+    assert [t for e in events for t in e.token_ids] == expected.token_ids[3:]
+    assert [e.prompt_logprobs for e in events] == [None] * len(events)
