@@ -42,7 +42,7 @@ from cluster.stream import RequestStream
 
 logger = logging.getLogger(__name__)
 
-CAUSES = ("dead", "hung", "restarted", "drained", "unavailable")
+CAUSES = ("dead", "hung", "restarted", "drained", "unavailable", "crashed")
 
 
 @dataclass
