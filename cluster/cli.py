@@ -164,6 +164,14 @@ def _add_serve(sub: Any) -> None:
         help="while no instance of a role serves (all dead, restarting or hung), how long a "
         "new or migrating request waits for one before it fails (default: 30)",
     )
+    serve.add_argument(
+        "--health-interval",
+        type=float,
+        default=None,
+        metavar="S",
+        help="how often every instance is pinged; one that misses two rounds in a row "
+        "(stopped, hung) has its requests migrated (default: 1)",
+    )
     serve.add_argument("--served-model-name", default=None, help="the model id clients use")
     serve.add_argument(
         "--num-kv-blocks",
@@ -336,6 +344,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from cluster.admission import check_timeout
 
         options["admission_timeout_s"] = check_timeout(args.admission_timeout)
+    if args.health_interval is not None:
+        if not args.health_interval > 0:
+            raise ValueError(f"health-interval: must be > 0 seconds, got {args.health_interval}")
+        options["health_interval_s"] = args.health_interval
     if args.profile is not None:
         from cluster.planner.latency import load_profiles
 

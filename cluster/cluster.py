@@ -97,7 +97,7 @@ class Cluster:
         fault_injection: float = 0.0,
         checksum: bool = False,
         start_timeout_s: float = 600.0,
-        health_interval_s: float = 2.0,
+        health_interval_s: float = 1.0,
         policy: RoutePolicy | None = None,
         max_migrations: int = 3,
         prefill_parallel: tuple[int, int] = (1, 1),
@@ -449,7 +449,8 @@ class Cluster:
         and move the requests that wait for a decode instance to migrate to."""
         if self.migrator is not None:
             self.migrator.retry()
-        self._polled = {s.name: s for s in self.stats(timeout_s=self.health_interval_s)}
+        only = None if self._health is None else self._health.answering()
+        self._polled = {s.name: s for s in self.stats(self.health_interval_s, only)}
 
     def _send(
         self,
@@ -661,11 +662,13 @@ class Cluster:
                 return dict(spec)
         raise RuntimeError("no serving instance to read the tokenizer from")
 
-    def stats(self, timeout_s: float = 30.0) -> list[InstanceStats]:
-        """Per serving instance: queues, running batch, free and total KV blocks, counters.
+    def stats(self, timeout_s: float = 30.0, only: set[str] | None = None) -> list[InstanceStats]:
+        """Per serving instance (of ``only``, if given): queues, running batch, free and
+        total KV blocks, counters.
 
         Instances that are restarting or dead are left out (see :meth:`health`)."""
-        refs = [i.actor.stats.remote() for i in list(self.instances)]
+        asked = [i for i in list(self.instances) if only is None or i.name in only]
+        refs = [i.actor.stats.remote() for i in asked]
         if refs:  # all at once: a hung instance costs one timeout, not one each
             ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         out = []

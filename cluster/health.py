@@ -29,6 +29,7 @@ import contextlib
 import enum
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -97,8 +98,17 @@ class HealthMonitor:
         if self._thread.is_alive():
             self._thread.join(self._ping_timeout_s + self._interval_s + 5)
 
+    def answering(self) -> set[str]:
+        """The serving instances that answered the last round's pings (a stopped one
+        that missed a round is left out of the stats poll, so it costs no extra wait)."""
+        return {n for n in self.serving() if not self._misses.get(n)}
+
     def _run(self) -> None:
-        while not self._stopping.wait(self._interval_s):
+        # Rounds start every interval (a round that took longer, waiting on a hung
+        # instance, is followed at once), so a hang is seen two intervals after it began.
+        last = time.monotonic()
+        while not self._stopping.wait(max(0.0, last + self._interval_s - time.monotonic())):
+            last = time.monotonic()
             try:
                 self.check()
             except Exception:  # never let the watcher die

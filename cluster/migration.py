@@ -220,6 +220,11 @@ class Migrator:
         else:
             self._fail(stream, str(reply["error"]))
 
+    def waiting(self) -> int:
+        """How many requests wait for a decode instance to migrate to."""
+        with self._lock:
+            return len(self._waiting)
+
     def retry(self) -> None:
         """Migrate the requests that waited for a decode instance (each health round)."""
         with self._lock:
