@@ -229,9 +229,24 @@ class InstanceActor:
         self._early_peers: dict[str, Any] = {}
 
     def ping(self) -> dict[str, Any]:
+        """``loop``: whether the worker loop still runs (False: it died inside this live
+        process, and the instance serves nothing though it answers; ``cluster.health``)."""
         started = self.worker is not None
+        loop = getattr(self.worker, "loop", None)
         return {"name": self.spec.name, "started": started, "pid": os.getpid(),
-                "nice": os.getpriority(os.PRIO_PROCESS, 0)}  # fmt: skip
+                "nice": os.getpriority(os.PRIO_PROCESS, 0),
+                "loop": loop is None or not started or loop.alive}  # fmt: skip
+
+    def crash_loop(self) -> bool:
+        """Chaos: end the worker loop with an error, as a bug in a step would, leaving the
+        process alive (tests and ``baton bench chaos`` use it). False when not serving."""
+        from engine.worker_loop import crash
+
+        loop = getattr(self.worker, "loop", None)
+        if loop is None:
+            return False
+        crash(loop)
+        return True
 
     def add_peers(self, handles: dict[str, Any]) -> None:
         """Instances added since this one started (``baton scale``)."""

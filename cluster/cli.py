@@ -156,6 +156,22 @@ def _add_serve(sub: Any) -> None:
         help="on SIGTERM, how long requests in flight may finish before they are aborted "
         "(default: %(default)s)",
     )
+    serve.add_argument(
+        "--admission-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="while no instance of a role serves (all dead, restarting or hung), how long a "
+        "new or migrating request waits for one before it fails (default: 30)",
+    )
+    serve.add_argument(
+        "--health-interval",
+        type=float,
+        default=None,
+        metavar="S",
+        help="how often every instance is pinged; one that misses two rounds in a row "
+        "(stopped, hung) has its requests migrated (default: 1)",
+    )
     serve.add_argument("--served-model-name", default=None, help="the model id clients use")
     serve.add_argument(
         "--num-kv-blocks",
@@ -324,6 +340,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if not args.threads_per_rank >= 1:
             raise ValueError(f"threads-per-rank: must be >= 1, got {args.threads_per_rank}")
         options["threads_per_rank"] = args.threads_per_rank
+    if args.admission_timeout is not None:
+        from cluster.admission import check_timeout
+
+        options["admission_timeout_s"] = check_timeout(args.admission_timeout)
+    if args.health_interval is not None:
+        if not args.health_interval > 0:
+            raise ValueError(f"health-interval: must be > 0 seconds, got {args.health_interval}")
+        options["health_interval_s"] = args.health_interval
     if args.profile is not None:
         from cluster.planner.latency import load_profiles
 

@@ -27,6 +27,13 @@ import ray
 
 from cluster import builder, placement
 from cluster.actors import InstanceSpec, default_threads
+from cluster.admission import (
+    DEFAULT_ADMISSION_TIMEOUT_S,
+    NoInstanceServing,
+    check_timeout,
+    when_serving,
+    when_serving_sync,
+)
 from cluster.control import DEFAULT_DRAIN_TIMEOUT_S, Controller, requests_in_flight
 from cluster.dispatch import InstanceLoad, RoutePolicy, RouteRequest, default_policy
 from cluster.health import HealthMonitor
@@ -90,7 +97,7 @@ class Cluster:
         fault_injection: float = 0.0,
         checksum: bool = False,
         start_timeout_s: float = 600.0,
-        health_interval_s: float = 2.0,
+        health_interval_s: float = 1.0,
         policy: RoutePolicy | None = None,
         max_migrations: int = 3,
         prefill_parallel: tuple[int, int] = (1, 1),
@@ -101,6 +108,7 @@ class Cluster:
         decode_nodes: dict[str, str] | None = None,
         plan_instances: Sequence[placement.PlannedInstance] | None = None,
         plan_nodes: int = 0,
+        admission_timeout_s: float = DEFAULT_ADMISSION_TIMEOUT_S,
     ):
         """``policy`` chooses instances per request (see ``cluster.dispatch``); the
         default sends prompts to the fewest queued prompt tokens and decodes to the
@@ -113,7 +121,9 @@ class Cluster:
         labels a node must have to host that role (``cluster.placement``); colocated
         instances take ``decode_nodes``. ``plan_instances`` (named as the cluster names its
         instances: prefill-0, decode-0, ...) pins each to plan node i = the i-th live Ray
-        node by IP, of ``plan_nodes``; checked before anything starts."""
+        node by IP, of ``plan_nodes``; checked before anything starts.
+        ``admission_timeout_s``: how long a request (or a migrating one) waits for an
+        instance of a role that has none serving (``cluster.admission``)."""
         if mode not in MODES:
             raise ValueError(f"mode: must be one of {', '.join(MODES)}, got {mode!r}")
         if transport not in TRANSPORTS or (transport == "local" and mode != "colocated"):
@@ -172,6 +182,7 @@ class Cluster:
         self.plan_nodes = plan_nodes
         self._stopped = False  # stop() during start(): start gives up at its next step
         self.max_migrations = max_migrations
+        self.admission_timeout_s = check_timeout(admission_timeout_s)
         self.migrator: Migrator | None = None
         self.control: Controller | None = None
 
@@ -206,6 +217,7 @@ class Cluster:
                 self._receiver.streams, self._migration_target, self._abort_on,
                 lambda rid, msg: self.abort(rid, reason="error", error=msg),
                 limit=self.max_migrations, pick_prefill=self._prefill_target,
+                wait_s=self.admission_timeout_s,
             )  # fmt: skip
             builder.start_all(self.instances, self._receiver.address, self.start_timeout_s)
             self._health = HealthMonitor(
@@ -427,7 +439,7 @@ class Cluster:
         loads = self._loads()
         roles = {x.role for x in loads}
         if not roles - {"prefill"} or (self.mode == "disaggregated" and "prefill" not in roles):
-            raise RuntimeError("cluster: no instance is serving right now")
+            raise NoInstanceServing("cluster: no instance is serving right now")
         first, dest = self.policy(request, loads)
         by_name = {i.name: i for i in self.instances}
         return by_name[first], None if dest is None else by_name[dest]
@@ -437,7 +449,8 @@ class Cluster:
         and move the requests that wait for a decode instance to migrate to."""
         if self.migrator is not None:
             self.migrator.retry()
-        self._polled = {s.name: s for s in self.stats(timeout_s=self.health_interval_s)}
+        only = None if self._health is None else self._health.answering()
+        self._polled = {s.name: s for s in self.stats(self.health_interval_s, only)}
 
     def _send(
         self,
@@ -515,8 +528,12 @@ class Cluster:
         request_id: str | None = None,
     ) -> RequestStream:
         """Send one request; read its outputs with ``stream.get()``. ValueError (naming
-        the field) when the request cannot run."""
-        stream, ref = self._send(prompt, prompt_token_ids, params, request_id, messages)
+        the field) when the request cannot run; while no instance serves, it waits up to
+        ``admission_timeout_s`` (``cluster.admission``)."""
+        stream, ref = when_serving_sync(
+            lambda: self._send(prompt, prompt_token_ids, params, request_id, messages),
+            self.admission_timeout_s,
+        )
         try:
             reply = ray.get(ref)
         except ray.exceptions.RayError as e:
@@ -533,8 +550,12 @@ class Cluster:
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield a snapshot of the request's output as tokens arrive; leaving the loop
-        early (or cancelling the task) aborts the request everywhere."""
-        stream, ref = self._send(prompt, prompt_token_ids, params, request_id, messages)
+        early (or cancelling the task) aborts the request everywhere. While no instance
+        serves, it waits (asynchronously) up to ``admission_timeout_s``."""
+        stream, ref = await when_serving(
+            lambda: self._send(prompt, prompt_token_ids, params, request_id, messages),
+            self.admission_timeout_s,
+        )
         outputs = stream.attach_loop(asyncio.get_running_loop())
         try:
             try:
@@ -641,11 +662,13 @@ class Cluster:
                 return dict(spec)
         raise RuntimeError("no serving instance to read the tokenizer from")
 
-    def stats(self, timeout_s: float = 30.0) -> list[InstanceStats]:
-        """Per serving instance: queues, running batch, free and total KV blocks, counters.
+    def stats(self, timeout_s: float = 30.0, only: set[str] | None = None) -> list[InstanceStats]:
+        """Per serving instance (of ``only``, if given): queues, running batch, free and
+        total KV blocks, counters.
 
         Instances that are restarting or dead are left out (see :meth:`health`)."""
-        refs = [i.actor.stats.remote() for i in list(self.instances)]
+        asked = [i for i in list(self.instances) if only is None or i.name in only]
+        refs = [i.actor.stats.remote() for i in asked]
         if refs:  # all at once: a hung instance costs one timeout, not one each
             ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         out = []

@@ -134,8 +134,12 @@ async def stream_group(
         raise ValueError(f"params: must be SamplingParams, got {type(params).__name__}")
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
         raise ValueError(f"n: must be an integer in [1, {MAX_N}], got {n!r}")
-    streams, ref = _send(
-        cluster, prompt, prompt_token_ids, params, n, request_id or uuid.uuid4().hex, messages
+    from cluster.admission import when_serving
+
+    rid = request_id or uuid.uuid4().hex
+    streams, ref = await when_serving(
+        lambda: _send(cluster, prompt, prompt_token_ids, params, n, rid, messages),
+        cluster.admission_timeout_s,
     )
     loop = asyncio.get_running_loop()
     children = [ChildStream(cluster, s, s.attach_loop(loop)) for s in streams]

@@ -13,6 +13,11 @@ unresponsive at once: its requests migrate and it takes no more; Ray may restart
 elsewhere (or wait for room forever, e.g. when no other node carries its role's labels),
 and the monitor starts it again when it comes back.
 
+An instance whose worker loop died inside a live process (an unexpected error in a step:
+the process still answers pings, but serves nothing) says so in its ping (``loop``):
+its requests migrate (cause "crashed") and its processes are killed, so that Ray starts
+them afresh and the monitor starts it again as after a crash.
+
 A TP x PP instance is its ranks together: it is serving only while every rank is, and
 one rank that died (or stopped serving rank 0's steps) restarts the whole instance
 (``builder.restart``); one that Ray gave up on makes the whole instance dead.
@@ -24,6 +29,7 @@ import contextlib
 import enum
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -69,6 +75,7 @@ class HealthMonitor:
         self._misses: dict[str, int] = {}
         self.pids: dict[str, int] = {}  # rank 0's process id, from its last ping
         self._restarting: set[str] = set()
+        self._killed: set[str] = set()  # broken loops killed, until Ray restarts them
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="baton-health", daemon=True)
 
@@ -91,8 +98,17 @@ class HealthMonitor:
         if self._thread.is_alive():
             self._thread.join(self._ping_timeout_s + self._interval_s + 5)
 
+    def answering(self) -> set[str]:
+        """The serving instances that answered the last round's pings (a stopped one
+        that missed a round is left out of the stats poll, so it costs no extra wait)."""
+        return {n for n in self.serving() if not self._misses.get(n)}
+
     def _run(self) -> None:
-        while not self._stopping.wait(self._interval_s):
+        # Rounds start every interval (a round that took longer, waiting on a hung
+        # instance, is followed at once), so a hang is seen two intervals after it began.
+        last = time.monotonic()
+        while not self._stopping.wait(max(0.0, last + self._interval_s - time.monotonic())):
+            last = time.monotonic()
             try:
                 self.check()
             except Exception:  # never let the watcher die
@@ -142,6 +158,8 @@ class HealthMonitor:
             self.state[name] = Health.DEAD
             self._lost(inst, "dead")
         elif verdict in ("miss", "gone"):
+            if verdict == "gone":
+                self._killed.discard(name)
             self._misses[name] = self._misses.get(name, 0) + 1
             if state is Health.SERVING and (
                 verdict == "gone" or self._misses[name] >= self._max_misses
@@ -152,7 +170,20 @@ class HealthMonitor:
                 )
                 self.state[name] = Health.UNRESPONSIVE
                 self._lost(inst, cause)
+        elif verdict == "broken":  # its loop died; the process lives on, serving nothing
+            self._misses[name] = 0
+            if state is Health.SERVING:
+                logger.error("instance %s: its worker loop died; migrating its requests", name)
+                self.state[name] = Health.UNRESPONSIVE
+                self._lost(inst, "crashed")
+            if name not in self._killed:
+                self._killed.add(name)
+                logger.warning("instance %s: killing its processes so Ray restarts them", name)
+                for actor in inst.actors:
+                    with contextlib.suppress(Exception):
+                        ray.kill(actor, no_restart=False)
         elif verdict == "fresh":  # Ray restarted the process: nothing loaded, no requests
+            self._killed.discard(name)
             self._misses[name] = 0
             if state in (Health.SERVING, Health.UNRESPONSIVE):
                 logger.warning("instance %s was restarted by Ray; starting it again", name)
@@ -185,14 +216,15 @@ class HealthMonitor:
 
 def _verdict(refs: list[Any]) -> str:
     """One instance's answer to a round of pings: "started", "fresh" (a rank is a new
-    process with nothing loaded), "miss" (no answer in time), "gone" (a rank's process
-    died; Ray is restarting it) or "dead" (Ray gave up on a rank)."""
+    process with nothing loaded), "broken" (a rank's worker loop died in a live
+    process), "miss" (no answer in time), "gone" (a rank's process died; Ray is
+    restarting it) or "dead" (Ray gave up on a rank)."""
     verdict = "started"
     for ref in refs:
         try:
             reply: dict[str, Any] = ray.get(ref, timeout=0)
         except ray.exceptions.GetTimeoutError:
-            verdict = "miss" if verdict in ("started", "fresh") else verdict
+            verdict = "miss" if verdict in ("started", "fresh", "broken") else verdict
             continue
         except ray.exceptions.ActorUnavailableError:
             verdict = "gone" if verdict != "dead" else verdict
@@ -204,7 +236,9 @@ def _verdict(refs: list[Any]) -> str:
             # OutOfMemoryError): the process is gone and Ray restarts the actor.
             verdict = "gone" if verdict != "dead" else verdict
             continue
-        if not reply["started"] and verdict == "started":
+        if reply["started"] and reply.get("loop") is False and verdict in ("started", "fresh"):
+            verdict = "broken"
+        elif not reply["started"] and verdict == "started":
             verdict = "fresh"
     return verdict
 

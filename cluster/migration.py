@@ -42,7 +42,7 @@ from cluster.stream import RequestStream
 
 logger = logging.getLogger(__name__)
 
-CAUSES = ("dead", "hung", "restarted", "drained", "unavailable")
+CAUSES = ("dead", "hung", "restarted", "drained", "unavailable", "crashed")
 
 
 @dataclass
@@ -219,6 +219,11 @@ class Migrator:
             again(stream, cause, {name})
         else:
             self._fail(stream, str(reply["error"]))
+
+    def waiting(self) -> int:
+        """How many requests wait for a decode instance to migrate to."""
+        with self._lock:
+            return len(self._waiting)
 
     def retry(self) -> None:
         """Migrate the requests that waited for a decode instance (each health round)."""

@@ -95,6 +95,19 @@ class WorkerLoop:
             self.error = e
 
 
+class LoopCrash(BaseException):
+    """Raised on a loop's thread by :func:`crash` (``post`` lets it through)."""
+
+
+def crash(loop: WorkerLoop) -> None:
+    """Chaos: make ``loop`` die as an unexpected error in a step would."""
+
+    def boom() -> None:
+        raise LoopCrash(f"{loop.name}: worker loop crashed on purpose (chaos)")
+
+    loop._inbox.put(boom)
+
+
 class Tombstones:
     """Ids of recently aborted requests, so a call that arrives after the abort (Ray does
     not order calls on a threaded actor) is dropped instead of starting the request."""

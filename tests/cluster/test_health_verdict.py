@@ -34,3 +34,13 @@ def test_the_other_answers(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _verdict(monkeypatch, {"started": True}, {"started": True}) == "started"
     assert _verdict(monkeypatch, {"started": True}, {"started": False}) == "fresh"
     assert _verdict(monkeypatch, ray.exceptions.GetTimeoutError(), {"started": True}) == "miss"
+
+
+def test_a_live_process_whose_worker_loop_died_is_broken(monkeypatch: pytest.MonkeyPatch) -> None:
+    dead_loop = {"started": True, "loop": False}
+    assert _verdict(monkeypatch, dead_loop) == "broken"
+    assert _verdict(monkeypatch, {"started": True}, dead_loop) == "broken"
+    assert _verdict(monkeypatch, dead_loop, ray.exceptions.GetTimeoutError()) == "miss"
+    assert _verdict(monkeypatch, dead_loop, ray.exceptions.RayActorError()) == "dead"
+    # Not started yet: nothing to judge the loop by.
+    assert _verdict(monkeypatch, {"started": False, "loop": True}) == "fresh"
