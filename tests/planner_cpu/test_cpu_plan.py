@@ -187,3 +187,22 @@ def test_a_plan_whose_role_instances_disagree_is_refused(tmp_path: Path) -> None
 def test_deployment_names() -> None:
     assert CpuDeployment("disaggregated", 1, 1, 2, 2, 512).name == "1p1d-t2/2-b512"
     assert CpuDeployment("colocated", 0, 2, 0, 1, 256).name == "colocated2-t1-c256"
+
+
+def test_rank_ties_within_the_bisection_tolerance_and_falls_back_to_attainment() -> None:
+    from cluster.planner.cpu_search import Score
+
+    planner = CpuPlanner(inputs(CpuProfiles(2, {1: ONE, 2: TWO})))
+    a = CpuDeployment("disaggregated", 1, 1, 2, 2, 256)
+    b = CpuDeployment("colocated", 0, 2, 0, 2, 512)
+    c = CpuDeployment("colocated", 0, 1, 0, 1, 512)
+    # b sustains 2% more than a (a tie), but a attains more at the offered rate
+    scores = [Score(b, 0.95, 2.04, None, None), Score(a, 0.99, 2.0, None, None),
+              Score(c, 0.5, 0.4, None, None)]  # fmt: skip
+    assert [s.deployment for s in planner.rank(scores)] == [a, b, c]
+    # 10% more is not a tie
+    scores[0] = Score(b, 0.95, 2.2, None, None)
+    assert planner.rank(scores)[0].deployment == b
+    # none meets the target: the highest attainment at the offered rate
+    low = [Score(a, 0.5, 0.0, None, None), Score(b, 0.7, 0.0, None, None)]
+    assert planner.rank(low)[0].deployment == b
