@@ -254,7 +254,7 @@ class Cluster:
             role=role,
             num_threads=self.threads_per_rank
             or threads
-            or default_threads(role, cpus, self._host_cores),
+            or default_threads(role, cpus, self._host_cores, self.num_prefill + self.num_decode),
             host=self._host,
             tp=tp,
             pp=pp,
