@@ -63,3 +63,19 @@ def test_serve_plan_runs_its_threads_and_budgets_and_1p1d_defaults_to_all_cores(
     cores = os.cpu_count() or 1
     with Cluster(str(model), num_kv_blocks=32, start_timeout_s=180) as cluster:  # no plan
         assert instance_settings(cluster) == {"prefill-0": (cores, 2048), "decode-0": (cores, 2048)}
+
+
+def test_role_overrides_per_role_and_an_explicit_threads_per_rank_wins() -> None:
+    tuned = {"colocated": {"num_threads": 1, "max_num_batched_tokens": 512}}
+    colocated = Cluster(mode="colocated", prefill=0, decode=2, role_overrides=tuned)
+    spec = colocated.instance_spec("colocated-0", "colocated", 1)
+    assert (spec.num_threads, spec.max_num_batched_tokens) == (1, 512)
+    explicit = Cluster(
+        mode="colocated", prefill=0, decode=2, role_overrides=tuned, threads_per_rank=3
+    )
+    spec = explicit.instance_spec("colocated-0", "colocated", 1)
+    assert (spec.num_threads, spec.max_num_batched_tokens) == (3, 512)
+    with pytest.raises(ValueError, match=r"^role_overrides\.decode\.num_threads"):
+        Cluster(role_overrides={"decode": {"num_threads": 0}})
+    with pytest.raises(ValueError, match="^role_overrides: unknown role 'router'"):
+        Cluster(role_overrides={"router": {"num_threads": 1}})
