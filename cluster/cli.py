@@ -167,8 +167,8 @@ def _add_serve(sub: Any) -> None:
         "--plan",
         default=None,
         metavar="PLAN.json",
-        help="launch a `baton plan --out` file: its instance counts and TP/PP layouts "
-        "(overrides --prefill/--decode)",
+        help="launch a `baton plan --out` file: its instance counts and TP/PP layouts, and "
+        "a CPU plan's threads and token budget per role (overrides --prefill/--decode)",
     )
     for role in ("prefill", "decode"):
         serve.add_argument(
@@ -192,8 +192,9 @@ def _add_serve(sub: Any) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="torch threads each rank of an instance runs (default: its --cpus-per-rank; "
-        "more than that oversubscribes the cores, see `baton bench peers`)",
+        help="torch threads each rank of an instance runs (default: a CPU --plan's, else "
+        "this host's cores for instances sharing it, else its --cpus-per-rank; more than "
+        "its CPUs oversubscribes the cores, see `baton bench peers`)",
     )
     serve.add_argument(
         "--profile",
