@@ -49,10 +49,13 @@ DEPLOYMENTS: dict[str, list[str]] = {
     name: args.split()
     for name, args in {
         "1p1d": "--prefill 1 --decode 1",
+        "1p1d-t1": "--prefill 1 --decode 1 --threads-per-rank 1",
         "1p1d-t2": "--prefill 1 --decode 1 --threads-per-rank 2",
         "colocated2": "--mode colocated --prefill 0 --decode 2",
         "colocated2-t1": "--mode colocated --prefill 0 --decode 2 --threads-per-rank 1",
         "colocated1": "--mode colocated --prefill 0 --decode 1",
+        # `baton plan --profile cpu.json ... --out plan.json` in the current directory
+        "plan": "--plan plan.json",
     }.items()
 }
 DEFAULT_DEPLOYMENTS = "1p1d,colocated2"

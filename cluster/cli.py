@@ -183,8 +183,8 @@ def _add_serve(sub: Any) -> None:
         "--plan",
         default=None,
         metavar="PLAN.json",
-        help="launch a `baton plan --out` file: its instance counts and TP/PP layouts "
-        "(overrides --prefill/--decode)",
+        help="launch a `baton plan --out` file: its instance counts and TP/PP layouts, and "
+        "a CPU plan's threads and token budget per role (overrides --prefill/--decode)",
     )
     for role in ("prefill", "decode"):
         serve.add_argument(
@@ -208,8 +208,9 @@ def _add_serve(sub: Any) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="torch threads each rank of an instance runs (default: its --cpus-per-rank; "
-        "more than that oversubscribes the cores, see `baton bench peers`)",
+        help="torch threads each rank of an instance runs (default: a CPU --plan's, else "
+        "this host's cores for instances sharing it, else its --cpus-per-rank; more than "
+        "its CPUs oversubscribes the cores, see `baton bench peers`)",
     )
     serve.add_argument(
         "--profile",
@@ -292,16 +293,33 @@ def plan_deployment(path: str) -> dict[str, Any]:
             shown = ", ".join(f"tp{tp}pp{pp}" for tp, pp in sorted(found))
             raise ValueError(f"plan: {role} instances must share one layout, got {shown}")
     count = {role: sum(i.role == role for i in plan.instances) for role in layouts}
+    tuned = {"role_overrides": overrides} if (overrides := _plan_role_overrides(plan)) else {}
     if "colocated" in layouts:
         (layout,) = layouts["colocated"]
         return {"mode": "colocated", "prefill": 0, "decode": count["colocated"],
-                "decode_parallel": layout, **_plan_nodes(plan)}  # fmt: skip
+                "decode_parallel": layout, **_plan_nodes(plan), **tuned}  # fmt: skip
     if set(layouts) != {"prefill", "decode"}:
         raise ValueError("plan: needs at least one prefill and one decode instance")
     ((p_layout,), (d_layout,)) = layouts["prefill"], layouts["decode"]
     return {"mode": "disaggregated", "prefill": count["prefill"], "decode": count["decode"],
             "prefill_parallel": p_layout, "decode_parallel": d_layout,
-            **_plan_nodes(plan)}  # fmt: skip
+            **_plan_nodes(plan), **tuned}  # fmt: skip
+
+
+def _plan_role_overrides(plan: Any) -> dict[str, dict[str, int]]:
+    """A CPU plan's torch threads and step token budget per role (``Cluster``'s
+    ``role_overrides``); every instance of a role must agree."""
+    keys = {"threads": "num_threads", "token_budget": "max_num_batched_tokens"}
+    out: dict[str, dict[str, int]] = {}
+    for field, key in keys.items():
+        for role in dict.fromkeys(i.role for i in plan.instances):
+            values = {getattr(i, field) for i in plan.instances if i.role == role}
+            if len(values) > 1:
+                raise ValueError(f"plan: {role} instances must share one {field}, got {values}")
+            (value,) = values
+            if value is not None:
+                out.setdefault(role, {})[key] = value
+    return out
 
 
 def _plan_nodes(plan: Any) -> dict[str, Any]:

@@ -77,6 +77,18 @@ def check_parallel(field: str, value: object) -> tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
+def check_role_overrides(value: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """``Cluster``'s ``role_overrides``: ValueError naming the field."""
+    allowed = ("num_threads", "max_num_batched_tokens")
+    for role, settings in value.items():
+        if role not in ("prefill", "decode", "colocated") or not isinstance(settings, dict):
+            raise ValueError(f"role_overrides: unknown role {role!r}")
+        for key, v in settings.items():
+            if key not in allowed or not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"role_overrides.{role}.{key}: must be one of {allowed}, >= 1")
+    return {role: dict(settings) for role, settings in value.items()}
+
+
 class Cluster:
     def __init__(
         self,
@@ -109,6 +121,7 @@ class Cluster:
         plan_instances: Sequence[placement.PlannedInstance] | None = None,
         plan_nodes: int = 0,
         admission_timeout_s: float = DEFAULT_ADMISSION_TIMEOUT_S,
+        role_overrides: dict[str, dict[str, int]] | None = None,
     ):
         """``policy`` chooses instances per request (see ``cluster.dispatch``); the
         default sends prompts to the fewest queued prompt tokens and decodes to the
@@ -123,7 +136,10 @@ class Cluster:
         instances: prefill-0, decode-0, ...) pins each to plan node i = the i-th live Ray
         node by IP, of ``plan_nodes``; checked before anything starts.
         ``admission_timeout_s``: how long a request (or a migrating one) waits for an
-        instance of a role that has none serving (``cluster.admission``)."""
+        instance of a role that has none serving (``cluster.admission``).
+        ``role_overrides``: per role, ``num_threads`` and/or ``max_num_batched_tokens`` for
+        its instances (a CPU plan's, ``cluster.planner.cpu_search``); an explicit
+        ``threads_per_rank`` still wins over ``num_threads``."""
         if mode not in MODES:
             raise ValueError(f"mode: must be one of {', '.join(MODES)}, got {mode!r}")
         if transport not in TRANSPORTS or (transport == "local" and mode != "colocated"):
@@ -150,6 +166,7 @@ class Cluster:
         self.cpus_per_instance = cpus_per_instance
         # Torch threads per rank; None: one per Ray CPU it reserves (see `bench.peers`).
         self.threads_per_rank = threads_per_rank
+        self.role_overrides = check_role_overrides(role_overrides or {})
         self.start_timeout_s = start_timeout_s
         self.health_interval_s = health_interval_s
         self.policy: RoutePolicy = policy or default_policy
@@ -242,15 +259,19 @@ class Cluster:
     def instance_spec(self, name: str, role: str, cpus: float) -> InstanceSpec:
         """An instance of ``role`` as this cluster makes them (at start and by scaling)."""
         tp, pp = self.parallel[role]
+        tuned = dict(self.role_overrides.get(role, {}))
+        threads = tuned.pop("num_threads", None)
         return InstanceSpec(
             name=name,
             role=role,
-            num_threads=self.threads_per_rank or default_threads(role, cpus, self._host_cores),
+            num_threads=self.threads_per_rank
+            or threads
+            or default_threads(role, cpus, self._host_cores, self.num_prefill + self.num_decode),
             host=self._host,
             tp=tp,
             pp=pp,
             profile=self.role_profiles.get(role),
-            **self._spec,
+            **{**self._spec, **tuned},
         )
 
     @property

@@ -167,6 +167,40 @@ class EngineProfiler:
         return prefill, decode
 
 
+def profile_threads(
+    profiler: EngineProfiler,
+    grid: ProfileGrid,
+    threads: list[int],
+    set_threads: Callable[[int], None],
+    progress: Progress | None = None,
+) -> dict[int, tuple[list[PrefillSample], list[DecodeSample]]]:
+    """Every shape of ``grid`` at each thread count in turn, shape by shape (not one count's
+    sweep after another's), so that a machine whose load drifts loads them alike."""
+    say = progress or (lambda _: None)
+    out: dict[int, tuple[list[PrefillSample], list[DecodeSample]]] = {
+        t: ([], []) for t in sorted(threads)
+    }
+    for t in out:
+        set_threads(t)
+        profiler.prefill_ms(1, 16)  # warm-up at each count (the thread pool is rebuilt)
+    for batch, length in grid.prefill_shapes():
+        for t, (prefill, _) in out.items():
+            set_threads(t)
+            ms = statistics.median(profiler.prefill_ms(batch, length) for _ in range(grid.repeats))
+            prefill.append(([length] * batch, ms))
+            say(f"threads {t}: prefill {batch} x {length} tokens: {ms:.1f} ms")
+    for batch, context in grid.decode_shapes():
+        for t, (_, decode) in out.items():
+            set_threads(t)
+            runs = [
+                profiler.decode_ms(batch, context, grid.decode_steps) for _ in range(grid.repeats)
+            ]
+            steps = sorted((x for run in runs for x in run), key=lambda x: x[1])
+            decode.append(steps[len(steps) // 2])
+            say(f"threads {t}: decode {batch} x {context} context: {decode[-1][1]:.1f} ms")
+    return out
+
+
 def profile_engine(
     engine: Any, grid: ProfileGrid, seed: int = 0, progress: Progress | None = None
 ) -> LatencyProfile:
@@ -211,20 +245,46 @@ def add_parser(sub: Any) -> None:
         "--gpu", default=None, help="the name stored in the profile (default: the device)"
     )
     p.add_argument("--quick", action="store_true", help="a small grid, one repeat (a minute)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--threads",
+        type=_thread_counts,
+        default=None,
+        metavar="N[,N...]",
+        help="torch threads (default: torch's); several counts (e.g. 1,2) profile each and "
+        "write a CPU profile (baton.cpu_profiles) for `baton plan` to choose threads and "
+        "deployments on this host",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_profile)
+
+
+def _thread_counts(text: str) -> list[int]:
+    """``N[,N...]`` as distinct positive thread counts, in the order given."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be N[,N...] positive integers, got {text!r}"
+        ) from None
+    if not counts or any(c < 1 for c in counts) or len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError(f"must be distinct integers >= 1, got {text!r}")
+    return counts
 
 
 def run_profile(args: argparse.Namespace, out: TextIO | None = None) -> int:
     import torch
 
     out = out or sys.stdout
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"threads: must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    threads = args.threads
+    if isinstance(threads, int):  # a caller's namespace with one count
+        threads = [threads]
+    if threads is not None and any(t < 1 for t in threads):
+        raise ValueError(f"threads: must be >= 1, got {threads}")
     grid = QUICK_GRID if args.quick else ProfileGrid()
+    if threads is not None and len(threads) > 1:
+        return _run_cpu_profile(args, threads, grid, out)
+    if threads is not None:
+        torch.set_num_threads(threads[0])
     engine = build_engine(args.model, grid)
     device = engine.runner.caches[0].k.device
     gpu = args.gpu or (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
@@ -238,4 +298,37 @@ def run_profile(args: argparse.Namespace, out: TextIO | None = None) -> int:
     for label, (a, b, c) in (("small", profile.decode_small), ("large", profile.decode_large)):
         print(f"decode ({label} batch) ms = {a:.3g} + {b:.3g}*sum(ctx) + {c:.3g}*batch", file=out)
     print(f"decode batch threshold: {profile.decode_threshold}; written to {args.out}", file=out)
+    return 0
+
+
+def _run_cpu_profile(
+    args: argparse.Namespace, threads: list[int], grid: ProfileGrid, out: TextIO
+) -> int:
+    """One engine profiled at each thread count in turn: a ``baton.cpu_profiles`` file."""
+    import os
+
+    import torch
+
+    from cluster.planner.cpu_host import CpuProfiles, save_cpu_profiles
+
+    engine = build_engine(args.model, grid)
+    samples = profile_threads(
+        EngineProfiler(engine, args.seed),
+        grid,
+        threads,
+        torch.set_num_threads,
+        lambda line: print(f"profile: {line}", file=sys.stderr),
+    )
+    by_threads = {t: fit_profile(*samples[t], tp=1, pp=1) for t in samples}
+    for t, prof in by_threads.items():
+        (a, b, c), d = prof.prefill, prof.decode_small
+        line = f"threads {t}: prefill ms = {a:.3g} + {b:.3g}*sum(l) + {c:.3g}*sum(l^2); "
+        line += f"decode ms = {d[0]:.3g} + {d[1]:.3g}*sum(ctx) + {d[2]:.3g}*batch"
+        print(line, file=out)
+    cores = os.cpu_count() or 1
+    name = args.model or "SmolLM2-135M-Instruct"
+    save_cpu_profiles(CpuProfiles(cores, by_threads, name), args.out)
+    print(
+        f"CPU profile of {cores} cores, threads {sorted(threads)}: written to {args.out}", file=out
+    )
     return 0

@@ -20,6 +20,7 @@ from cluster.planner.cluster_spec import (
     ClusterSpec,
     SLOs,
 )
+from cluster.planner.cpu_host import is_cpu_profile, load_cpu_profiles
 from cluster.planner.latency import ProfileSet, load_profiles
 from cluster.planner.model_spec import PRESETS, ModelSpec, load_model
 from cluster.planner.plan import Plan
@@ -72,14 +73,27 @@ def add_parsers(subparsers: Any) -> None:
 
 
 def _add_cluster_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nodes", type=int, required=True, help="nodes in the cluster")
-    p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node")
+    p.add_argument(
+        "--nodes", type=int, default=None, help="nodes in the cluster (not with a CPU profile)"
+    )
+    p.add_argument(
+        "--gpus-per-node", type=int, default=None, help="GPUs per node (not with a CPU profile)"
+    )
+    p.add_argument(
+        "--cores",
+        type=int,
+        default=0,
+        help="with a CPU profile (`baton profile --threads 1,2`): the host's cores "
+        "(default: the profile's)",
+    )
     hw = p.add_mutually_exclusive_group(required=True)
     hw.add_argument("--gpu", choices=list(GPU_TYPES), help="GPU type (built-in profiles)")
     hw.add_argument(
         "--profile",
         metavar="FILE",
-        help="measured latency profiles (ours, or DistServe's profiler JSON)",
+        help="measured latency profiles (ours, or DistServe's profiler JSON); a CPU profile "
+        "(`baton profile --threads ...`) plans one CPU host: disaggregated or colocated, "
+        "threads per instance, token budgets",
     )
     p.add_argument("--profile-model", default=None, help="the model's key in a DistServe profile")
     p.add_argument(
@@ -130,6 +144,10 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
 
 
 def _profiles(args: argparse.Namespace, model: ModelSpec) -> tuple[ProfileSet, ClusterSpec, str]:
+    for name in ("nodes", "gpus_per_node"):
+        if getattr(args, name) is None:
+            flag = name.replace("_", "-")
+            raise ValueError(f"{flag}: required (unless --profile is a CPU profile)")
     if args.profile:
         profiles = load_profiles(args.profile, args.profile_model)
         known = profiles.gpu in GPU_TYPES
@@ -178,6 +196,8 @@ def run_plan(args: argparse.Namespace) -> int:
     """The ``plan`` subcommand. A plan that misses the target (a full cluster) is still a
     plan: it is printed with a warning and the exit code is 0."""
     model = load_model(args.model)
+    if args.profile and is_cpu_profile(args.profile):
+        return _run_cpu_plan(args, model)
     profiles, cluster, source = _profiles(args, model)
     inputs = PlanInputs(
         model=model,
@@ -205,6 +225,66 @@ def run_plan(args: argparse.Namespace) -> int:
         write_helm_values(args.helm_values, result, model)
     print(result.to_json() if args.json else format_plan(result))
     return 0
+
+
+def _run_cpu_plan(args: argparse.Namespace, model: ModelSpec) -> int:
+    """``baton plan`` with a CPU profile: this host's best deployment (cpu_search)."""
+    from cluster.planner.cpu_search import CPU_MEMORY_GB, CpuPlanInputs, plan_cpu
+
+    if args.nodes not in (None, 1):
+        raise ValueError("nodes: a CPU profile plans one host (leave --nodes out)")
+    if args.helm_values:
+        raise ValueError("helm-values: not for a CPU profile's plan")
+    inputs = CpuPlanInputs(
+        model=model,
+        profiles=load_cpu_profiles(args.profile),
+        workload=load_workload(args.workload),
+        slos=SLOs(args.ttft_slo, args.tpot_slo, args.attainment),
+        rate=args.rate,
+        burstiness=args.burstiness,
+        seed=args.seed,
+        cores=args.cores,
+        memory_gb=args.gpu_memory_gb or CPU_MEMORY_GB,
+        profile_source=f"cpu:{args.profile}",
+    )
+    progress = _ProgressLine(sys.stderr)
+    try:
+        result, _ = plan_cpu(inputs, progress)
+    finally:
+        progress.close()
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(result.to_json() + "\n")
+    print(result.to_json() if args.json else format_cpu_plan(result))
+    return 0
+
+
+def format_cpu_plan(p: Plan) -> str:
+    """A CPU plan: the chosen deployment, then every candidate the simulator scored."""
+    s = p.slos
+    lines = [
+        f"plan: {p.model} on one host of {p.cluster.gpus_per_node} cores ({p.profile_source}), "
+        f"seed {p.seed}",
+        f"workload: {p.workload} at {p.rate:g} req/s (burstiness {p.burstiness:g}); "
+        f"SLOs: TTFT {s.ttft_s:g} s, TPOT {s.tpot_s:g} s, {s.attainment:.0%} attainment",
+        "",
+        f"{'role':<10} {'threads':>7} {'token budget':>12}",
+    ]
+    for inst in p.instances:
+        budget = "default" if inst.token_budget is None else str(inst.token_budget)
+        lines.append(f"{inst.role:<10} {inst.threads or 0:>7} {budget:>12}")
+    lines += ["", f"{'candidate':<30} {'attainment':>10} {'max req/s':>10}"]
+    for c in p.candidates:
+        lines.append(f"{c['name']:<30} {c['attainment']:>10.1%} {c['max_rate']:>10.3g}")
+    for name, q in (("TTFT", p.ttft), ("TPOT", p.tpot)):
+        if q is not None:
+            shown = " / ".join(_secs(v) for v in (q.p50, q.p90, q.p99))
+            lines.append(f"chosen {name} p50/p90/p99: {shown}")
+    if p.attainment < s.attainment:
+        lines.append(
+            f"warning: no deployment meets the {s.attainment:.0%} target at {p.rate:g} req/s"
+        )
+    return "\n".join(lines)
 
 
 def _placement(stages: Any) -> str:

@@ -32,8 +32,28 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
-from cluster.planner.latency import LatencyProfile
+
+class StepTimes(Protocol):
+    """What an instance asks of its latency model: a ``LatencyProfile``, or a model whose
+    step times depend on the moment (``cluster.planner.cpu_host``: instances sharing a
+    host's cores)."""
+
+    @property
+    def tp(self) -> int: ...
+
+    @property
+    def pp(self) -> int: ...
+
+    def prefill_ms(self, sum_tokens: float, sum_sq_tokens: float) -> float: ...
+
+    def decode_ms(self, batch: int, sum_context: float) -> float: ...
+
+    def mixed_ms(
+        self, sum_tokens: float, sum_sq: float, batch: int, sum_context: float
+    ) -> float: ...
+
 
 INF = float("inf")
 
@@ -63,6 +83,7 @@ class EventQueue:
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, Callback]] = []
         self._seq = 0
+        self.now = 0.0  # the time of the event being run
 
     def at(self, time_s: float, callback: Callback) -> None:
         self._seq += 1
@@ -72,6 +93,7 @@ class EventQueue:
         heap = self._heap
         while heap:
             time_s, _, callback = heapq.heappop(heap)
+            self.now = time_s
             callback(time_s)
 
 
@@ -119,7 +141,7 @@ class PrefillInstance:
     def __init__(
         self,
         events: EventQueue,
-        profile: LatencyProfile,
+        profile: StepTimes,
         token_budget: int,
         on_prefilled: Done,
         chunking: bool = True,
@@ -253,7 +275,7 @@ class LaneInstance:
     def __init__(
         self,
         events: EventQueue,
-        profile: LatencyProfile,
+        profile: StepTimes,
         kv_capacity: int,
         chunk_tokens: int,
         on_finished: Done,

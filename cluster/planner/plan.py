@@ -25,7 +25,7 @@ from cluster.planner.cluster_spec import ClusterSpec, SLOs
 PLAN_SCHEMA = "baton.plan"
 PLAN_SCHEMA_VERSION = 1
 PLAN_ROLES = ("prefill", "decode", "colocated")
-ALGORITHMS = ("high", "low")
+ALGORITHMS = ("high", "low", "cpu")  # cpu: one CPU host (cluster.planner.cpu_search)
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,10 @@ class InstancePlan:
     tp: int
     pp: int
     stages: tuple[Stage, ...]
+    # CPU plans: torch threads per rank and the engine's step token budget
+    # (max_num_batched_tokens); None: `baton serve`'s defaults.
+    threads: int | None = None
+    token_budget: int | None = None
 
     def __post_init__(self) -> None:
         require(
@@ -61,6 +65,9 @@ class InstancePlan:
         positive_int(self.tp, "instance.tp")
         positive_int(self.pp, "instance.pp")
         object.__setattr__(self, "stages", tuple(self.stages))
+        for name in ("threads", "token_budget"):
+            if getattr(self, name) is not None:
+                positive_int(getattr(self, name), f"instance.{name}")
         require(
             len(self.stages) == self.pp,
             "instance.stages",
@@ -82,19 +89,24 @@ class InstancePlan:
         return self.tp * self.pp
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "role": self.role,
             "tp": self.tp,
             "pp": self.pp,
             "stages": [{"node": s.node, "gpus": list(s.gpus)} for s in self.stages],
         }
+        for name in ("threads", "token_budget"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> InstancePlan:
         stages = tuple(
             Stage(int(s["node"]), tuple(int(g) for g in s["gpus"])) for s in data["stages"]
         )
-        return cls(str(data["role"]), int(data["tp"]), int(data["pp"]), stages)
+        extra = {k: int(data[k]) for k in ("threads", "token_budget") if data.get(k) is not None}
+        return cls(str(data["role"]), int(data["tp"]), int(data["pp"]), stages, **extra)
 
 
 @dataclass(frozen=True)
@@ -149,6 +161,8 @@ class Plan:
     colocated: ColocatedBaseline
     ttft: LatencyPercentiles | None = None  # simulated at ``rate``; None in older files
     tpot: LatencyPercentiles | None = None
+    # CPU plans: every deployment scored, best first (cluster.planner.cpu_search.Score)
+    candidates: tuple[dict[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         require(
@@ -157,8 +171,11 @@ class Plan:
             f"must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}",
         )
         object.__setattr__(self, "instances", tuple(self.instances))
+        object.__setattr__(self, "candidates", tuple(self.candidates))
         used = [(s.node, g) for inst in self.instances for s in inst.stages for g in s.gpus]
-        require(len(used) == len(set(used)), "instances", "two instances share a GPU")
+        # A CPU plan's "GPUs" are cores, which its instances may share (oversubscription).
+        shared_ok = self.algorithm == "cpu"
+        require(shared_ok or len(used) == len(set(used)), "instances", "two instances share a GPU")
         for node, gpu in used:
             require(
                 node < self.cluster.nodes and gpu < self.cluster.gpus_per_node,
@@ -189,6 +206,7 @@ class Plan:
             "instances": [i.to_dict() for i in self.instances],
             "predicted": self._predicted(),
             "colocated": self.colocated.to_dict(),
+            **({"candidates": list(self.candidates)} if self.candidates else {}),
         }
 
     def _predicted(self) -> dict[str, Any]:
@@ -245,6 +263,7 @@ class Plan:
                 colocated=from_fields(ColocatedBaseline, data["colocated"], "colocated"),
                 ttft=latency["ttft_s"],
                 tpot=latency["tpot_s"],
+                candidates=tuple(data.get("candidates", ())),
             )
         except KeyError as exc:
             raise ValueError(f"{exc.args[0]}: missing from the plan") from None

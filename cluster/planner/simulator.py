@@ -35,8 +35,8 @@ from cluster.planner.instances import (
     LaneInstance,
     PrefillInstance,
     SimRequest,
+    StepTimes,
 )
-from cluster.planner.latency import LatencyProfile
 from cluster.planner.workload import Lengths
 
 ROLES = ("prefill", "decode", "colocated")
@@ -48,7 +48,7 @@ class SimInstance:
     """One instance to simulate: its role, latency profile, KV room and nodes."""
 
     role: str
-    profile: LatencyProfile
+    profile: StepTimes
     kv_capacity_tokens: int = 0  # decode / colocated: KV tokens after weights
     nodes: tuple[int, ...] = (0,)  # the nodes its stages sit on
 
@@ -161,6 +161,10 @@ class _Run:
         self.config = config
         self.events = EventQueue()
         self.specs = list(instances)
+        for spec in self.specs:  # a model whose step times depend on the moment reads it here
+            bind = getattr(spec.profile, "bind", None)
+            if bind is not None:
+                bind(self.events)
         self.prefill = [
             PrefillInstance(
                 self.events,

@@ -66,8 +66,10 @@ def test_every_rank_of_every_instance_runs_at_normal_priority(
 
 
 def test_threads_per_rank_defaults_per_deployment() -> None:
-    """Colocated instances on one host get all its cores (they oversubscribe it); other
-    ranks one thread per Ray CPU; a given threads_per_rank or cpus_per_instance wins."""
+    """Instances sharing one host get all its cores (they oversubscribe it): colocated ones,
+    and prefill/decode ones while there are no more instances than cores; ranks of a
+    joined cluster or with cpus_per_instance one thread per Ray CPU; a given
+    threads_per_rank or cpus_per_instance wins."""
     cores = os.cpu_count() or 1
 
     def threads(role: str, cpus: float = 1, **kwargs: object) -> int:
@@ -78,5 +80,9 @@ def test_threads_per_rank_defaults_per_deployment() -> None:
     assert threads("colocated", cpus_per_instance=1, **colocated) == 1
     assert threads("colocated", address="10.0.0.1:6379", **colocated) == 1
     assert threads("colocated", threads_per_rank=3, **colocated) == 3
-    assert (threads("prefill"), threads("decode"), threads("decode", cpus=2)) == (1, 1, 2)
-    assert threads("decode", threads_per_rank=2) == 2
+    assert (threads("prefill"), threads("decode")) == (cores, cores)  # 1 + 1 on one host
+    more = dict(prefill=2, decode=2)  # more instances than cores: one thread per CPU
+    assert threads("decode", **more) == (cores if cores >= 4 else 1)
+    assert threads("prefill", address="10.0.0.1:6379") == 1
+    assert threads("decode", cpus=2, cpus_per_instance=2) == 2
+    assert threads("decode", threads_per_rank=3) == 3

@@ -1,0 +1,194 @@
+"""A CPU host's latency model: profiles per torch thread count, and instances sharing cores.
+
+``baton profile --threads 1,2`` times the engine once per thread count and writes a
+``baton.cpu_profiles`` file: the host's cores and, per thread count, the planner's latency
+profile (DistServe's form, ``cluster.planner.latency``) fitted at it.
+
+Instances on one host share its cores. An instance given ``t`` threads steps at the
+profile of ``t`` threads while it is alone; while other instances are in a step too and
+their threads together with its own exceed the cores, each gets its share: ``t *
+cores / demand`` effective threads, where ``demand`` sums the threads of every instance in
+a step. A step's time at a fractional thread count interpolates the measured speeds
+(1 / step time) linearly between the two nearest measured counts; below the smallest it
+is time-sliced (half a thread: twice the one-thread time), above the largest it is the
+largest's. A step's share is fixed when it starts (processor sharing, approximated per
+step). This is what makes oversubscription pay in the model: a prefill instance and a
+decode instance each with every core run at full speed whenever the other is idle, and
+at the one-thread-each speed when both are busy. Not modelled: OpenMP's own cost of more
+threads than cores (spinning, preemption inside a parallel region); it was not measured
+separately, so a plan that oversubscribes is as good as the model's sharing says.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cluster.planner._validate import positive_int, require
+from cluster.planner.instances import EventQueue
+from cluster.planner.latency import LatencyProfile
+
+CPU_SCHEMA = "baton.cpu_profiles"
+CPU_SCHEMA_VERSION = 1
+STEP_KINDS = ("prefill_ms", "decode_ms", "mixed_ms")
+
+
+@dataclass(frozen=True)
+class CpuProfiles:
+    """Per torch thread count, the (TP=1, PP=1) latency profile of this engine here."""
+
+    cores: int
+    by_threads: dict[int, LatencyProfile]
+    model: str = ""
+
+    def __post_init__(self) -> None:
+        positive_int(self.cores, "cores")
+        require(bool(self.by_threads), "threads", "needs a profile for at least one count")
+        for t, prof in self.by_threads.items():
+            positive_int(t, "threads")
+            require(prof.layout == (1, 1), "threads", f"{t}: must be a tp=1 pp=1 profile")
+
+    @property
+    def thread_counts(self) -> list[int]:
+        return sorted(self.by_threads)
+
+    def step_ms(self, kind: str, threads: float, *shape: float) -> float:
+        """One step of ``kind`` (a ``LatencyProfile`` method) at ``threads`` effective
+        threads, interpolated as the module text says."""
+        require(kind in STEP_KINDS, "kind", f"must be one of {', '.join(STEP_KINDS)}")
+        require(threads > 0, "threads", f"must be > 0, got {threads}")
+        counts = self.thread_counts
+
+        def at(t: int) -> float:
+            return float(getattr(self.by_threads[t], kind)(*shape))
+
+        if threads <= counts[0]:
+            return at(counts[0]) * counts[0] / threads
+        if threads >= counts[-1]:
+            return at(counts[-1])
+        hi = next(t for t in counts if t >= threads)
+        lo = max(t for t in counts if t < threads)
+        w = (threads - lo) / (hi - lo)
+        speed = (1 - w) / at(lo) + w / at(hi)
+        return 1.0 / speed
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "schema": CPU_SCHEMA,
+                "version": CPU_SCHEMA_VERSION,
+                "model": self.model,
+                "cores": self.cores,
+                "threads": [
+                    {"threads": t, "profile": self.by_threads[t].to_dict()}
+                    for t in self.thread_counts
+                ],
+            },
+            indent=2,
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CpuProfiles:
+        require(data.get("schema") == CPU_SCHEMA, "schema", f"must be {CPU_SCHEMA!r}")
+        require(
+            data.get("version") == CPU_SCHEMA_VERSION,
+            "version",
+            f"must be {CPU_SCHEMA_VERSION}, got {data.get('version')!r}",
+        )
+        try:
+            entries = {
+                int(e["threads"]): LatencyProfile.from_dict(e["profile"]) for e in data["threads"]
+            }
+            return cls(int(data["cores"]), entries, str(data.get("model", "")))
+        except KeyError as exc:
+            raise ValueError(f"{exc.args[0]}: missing from the CPU profile") from None
+        except (TypeError, AttributeError) as exc:
+            raise ValueError(f"profile: malformed CPU profile ({exc})") from None
+
+
+def is_cpu_profile(path: str | Path) -> bool:
+    """Whether ``path`` holds a ``baton.cpu_profiles`` file (not a plain latency profile)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("schema") == CPU_SCHEMA
+
+
+def load_cpu_profiles(path: str | Path) -> CpuProfiles:
+    p = Path(path)
+    require(p.is_file(), "profile", f"no such file: {str(path)!r}")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"profile: not valid JSON ({exc})") from None
+    require(isinstance(data, dict), "profile", "must be a JSON object")
+    return CpuProfiles.from_dict(data)
+
+
+def save_cpu_profiles(profiles: CpuProfiles, path: str | Path) -> None:
+    Path(path).write_text(profiles.to_json() + "\n")
+
+
+class SharedHost:
+    """The cores instances of one simulation share; each asks it for its step times."""
+
+    def __init__(self, profiles: CpuProfiles, cores: int | None = None) -> None:
+        self.profiles = profiles
+        self.cores = cores or profiles.cores
+        self.threads: list[int] = []
+        self._busy_until: list[float] = []
+        self._events: EventQueue | None = None
+
+    def instance(self, threads: int) -> HostInstanceTimes:
+        positive_int(threads, "threads")
+        self.threads.append(threads)
+        self._busy_until.append(-math.inf)
+        return HostInstanceTimes(self, len(self.threads) - 1)
+
+    def bind(self, events: EventQueue) -> None:
+        """A new simulation: its clock, and every instance idle."""
+        if events is not self._events:
+            self._events = events
+            self._busy_until = [-math.inf] * len(self.threads)
+
+    def effective_threads(self, index: int, now: float) -> float:
+        mine = self.threads[index]
+        others = sum(
+            t
+            for j, (t, until) in enumerate(zip(self.threads, self._busy_until, strict=True))
+            if j != index and until > now
+        )
+        return mine * min(1.0, self.cores / (mine + others))
+
+    def step(self, index: int, kind: str, *shape: float) -> float:
+        now = self._events.now if self._events is not None else 0.0
+        ms = self.profiles.step_ms(kind, self.effective_threads(index, now), *shape)
+        self._busy_until[index] = now + ms / 1000.0
+        return ms
+
+
+class HostInstanceTimes:
+    """One instance's step times on a ``SharedHost`` (a ``StepTimes``; TP = PP = 1)."""
+
+    tp = 1
+    pp = 1
+
+    def __init__(self, host: SharedHost, index: int) -> None:
+        self.host = host
+        self.index = index
+
+    def bind(self, events: EventQueue) -> None:
+        self.host.bind(events)
+
+    def prefill_ms(self, sum_tokens: float, sum_sq_tokens: float) -> float:
+        return self.host.step(self.index, "prefill_ms", sum_tokens, sum_sq_tokens)
+
+    def decode_ms(self, batch: int, sum_context: float) -> float:
+        return self.host.step(self.index, "decode_ms", batch, sum_context)
+
+    def mixed_ms(self, sum_tokens: float, sum_sq: float, batch: int, sum_context: float) -> float:
+        return self.host.step(self.index, "mixed_ms", sum_tokens, sum_sq, batch, sum_context)
