@@ -12,8 +12,9 @@ GGUF, fp32):
    the batch-1 step against the memory roofline and against transformers' batch-1 step.
 5. Unless ``--no-compare-paths``: the same decode steps, and prefill chunks, alternating
    step by step between each switch on and off, so the two are compared under the same
-   load: the fused CPU path (``BATON_FUSED_OPS``) against plain torch ops (only the
-   model's elementwise ops switch; the attention backend stays as the engine started),
+   load: the fused CPU path (``BATON_FUSED_OPS``) against plain torch ops (the model's
+   elementwise ops and the KV-cache write switch; decode attention stays as the engine
+   started),
    then MKL on packed weights (``BATON_PACKED_GEMM``) against ``F.linear``.
 
 Usage: ``python -m bench.engine_throughput [--json-out FILE]`` or ``baton bench engine``;
@@ -169,6 +170,9 @@ class PathSwitch:
         param = next(self.model.parameters())
         cpu_fp32 = param.device.type == "cpu" and param.dtype == torch.float32
         self.fused = self.start or (native.load() if cpu_fp32 else None)
+        # The native KV write goes with the fused path (both off with BATON_FUSED_OPS=0).
+        self.backend = engine.runner.backend
+        self.kv_start = getattr(self.backend, "native_kv_write", None)
 
     @property
     def available(self) -> bool:
@@ -176,6 +180,8 @@ class PathSwitch:
 
     def use(self, fused: bool | None) -> None:
         self.model.fused = self.start if fused is None else self.fused if fused else None
+        if self.kv_start is not None:
+            self.backend.native_kv_write = self.kv_start if fused is None else fused
 
 
 class PackedSwitch:
