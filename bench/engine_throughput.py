@@ -284,7 +284,7 @@ def compare_switches(args: argparse.Namespace, llm: Any, switches: list[Switch],
         max(args.batches), args.decode_prompt_len, args.decode_prompt_len,
         tok.vocab_size, args.seed + 1, lambda i: not tok.is_special(i))
     chunk = min(args.prefill_chunk, llm.engine.scheduler.config.max_num_batched_tokens)
-    for switch in switches:
+    for n, switch in enumerate(switches):
         if not switch.available:
             _say(f"{switch.name}: not available here (not CPU fp32, no compiler or no MKL)")
             continue
@@ -293,8 +293,9 @@ def compare_switches(args: argparse.Namespace, llm: Any, switches: list[Switch],
             report.paths.append(compare_decode_paths(
                 llm.engine, decode_prompts[:batch], args.decode_steps, switch))
         _say(f"{switch.name} on vs off: prefill steps of {chunk} tokens")
+        # Fresh prompts per switch: a prompt seen before would hit the prefix cache.
         prefill_prompts = make_prompts(2 * args.prefill_steps + 2, chunk, chunk, tok.vocab_size,
-                                       args.seed + 2, lambda i: not tok.is_special(i))
+                                       args.seed + 2 + n, lambda i: not tok.is_special(i))
         report.paths.append(compare_prefill_paths(llm.engine, prefill_prompts, switch))
 
 
