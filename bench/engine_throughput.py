@@ -11,9 +11,11 @@ GGUF, fp32):
 4. Decode tok/s at batch 1, 16, 64 through the step API, as a share of the compute roofline;
    the batch-1 step against the memory roofline and against transformers' batch-1 step.
 5. Unless ``--no-compare-paths``: the same decode steps, and prefill chunks, alternating
-   step by step between the fused CPU path (``BATON_FUSED_OPS=1``) and the plain torch
-   path (the default), so the two are compared under the same load. Only the model's
-   elementwise ops switch; the attention backend stays as the engine started.
+   step by step between each switch on and off, so the two are compared under the same
+   load: the fused CPU path (``BATON_FUSED_OPS``) against plain torch ops (the model's
+   elementwise ops and the KV-cache write switch; decode attention stays as the engine
+   started),
+   then MKL on packed weights (``BATON_PACKED_GEMM``) against ``F.linear``.
 
 Usage: ``python -m bench.engine_throughput [--json-out FILE]`` or ``baton bench engine``;
 ``--num-prompts 8 --output-len 16 --skip-transformers`` for a quick look.
@@ -66,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip timing the plain torch path against the fused one")
     p.add_argument("--prefill-chunk", type=int, default=512,
                    help="tokens of the prefill step timed on both paths")
+    p.add_argument("--prefill-steps", type=int, default=4,
+                   help="timed prefill steps per setting when comparing paths")
     p.add_argument("--json-out", default=None, help="also write the results as JSON here")
     return p
 
@@ -156,6 +160,8 @@ class PathSwitch:
     """Flips an engine's model between the fused CPU path (``BATON_FUSED_OPS=1``) and the
     plain torch path, whichever the engine started with; ``use(None)`` restores that."""
 
+    name = "BATON_FUSED_OPS"
+
     def __init__(self, engine: Any):
         from engine import native
 
@@ -164,6 +170,9 @@ class PathSwitch:
         param = next(self.model.parameters())
         cpu_fp32 = param.device.type == "cpu" and param.dtype == torch.float32
         self.fused = self.start or (native.load() if cpu_fp32 else None)
+        # The native KV write goes with the fused path (both off with BATON_FUSED_OPS=0).
+        self.backend = engine.runner.backend
+        self.kv_start = getattr(self.backend, "native_kv_write", None)
 
     @property
     def available(self) -> bool:
@@ -171,18 +180,46 @@ class PathSwitch:
 
     def use(self, fused: bool | None) -> None:
         self.model.fused = self.start if fused is None else self.fused if fused else None
+        if self.kv_start is not None:
+            self.backend.native_kv_write = self.kv_start if fused is None else fused
+
+
+class PackedSwitch:
+    """Flips an engine's model between MKL on packed weights (``BATON_PACKED_GEMM=1``) and
+    ``F.linear`` for GEMMs of 16 rows or more; ``use(None)`` restores the start setting.
+    The packed copies are kept while switched off, so a flip costs nothing."""
+
+    name = "BATON_PACKED_GEMM"
+
+    def __init__(self, engine: Any):
+        from engine.models.llama import Linear
+        from engine.native import packed_gemm
+
+        self.linears = [m for m in engine.runner.model.modules() if isinstance(m, Linear)]
+        self.start = bool(self.linears) and self.linears[0].pack_weight
+        param = next(engine.runner.model.parameters())
+        self.available = (param.device.type == "cpu" and param.dtype == torch.float32
+                          and packed_gemm.available())
+
+    def use(self, packed: bool | None) -> None:
+        for linear in self.linears:
+            linear.pack_weight = self.start if packed is None else packed
+
+
+Switch = PathSwitch | PackedSwitch
 
 
 def compare_decode_paths(
-    engine: Any, prompts: list[list[int]], steps: int, switch: PathSwitch, warmup: int = 2
+    engine: Any, prompts: list[list[int]], steps: int, switch: Switch, warmup: int = 2
 ) -> PathCompare:
-    """Decode steps at batch ``len(prompts)``, alternating fused and torch step by step."""
+    """Decode steps at batch ``len(prompts)``, alternating the switch on and off step by
+    step."""
     from engine import SamplingParams
 
     batch = len(prompts)
     params = SamplingParams(max_tokens=warmup + 2 * steps + 2, temperature=0.0,
                             ignore_eos=True)
-    ids = [f"bench-paths-{batch}-{i}" for i in range(batch)]
+    ids = [f"bench-paths-{switch.name}-{batch}-{i}" for i in range(batch)]
     for request_id, prompt in zip(ids, prompts, strict=True):
         engine.add_request(request_id, params=params, prompt_token_ids=prompt)
     started: set[str] = set()
@@ -207,14 +244,14 @@ def compare_decode_paths(
         while engine.has_unfinished():
             engine.step()
     return PathCompare(f"decode, batch {batch}", steps, statistics.median(times[True]),
-                       statistics.median(times[False]))
+                       statistics.median(times[False]), switch.name)
 
 
 def compare_prefill_paths(
-    engine: Any, prompts: list[list[int]], switch: PathSwitch
+    engine: Any, prompts: list[list[int]], switch: Switch
 ) -> PathCompare:
     """One fresh prompt prefilled per step (distinct prompts: no prefix-cache hits),
-    alternating fused and torch; the first two steps are a warm-up."""
+    alternating the switch on and off; the first two steps are a warm-up."""
     from engine import SamplingParams
 
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
@@ -223,7 +260,7 @@ def compare_prefill_paths(
         for i, prompt in enumerate(prompts):
             fused = i % 2 == 0
             switch.use(fused)
-            request_id = f"bench-prefill-{i}"
+            request_id = f"bench-prefill-{switch.name}-{i}"
             engine.add_request(request_id, params=params, prompt_token_ids=prompt)
             start = time.perf_counter()
             engine.step()
@@ -235,7 +272,31 @@ def compare_prefill_paths(
     finally:
         switch.use(None)
     return PathCompare(f"prefill, {len(prompts[0])} tokens", len(times[True]),
-                       statistics.median(times[True]), statistics.median(times[False]))
+                       statistics.median(times[True]), statistics.median(times[False]),
+                       switch.name)
+
+
+def compare_switches(args: argparse.Namespace, llm: Any, switches: list[Switch],
+                     report: Report) -> None:
+    """Each switch on against off: decode steps at each batch, then prefill steps."""
+    tok = llm.tokenizer
+    decode_prompts = make_prompts(
+        max(args.batches), args.decode_prompt_len, args.decode_prompt_len,
+        tok.vocab_size, args.seed + 1, lambda i: not tok.is_special(i))
+    chunk = min(args.prefill_chunk, llm.engine.scheduler.config.max_num_batched_tokens)
+    for n, switch in enumerate(switches):
+        if not switch.available:
+            _say(f"{switch.name}: not available here (not CPU fp32, no compiler or no MKL)")
+            continue
+        for batch in args.batches:
+            _say(f"{switch.name} on vs off: decode steps at batch {batch}")
+            report.paths.append(compare_decode_paths(
+                llm.engine, decode_prompts[:batch], args.decode_steps, switch))
+        _say(f"{switch.name} on vs off: prefill steps of {chunk} tokens")
+        # Fresh prompts per switch: a prompt seen before would hit the prefix cache.
+        prefill_prompts = make_prompts(2 * args.prefill_steps + 2, chunk, chunk, tok.vocab_size,
+                                       args.seed + 2 + n, lambda i: not tok.is_special(i))
+        report.paths.append(compare_prefill_paths(llm.engine, prefill_prompts, switch))
 
 
 def run_transformers(
@@ -300,19 +361,8 @@ def run(args: argparse.Namespace) -> Report:
         _say(f"Baton: decode steps at batch {batch}")
         report.decode.append(run_baton_decode(llm.engine, decode_prompts[:batch],
                                               args.decode_steps))
-    switch = PathSwitch(llm.engine)
-    if not args.no_compare_paths and not switch.available:
-        _say("no fused path here (not CPU fp32, or no compiler): paths not compared")
-    elif not args.no_compare_paths:
-        for batch in args.batches:
-            _say(f"fused vs torch path: decode steps at batch {batch}")
-            report.paths.append(compare_decode_paths(
-                llm.engine, decode_prompts[:batch], args.decode_steps, switch))
-        chunk = min(args.prefill_chunk, llm.engine.scheduler.config.max_num_batched_tokens)
-        _say(f"fused vs torch path: prefill steps of {chunk} tokens")
-        prefill_prompts = make_prompts(10, chunk, chunk, tok.vocab_size, args.seed + 2,
-                                       lambda i: not tok.is_special(i))
-        report.paths.append(compare_prefill_paths(llm.engine, prefill_prompts, switch))
+    if not args.no_compare_paths:
+        compare_switches(args, llm, [PathSwitch(llm.engine), PackedSwitch(llm.engine)], report)
     del llm
     gc.collect()  # free the engine's weights and KV cache before transformers loads its copy
     if not args.skip_transformers:
@@ -327,7 +377,8 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         parser.error(f"--decode-batches: expected comma-separated ints, "
                      f"got {args.decode_batches!r}")
     positive = ("num_prompts", "min_prompt_len", "output_len", "decode_steps",
-                "decode_prompt_len", "hf_single_prompts", "hf_batch_size", "prefill_chunk")
+                "decode_prompt_len", "hf_single_prompts", "hf_batch_size", "prefill_chunk",
+                "prefill_steps")
     for name in positive:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")

@@ -33,6 +33,12 @@ def fused_ops() -> bool:
     return os.environ.get("BATON_FUSED_OPS", "1") not in ("0", "false", "no")
 
 
+def packed_gemm() -> bool:
+    """BATON_PACKED_GEMM=0 runs every GEMM of 16 rows or more through F.linear instead of
+    MKL on weights packed once at load (CPU fp32; on by default; the same products)."""
+    return os.environ.get("BATON_PACKED_GEMM", "1") not in ("0", "false", "no")
+
+
 def c_compiler() -> str:
     """CC: the C compiler that builds the native kernels (default cc)."""
     return os.environ.get("CC", "cc")

@@ -81,6 +81,9 @@ class TorchPagedAttention:
         if native_min_batch is None:
             native_min_batch = 1 if envs.fused_ops() else NATIVE_MIN_BATCH
         self.native_min_batch = native_min_batch
+        # New keys/values written by the native copy (fp32 CPU caches) rather than
+        # index_copy_; off with BATON_FUSED_OPS=0.
+        self.native_kv_write = envs.fused_ops()
 
     @staticmethod
     def cache_shape(
@@ -128,8 +131,10 @@ class TorchPagedAttention:
     ) -> torch.Tensor:
         # q: [T, H, Dh]; k, v: [T, Hkv, Dh]; cache.k/v: [Hkv, N, bs, Dh]
         hkv, _, bs, dh = cache.k.shape
-        cache.k.view(hkv, -1, dh).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-        cache.v.view(hkv, -1, dh).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+        if not (self.native_kv_write and self.native is not None and k.dtype == torch.float32
+                and native.kv_write(self.native, k, v, cache.k, cache.v, meta.slot_mapping)):
+            cache.k.view(hkv, -1, dh).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+            cache.v.view(hkv, -1, dh).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
         out = torch.empty_like(q)
         nd = meta.num_decode
         if nd and meta.native_tables is not None:

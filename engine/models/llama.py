@@ -25,6 +25,7 @@ from torch import nn
 from engine import envs, native
 from engine.attention import AttentionBackend, AttentionMetadata, KVCache
 from engine.config import ModelConfig, RopeScaling
+from engine.native import packed_gemm
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -93,14 +94,30 @@ SMALL_LINEAR_MAX_ROWS = 4
 
 class Linear(nn.Linear):
     """``nn.Linear`` that can hand inputs of a few rows (small-batch decode) to the native
-    GEMV, which streams the weights at memory bandwidth where MKL's sgemv does not."""
+    GEMV, which streams the weights at memory bandwidth where MKL's sgemv does not, and
+    inputs of many rows to MKL with the weight packed once (``engine.native.packed_gemm``)."""
 
     kernel: ctypes.CDLL | None = None
+    pack_weight: bool = False  # use the packed GEMM (set by use_packed_gemm)
+    _packed: tuple[torch.Tensor, int, torch.Size] | None = None  # (pack, weight ptr, shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is not None and x.shape[0] <= SMALL_LINEAR_MAX_ROWS:
+        rows = x.shape[0]
+        if self.kernel is not None and rows <= SMALL_LINEAR_MAX_ROWS:
             return native.small_linear(self.kernel, x, self.weight, self.bias)
+        if (self.pack_weight and rows >= packed_gemm.MIN_ROWS and x.dim() == 2 and x.is_cpu
+                and self.weight.is_cpu and x.dtype == self.weight.dtype == torch.float32):
+            return packed_gemm.linear(x, self.packed(), self.weight, self.bias)
         return super().forward(x)
+
+    def packed(self) -> torch.Tensor:
+        """The weight's packed copy, made on first use and again whenever the weight tensor
+        is replaced (a tensor-parallel shard, a move)."""
+        w = self.weight
+        key = (w.data_ptr(), w.shape)
+        if self._packed is None or self._packed[1:] != key:
+            self._packed = (packed_gemm.pack(w), *key)
+        return self._packed[0]
 
 
 class RMSNorm(nn.Module):
@@ -313,11 +330,26 @@ class LlamaForCausalLM(nn.Module):
 
     def use_native_kernel(self, kernel: ctypes.CDLL | None) -> None:
         """Route few-row matmuls to the native GEMV and, unless BATON_FUSED_OPS=0, the
-        forward to the fused path (CPU, fp32 weights only), or stop (None)."""
+        forward to the fused path (CPU, fp32 weights only), or stop (None); unless
+        BATON_PACKED_GEMM=0, many-row matmuls to the packed GEMM."""
         for module in self.modules():
             if isinstance(module, Linear):
                 module.kernel = kernel
         self.fused = kernel if envs.fused_ops() else None
+        self.use_packed_gemm(envs.packed_gemm())
+
+    def use_packed_gemm(self, enabled: bool) -> bool:
+        """Run GEMMs of 16 rows or more on weights packed once for MKL (CPU fp32 weights
+        and an MKL build of torch only); False: F.linear. Returns whether it is in use."""
+        param = next(self.parameters())
+        enabled = (enabled and param.device.type == "cpu" and param.dtype == torch.float32
+                   and packed_gemm.available())
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack_weight = enabled
+                if not enabled:
+                    module._packed = None  # free the packed copies
+        return enabled
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [N, V]

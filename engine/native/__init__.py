@@ -4,6 +4,9 @@
 - ``small_linear``: ``x @ W.T`` for a few rows, where MKL's sgemv is bandwidth-starved.
 - ``fused_ops``: the decoder layer's elementwise work in one pass each (residual add +
   RMSNorm, rotary embedding in place, SiLU x mul); see ``engine.models.llama``.
+- ``kv_write``: the step's new keys and values into the paged cache (single-threaded).
+
+``packed_gemm`` (Python) runs MKL on weights packed once; it needs no compiler.
 
 Plain C files build in about a second with the system compiler and need neither ninja
 nor torch's headers.
@@ -110,6 +113,10 @@ def load() -> ctypes.CDLL | None:
     fn = lib.silu_mul
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+    fn = lib.kv_write
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_void_p] * 3 + [
+        ctypes.c_int64] * 4
     return lib
 
 
@@ -221,3 +228,35 @@ def silu_mul(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
     out = gate_up.new_empty(t, width // 2)
     lib.silu_mul(gate_up.data_ptr(), out.data_ptr(), t, width // 2)
     return out
+
+
+def kv_write(
+    lib: ctypes.CDLL,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+) -> bool:
+    """``cache[:, slot[t]] = k[t]`` (and v) for the caches [Hkv, N, bs, Dh] (fp32, CPU,
+    contiguous); k, v: [T, Hkv, Dh] fp32 with each head's Dh floats contiguous and one row
+    stride shared; slots: [T] int64 contiguous. False (nothing written) when the layouts
+    do not fit; ValueError on a slot outside the cache."""
+    t, hkv, dh = k.shape
+    row = k.stride(0)
+    if (
+        t == 0
+        or v.shape != k.shape
+        or v.stride() != k.stride()
+        or k.stride(2) != 1
+        or k.stride(1) != dh
+        or not (k_cache.is_contiguous() and v_cache.is_contiguous() and slots.is_contiguous())
+        or slots.dtype != torch.int64
+    ):
+        return False
+    total = k_cache.shape[1] * k_cache.shape[2]
+    err = lib.kv_write(k.data_ptr(), v.data_ptr(), row, k_cache.data_ptr(),
+                       v_cache.data_ptr(), slots.data_ptr(), t, hkv, dh, total)
+    if err:
+        raise ValueError(f"kv cache: a slot is outside the cache's {total} slots")
+    return True

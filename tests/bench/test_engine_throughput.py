@@ -84,7 +84,11 @@ def test_report_without_transformers_and_its_json() -> None:
 
 def test_report_compares_the_paths() -> None:
     r = _report(transformers=False)
-    assert "fused / torch" not in format_report(r)
-    r.paths.append(PathCompare("decode, batch 64", 32, fused_step_s=0.150, torch_step_s=0.200))
-    assert "| decode, batch 64 | 32 | 200.0 | 150.0 | 0.75 |" in format_report(r)
-    assert r.to_json()["paths"][0]["fused_step_s"] == pytest.approx(0.150)
+    assert "on / off" not in format_report(r)
+    r.paths.append(PathCompare("decode, batch 64", 32, on_step_s=0.150, off_step_s=0.200))
+    r.paths.append(PathCompare("prefill, 512 tokens", 8, on_step_s=0.9, off_step_s=1.0,
+                               switch="BATON_PACKED_GEMM"))
+    text = format_report(r)
+    assert "| decode, batch 64 | BATON_FUSED_OPS | 32 | 200.0 | 150.0 | 0.75 |" in text
+    assert "| prefill, 512 tokens | BATON_PACKED_GEMM | 8 | 1000.0 | 900.0 | 0.90 |" in text
+    assert r.to_json()["paths"][0]["on_step_s"] == pytest.approx(0.150)

@@ -1,0 +1,104 @@
+"""MKL on packed weights (BATON_PACKED_GEMM, on by default for CPU fp32) computes the same
+products as F.linear, the model uses it for many-row GEMMs only, and the native KV write
+stores what index_copy_ stores. Greedy parity with transformers on this path is the job of
+test_parity.py and test_fused_path.py, which run with it on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import LLM, SamplingParams, native
+from engine.models import LlamaForCausalLM
+from engine.models.llama import Linear
+from engine.native import packed_gemm
+from tests.engine.helpers import make_tiny_model_dir
+
+needs_mkl = pytest.mark.skipif(not packed_gemm.available(), reason="torch without MKL")
+
+
+@needs_mkl
+@pytest.mark.parametrize("shape", [(960, 576), (576, 576), (3072, 576), (576, 1536)])
+def test_packed_product_equals_f_linear(shape: tuple[int, int]) -> None:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(*shape, generator=gen) * 0.02
+    b = torch.randn(shape[0], generator=gen)
+    packed = packed_gemm.pack(w)
+    for rows in (packed_gemm.MIN_ROWS, 17, 64, 255, 256, 300):
+        x = torch.randn(rows, shape[1], generator=gen)
+        got, want = packed_gemm.linear(x, packed, w, b), F.linear(x, w, b)
+        if shape[1] == 576:  # this model's q/k/v, o, gate/up (and LM head): bit for bit
+            assert torch.equal(got, want), rows
+        else:  # down: MKL's F.linear sums another way at 57..129 rows (last bit)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@needs_mkl
+def test_linear_packs_once_per_weight_and_only_for_many_rows() -> None:
+    lin = Linear(40, 48, bias=False)
+    lin.pack_weight = True
+    lin(torch.randn(packed_gemm.MIN_ROWS - 1, 40))
+    assert lin._packed is None  # few rows: F.linear
+    x = torch.randn(32, 40)
+    assert torch.equal(lin(x), F.linear(x, lin.weight))
+    first = lin._packed
+    assert first is not None
+    lin(x)
+    assert lin._packed is first  # packed once
+    with torch.no_grad():
+        lin.weight = torch.nn.Parameter(torch.randn(48, 40))  # a new weight (a TP shard)
+    assert torch.equal(lin(x), F.linear(x, lin.weight))
+    assert lin._packed is not first
+
+
+@needs_mkl
+def test_packed_gemm_switch(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    path = make_tiny_model_dir(tmp_path_factory.mktemp("llama-packed"), "llama")
+    prompts = [list(range(10, 60)), [5, 6, 7]]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    got = {}
+    for value in (None, "0"):
+        if value is None:
+            monkeypatch.delenv("BATON_PACKED_GEMM", raising=False)  # the default: on
+        else:
+            monkeypatch.setenv("BATON_PACKED_GEMM", value)
+        llm = LLM(str(path), num_kv_blocks=64)
+        model = llm.engine.runner.model
+        assert isinstance(model, LlamaForCausalLM)
+        linears = [m for m in model.modules() if isinstance(m, Linear)]
+        assert all(m.pack_weight is (value is None) for m in linears)
+        layers = [m for m in model.layers.modules() if isinstance(m, Linear)]
+        got[value] = [o.token_ids for o in llm.generate(prompt_token_ids=prompts,
+                                                        params=params)]
+        # The 50-token prefill ran the layers' GEMMs packed when on (the LM head saw only
+        # the sampled rows: too few).
+        assert all((m._packed is not None) is (value is None) for m in layers)
+        del llm
+    assert got[None] == got["0"]
+
+
+def test_native_kv_write_equals_index_copy() -> None:
+    lib = native.load()
+    if lib is None:
+        pytest.skip("no C compiler here: the native kernels are not built")
+    hkv, dh, blocks, bs, t = 3, 8, 6, 4, 10
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(t, (3 + 2 * hkv) * dh, generator=gen)  # q (3 heads), k, v in one row
+    k = qkv[:, 3 * dh:(3 + hkv) * dh].view(t, hkv, dh)
+    v = qkv[:, (3 + hkv) * dh:].view(t, hkv, dh)
+    slots = torch.randperm(blocks * bs, generator=gen)[:t]
+    kc, vc = torch.zeros(hkv, blocks, bs, dh), torch.zeros(hkv, blocks, bs, dh)
+    assert native.kv_write(lib, k, v, kc, vc, slots)
+    kr, vr = torch.zeros_like(kc), torch.zeros_like(vc)
+    kr.view(hkv, -1, dh).index_copy_(1, slots, k.transpose(0, 1))
+    vr.view(hkv, -1, dh).index_copy_(1, slots, v.transpose(0, 1))
+    assert torch.equal(kc, kr) and torch.equal(vc, vr)
+    with pytest.raises(ValueError, match="outside the cache"):
+        native.kv_write(lib, k, v, kc, vc, torch.full((t,), blocks * bs))
+    assert torch.equal(kc, kr)  # nothing written
+    # A layout it does not take (heads not contiguous): declined, the caller uses torch.
+    assert not native.kv_write(lib, k.transpose(1, 2).contiguous().transpose(1, 2), v, kc, vc,
+                               slots)
