@@ -19,7 +19,14 @@ from engine import LLM
 _ENGINES: dict[tuple[Any, ...], LLM] = {}
 
 
+# 1024 blocks of 16 tokens (750 MiB for SmolLM2) hold every engine test's requests with
+# room to spare; the default (2 GiB on CPU) times the dozen engines built here came to
+# over 20 GiB.
+TEST_KV_BLOCKS = 1024
+
+
 def get_llm(model: str | None = None, **kwargs: Any) -> LLM:
+    kwargs.setdefault("num_kv_blocks", TEST_KV_BLOCKS)
     key = (model, tuple(sorted(kwargs.items())))
     if key not in _ENGINES:
         _ENGINES[key] = LLM(model, **kwargs)
