@@ -14,7 +14,7 @@ at least 70% of raw socket throughput for transfers of 16 MiB and more, grpc at 
 Every process runs torch with ``--threads`` intra-op threads (default 1: the copies are
 memory-bound, and more threads than free cores stall them).
 
-With ``--hosts`` (root; ``tests/multinode/netns.py``) the receiver and the peers run on
+With ``--hosts`` (root; ``bench/netns.py``) the receiver and the peers run on
 two hosts of their own, network namespaces joined by veths on a bridge: the bench
 re-runs itself in host B's namespace with every peer (the senders and the raw socket's
 far end) in host A's, each side bound to its own address, so every byte crosses the
@@ -115,7 +115,7 @@ def run_on_hosts(argv: list[str]) -> int:
     import subprocess
     import sys
 
-    from tests.multinode.netns import REPO, Network, unavailable
+    from bench.netns import REPO, Network, unavailable
 
     reason = unavailable()
     if reason is not None:

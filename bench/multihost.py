@@ -1,7 +1,7 @@
 """Serving across two hosts against the same instances on one host (root).
 
 One prefill and one decode instance serve the same workload twice on a Ray cluster of
-three network-namespace hosts (``tests/multinode/netns.py``: a head with the router, host
+three network-namespace hosts (``bench/netns.py``: a head with the router, host
 1 and host 2, on one bridge, Ray's token on):
 
 - ``one-host``: prefill and decode both on host 1; the KV moves inside that host's
@@ -207,7 +207,7 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 
 def run_modes(args: argparse.Namespace, argv: Sequence[str]) -> list[dict[str, Any]]:
-    from tests.multinode.netns import ROLE_LABEL, Network, RayHosts
+    from bench.netns import ROLE_LABEL, Network, RayHosts
 
     modes, transports = _check(args)
     net = Network(3)
@@ -279,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run_inner(args, args.transports)
         Path(args.inner_out).write_text(json.dumps(result, indent=1, default=str))
         return 0
-    from tests.multinode.netns import unavailable
+    from bench.netns import unavailable
 
     reason = unavailable()
     if reason is not None:

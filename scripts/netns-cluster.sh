@@ -11,9 +11,9 @@
 #         --prefill-nodes baton.io/role=prefill --decode-nodes baton.io/role=decode
 #   scripts/netns-cluster.sh down STATE.json   kills every process on the hosts, removes
 #                                              the namespaces, links and temp dirs
-# The same harness the tests use (tests/multinode/netns.py).
+# The same harness the tests use (bench/netns.py).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 python="${PYTHON:-$root/.venv/bin/python}"
 cd "$root"
-PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" exec "$python" -m tests.multinode.netns "$@"
+PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" exec "$python" -m bench.netns "$@"

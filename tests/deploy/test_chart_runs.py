@@ -1,6 +1,6 @@
 """The chart's commands run for real: the pods of a rendered RayCluster as processes.
 
-Each pod is a host with its own network stack (``tests/multinode/netns.py``): the head
+Each pod is a host with its own network stack (``bench/netns.py``): the head
 pod and one pod of each worker group. Each container is started the way KubeRay starts it
 (``chart.kuberay_argv``: the head keeps the chart's own ``bash -c`` script, the
 workers get KubeRay's ``ray start ... --labels=baton.io/role=ROLE --block``), with the
@@ -37,8 +37,8 @@ from typing import Any
 
 import pytest
 
+from bench import netns
 from tests.deploy import chart
-from tests.multinode import netns
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 MAX_TOKENS = 16

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import multihost
-from tests.multinode import netns
+from bench import multihost, netns
 
 SLOW = pytest.mark.skipif(
     os.environ.get("BATON_SLOW_TESTS") != "1", reason="slow multi-host test: BATON_SLOW_TESTS=1"

@@ -1,4 +1,4 @@
-"""Baton across hosts with their own network stacks (``tests/multinode/netns.py``).
+"""Baton across hosts with their own network stacks (``bench/netns.py``).
 
 Three hosts on one bridge: a head (Ray's GCS and ``baton serve``), a host labelled
 ``baton.io/role=prefill`` and one labelled ``decode``, Ray's token authentication on.
@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from tests.multinode import netns
+from bench import netns
 
 MAX_TOKENS = 12
 SLOW = pytest.mark.skipif(

@@ -17,7 +17,7 @@ teardown kills every process in every namespace before deleting them, in ``final
 
 :func:`unavailable` says why namespaces cannot be made here (not root, no ``ip``, no
 permission), for the tests to skip with that reason. Also used by
-``scripts/netns-cluster.sh`` (``python -m tests.multinode.netns up|down``).
+``scripts/netns-cluster.sh`` (``python -m bench.netns up|down``).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ROLE_LABEL = "baton.io/role"
 _CLONE_NEWNET = 0x40000000
