@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import signal
@@ -101,7 +102,13 @@ async def _fault(cluster: Any, kind: str, stop_s: float) -> str:
     ]
     if not ready:
         raise RuntimeError(f"no {role} instance is ready to strike")
-    busy = {r["instances"][-1] for r in cluster.requests() if r["instances"]}
+    # A request's instances are [prefill, decode]; a prefill instance is busy with the
+    # requests still in their prefill, a decode instance with the rest.
+    rows = [r for r in cluster.requests() if r["instances"]]
+    if role == "prefill":
+        busy = {r["instances"][0] for r in rows if r["state"] == "prefill"}
+    else:
+        busy = {r["instances"][-1] for r in rows}
     name = sorted(ready, key=lambda n: (n not in busy, n))[0]
     if pids.get(name, 0) <= 0:  # never signal pid 0 (our own process group)
         raise RuntimeError(f"{name}: process id unknown")
@@ -294,6 +301,11 @@ async def _run_one(args: argparse.Namespace, transport: str) -> dict[str, Any]:
     }
 
 
+def _secs(x: float) -> str:
+    """Seconds for the tables; a dash where nothing was measured (no request migrated)."""
+    return "-" if math.isnan(x) else f"{x:.2f} s"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     results = []
@@ -306,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         moved = r["migrations"]
         print(
             f"| {r['transport']} | {r['failed']} | {r['differing']} | {r['duplicated_or_lost']} "
-            f"| {r['leaked_blocks']} | {r['recovery_p50_s']:.2f} s / {r['recovery_p99_s']:.2f} s "
+            f"| {r['leaked_blocks']} | {_secs(r['recovery_p50_s'])} / {_secs(r['recovery_p99_s'])} "
             f"| {r['throughput_dip_min_over_median']:.2f} "
             f"| {moved.get('to_prefill', 0)} / {moved.get('to_decode', 0)} |"
         )
@@ -318,8 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         for f in r["faults"]:
             print(
                 f"| {r['transport']} | {f['kind']} | {f['instance']} | {f['migrated_streaming']} "
-                f"| {f['recovery_p50_s']:.2f} s / {f['recovery_p99_s']:.2f} s "
-                f"| {f['seen_migrated_p50_s']:.2f} s | {f['all_serving_again_s']:.1f} s "
+                f"| {_secs(f['recovery_p50_s'])} / {_secs(f['recovery_p99_s'])} "
+                f"| {_secs(f['seen_migrated_p50_s'])} | {f['all_serving_again_s']:.1f} s "
                 f"| {f['dip_min_over_median']:.2f} |"
             )
     for r in results:
