@@ -11,7 +11,7 @@ from tests.serve_proc import ServeProcess
 
 
 def test_a_second_sigterm_while_draining_exits_at_once() -> None:
-    served = ServeProcess("--shutdown-timeout", "600")
+    served = ServeProcess("--shutdown-timeout", "600", "--num-kv-blocks", "512")
     try:
         params = baton.SamplingParams(max_tokens=4000, temperature=0, ignore_eos=True)
         with baton.Client(served.grpc) as client:
