@@ -144,11 +144,20 @@ class RequestStream:
     def _apply(self, event: TokenEvent) -> None:
         out = self._out
         now = time.monotonic()
-        new = event.token_ids[max(0, len(out.token_ids) - event.index) :]
+        seen = len(out.token_ids) - event.index  # of the event's tokens, already streamed
+        new = event.token_ids[max(0, seen) :]
+        if seen > 0 and not new and event.finish_reason is None:
+            # Tokens streamed already (sent again around a migration): their text too.
+            return
+        if seen > 0 and new:
+            # The event's text covers its repeated tokens as well and cannot be split.
+            logger.warning("request %s: an event repeats %d streamed tokens; its text is "
+                           "kept whole", self.request_id, seen)
+        text = event.text if new or seen <= 0 else ""
         out.token_ids = out.token_ids + new
         out.new_token_ids = new
-        out.text += event.text
-        out.delta_text = event.text
+        out.text += text
+        out.delta_text = text
         out.num_cached_tokens = max(out.num_cached_tokens, event.num_cached_tokens)
         if event.logprobs is not None and new:
             out.logprobs = (out.logprobs or []) + event.logprobs[-len(new) :]

@@ -54,3 +54,16 @@ def test_least_loaded_breaks_ties_by_order() -> None:
     assert least_loaded({"a": 3, "b": 1, "c": 1}) == "b"
     with pytest.raises(ValueError, match="instances"):
         least_loaded({})
+
+
+def test_a_repeated_event_adds_neither_tokens_nor_text() -> None:
+    # Around a migration, tokens already streamed can arrive again (from the instance a
+    # request left, restarted under its name): once is enough, text included.
+    stream = RequestStream("r", [1], RequestTrace("p", "d", 0.0))
+    stream.push(TokenEvent("r", 0, [10], "no", source="p"))
+    stream.push(TokenEvent("r", 1, [11], " longer", source="d"))
+    stream.push(TokenEvent("r", 1, [11], " longer", source="d"))
+    stream.push(TokenEvent("r", 2, [12], " just", finish_reason="length", source="d"))
+    outs = drain(stream)
+    assert [o.new_token_ids for o in outs] == [[10], [11], [12]]
+    assert outs[-1].token_ids == [10, 11, 12] and outs[-1].text == "no longer just"
