@@ -72,11 +72,6 @@ def server() -> Iterator[Server]:
         s.kill()
 
 
-@pytest.fixture(scope="module")
-def offline() -> LLM:
-    return LLM(None)
-
-
 def _idle(s: Server) -> dict[str, Any]:
     return s.wait_for(
         lambda insts: all(

@@ -24,19 +24,6 @@ from tests.cluster.test_cluster import last_output, wait_all_blocks_free
 from tests.prompts import text_prompts
 
 
-@pytest.fixture(scope="module")
-def offline() -> LLM:
-    return LLM(None)
-
-
-@pytest.fixture(scope="module")
-def one_each(ray_session: None) -> Iterator[Cluster]:
-    with Cluster(
-        prefill=1, decode=1, num_kv_blocks=256, cpus_per_instance=1, health_interval_s=0.5
-    ) as c:
-        yield c
-
-
 def _greedy(
     offline: LLM, n: int, max_tokens: int
 ) -> tuple[list[list[int]], SamplingParams, list[RequestOutput]]:

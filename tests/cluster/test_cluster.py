@@ -32,11 +32,6 @@ NUM_REQUESTS = 32
 
 
 @pytest.fixture(scope="module")
-def offline() -> LLM:
-    return LLM(None)
-
-
-@pytest.fixture(scope="module")
 def workload(offline: LLM) -> tuple[list[list[int]], list[SamplingParams], list[RequestOutput]]:
     ids = text_prompts(offline.engine.tokenizer, NUM_REQUESTS)
     rng = random.Random(0)
