@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -40,26 +40,42 @@ def _expired(error: NoInstanceServing, timeout_s: float) -> NoInstanceServing:
     return NoInstanceServing(f"{error} (waited {timeout_s:g} s for one to come back)")
 
 
+class _Tries(Generic[T]):
+    """``send()`` tried until it succeeds (then :attr:`result`), or until ``timeout_s``
+    passed (then :class:`NoInstanceServing`); iterating yields how long to sleep before
+    the next try, so the async and the blocking wait share one loop and sleep their own
+    way."""
+
+    def __init__(self, send: Callable[[], T], timeout_s: float, poll_s: float) -> None:
+        self._send = send
+        self._timeout_s = timeout_s
+        self._poll_s = poll_s
+        self.result: T
+
+    def __iter__(self) -> Iterator[float]:
+        deadline = time.monotonic() + self._timeout_s
+        while True:
+            try:
+                self.result = self._send()
+                return
+            except NoInstanceServing as e:
+                if time.monotonic() >= deadline:
+                    raise _expired(e, self._timeout_s) from None
+            yield min(self._poll_s, max(0.0, deadline - time.monotonic()))
+
+
 async def when_serving(send: Callable[[], T], timeout_s: float, poll_s: float = POLL_S) -> T:
     """``send()`` (it routes, raising :class:`NoInstanceServing` while it cannot), retried
     every ``poll_s`` without blocking the loop until it succeeds or ``timeout_s`` passed."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return send()
-        except NoInstanceServing as e:
-            if time.monotonic() >= deadline:
-                raise _expired(e, timeout_s) from None
-        await asyncio.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+    tries = _Tries(send, timeout_s, poll_s)
+    for delay in tries:
+        await asyncio.sleep(delay)
+    return tries.result
 
 
 def when_serving_sync(send: Callable[[], T], timeout_s: float, poll_s: float = POLL_S) -> T:
     """:func:`when_serving` for the blocking API (``Cluster.submit`` / ``generate``)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return send()
-        except NoInstanceServing as e:
-            if time.monotonic() >= deadline:
-                raise _expired(e, timeout_s) from None
-        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+    tries = _Tries(send, timeout_s, poll_s)
+    for delay in tries:
+        time.sleep(delay)
+    return tries.result

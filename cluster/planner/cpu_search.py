@@ -37,6 +37,7 @@ from cluster.planner.goodput import RATE_TOLERANCE, Evaluator, SimBudget
 from cluster.planner.latency import ProfileSet
 from cluster.planner.model_spec import ModelSpec
 from cluster.planner.plan import ColocatedBaseline, InstancePlan, LatencyPercentiles, Plan, Stage
+from cluster.planner.search import asked
 from cluster.planner.simulator import SimConfig, SimInstance
 from cluster.planner.workload import Workload
 
@@ -295,14 +296,8 @@ def plan_cpu(inputs: CpuPlanInputs, progress: Progress | None = None) -> tuple[P
     per_core = planner.cores
     plan = Plan(
         algorithm="cpu",
-        model=inputs.model.name,
         cluster=planner.cluster,
-        slos=inputs.slos,
-        workload=inputs.workload.spec,
-        rate=inputs.rate,
-        burstiness=inputs.burstiness,
-        seed=inputs.seed,
-        profile_source=inputs.profile_source,
+        **asked(inputs),
         instances=tuple(_instance_plans(best.deployment)),
         per_gpu_goodput=best.max_rate / per_core,
         attainment=best.attainment,

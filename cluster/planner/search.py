@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypedDict
 
 from cluster.planner._validate import positive, positive_int, require
 from cluster.planner.cluster_spec import ClusterSpec, SLOs
@@ -42,6 +43,9 @@ from cluster.planner.placement import Allocator, Unit, place_units, units_capaci
 from cluster.planner.plan import ColocatedBaseline, InstancePlan, LatencyPercentiles, Plan
 from cluster.planner.simulator import SimInstance
 from cluster.planner.workload import Workload
+
+if TYPE_CHECKING:  # cpu_search builds its plans with asked(), so imports this module
+    from cluster.planner.cpu_search import CpuPlanInputs
 
 Layout = tuple[int, int]
 Progress = Callable[[str], None]
@@ -374,6 +378,31 @@ def _run_algorithms(
     return best, results[best][0], results[best][1], attained[best]
 
 
+class Asked(TypedDict):
+    """What a plan records of the question it answers (the fields of :class:`Plan` that
+    both planners take from their inputs as given)."""
+
+    model: str
+    slos: SLOs
+    workload: str
+    rate: float
+    burstiness: float
+    seed: int
+    profile_source: str
+
+
+def asked(inputs: PlanInputs | CpuPlanInputs) -> Asked:
+    return Asked(
+        model=inputs.model.name,
+        slos=inputs.slos,
+        workload=inputs.workload.spec,
+        rate=inputs.rate,
+        burstiness=inputs.burstiness,
+        seed=inputs.seed,
+        profile_source=inputs.profile_source,
+    )
+
+
 def plan(
     inputs: PlanInputs,
     affinity: str = "auto",
@@ -403,14 +432,8 @@ def plan(
     say(f"done: {ev.simulations} simulations")
     return Plan(
         algorithm=algo,
-        model=inputs.model.name,
         cluster=inputs.cluster,
-        slos=inputs.slos,
-        workload=inputs.workload.spec,
-        rate=inputs.rate,
-        burstiness=inputs.burstiness,
-        seed=inputs.seed,
-        profile_source=inputs.profile_source,
+        **asked(inputs),
         instances=tuple(instances),
         per_gpu_goodput=per_gpu,
         attainment=attainment,

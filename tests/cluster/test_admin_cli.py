@@ -8,9 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -25,47 +23,20 @@ import baton
 from engine import LLM
 from engine import SamplingParams as EngineParams
 from tests.cluster.test_cli import PLAN_ARGS
+from tests.serve_proc import EXE, ServeProcess
 
-EXE = str(Path(sys.executable).parent / "baton")
 KEY = "admin-secret"
 # Generous targets: a loaded 2-core machine still meets them for a few tokens.
 SLO_FLAGS = ["--slo-ttft", "30", "--slo-tpot", "10", "--slo-attainment", "0.95"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class Server(ServeProcess):
+    """`baton serve` with an admin key and SLO targets, and the admin CLI run against it."""
 
-
-class Server:
     def __init__(self) -> None:
-        self.grpc_port, self.http_port = _free_port(), _free_port()
-        self.grpc = f"127.0.0.1:{self.grpc_port}"
-        self.http = f"http://127.0.0.1:{self.http_port}"
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [EXE, "serve", "--grpc-port", str(self.grpc_port), "--http-port",
-             str(self.http_port), "--admin-key", KEY, "--shutdown-timeout", "60",
-             "--num-kv-blocks", "512", *SLO_FLAGS],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "BATON_LOG_LEVEL": "WARNING"},
-        )  # fmt: skip
-        ready = threading.Event()
-
-        def read() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                if line.startswith("baton serve: ready"):
-                    ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        deadline = time.monotonic() + 300
-        while not ready.wait(1):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.proc.kill()
-                pytest.fail("baton serve did not get ready:\n" + "".join(self.lines[-60:]))
+        super().__init__(
+            "--admin-key", KEY, "--shutdown-timeout", "60", "--num-kv-blocks", "512", *SLO_FLAGS
+        )
 
     def cli(self, *argv: str, key: str | None = KEY) -> subprocess.CompletedProcess[str]:
         env = {k: v for k, v in os.environ.items() if k not in ("BATON_ADMIN_KEY",)}
@@ -98,13 +69,7 @@ def server() -> Iterator[Server]:
     s = Server()
     yield s
     if s.proc.poll() is None:
-        s.proc.kill()
-        s.proc.wait(30)
-
-
-@pytest.fixture(scope="module")
-def offline() -> LLM:
-    return LLM(None)
+        s.kill()
 
 
 def _idle(s: Server) -> dict[str, Any]:

@@ -20,21 +20,18 @@ from cluster import Cluster
 from cluster.admission import NoInstanceServing
 from engine import LLM, SamplingParams
 from engine.outputs import RequestOutput
-from tests.cluster.test_cluster import wait_all_blocks_free
+from tests.cluster.test_cluster import last_output, wait_all_blocks_free
 from tests.prompts import text_prompts
 
 
-@pytest.fixture(scope="module")
-def offline() -> LLM:
-    return LLM(None)
-
-
-@pytest.fixture(scope="module")
-def one_each(ray_session: None) -> Iterator[Cluster]:
-    with Cluster(
-        prefill=1, decode=1, num_kv_blocks=256, cpus_per_instance=1, health_interval_s=0.5
-    ) as c:
-        yield c
+def _greedy(
+    offline: LLM, n: int, max_tokens: int
+) -> tuple[list[list[int]], SamplingParams, list[RequestOutput]]:
+    """``n`` prompts, greedy parameters for ``max_tokens`` tokens, and the offline
+    engine's outputs for them (what the cluster must answer)."""
+    ids = text_prompts(offline.engine.tokenizer, n)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    return ids, params, offline.generate(prompt_token_ids=ids, params=params)
 
 
 def _decode(cluster: Cluster) -> tuple[str, int]:
@@ -44,19 +41,18 @@ def _decode(cluster: Cluster) -> tuple[str, int]:
     return name, pid
 
 
+def _serving_decode(cluster: Cluster) -> tuple[str, int]:
+    """The decode instance's name and pid, once it serves (a test before may have left it
+    restarting)."""
+    _wait_health(cluster, _decode(cluster)[0], {"serving"})
+    return _decode(cluster)
+
+
 def _wait_health(cluster: Cluster, name: str, want: set[str], timeout_s: float = 240.0) -> None:
     deadline = time.monotonic() + timeout_s
     while cluster.health().get(name) not in want:
         assert time.monotonic() < deadline, f"{name}: {cluster.health()}"
         time.sleep(0.1)
-
-
-async def _collect(cluster: Cluster, ids: list[int], params: SamplingParams) -> RequestOutput:
-    last = None
-    async for out in cluster.stream(prompt_token_ids=ids, params=params):
-        last = out
-    assert last is not None
-    return last
 
 
 @contextlib.contextmanager
@@ -71,16 +67,13 @@ def _stopped(pid: int) -> Iterator[None]:
 def test_a_request_waits_for_the_only_decode_instance_to_come_back(
     one_each: Cluster, offline: LLM
 ) -> None:
-    ids = text_prompts(offline.engine.tokenizer, 2)
-    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    expected = offline.generate(prompt_token_ids=ids, params=params)
-    _wait_health(one_each, _decode(one_each)[0], {"serving"})
-    name, pid = _decode(one_each)
+    ids, params, expected = _greedy(offline, 2, max_tokens=12)
+    name, pid = _serving_decode(one_each)
 
     async def run() -> list[RequestOutput]:
         with _stopped(pid):
             await asyncio.to_thread(_wait_health, one_each, name, {"unresponsive"})
-            tasks = [asyncio.create_task(_collect(one_each, i, params)) for i in ids]
+            tasks = [asyncio.create_task(last_output(one_each, i, params)) for i in ids]
             # The loop stays free while they wait: this sleep returns on time.
             t = time.monotonic()
             await asyncio.sleep(1.0)
@@ -100,8 +93,7 @@ def test_past_the_admission_timeout_it_fails_clearly_and_a_cancelled_wait_leaves
 ) -> None:
     ids = text_prompts(offline.engine.tokenizer, 1)[0]
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-    _wait_health(one_each, _decode(one_each)[0], {"serving"})
-    name, pid = _decode(one_each)
+    name, pid = _serving_decode(one_each)
     old = one_each.admission_timeout_s
     one_each.admission_timeout_s = 1.0
 
@@ -110,10 +102,10 @@ def test_past_the_admission_timeout_it_fails_clearly_and_a_cancelled_wait_leaves
             await asyncio.to_thread(_wait_health, one_each, name, {"unresponsive"})
             t = time.monotonic()
             with pytest.raises(NoInstanceServing, match="no instance is serving.*waited 1 s"):
-                await _collect(one_each, ids, params)
+                await last_output(one_each, ids, params)
             waited = time.monotonic() - t
             one_each.admission_timeout_s = 60.0
-            task = asyncio.create_task(_collect(one_each, ids, params))
+            task = asyncio.create_task(last_output(one_each, ids, params))
             await asyncio.sleep(0.3)
             task.cancel()  # the client went away while it waited
             with pytest.raises(asyncio.CancelledError):
@@ -134,17 +126,14 @@ def test_past_the_admission_timeout_it_fails_clearly_and_a_cancelled_wait_leaves
 def test_a_dead_worker_loop_in_a_live_process_is_restarted_and_its_requests_migrate(
     one_each: Cluster, offline: LLM
 ) -> None:
-    ids = text_prompts(offline.engine.tokenizer, 4)
-    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
-    expected = offline.generate(prompt_token_ids=ids, params=params)
-    _wait_health(one_each, _decode(one_each)[0], {"serving"})
-    name, pid = _decode(one_each)
+    ids, params, expected = _greedy(offline, 4, max_tokens=40)
+    name, pid = _serving_decode(one_each)
     actor = next(i.actor for i in one_each.instances if i.name == name)
     assert one_each.migrator is not None
     before = one_each.migrator.counters["migrations_crashed"]
 
     async def run() -> list[RequestOutput]:
-        tasks = [asyncio.create_task(_collect(one_each, i, params)) for i in ids]
+        tasks = [asyncio.create_task(last_output(one_each, i, params)) for i in ids]
         while not any(r["tokens"] > 2 for r in one_each.requests()):
             await asyncio.sleep(0.05)
         assert await actor.crash_loop.remote()

@@ -53,11 +53,6 @@ SCENARIOS = {
 
 
 @pytest.fixture(scope="module")
-def offline() -> LLM:
-    return LLM(None)
-
-
-@pytest.fixture(scope="module")
 def chaos_cluster(ray_session: None) -> Iterator[Cluster]:
     with Cluster(
         prefill=2, decode=2, num_kv_blocks=512, cpus_per_instance=1, health_interval_s=0.5

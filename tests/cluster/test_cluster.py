@@ -32,11 +32,6 @@ NUM_REQUESTS = 32
 
 
 @pytest.fixture(scope="module")
-def offline() -> LLM:
-    return LLM(None)
-
-
-@pytest.fixture(scope="module")
 def workload(offline: LLM) -> tuple[list[list[int]], list[SamplingParams], list[RequestOutput]]:
     ids = text_prompts(offline.engine.tokenizer, NUM_REQUESTS)
     rng = random.Random(0)
@@ -72,7 +67,8 @@ def _blocks_back(request: pytest.FixtureRequest) -> Iterator[None]:
         wait_all_blocks_free(request.getfixturevalue("cluster"))
 
 
-async def _collect(cluster: Cluster, ids: list[int], params: SamplingParams) -> RequestOutput:
+async def last_output(cluster: Cluster, ids: list[int], params: SamplingParams) -> RequestOutput:
+    """One request streamed to its end; its final output."""
     last = None
     async for out in cluster.stream(prompt_token_ids=ids, params=params):
         last = out
@@ -87,7 +83,7 @@ def stream_concurrently(
 
     async def run_all() -> list[RequestOutput]:
         return await asyncio.gather(
-            *(_collect(cluster, i, p) for i, p in zip(ids, params, strict=True))
+            *(last_output(cluster, i, p) for i, p in zip(ids, params, strict=True))
         )
 
     return asyncio.run(run_all())

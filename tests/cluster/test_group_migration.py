@@ -1,15 +1,13 @@
 """n > 1 sequence groups through a decode kill (issue 16 with issue 12's migration), on
-a real 1 prefill + 1 decode cluster on a local Ray (the killed decode instance is
-restarted by the health monitor, and the sequences migrate to it). About a minute."""
+a real 1 prefill + 1 decode cluster on a local Ray (conftest's ``one_each``: this module's
+own, as it is module-scoped; the killed decode instance is restarted by the health
+monitor, and the sequences migrate to it). About a minute."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
-from collections.abc import Iterator
-
-import pytest
 
 from cluster import Cluster
 from cluster.groups import child_params
@@ -19,25 +17,12 @@ from tests.cluster.test_chaos import _load, _pids, _wait_serving
 from tests.cluster.test_cluster import wait_all_blocks_free
 
 
-@pytest.fixture(scope="module")
-def group_cluster(ray_session: None) -> Iterator[Cluster]:
-    with Cluster(
-        prefill=1, decode=1, num_kv_blocks=256, cpus_per_instance=1, health_interval_s=0.5
-    ) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def offline() -> LLM:
-    return LLM(None)
-
-
-def test_n_groups_survive_a_decode_kill(group_cluster: Cluster, offline: LLM) -> None:
+def test_n_groups_survive_a_decode_kill(one_each: Cluster, offline: LLM) -> None:
     """n = 3 sequence groups (issue 16: one prefill, one hand-off, the sequences sharing
     the prompt's blocks on one decode instance) through a decode kill -9: each sequence
     migrates on its own and ends exactly as the offline engine's single request with
     its params (seed + i), each token once, and every block comes back."""
-    _wait_serving(group_cluster)
+    _wait_serving(one_each)
     ids, params = _load(offline, 8)
     n = 3
     per_child = [child_params(p, n) for p in params]
@@ -45,14 +30,14 @@ def test_n_groups_survive_a_decode_kill(group_cluster: Cluster, offline: LLM) ->
         prompt_token_ids=[i for i in ids for _ in range(n)],
         params=[p for ps in per_child for p in ps],
     )
-    assert group_cluster.migrator is not None
-    before = dict(group_cluster.migrator.counters)
+    assert one_each.migrator is not None
+    before = dict(one_each.migrator.counters)
     armed = asyncio.Event()
     total = 0
     streamed: list[list[int]] = [[] for _ in expected]
 
     async def group(g: int) -> list[RequestOutput]:
-        sources = await group_cluster.stream_n(None, params[g], n, prompt_token_ids=ids[g])
+        sources = await one_each.stream_n(None, params[g], n, prompt_token_ids=ids[g])
 
         async def one(i: int) -> RequestOutput:
             nonlocal total
@@ -71,7 +56,7 @@ def test_n_groups_survive_a_decode_kill(group_cluster: Cluster, offline: LLM) ->
     async def run() -> list[RequestOutput]:
         tasks = [asyncio.create_task(group(g)) for g in range(len(ids))]
         await armed.wait()
-        name, pid = sorted(_pids(group_cluster, "decode").items())[0]
+        name, pid = sorted(_pids(one_each, "decode").items())[0]
         os.kill(pid, signal.SIGKILL)
         return [out for outs in await asyncio.gather(*tasks) for out in outs]
 
@@ -79,8 +64,8 @@ def test_n_groups_survive_a_decode_kill(group_cluster: Cluster, offline: LLM) ->
     assert [o.token_ids for o in outs] == [e.token_ids for e in expected]
     assert [o.text for o in outs] == [e.text for e in expected]
     assert streamed == [e.token_ids for e in expected]
-    moved = sum(v - before[k] for k, v in group_cluster.migrator.counters.items())
+    moved = sum(v - before[k] for k, v in one_each.migrator.counters.items())
     assert moved > 0
-    assert group_cluster.migrator.counters["migration_failures"] == before["migration_failures"]
-    _wait_serving(group_cluster)
-    wait_all_blocks_free(group_cluster)
+    assert one_each.migrator.counters["migration_failures"] == before["migration_failures"]
+    _wait_serving(one_each)
+    wait_all_blocks_free(one_each)

@@ -204,11 +204,6 @@ def server(cluster: Cluster, metrics: RouterMetrics) -> Iterator[HttpServerThrea
 
 
 @pytest.fixture(scope="module")
-def client(server: HttpServerThread) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x", max_retries=0)
-
-
-@pytest.fixture(scope="module")
 def model(client: openai.OpenAI) -> str:
     return client.models.list().data[0].id
 

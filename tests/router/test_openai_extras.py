@@ -151,23 +151,6 @@ def test_bad_extras_name_the_field(body: dict[str, Any], param: str) -> None:
 # -- a real server ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def server(cluster: Cluster) -> Iterator[HttpServerThread]:
-    st = HttpServerThread(Router(cluster), metrics=None)
-    yield st
-    st.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server: HttpServerThread) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def vocab(cluster: Cluster) -> Vocabulary:
-    return Vocabulary.from_spec(cluster.tokenizer_spec())
-
-
 @pytest.fixture(autouse=True)
 def _idle_after(request: pytest.FixtureRequest) -> Iterator[None]:
     yield

@@ -46,23 +46,6 @@ def reference() -> Reference:
     return log_softmax
 
 
-@pytest.fixture(scope="module")
-def server(cluster: Cluster) -> Iterator[HttpServerThread]:
-    st = HttpServerThread(Router(cluster), metrics=None)
-    yield st
-    st.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server: HttpServerThread) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def vocab(cluster: Cluster) -> Vocabulary:
-    return Vocabulary.from_spec(cluster.tokenizer_spec())
-
-
 @pytest.fixture(autouse=True)
 def _idle_after(cluster: Cluster) -> Iterator[None]:
     yield
