@@ -168,8 +168,8 @@ class PathSwitch:
         self.model = engine.runner.model
         self.start = getattr(self.model, "fused", None)
         param = next(self.model.parameters())
-        cpu_fp32 = param.device.type == "cpu" and param.dtype == torch.float32
-        self.fused = self.start or (native.load() if cpu_fp32 else None)
+        cpu = param.device.type == "cpu" and native.supports(param.dtype)
+        self.fused = self.start or (native.load() if cpu else None)
         # The native KV write goes with the fused path (both off with BATON_FUSED_OPS=0).
         self.backend = engine.runner.backend
         self.kv_start = getattr(self.backend, "native_kv_write", None)

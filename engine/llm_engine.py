@@ -89,7 +89,7 @@ class LLMEngine:
         loaded = load_model(config.model, dtype=dtype)
         torch.manual_seed(config.seed)
         model = LlamaForCausalLM.from_weights(loaded.config, loaded.weights, device, dtype)
-        if device.type == "cpu" and dtype == torch.float32:
+        if device.type == "cpu" and native.supports(dtype):
             model.use_native_kernel(native.load())
         loaded.weights.clear()
         cache: CacheConfig = config.cache

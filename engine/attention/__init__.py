@@ -63,7 +63,8 @@ def select_backend(
     name: str, device: torch.device, head_dim: int, dtype: torch.dtype = torch.float32
 ) -> AttentionBackend:
     """``auto``: vllm-flash-attn's paged kernels on CUDA when importable, else torch
-    (with the compiled C decode kernel for fp32 on CPU when a compiler is at hand)."""
+    (with the compiled C decode kernel for fp32 and bf16 on CPU when a compiler is at
+    hand)."""
     from engine import native
     from engine.attention.torch_paged import TorchPagedAttention
 
@@ -78,7 +79,7 @@ def select_backend(
 
         backend: AttentionBackend = FlashAttention(head_dim)
     else:
-        use_native = device.type == "cpu" and dtype == torch.float32
+        use_native = device.type == "cpu" and native.supports(dtype)
         backend = TorchPagedAttention(head_dim, native.load() if use_native else None)
     logger.info("attention backend: %s on %s", describe(backend), device)
     return backend

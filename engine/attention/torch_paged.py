@@ -3,8 +3,8 @@
 The cache is head-major, ``[Hkv, num_blocks, block_size, Dh]``, so gathering blocks
 along dim 1 yields, for each request and head, one contiguous ``[L, Dh]`` slab.
 
-Decode tokens (one new token per request) are attended together. On CPU in fp32, with
-at least one of them (``NATIVE_MIN_BATCH`` with ``BATON_FUSED_OPS=0``), a small C
+Decode tokens (one new token per request) are attended together. On CPU in fp32 or bf16,
+with at least one of them (``NATIVE_MIN_BATCH`` with ``BATON_FUSED_OPS=0``), a small C
 kernel (``engine/native``) reads keys and values straight from the blocks. Otherwise
 each request's blocks are gathered, with one ``index_select`` into a buffer allocated once
 per step and reused by every layer, into a padded ``[B, Hkv, L, Dh]`` view masked past
@@ -74,14 +74,14 @@ class TorchPagedAttention:
         native_kernel: ctypes.CDLL | None = None,
         native_min_batch: int | None = None,
     ):
-        """``native_kernel``: the loaded C decode kernel, for fp32 caches on CPU only;
+        """``native_kernel``: the loaded C decode kernel, for fp32 or bf16 caches on CPU;
         ``native_min_batch``: the fewest decode tokens it takes (default: see above)."""
         self.scale = 1.0 / math.sqrt(head_dim)
         self.native = native_kernel
         if native_min_batch is None:
             native_min_batch = 1 if envs.fused_ops() else NATIVE_MIN_BATCH
         self.native_min_batch = native_min_batch
-        # New keys/values written by the native copy (fp32 CPU caches) rather than
+        # New keys/values written by the native copy (fp32 or bf16 CPU caches) rather than
         # index_copy_; off with BATON_FUSED_OPS=0.
         self.native_kv_write = envs.fused_ops()
 
@@ -131,7 +131,7 @@ class TorchPagedAttention:
     ) -> torch.Tensor:
         # q: [T, H, Dh]; k, v: [T, Hkv, Dh]; cache.k/v: [Hkv, N, bs, Dh]
         hkv, _, bs, dh = cache.k.shape
-        if not (self.native_kv_write and self.native is not None and k.dtype == torch.float32
+        if not (self.native_kv_write and self.native is not None
                 and native.kv_write(self.native, k, v, cache.k, cache.v, meta.slot_mapping)):
             cache.k.view(hkv, -1, dh).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
             cache.v.view(hkv, -1, dh).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
@@ -140,8 +140,8 @@ class TorchPagedAttention:
         if nd and meta.native_tables is not None:
             assert self.native is not None and meta.native_lens is not None
             if meta.scratch is None:
-                groups = q.shape[1] // hkv
-                meta.scratch = q.new_empty(nd * hkv, groups * meta.native_max_len)
+                size = native.scratch_size(nd, q.shape[1], hkv, dh, meta.native_max_len, q.dtype)
+                meta.scratch = torch.empty(size, dtype=torch.float32)
             out[:nd] = native.paged_decode(
                 self.native,
                 q[:nd],

@@ -4,11 +4,12 @@ The batch is every scheduled token of every request laid end to end (``T`` token
 the attention backend knows from its metadata which tokens belong to which request
 and where their KV lives in the paged cache.
 
-On CPU in fp32 with the native kernels loaded (unless ``BATON_FUSED_OPS=0``), the whole
-model's forward takes the fused path (``forward_fused`` methods): the residual add and the
-next RMSNorm are one kernel, the rotary embedding is applied in place in the fused qkv
-rows, and SiLU x mul reads the fused gate_up rows, each computing the same elementwise
-operations as the torch path (the norm's sum and silu's exp differ in the last bits).
+On CPU in fp32 or bf16 with the native kernels loaded (unless ``BATON_FUSED_OPS=0``), the
+whole model's forward takes the fused path (``forward_fused`` methods): the residual add
+and the next RMSNorm are one kernel, the rotary embedding is applied in place in the fused
+qkv rows, and SiLU x mul reads the fused gate_up rows, each computing the same elementwise
+operations as the torch path, bf16 rounding included (the norm's sum and silu's exp
+differ in the last bits).
 """
 
 from __future__ import annotations
@@ -94,29 +95,35 @@ SMALL_LINEAR_MAX_ROWS = 4
 
 class Linear(nn.Linear):
     """``nn.Linear`` that can hand inputs of a few rows (small-batch decode) to the native
-    GEMV, which streams the weights at memory bandwidth where MKL's sgemv does not, and
-    inputs of many rows to MKL with the weight packed once (``engine.native.packed_gemm``)."""
+    GEMV (fp32 or bf16), which streams the weights at memory bandwidth where MKL's sgemv
+    and oneDNN's bf16 GEMV do not, fp32 inputs of many rows to MKL with the weight packed
+    once, and bf16 ones to oneDNN with the weight packed once (``engine.native.packed_gemm``)."""
 
     kernel: ctypes.CDLL | None = None
     pack_weight: bool = False  # use the packed GEMM (set by use_packed_gemm)
-    _packed: tuple[torch.Tensor, int, torch.Size] | None = None  # (pack, weight ptr, shape)
+    _packed: tuple[torch.Tensor, int, torch.Size, torch.dtype] | None = None  # pack, key
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
-        if self.kernel is not None and rows <= SMALL_LINEAR_MAX_ROWS:
+        rows, dtype = x.shape[0], x.dtype
+        if (self.kernel is not None and rows <= SMALL_LINEAR_MAX_ROWS
+                and dtype == self.weight.dtype and native.supports(dtype)):
             return native.small_linear(self.kernel, x, self.weight, self.bias)
-        if (self.pack_weight and rows >= packed_gemm.MIN_ROWS and x.dim() == 2 and x.is_cpu
-                and self.weight.is_cpu and x.dtype == self.weight.dtype == torch.float32):
-            return packed_gemm.linear(x, self.packed(), self.weight, self.bias)
+        if (self.pack_weight and x.dim() == 2 and x.is_cpu and self.weight.is_cpu
+                and dtype == self.weight.dtype):
+            if dtype == torch.bfloat16:
+                return packed_gemm.linear_bf16(x, self.packed(), self.bias)
+            if dtype == torch.float32 and rows >= packed_gemm.MIN_ROWS:
+                return packed_gemm.linear(x, self.packed(), self.weight, self.bias)
         return super().forward(x)
 
     def packed(self) -> torch.Tensor:
         """The weight's packed copy, made on first use and again whenever the weight tensor
-        is replaced (a tensor-parallel shard, a move)."""
+        is replaced (a tensor-parallel shard, a move, a cast)."""
         w = self.weight
-        key = (w.data_ptr(), w.shape)
+        key = (w.data_ptr(), w.shape, w.dtype)
         if self._packed is None or self._packed[1:] != key:
-            self._packed = (packed_gemm.pack(w), *key)
+            pack = packed_gemm.pack_bf16 if w.dtype == torch.bfloat16 else packed_gemm.pack
+            self._packed = (pack(w), *key)
         return self._packed[0]
 
 
@@ -276,7 +283,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         # input_ids, positions: [T] -> hidden states [T, D]
         x = self.embed_tokens(input_ids)
-        if self.fused is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+        if self.fused is not None and native.supports(x.dtype) and x.device.type == "cpu":
             return self.forward_fused(x, positions, backend, meta, caches, self.fused)
         rope = self.rope.tables(positions, x.dtype)
         for layer, cache in zip(self.layers, caches, strict=True):
@@ -292,8 +299,8 @@ class LlamaForCausalLM(nn.Module):
         caches: list[KVCache],
         lib: ctypes.CDLL,
     ) -> torch.Tensor:
-        """``forward`` from the embedded tokens ``x`` [T, D] (fp32, CPU), with each residual
-        add fused into the RMSNorm after it."""
+        """``forward`` from the embedded tokens ``x`` [T, D] (fp32 or bf16, CPU), with each
+        residual add fused into the RMSNorm after it."""
         positions = positions.contiguous()
         limit = self.rope.cos.shape[0]
         if positions.numel() and int(positions.max()) >= limit:
@@ -329,9 +336,9 @@ class LlamaForCausalLM(nn.Module):
         return model.eval()
 
     def use_native_kernel(self, kernel: ctypes.CDLL | None) -> None:
-        """Route few-row matmuls to the native GEMV and, unless BATON_FUSED_OPS=0, the
-        forward to the fused path (CPU, fp32 weights only), or stop (None); unless
-        BATON_PACKED_GEMM=0, many-row matmuls to the packed GEMM."""
+        """Route few-row fp32 matmuls to the native GEMV and, unless BATON_FUSED_OPS=0, the
+        forward to the fused path (CPU, fp32 or bf16 weights), or stop (None); unless
+        BATON_PACKED_GEMM=0, matmuls to the packed GEMM."""
         for module in self.modules():
             if isinstance(module, Linear):
                 module.kernel = kernel
@@ -339,11 +346,15 @@ class LlamaForCausalLM(nn.Module):
         self.use_packed_gemm(envs.packed_gemm())
 
     def use_packed_gemm(self, enabled: bool) -> bool:
-        """Run GEMMs of 16 rows or more on weights packed once for MKL (CPU fp32 weights
-        and an MKL build of torch only); False: F.linear. Returns whether it is in use."""
+        """Run GEMMs on weights packed once: fp32 ones of 16 rows or more for MKL (an MKL
+        build of torch), bf16 ones of any size for oneDNN; CPU weights only. False:
+        F.linear. Returns whether it is in use."""
         param = next(self.parameters())
-        enabled = (enabled and param.device.type == "cpu" and param.dtype == torch.float32
-                   and packed_gemm.available())
+        on_cpu = param.device.type == "cpu"
+        enabled = enabled and on_cpu and (
+            (param.dtype == torch.float32 and packed_gemm.available())
+            or (param.dtype == torch.bfloat16 and packed_gemm.bf16_available())
+        )
         for module in self.modules():
             if isinstance(module, Linear):
                 module.pack_weight = enabled

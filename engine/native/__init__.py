@@ -5,6 +5,10 @@
 - ``fused_ops``: the decoder layer's elementwise work in one pass each (residual add +
   RMSNorm, rotary embedding in place, SiLU x mul); see ``engine.models.llama``.
 - ``kv_write``: the step's new keys and values into the paged cache (single-threaded).
+- ``bf16_ops``: the bf16 model's elementwise work and decode attention (fp32 inside,
+  rounded to bf16 where torch's bf16 ops round).
+
+Each wrapper below takes fp32 or bf16 tensors and calls the kernel for their dtype.
 
 ``packed_gemm`` (Python) runs MKL on weights packed once; it needs no compiler.
 
@@ -28,6 +32,7 @@ import subprocess
 import tempfile
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,6 +41,7 @@ from engine import envs
 logger = logging.getLogger(__name__)
 
 SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.c"))
+HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
 # Reassociation lets the compiler vectorize the dot products; no other fast-math license.
 FLAGS = [
     "-O3",
@@ -60,7 +66,7 @@ def _cpu_model() -> str:
 
 def _build(compiler: str) -> Path:
     digest = hashlib.sha256(" ".join(FLAGS).encode() + _cpu_model().encode())
-    for source in SOURCES:
+    for source in [*SOURCES, *HEADERS]:
         digest.update(source.read_bytes())
     target = Path(envs.cache_dir()) / "kernels" / f"baton-{digest.hexdigest()[:16]}.so"
     if target.exists():
@@ -98,26 +104,42 @@ def load() -> ctypes.CDLL | None:
         detail = getattr(err, "stderr", "") or err
         logger.warning("native CPU kernels unavailable (%s); falling back to torch", detail)
         return None
-    fn = lib.paged_decode_attention
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 8 + [ctypes.c_float]
-    fn = lib.small_linear
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
-    fn = lib.add_rms_norm
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float]
-    fn = lib.rope_qkv
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
-    fn = lib.silu_mul
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
     fn = lib.kv_write
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_void_p] * 3 + [
-        ctypes.c_int64] * 4
+        ctypes.c_int64] * 5
+    for suffix in ("", "_bf16"):
+        fn = getattr(lib, "small_linear" + suffix)
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+        fn = getattr(lib, "paged_decode_attention" + suffix)
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 8 + [ctypes.c_float]
+        fn = getattr(lib, "add_rms_norm" + suffix)
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float]
+        fn = getattr(lib, "rope_qkv" + suffix)
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
+        fn = getattr(lib, "silu_mul" + suffix)
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
     return lib
+
+
+# The dtypes the kernels take, and each one's kernel-name suffix.
+SUFFIX = {torch.float32: "", torch.bfloat16: "_bf16"}
+
+
+def supports(dtype: torch.dtype) -> bool:
+    """Whether the elementwise and decode-attention kernels take tensors of ``dtype``."""
+    return dtype in SUFFIX
+
+
+def _kernel(lib: ctypes.CDLL, name: str, dtype: torch.dtype) -> Any:
+    if dtype not in SUFFIX:
+        raise TypeError(f"native kernels: {name} takes float32 or bfloat16, not {dtype}")
+    return getattr(lib, name + SUFFIX[dtype])
 
 
 def paged_decode(
@@ -131,12 +153,13 @@ def paged_decode(
     max_len: int,
     scale: float,
 ) -> torch.Tensor:
-    """q: [B, H, D] fp32; caches [Hkv, N, bs, D]; tables [B, W] and lens [B] int64."""
+    """q: [B, H, D] fp32 or bf16, as the caches [Hkv, N, bs, D]; tables [B, W] and lens [B]
+    int64; scratch: fp32, ``scratch_size`` floats."""
     q = q.contiguous()
     out = torch.empty_like(q)
     b, h, d = q.shape
     hkv, n, bs, _ = k_cache.shape
-    lib.paged_decode_attention(
+    _kernel(lib, "paged_decode_attention", q.dtype)(
         q.data_ptr(),
         k_cache.data_ptr(),
         v_cache.data_ptr(),
@@ -157,13 +180,21 @@ def paged_decode(
     return out
 
 
+def scratch_size(batch: int, heads: int, kv_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype) -> int:
+    """The fp32 scratch ``paged_decode`` needs: scores, and for bf16 an fp32 accumulator."""
+    extra = head_dim if dtype == torch.bfloat16 else 0
+    return batch * heads * (max_len + extra)
+
+
 def small_linear(
     lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """x: [T, I] fp32 with few rows; weight: [O, I] contiguous; returns [T, O]."""
+    """x: [T, I] fp32 or bf16 with few rows; weight: [O, I] contiguous, of x's dtype;
+    returns [T, O]."""
     x = x.contiguous()
     out = x.new_empty(x.shape[0], weight.shape[0])
-    lib.small_linear(
+    _kernel(lib, "small_linear", x.dtype)(
         x.data_ptr(),
         weight.data_ptr(),
         None if bias is None else bias.data_ptr(),
@@ -185,8 +216,8 @@ def add_rms_norm(
 ) -> None:
     """``x += residual`` (when given) in place, then ``out = weight * rms_norm(x)``.
 
-    x, residual, out: [T, D] contiguous fp32 CPU tensors; weight: [D]."""
-    lib.add_rms_norm(
+    x, residual, out: [T, D] contiguous CPU tensors (fp32 or bf16); weight: [D]."""
+    _kernel(lib, "add_rms_norm", x.dtype)(
         x.data_ptr(),
         None if residual is None else residual.data_ptr(),
         weight.data_ptr(),
@@ -208,9 +239,9 @@ def rope_qkv(
 ) -> None:
     """Rotate the first ``num_rotated_heads`` heads (q's, then k's) of each qkv row in place.
 
-    qkv: [T, W] contiguous fp32; cos, sin: [P, Dh] fp32 tables; positions: [T] int64, each
-    below P (the caller checks)."""
-    lib.rope_qkv(
+    qkv: [T, W] contiguous fp32 or bf16; cos, sin: [P, Dh] fp32 tables; positions: [T]
+    int64, each below P (the caller checks)."""
+    _kernel(lib, "rope_qkv", qkv.dtype)(
         qkv.data_ptr(),
         cos.data_ptr(),
         sin.data_ptr(),
@@ -223,10 +254,11 @@ def rope_qkv(
 
 
 def silu_mul(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up: [T, 2I] contiguous fp32 (gate, then up); returns silu(gate) * up, [T, I]."""
+    """gate_up: [T, 2I] contiguous fp32 or bf16 (gate, then up); returns silu(gate) * up,
+    [T, I]."""
     t, width = gate_up.shape
     out = gate_up.new_empty(t, width // 2)
-    lib.silu_mul(gate_up.data_ptr(), out.data_ptr(), t, width // 2)
+    _kernel(lib, "silu_mul", gate_up.dtype)(gate_up.data_ptr(), out.data_ptr(), t, width // 2)
     return out
 
 
@@ -238,10 +270,11 @@ def kv_write(
     v_cache: torch.Tensor,
     slots: torch.Tensor,
 ) -> bool:
-    """``cache[:, slot[t]] = k[t]`` (and v) for the caches [Hkv, N, bs, Dh] (fp32, CPU,
-    contiguous); k, v: [T, Hkv, Dh] fp32 with each head's Dh floats contiguous and one row
-    stride shared; slots: [T] int64 contiguous. False (nothing written) when the layouts
-    do not fit; ValueError on a slot outside the cache."""
+    """``cache[:, slot[t]] = k[t]`` (and v) for the caches [Hkv, N, bs, Dh] (fp32 or bf16,
+    CPU, contiguous); k, v: [T, Hkv, Dh] of the caches' dtype with each head's Dh elements
+    contiguous and one row stride shared; slots: [T] int64 contiguous. False (nothing
+    written) when the layouts or dtypes do not fit; ValueError on a slot outside the
+    cache."""
     t, hkv, dh = k.shape
     row = k.stride(0)
     if (
@@ -252,11 +285,14 @@ def kv_write(
         or k.stride(1) != dh
         or not (k_cache.is_contiguous() and v_cache.is_contiguous() and slots.is_contiguous())
         or slots.dtype != torch.int64
+        or not (k.dtype == k_cache.dtype == v_cache.dtype)
+        or k.dtype not in SUFFIX
     ):
         return False
     total = k_cache.shape[1] * k_cache.shape[2]
     err = lib.kv_write(k.data_ptr(), v.data_ptr(), row, k_cache.data_ptr(),
-                       v_cache.data_ptr(), slots.data_ptr(), t, hkv, dh, total)
+                       v_cache.data_ptr(), slots.data_ptr(), t, hkv, dh, total,
+                       k.element_size())
     if err:
         raise ValueError(f"kv cache: a slot is outside the cache's {total} slots")
     return True

@@ -100,7 +100,7 @@ def load_shard(config: EngineConfig, groups: ParallelGroups) -> RankShard:
     # Built and cut on the CPU, so the device only ever holds this rank's share.
     model = LlamaForCausalLM.from_weights(cfg, loaded.weights, torch.device("cpu"), dtype)
     loaded.weights.clear()
-    if device.type == "cpu" and dtype == torch.float32:
+    if device.type == "cpu" and native.supports(dtype):
         model.use_native_kernel(native.load())
     layers = stage_layers(cfg.num_layers, parallel.pp, groups.stage)
     stage = PipelineStage(model, layers, groups.is_first_stage, groups.is_last_stage)

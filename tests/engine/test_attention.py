@@ -26,19 +26,23 @@ def dense_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 
 
 def run_step(
-    backend: TorchPagedAttention, lengths: list[int], new: list[int]
+    backend: TorchPagedAttention,
+    lengths: list[int],
+    new: list[int],
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, TorchMetadata]:
-    """One step: request i has lengths[i] tokens of context and computes its last new[i]."""
+    """One step: request i has lengths[i] tokens of context and computes its last new[i].
+    The reference is fp32 dense attention over the same (``dtype``-rounded) values."""
     gen = torch.Generator().manual_seed(0)
     shape = backend.cache_shape(N, BS, HKV, D)
-    cache = KVCache(torch.zeros(shape), torch.zeros(shape))
+    cache = KVCache(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
     free = torch.randperm(N, generator=gen).tolist()
     chunks, ks, vs, qs, refs = [], [], [], [], []
     for i, (length, n) in enumerate(zip(lengths, new, strict=True)):
         table = [free.pop() for _ in range(-(-length // BS))]
-        k = torch.randn(length, HKV, D, generator=gen)
-        v = torch.randn(length, HKV, D, generator=gen)
-        q = torch.randn(n, H, D, generator=gen)
+        k = torch.randn(length, HKV, D, generator=gen).to(dtype)
+        v = torch.randn(length, HKV, D, generator=gen).to(dtype)
+        q = torch.randn(n, H, D, generator=gen).to(dtype)
         start = length - n
         # The earlier context is already in the cache; the step writes the rest.
         for pos in range(start):
@@ -49,7 +53,7 @@ def run_step(
         ks.append(k[start:])
         vs.append(v[start:])
         qs.append(q)
-        refs.append(dense_reference(q, k, v))
+        refs.append(dense_reference(q.float(), k.float(), v.float()))
     meta = backend.build_metadata(chunks, BS, torch.device("cpu"))
     out = backend.forward(torch.cat(qs), torch.cat(ks), torch.cat(vs), cache, meta)
     return out, torch.cat(refs), meta

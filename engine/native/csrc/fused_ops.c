@@ -8,11 +8,13 @@
  *
  * Every element is computed with the same operations in the same order as the torch
  * reference (engine/models/llama.py); only the sum of squares is accumulated in a different
- * order, and silu's exp is libm's. Rows are split across threads only when there are
+ * order, and silu's exp is vexpf (vec_math.h), within 2 ulp. Rows are split across threads only when there are
  * enough of them to pay for it.
  */
 #include <math.h>
 #include <stdint.h>
+
+#include "vec_math.h"
 
 /* No a*b+c fused into one rounding: each product and sum rounds as torch's ops do. */
 #pragma GCC optimize("fp-contract=off")
@@ -64,7 +66,7 @@ int silu_mul(const float *gate_up, float *out, int64_t T, int64_t I) {
     for (int64_t t = 0; t < T; t++) {
         const float *g = gate_up + t * 2 * I, *u = g + I;
         float *o = out + t * I;
-        for (int64_t i = 0; i < I; i++) o[i] = (g[i] / (1.f + expf(-g[i]))) * u[i];
+        for (int64_t i = 0; i < I; i++) o[i] = (g[i] / (1.f + vexpf(-g[i]))) * u[i];
     }
     return 0;
 }

@@ -9,6 +9,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "vec_math.h"
+
 #define PAR_MIN_WORK (1 << 20)
 
 static void one(const float *q, const float *kc, const float *vc, const int64_t *table,
@@ -28,7 +30,7 @@ static void one(const float *q, const float *kc, const float *vc, const int64_t 
     for (int64_t g = 0; g < G; g++) {
         float *s = scores + g * len, m = -INFINITY, sum = 0.f;
         for (int64_t j = 0; j < len; j++) m = s[j] > m ? s[j] : m;
-        for (int64_t j = 0; j < len; j++) { s[j] = expf(s[j] - m); sum += s[j]; }
+        for (int64_t j = 0; j < len; j++) { s[j] = vexpf(s[j] - m); sum += s[j]; }
         float inv = 1.f / sum;
         for (int64_t j = 0; j < len; j++) s[j] *= inv;
         for (int64_t d = 0; d < D; d++) out[g * D + d] = 0.f;

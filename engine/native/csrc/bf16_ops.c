@@ -1,0 +1,193 @@
+/* The bf16 model's elementwise work and decode attention on CPU (see fused_ops.c and
+ * paged_decode.c for the fp32 ones).
+ *
+ * Tensors hold bfloat16 (the top half of an IEEE float); everything is computed in fp32
+ * and rounded to bf16 (to nearest, ties to even) wherever torch's bf16 ops round, so
+ * each output is what the torch reference (engine/models/llama.py run in bf16) computes,
+ * up to the order of the norm's and attention's sums:
+ *
+ * - add_rms_norm_bf16: x = bf16(x + r); out = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))).
+ * - rope_qkv_bf16: x1' = bf16(bf16(x1 * c) + bf16(-x2 * s)), with c and s the bf16 tables.
+ * - silu_mul_bf16: out = bf16(bf16(silu(gate)) * up).
+ * - paged_decode_attention_bf16: one query per request against its paged bf16 keys and
+ *   values, scores, softmax and the weighted sum in fp32, the output rounded once.
+ * - small_linear_bf16: y = x W^T (+ b) for a few rows, the products exact in fp32 and
+ *   summed in fp32 (AVX-512 BF16's dot-product instruction where the CPU has it), the
+ *   output rounded once. oneDNN runs such a GEMV at about half the machine's bandwidth.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "vec_math.h"
+
+#ifdef __AVX512BF16__
+#include <immintrin.h>
+#endif
+
+#pragma GCC optimize("fp-contract=off")
+
+#define PAR_MIN_ELEMS 32768
+#define PAR_MIN_WORK (1 << 20)
+
+typedef uint16_t bf16;
+
+static inline float f32(bf16 h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Branch-free, so loops of it vectorize; a NaN stays a (quiet) NaN. */
+static inline bf16 to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    uint32_t nan = (u >> 16) | 0x40u;
+    return (bf16)((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+}
+
+static inline float round_bf16(float f) { return f32(to_bf16(f)); }
+
+/* x: [T, D] (updated in place when r is not NULL); r: [T, D] or NULL; w: [D]; out: [T, D]. */
+int add_rms_norm_bf16(bf16 *x, const bf16 *r, const bf16 *w, bf16 *out, int64_t T, int64_t D,
+                      float eps) {
+#pragma omp parallel for schedule(static) if (T * D >= PAR_MIN_ELEMS)
+    for (int64_t t = 0; t < T; t++) {
+        bf16 *xt = x + t * D, *ot = out + t * D;
+        const bf16 *rt = r ? r + t * D : 0;
+        float ss = 0.f;
+        for (int64_t i = 0; i < D; i++) {
+            float v = rt ? round_bf16(f32(xt[i]) + f32(rt[i])) : f32(xt[i]);
+            xt[i] = to_bf16(v);
+            ss += v * v;
+        }
+        float inv = 1.f / sqrtf(ss / (float)D + eps);
+        for (int64_t i = 0; i < D; i++) ot[i] = to_bf16(f32(w[i]) * round_bf16(f32(xt[i]) * inv));
+    }
+    return 0;
+}
+
+/* qkv: [T, stride] with q heads at column 0 and k heads right after them; nheads = q heads
+ * + k heads, each Dh wide; cos, sin: [P, Dh] fp32 (rounded to bf16 here); pos: [T]. */
+int rope_qkv_bf16(bf16 *qkv, const float *cos_t, const float *sin_t, const int64_t *pos,
+                  int64_t T, int64_t stride, int64_t nheads, int64_t Dh) {
+    const int64_t half = Dh / 2;
+#pragma omp parallel for schedule(static) if (T * nheads * Dh >= PAR_MIN_ELEMS)
+    for (int64_t t = 0; t < T; t++) {
+        const float *c = cos_t + pos[t] * Dh, *s = sin_t + pos[t] * Dh;
+        for (int64_t h = 0; h < nheads; h++) {
+            bf16 *x = qkv + t * stride + h * Dh;
+            for (int64_t i = 0; i < half; i++) {
+                float x1 = f32(x[i]), x2 = f32(x[i + half]);
+                float c1 = round_bf16(c[i]), s1 = round_bf16(s[i]);
+                float c2 = round_bf16(c[i + half]), s2 = round_bf16(s[i + half]);
+                x[i] = to_bf16(round_bf16(x1 * c1) + round_bf16(-x2 * s1));
+                x[i + half] = to_bf16(round_bf16(x2 * c2) + round_bf16(x1 * s2));
+            }
+        }
+    }
+    return 0;
+}
+
+/* gate_up: [T, 2I] (gate then up); out: [T, I]. */
+int silu_mul_bf16(const bf16 *gate_up, bf16 *out, int64_t T, int64_t I) {
+#pragma omp parallel for schedule(static) if (T * I >= PAR_MIN_ELEMS)
+    for (int64_t t = 0; t < T; t++) {
+        const bf16 *g = gate_up + t * 2 * I, *u = g + I;
+        bf16 *o = out + t * I;
+        for (int64_t i = 0; i < I; i++) {
+            float x = f32(g[i]);
+            o[i] = to_bf16(round_bf16(x / (1.f + vexpf(-x))) * f32(u[i]));
+        }
+    }
+    return 0;
+}
+
+/* One (request, kv head): G query heads of D against len keys; scores: [G, len] fp32;
+ * acc: [G, D] fp32. Caches: [Hkv, N, bs, D] bf16. */
+static void one(const bf16 *q, const bf16 *kc, const bf16 *vc, const int64_t *table,
+                int64_t len, bf16 *out, float *scores, float *acc, int64_t G, int64_t D,
+                int64_t bs, int64_t N, int64_t kvh, float scale) {
+    const bf16 *kbase = kc + kvh * N * bs * D;
+    const bf16 *vbase = vc + kvh * N * bs * D;
+    float qf[G * D];
+    for (int64_t i = 0; i < G * D; i++) qf[i] = f32(q[i]);
+    for (int64_t j = 0; j < len; j++) {
+        const bf16 *k = kbase + (table[j / bs] * bs + j % bs) * D;
+        for (int64_t g = 0; g < G; g++) {
+            const float *qg = qf + g * D;
+            float dot = 0.f;
+            for (int64_t d = 0; d < D; d++) dot += qg[d] * f32(k[d]);
+            scores[g * len + j] = dot * scale;
+        }
+    }
+    for (int64_t g = 0; g < G; g++) {
+        float *s = scores + g * len, m = -INFINITY, sum = 0.f;
+        for (int64_t j = 0; j < len; j++) m = s[j] > m ? s[j] : m;
+        for (int64_t j = 0; j < len; j++) { s[j] = vexpf(s[j] - m); sum += s[j]; }
+        float inv = 1.f / sum;
+        for (int64_t j = 0; j < len; j++) s[j] *= inv;
+        for (int64_t d = 0; d < D; d++) acc[g * D + d] = 0.f;
+    }
+    for (int64_t j = 0; j < len; j++) {
+        const bf16 *v = vbase + (table[j / bs] * bs + j % bs) * D;
+        for (int64_t g = 0; g < G; g++) {
+            float p = scores[g * len + j], *o = acc + g * D;
+            for (int64_t d = 0; d < D; d++) o[d] += p * f32(v[d]);
+        }
+    }
+    for (int64_t i = 0; i < G * D; i++) out[i] = to_bf16(acc[i]);
+}
+
+/* q, out: [B, H, D] bf16; tables: [B, W]; lens: [B]; scratch: [B * Hkv, G * (max_len + D)]
+ * fp32. */
+int paged_decode_attention_bf16(const bf16 *q, const bf16 *kc, const bf16 *vc,
+                                const int64_t *tables, const int64_t *lens, bf16 *out,
+                                float *scratch, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                                int64_t bs, int64_t N, int64_t W, int64_t max_len, float scale) {
+    const int64_t G = H / Hkv;
+    const int64_t per = G * (max_len + D);
+#pragma omp parallel for schedule(dynamic) if (B * H * max_len * D >= PAR_MIN_WORK)
+    for (int64_t i = 0; i < B * Hkv; i++) {
+        int64_t b = i / Hkv, kvh = i % Hkv;
+        float *s = scratch + i * per;
+        one(q + (b * H + kvh * G) * D, kc, vc, tables + b * W, lens[b],
+            out + (b * H + kvh * G) * D, s, s + G * max_len, G, D, bs, N, kvh, scale);
+    }
+    return 0;
+}
+
+/* sum_i x[i] * w[i] over n bf16 elements, in fp32. */
+static inline float dot_bf16(const bf16 *x, const bf16 *w, int64_t n) {
+#ifdef __AVX512BF16__
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32)
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(x + i),
+                               (__m512bh)_mm512_loadu_si512(w + i));
+    if (i < n) {
+        __mmask32 m = (__mmask32)((1ull << (n - i)) - 1);
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(m, x + i),
+                               (__m512bh)_mm512_maskz_loadu_epi16(m, w + i));
+    }
+    return _mm512_reduce_add_ps(acc);
+#else
+    float s = 0.f;
+    for (int64_t i = 0; i < n; i++) s += f32(x[i]) * f32(w[i]);
+    return s;
+#endif
+}
+
+/* x: [T, I]; W: [O, I] row-major; b: [O] or NULL; y: [T, O]; all bf16. */
+int small_linear_bf16(const bf16 *x, const bf16 *W, const bf16 *b, bf16 *y, int64_t T,
+                      int64_t O, int64_t I) {
+#pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < O; o++) {
+        const bf16 *w = W + o * I;
+        for (int64_t t = 0; t < T; t++)
+            y[t * O + o] = to_bf16(dot_bf16(x + t * I, w, I) + (b ? f32(b[o]) : 0.f));
+    }
+    return 0;
+}

@@ -1,0 +1,30 @@
+/* Math the compiler can vectorize: libm's expf is a call per element, which kept the
+ * SiLU and the softmax scalar (a 256-token prefill's SiLU took longer than its down
+ * projection). Included by the kernels that need it; part of the build's cache key.
+ */
+#ifndef BATON_VEC_MATH_H
+#define BATON_VEC_MATH_H
+
+#include <math.h>
+
+/* exp(x) in fp32 to within 2 ulp of the true value (Cephes' expf: x = n ln2 + r, a
+ * degree-6 polynomial in r, times 2^n built in the exponent bits). Inputs below -87.3
+ * give about 1e-38 instead of a subnormal or 0, above 88 give exp(88); NaN stays NaN. */
+static inline float vexpf(float x) {
+    float c = x < -87.3f ? -87.3f : (x > 88.0f ? 88.0f : x);
+    float n = floorf(c * 1.44269504088896341f + 0.5f);
+    float r = c - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    float y = p * (r * r) + r + 1.0f;
+    union { int i; float f; } scale = { .i = ((int)n + 127) << 23 };
+    float out = y * scale.f;
+    return x != x ? x : out;
+}
+
+#endif
