@@ -21,7 +21,7 @@
 
 #include "vec_math.h"
 
-#ifdef __AVX512BF16__
+#ifdef __AVX512F__
 #include <immintrin.h>
 #endif
 
@@ -105,6 +105,41 @@ int silu_mul_bf16(const bf16 *gate_up, bf16 *out, int64_t T, int64_t I) {
     return 0;
 }
 
+/* sum_i x[i] * w[i] over n bf16 elements, in fp32. */
+static inline float dot_bf16(const bf16 *x, const bf16 *w, int64_t n) {
+#ifdef __AVX512BF16__
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32)
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(x + i),
+                               (__m512bh)_mm512_loadu_si512(w + i));
+    if (i < n) {
+        __mmask32 m = (__mmask32)((1ull << (n - i)) - 1);
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(m, x + i),
+                               (__m512bh)_mm512_maskz_loadu_epi16(m, w + i));
+    }
+    return _mm512_reduce_add_ps(acc);
+#else
+    float s = 0.f;
+    for (int64_t i = 0; i < n; i++) s += f32(x[i]) * f32(w[i]);
+    return s;
+#endif
+}
+
+/* o[i] += p * v[i] over n elements, v in bf16. */
+static inline void add_scaled_bf16(float *o, float p, const bf16 *v, int64_t n) {
+    int64_t i = 0;
+#ifdef __AVX512F__
+    const __m512 pv = _mm512_set1_ps(p);
+    for (; i + 16 <= n; i += 16) {
+        __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v + i)));
+        __m512 vf = _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+        _mm512_storeu_ps(o + i, _mm512_fmadd_ps(pv, vf, _mm512_loadu_ps(o + i)));
+    }
+#endif
+    for (; i < n; i++) o[i] += p * f32(v[i]);
+}
+
 /* One (request, kv head): G query heads of D against len keys; scores: [G, len] fp32;
  * acc: [G, D] fp32. Caches: [Hkv, N, bs, D] bf16. */
 static void one(const bf16 *q, const bf16 *kc, const bf16 *vc, const int64_t *table,
@@ -112,16 +147,9 @@ static void one(const bf16 *q, const bf16 *kc, const bf16 *vc, const int64_t *ta
                 int64_t bs, int64_t N, int64_t kvh, float scale) {
     const bf16 *kbase = kc + kvh * N * bs * D;
     const bf16 *vbase = vc + kvh * N * bs * D;
-    float qf[G * D];
-    for (int64_t i = 0; i < G * D; i++) qf[i] = f32(q[i]);
     for (int64_t j = 0; j < len; j++) {
         const bf16 *k = kbase + (table[j / bs] * bs + j % bs) * D;
-        for (int64_t g = 0; g < G; g++) {
-            const float *qg = qf + g * D;
-            float dot = 0.f;
-            for (int64_t d = 0; d < D; d++) dot += qg[d] * f32(k[d]);
-            scores[g * len + j] = dot * scale;
-        }
+        for (int64_t g = 0; g < G; g++) scores[g * len + j] = dot_bf16(q + g * D, k, D) * scale;
     }
     for (int64_t g = 0; g < G; g++) {
         float *s = scores + g * len, m = -INFINITY, sum = 0.f;
@@ -133,10 +161,7 @@ static void one(const bf16 *q, const bf16 *kc, const bf16 *vc, const int64_t *ta
     }
     for (int64_t j = 0; j < len; j++) {
         const bf16 *v = vbase + (table[j / bs] * bs + j % bs) * D;
-        for (int64_t g = 0; g < G; g++) {
-            float p = scores[g * len + j], *o = acc + g * D;
-            for (int64_t d = 0; d < D; d++) o[d] += p * f32(v[d]);
-        }
+        for (int64_t g = 0; g < G; g++) add_scaled_bf16(acc + g * D, scores[g * len + j], v, D);
     }
     for (int64_t i = 0; i < G * D; i++) out[i] = to_bf16(acc[i]);
 }
@@ -157,27 +182,6 @@ int paged_decode_attention_bf16(const bf16 *q, const bf16 *kc, const bf16 *vc,
             out + (b * H + kvh * G) * D, s, s + G * max_len, G, D, bs, N, kvh, scale);
     }
     return 0;
-}
-
-/* sum_i x[i] * w[i] over n bf16 elements, in fp32. */
-static inline float dot_bf16(const bf16 *x, const bf16 *w, int64_t n) {
-#ifdef __AVX512BF16__
-    __m512 acc = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32)
-        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(x + i),
-                               (__m512bh)_mm512_loadu_si512(w + i));
-    if (i < n) {
-        __mmask32 m = (__mmask32)((1ull << (n - i)) - 1);
-        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(m, x + i),
-                               (__m512bh)_mm512_maskz_loadu_epi16(m, w + i));
-    }
-    return _mm512_reduce_add_ps(acc);
-#else
-    float s = 0.f;
-    for (int64_t i = 0; i < n; i++) s += f32(x[i]) * f32(w[i]);
-    return s;
-#endif
 }
 
 /* x: [T, I]; W: [O, I] row-major; b: [O] or NULL; y: [T, O]; all bf16. */
