@@ -46,6 +46,7 @@ HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
 FLAGS = [
     "-O3",
     "-march=native",
+    "-mprefer-vector-width=512",
     "-fPIC",
     "-shared",
     "-fopenmp",
