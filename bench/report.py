@@ -162,12 +162,16 @@ def _paths_table(r: Report) -> list[str]:
     return lines
 
 
+_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16"}
+
+
 def format_report(r: Report) -> str:
     lo, hi = r.prompt_len
     header = [
         f"Model: {r.model} ({r.parameters / 1e6:.1f} M parameters, "
-        f"{r.weight_bytes / 1e6:.0f} MB as fp32).",
-        f"Machine: fp32 matmul {r.roof.matmul_gflops:.1f} GFLOP/s "
+        f"{r.weight_bytes / 1e6:.0f} MB as {_DTYPE_NAMES.get(r.roof.dtype, r.roof.dtype)}).",
+        f"Machine: {_DTYPE_NAMES.get(r.roof.dtype, r.roof.dtype)} matmul "
+        f"{r.roof.matmul_gflops:.1f} GFLOP/s "
         f"({r.roof.matmul_size}^3, best of 5), memory read {r.roof.read_gbps:.1f} GB/s "
         f"(sum of {r.roof.read_bytes / 2**30:.2g} GiB, best of 5); torch {r.torch_version}, "
         f"{r.roof.threads} threads"

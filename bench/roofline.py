@@ -1,9 +1,10 @@
 """This machine's ceilings, measured in the same run as the benchmark they judge.
 
-Two numbers: fp32 matmul throughput (the compute roofline: a decode step of B tokens
-cannot beat ``B * 2 * params`` FLOPs at this rate) and memory read bandwidth (the memory
-roofline: a batch-1 decode step cannot beat reading every weight once). Both use torch with
-its thread count as set, because that is what the engine runs with.
+Two numbers: matmul throughput in the model's dtype, fp32 or bf16 (the compute roofline: a
+decode step of B tokens cannot beat ``B * 2 * params`` FLOPs at this rate) and memory read
+bandwidth (the memory roofline: a batch-1 decode step cannot beat reading every weight
+once). Both use torch with its thread count as set, because that is what the engine runs
+with.
 """
 
 from __future__ import annotations
@@ -16,18 +17,21 @@ import torch
 
 @dataclass(frozen=True)
 class Roofline:
-    matmul_gflops: float  # fp32, best trial
+    matmul_gflops: float  # in ``dtype``, best trial
     read_gbps: float  # GB/s (1e9 bytes), best trial
     threads: int
     matmul_size: int
     read_bytes: int
+    dtype: str = "float32"
 
 
-def measure_matmul_gflops(n: int = 2048, repeats: int = 3, trials: int = 5) -> float:
-    """Best-of-``trials`` fp32 GFLOP/s of ``repeats`` back-to-back [n, n] @ [n, n] products."""
-    a = torch.randn(n, n, dtype=torch.float32)
-    b = torch.randn(n, n, dtype=torch.float32)
-    c = torch.empty(n, n, dtype=torch.float32)
+def measure_matmul_gflops(
+    n: int = 2048, repeats: int = 3, trials: int = 5, dtype: torch.dtype = torch.float32
+) -> float:
+    """Best-of-``trials`` GFLOP/s of ``repeats`` back-to-back [n, n] @ [n, n] products."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    c = torch.empty(n, n, dtype=dtype)
     torch.mm(a, b, out=c)  # warm-up: thread pool start, oneDNN/MKL kernel selection
     best = float("inf")
     for _ in range(trials):
@@ -51,11 +55,14 @@ def measure_read_gbps(nbytes: int = 1 << 30, trials: int = 5) -> float:
     return x.numel() * 4 / best / 1e9
 
 
-def measure(matmul_size: int = 2048, read_bytes: int = 1 << 30) -> Roofline:
+def measure(
+    matmul_size: int = 2048, read_bytes: int = 1 << 30, dtype: str = "float32"
+) -> Roofline:
     return Roofline(
-        matmul_gflops=measure_matmul_gflops(matmul_size),
+        matmul_gflops=measure_matmul_gflops(matmul_size, dtype=getattr(torch, dtype)),
         read_gbps=measure_read_gbps(read_bytes),
         threads=torch.get_num_threads(),
         matmul_size=matmul_size,
         read_bytes=read_bytes,
+        dtype=dtype,
     )

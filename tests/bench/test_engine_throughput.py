@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+import torch
 
 from bench import engine_throughput as et
 from bench import roofline
@@ -92,3 +95,15 @@ def test_report_compares_the_paths() -> None:
     assert "| decode, batch 64 | BATON_FUSED_OPS | 32 | 200.0 | 150.0 | 0.75 |" in text
     assert "| prefill, 512 tokens | BATON_PACKED_GEMM | 8 | 1000.0 | 900.0 | 0.90 |" in text
     assert r.to_json()["paths"][0]["on_step_s"] == pytest.approx(0.150)
+
+
+def test_bf16_roofline_and_report_name_the_dtype() -> None:
+    assert roofline.measure_matmul_gflops(n=64, repeats=1, trials=2, dtype=torch.bfloat16) > 0
+    r = _report(transformers=False)
+    r.roof = dataclasses.replace(r.roof, dtype="bfloat16")
+    r.weight_bytes = 200_000_000
+    text = format_report(r)
+    assert "200 MB as bf16" in text and "bf16 matmul 200.0 GFLOP/s" in text
+    with pytest.raises(SystemExit) as exc:
+        et.main(["--dtype", "float16"])
+    assert exc.value.code == 2
