@@ -140,6 +140,34 @@ static inline void add_scaled_bf16(float *o, float p, const bf16 *v, int64_t n) 
     for (; i < n; i++) o[i] += p * f32(v[i]);
 }
 
+#ifdef __AVX512F__
+/* Lane r of the result: the sum of a[r]'s sixteen lanes (a transpose-and-add tree: three
+ * shuffles and about one add per sum instead of a full reduction each). */
+static inline __m512 sum16(const __m512 a[16]) {
+    __m512 b[8], c[4], d[2];
+    for (int i = 0; i < 8; i++)
+        b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
+                             _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {
+        __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+        c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    for (int i = 0; i < 2; i++)
+        d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], 0x88),
+                         _mm512_shuffle_f32x4(d[0], d[1], 0xDD));
+}
+#endif
+
+/* The cache slot of a request's token j: its block from the table, its offset in it
+ * (32-bit division: a 64-bit one costs tens of cycles, once per key it dominated). */
+static inline int64_t slot(const int64_t *table, int64_t bs, int64_t j) {
+    uint32_t u = (uint32_t)j, b = (uint32_t)bs;
+    return table[u / b] * bs + u % b;
+}
+
 /* One (request, kv head): G query heads of D against len keys; scores: [G, len] fp32;
  * acc: [G, D] fp32. Caches: [Hkv, N, bs, D] bf16. */
 static void one(const bf16 *q, const bf16 *kc, const bf16 *vc, const int64_t *table,
@@ -147,8 +175,29 @@ static void one(const bf16 *q, const bf16 *kc, const bf16 *vc, const int64_t *ta
                 int64_t bs, int64_t N, int64_t kvh, float scale) {
     const bf16 *kbase = kc + kvh * N * bs * D;
     const bf16 *vbase = vc + kvh * N * bs * D;
-    for (int64_t j = 0; j < len; j++) {
-        const bf16 *k = kbase + (table[j / bs] * bs + j % bs) * D;
+    int64_t j = 0;
+#ifdef __AVX512BF16__
+    if (D % 32 == 0) /* sixteen keys at a time, their sums reduced together */
+        for (; j + 16 <= len; j += 16) {
+            const bf16 *k[16];
+            if (bs % 16 == 0) /* the sixteen share a block */
+                for (int r = 0; r < 16; r++) k[r] = kbase + (slot(table, bs, j) + r) * D;
+            else
+                for (int r = 0; r < 16; r++) k[r] = kbase + slot(table, bs, j + r) * D;
+            for (int64_t g = 0; g < G; g++) {
+                __m512 acc[16];
+                for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
+                for (int64_t d = 0; d < D; d += 32) {
+                    __m512bh qv = (__m512bh)_mm512_loadu_si512(q + g * D + d);
+                    for (int r = 0; r < 16; r++)
+                        acc[r] = _mm512_dpbf16_ps(acc[r], qv, (__m512bh)_mm512_loadu_si512(k[r] + d));
+                }
+                _mm512_storeu_ps(scores + g * len + j, _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));
+            }
+        }
+#endif
+    for (; j < len; j++) {
+        const bf16 *k = kbase + slot(table, bs, j) * D;
         for (int64_t g = 0; g < G; g++) scores[g * len + j] = dot_bf16(q + g * D, k, D) * scale;
     }
     for (int64_t g = 0; g < G; g++) {
@@ -159,9 +208,26 @@ static void one(const bf16 *q, const bf16 *kc, const bf16 *vc, const int64_t *ta
         for (int64_t j = 0; j < len; j++) s[j] *= inv;
         for (int64_t d = 0; d < D; d++) acc[g * D + d] = 0.f;
     }
-    for (int64_t j = 0; j < len; j++) {
-        const bf16 *v = vbase + (table[j / bs] * bs + j % bs) * D;
-        for (int64_t g = 0; g < G; g++) add_scaled_bf16(acc + g * D, scores[g * len + j], v, D);
+    for (int64_t j = 0, blk = 0, off = 0; j < len; j++) {
+        const bf16 *v = vbase + (table[blk] * bs + off) * D;
+        if (++off == bs) { /* the next token starts the next block */
+            off = 0;
+            blk++;
+        }
+        int64_t d = 0;
+#ifdef __AVX512F__
+        for (; d + 16 <= D; d += 16) { /* each value chunk widened once for every head */
+            __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v + d)));
+            __m512 vf = _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+            for (int64_t g = 0; g < G; g++) {
+                float *o = acc + g * D + d;
+                __m512 p = _mm512_set1_ps(scores[g * len + j]);
+                _mm512_storeu_ps(o, _mm512_fmadd_ps(p, vf, _mm512_loadu_ps(o)));
+            }
+        }
+#endif
+        for (; d < D; d++)
+            for (int64_t g = 0; g < G; g++) acc[g * D + d] += scores[g * len + j] * f32(v[d]);
     }
     for (int64_t i = 0; i < G * D; i++) out[i] = to_bf16(acc[i]);
 }

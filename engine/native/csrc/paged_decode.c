@@ -18,8 +18,12 @@ static void one(const float *q, const float *kc, const float *vc, const int64_t 
                 int64_t N, int64_t kvh, float scale) {
     const float *kbase = kc + kvh * N * bs * D;
     const float *vbase = vc + kvh * N * bs * D;
-    for (int64_t j = 0; j < len; j++) {
-        const float *k = kbase + (table[j / bs] * bs + j % bs) * D;
+    for (int64_t j = 0, blk = 0, off = 0; j < len; j++) {
+        const float *k = kbase + (table[blk] * bs + off) * D;
+        if (++off == bs) { /* a running block and offset: a division per key dominated */
+            off = 0;
+            blk++;
+        }
         for (int64_t g = 0; g < G; g++) {
             const float *qg = q + g * D;
             float dot = 0.f;
@@ -35,8 +39,12 @@ static void one(const float *q, const float *kc, const float *vc, const int64_t 
         for (int64_t j = 0; j < len; j++) s[j] *= inv;
         for (int64_t d = 0; d < D; d++) out[g * D + d] = 0.f;
     }
-    for (int64_t j = 0; j < len; j++) {
-        const float *v = vbase + (table[j / bs] * bs + j % bs) * D;
+    for (int64_t j = 0, blk = 0, off = 0; j < len; j++) {
+        const float *v = vbase + (table[blk] * bs + off) * D;
+        if (++off == bs) {
+            off = 0;
+            blk++;
+        }
         for (int64_t g = 0; g < G; g++) {
             float p = scores[g * len + j], *o = out + g * D;
             for (int64_t d = 0; d < D; d++) o[d] += p * v[d];
