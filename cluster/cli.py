@@ -237,9 +237,11 @@ def _add_serve(sub: Any) -> None:
 
 def add_dtype_flag(parser: Any, what: str) -> None:
     """``--dtype``: argparse refuses another value, naming the flag (exit 2)."""
+    from cluster.actors import DTYPES  # no torch: quick to import
+
     parser.add_argument(
         "--dtype",
-        choices=["auto", "float32", "bfloat16", "float16"],
+        choices=list(DTYPES),
         default="auto",
         help=f"the dtype of {what} (default: auto: float32 on CPU, bfloat16 on a GPU that "
         "has it, else float16); on a CPU with AMX, bfloat16 runs matrix products several "
