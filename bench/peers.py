@@ -378,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
                 out = {"config": config, "slo": asdict(slo), "systems": records}
                 Path(args.json_out).write_text(json.dumps(out, indent=2))
     print(format_table(records))
-    print(format_rates(records, args.attainment))
+    if rates := format_rates(records, args.attainment):
+        print(rates)
     failed = [r["system"] for r in records if "error" in r]
     if failed:
         print(f"failed: {', '.join(failed)} (see --json-out or the log above)", file=sys.stderr)
