@@ -11,13 +11,18 @@ client is ``vllm bench serve`` (``--client vllm``, the default) or a built-in tw
 vLLM's metric definitions (``--client builtin``, ``bench.peer_client``; for machines
 without the peer, such as CI).
 
+Both systems serve at ``--dtype``: vLLM loads the fp32 model directory and casts it on load
+(``vllm serve --dtype``), Baton's instances run ``baton serve --dtype``.
+
 How each uses the two cores: vLLM runs its engine core with OpenMP threads bound to
 cores 0-1 (``VLLM_CPU_OMP_THREADS_BIND=0-1``) and its API server as another process;
 Baton runs each instance (rank) as a Ray actor with ``--threads-per-rank`` torch threads
 (the deployment's setting), the router and the Ray processes beside them, unpinned.
 
-Output: one table (output tok/s, goodput at the SLO, TTFT and TPOT mean and p90, and
-Baton's ratios to vLLM in the same phase), and ``--json-out`` with every phase's summary.
+Output: one table (each system's dtype, output tok/s, goodput at the SLO, the share of
+requests that met it, TTFT and TPOT mean and p90, and Baton's ratios to vLLM in the same
+phase), then per system the highest Poisson rate at which the share stays at or above
+``--attainment`` (DistServe's goodput), and ``--json-out`` with every phase's summary.
 Not in CI: the full run takes tens of minutes (see the README).
 """
 
@@ -78,7 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--throughput-prompts", type=int, default=64, help="0 skips the phase")
     p.add_argument("--max-concurrency", type=int, default=32)
-    p.add_argument("--rates", default="0.5,1,2", help="Poisson phases, req/s ('' for none)")
+    p.add_argument("--rates", default="0.5,1,2",
+                   help="Poisson phases, req/s, any rates > 0 ('' for none); DistServe's "
+                   "goodput is the highest rate whose share of requests meeting the SLO stays "
+                   ">= --attainment, so give rates past where it drops, e.g. "
+                   "0.5,1,2,3,4 (default: %(default)s)")  # fmt: skip
+    p.add_argument("--attainment", type=float, default=0.9,
+                   help="the SLO attainment target of that reading (default: "
+                   "%(default)s)")  # fmt: skip
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="both systems serve at this dtype: `vllm serve --dtype` (cast from "
+                   "the fp32 model on load) and `baton serve --dtype` (default: "
+                   "%(default)s)")  # fmt: skip
     p.add_argument("--rate-prompts", type=int, default=32, help="prompts per Poisson phase")
     p.add_argument("--seed", type=int, default=1000, help="phase i uses seed + i")
     p.add_argument("--slo-ttft-ms", type=float, default=1500.0)
@@ -168,24 +184,33 @@ class Server:
         return {"stop_s": time.monotonic() - start, "stop_killed": killed}
 
 
+def vllm_command(args: argparse.Namespace, port: int) -> list[str]:
+    return [str(args.venv / "bin" / "vllm"), "serve", str(args.hf_model), "--dtype", args.dtype,
+            "--max-model-len", "2048", "--host", "127.0.0.1", "--port", str(port),
+            "--served-model-name", SERVED_NAME]  # fmt: skip
+
+
+def baton_command(args: argparse.Namespace, name: str, grpc_port: int, http_port: int) -> list[str]:
+    cmd = [sys.executable, "-m", "cluster.cli", "serve", "--grpc-port", str(grpc_port),
+           "--http-port", str(http_port), "--served-model-name", SERVED_NAME,
+           "--shutdown-timeout", "5", "--dtype", args.dtype, *DEPLOYMENTS[name]]  # fmt: skip
+    if args.baton_model:
+        cmd += ["--model", args.baton_model]
+    return cmd
+
+
 def start_vllm(args: argparse.Namespace, logs: Path) -> tuple[Server, str]:
     port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE=args.vllm_kv_space,
                VLLM_CPU_OMP_THREADS_BIND=args.vllm_threads_bind)  # fmt: skip
     env.pop("PYTHONPATH", None)
-    cmd = [str(args.venv / "bin" / "vllm"), "serve", str(args.hf_model), "--dtype", "float32",
-           "--max-model-len", "2048", "--host", "127.0.0.1", "--port", str(port),
-           "--served-model-name", SERVED_NAME]  # fmt: skip
+    cmd = vllm_command(args, port)
     return Server("vllm", cmd, env, logs / "vllm.log"), f"http://127.0.0.1:{port}"
 
 
 def start_baton(args: argparse.Namespace, name: str, logs: Path) -> tuple[Server, str, str]:
     grpc_port, http_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "cluster.cli", "serve", "--grpc-port", str(grpc_port),
-           "--http-port", str(http_port), "--served-model-name", SERVED_NAME,
-           "--shutdown-timeout", "5", *DEPLOYMENTS[name]]  # fmt: skip
-    if args.baton_model:
-        cmd += ["--model", args.baton_model]
+    cmd = baton_command(args, name, grpc_port, http_port)
     server = Server(f"baton {name}", cmd, dict(os.environ), logs / f"baton-{name}.log")
     return server, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
 
@@ -198,6 +223,17 @@ def instance_priorities(grpc_target: str) -> dict[str, int]:
         status = admin.status()
     instances = [i for pool in status.pools for i in pool.instances]
     return {i.name: os.getpriority(os.PRIO_PROCESS, i.pid) for i in instances if i.pid}
+
+
+def served_dtype(log: str) -> str | None:
+    """The dtype a server says it runs, read from its log: Baton's ready banner lists its
+    instances' (read back from their engines), vLLM logs its engine's config."""
+    import re
+
+    found = re.search(r"baton serve: ready \(.*; (.*)\)", log) or re.search(
+        r"dtype=torch\.(\w+)", log
+    )
+    return found.group(1) if found else None
 
 
 def baton_vocab() -> tuple[int, int]:
@@ -213,11 +249,12 @@ def run_system(
         server, base_url = start_vllm(args, logs)
     else:
         server, base_url, grpc_target = start_baton(args, system.removeprefix("baton-"), logs)
-    record: dict[str, Any] = {"system": system, "phases": []}
+    record: dict[str, Any] = {"system": system, "dtype": args.dtype, "phases": []}
     try:
         t0 = time.monotonic()
         server.wait_ready(base_url, args.start_timeout)
         record["start_s"] = time.monotonic() - t0
+        record["served_dtype"] = served_dtype(server.log.read_text(errors="replace"))
         if grpc_target is not None:
             record["instance_niceness"] = instance_priorities(grpc_target)
         for phase in phase_list:
@@ -245,21 +282,57 @@ def _ratio(value: float | None, base: float | None) -> str:
     return f"{value / base:.2f}x"
 
 
+def attainment(phase: dict[str, Any]) -> float:
+    """The share of the phase's requests that met every SLO (failed ones did not)."""
+    return float(phase["request_goodput"] * phase["duration"] / phase["num_prompts"])
+
+
+def max_rate_meeting(record: dict[str, Any], target: float) -> float | None:
+    """DistServe's goodput: the highest Poisson rate up to which every measured rate kept
+    ``target`` of its requests within the SLO; None when the lowest did not."""
+    best = None
+    for p in sorted((p for p in record["phases"] if math.isfinite(p["rate"])),
+                    key=lambda p: p["rate"]):  # fmt: skip
+        if attainment(p) < target:
+            break
+        best = p["rate"]
+    return best
+
+
+def format_rates(records: list[dict[str, Any]], target: float) -> str:
+    """One line per system: its highest rate meeting ``target`` (see max_rate_meeting)."""
+    lines = []
+    for r in records:
+        rates = sorted(p["rate"] for p in r["phases"] if math.isfinite(p["rate"]))
+        if not rates:
+            continue
+        best = max_rate_meeting(r, target)
+        shown = f"{best:g} req/s" if best is not None else f"below {rates[0]:g} req/s"
+        more = " (the highest measured: try higher --rates)" if best == rates[-1] else ""
+        lines.append(f"{r['system']}: highest rate with >= {target:.0%} of requests within "
+                     f"the SLO: {shown}{more}")  # fmt: skip
+    return "\n".join(lines)
+
+
 def format_table(records: list[dict[str, Any]]) -> str:
     base = {p["phase"]: p for r in records if r["system"] == "vllm" for p in r["phases"]}
     lines = [
-        "| system | phase | done | output tok/s | goodput (req/s) | TTFT mean / p90 (s) | "
-        "TPOT mean / p90 (ms) | tok/s vs vLLM | goodput vs vLLM |",
-        "|---|---|---:|---:|---:|---|---|---:|---:|",
+        "| system | dtype | phase | done | output tok/s | goodput (req/s) | SLO met | "
+        "TTFT mean / p90 (s) | TPOT mean / p90 (ms) | tok/s vs vLLM | goodput vs vLLM |",
+        "|---|---|---|---:|---:|---:|---:|---|---|---:|---:|",
     ]
     for r in records:
+        dtype = r.get("dtype", "")
         if "error" in r:
-            lines.append(f"| {r['system']} | failed: {r['error'].splitlines()[0][:80]} |||||||")
+            lines.append(
+                f"| {r['system']} | {dtype} | failed: {r['error'].splitlines()[0][:80]} |||||||||"
+            )
         for p in r["phases"]:
             b = base.get(p["phase"], {}) if r["system"] != "vllm" else {}
             lines.append(
-                f"| {r['system']} | {p['phase']} | {p['completed']}/{p['num_prompts']} | "
+                f"| {r['system']} | {dtype} | {p['phase']} | {p['completed']}/{p['num_prompts']} | "
                 f"{p['output_throughput']:.1f} | {p['request_goodput']:.2f} | "
+                f"{attainment(p):.0%} | "
                 f"{p['mean_ttft_ms'] / 1e3:.2f} / {p['p90_ttft_ms'] / 1e3:.2f} | "
                 f"{p['mean_tpot_ms']:.0f} / {p['p90_tpot_ms']:.0f} | "
                 f"{_ratio(p['output_throughput'], b.get('output_throughput'))} | "
@@ -289,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.setup_only:
             return 0
     order, phase_list = systems(args), phases(args)
+    if not 0 < args.attainment <= 1:
+        raise ValueError(f"attainment: must be in (0, 1], got {args.attainment}")
     needs_peer = "vllm" in order or args.client == "vllm"
     if needs_peer and not (paths.vllm.exists() and (paths.model_dir / "config.json").exists()):
         raise ValueError(f"venv: no vLLM-CPU at {args.venv} or model at {args.hf_model}; "
@@ -303,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
                 out = {"config": config, "slo": asdict(slo), "systems": records}
                 Path(args.json_out).write_text(json.dumps(out, indent=2))
     print(format_table(records))
+    if rates := format_rates(records, args.attainment):
+        print(rates)
     failed = [r["system"] for r in records if "error" in r]
     if failed:
         print(f"failed: {', '.join(failed)} (see --json-out or the log above)", file=sys.stderr)

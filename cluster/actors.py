@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ROLES = ("prefill", "decode", "colocated")
+# The engine's (EngineConfig.dtype); auto: float32 on CPU, bfloat16 or float16 on a GPU.
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # Ray starts its worker processes at niceness 15 (its ``worker_niceness`` setting), so on a
 # shared host the router, a client or anything else runs before the instances and starves
@@ -74,6 +76,7 @@ class InstanceSpec:
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role: must be one of {', '.join(ROLES)}, got {self.role!r}")
+        check_dtype(self.dtype)
         if self.num_threads < 1:
             raise ValueError(f"num_threads: must be >= 1, got {self.num_threads}")
         for name in ("tp", "pp"):
@@ -86,6 +89,13 @@ class InstanceSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def check_dtype(dtype: object) -> str:
+    """An instance's ``dtype``; ValueError naming the field and the allowed values."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return str(dtype)
 
 
 def check_messages(messages: object) -> list[dict[str, str]]:
@@ -245,6 +255,7 @@ class InstanceActor:
             engine = getattr(self.worker, "engine", None)
             if engine is not None:
                 reply["token_budget"] = engine.scheduler.config.max_num_batched_tokens
+                reply["dtype"] = engine.kv_blocks.layout.dtype
         return reply
 
     def crash_loop(self) -> bool:
@@ -320,6 +331,8 @@ class InstanceActor:
             "node_ip": ray.util.get_node_ip_address(),
             "host": self.spec.host,
             "layout": f"tp{self.spec.tp} pp{self.spec.pp}",
+            # What the engine allocated its KV cache in: the model's dtype ("auto" resolved).
+            "dtype": engine.kv_blocks.layout.dtype,
             "pid": os.getpid(),
             "nice": os.getpriority(os.PRIO_PROCESS, 0),
         }

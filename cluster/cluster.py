@@ -26,7 +26,7 @@ from typing import Any
 import ray
 
 from cluster import builder, placement
-from cluster.actors import InstanceSpec, default_threads
+from cluster.actors import InstanceSpec, check_dtype, default_threads
 from cluster.admission import (
     DEFAULT_ADMISSION_TIMEOUT_S,
     NoInstanceServing,
@@ -156,6 +156,7 @@ class Cluster:
         if mode == "colocated" and self.parallel["prefill"] != (1, 1):
             raise ValueError("prefill_parallel: colocated instances take decode_parallel")
         self.parallel["colocated"] = self.parallel["decode"]
+        check_dtype(dtype)  # before Ray starts, not in each actor
         self.model = model
         self.mode = mode
         self.transport = transport

@@ -254,6 +254,9 @@ def add_parser(sub: Any) -> None:
         "write a CPU profile (baton.cpu_profiles) for `baton plan` to choose threads and "
         "deployments on this host",
     )
+    from cluster.cli import add_dtype_flag
+
+    add_dtype_flag(p, "the engine's weights and KV cache (profile at the dtype you serve at)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_profile)
 
@@ -285,7 +288,7 @@ def run_profile(args: argparse.Namespace, out: TextIO | None = None) -> int:
         return _run_cpu_profile(args, threads, grid, out)
     if threads is not None:
         torch.set_num_threads(threads[0])
-    engine = build_engine(args.model, grid)
+    engine = build_engine(args.model, grid, _dtype(args))
     device = engine.runner.caches[0].k.device
     gpu = args.gpu or (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     profile = profile_engine(
@@ -297,8 +300,21 @@ def run_profile(args: argparse.Namespace, out: TextIO | None = None) -> int:
     print(f"prefill ms = {a:.3g} + {b:.3g}*sum(l) + {c:.3g}*sum(l^2)", file=out)
     for label, (a, b, c) in (("small", profile.decode_small), ("large", profile.decode_large)):
         print(f"decode ({label} batch) ms = {a:.3g} + {b:.3g}*sum(ctx) + {c:.3g}*batch", file=out)
-    print(f"decode batch threshold: {profile.decode_threshold}; written to {args.out}", file=out)
+    print(f"decode batch threshold: {profile.decode_threshold}; {_dtype_line(engine)}; "
+          f"written to {args.out}", file=out)  # fmt: skip
     return 0
+
+
+def _dtype(args: argparse.Namespace) -> str:
+    """``--dtype``, validated here too for callers that build their own namespace."""
+    from cluster.actors import check_dtype
+
+    return check_dtype(getattr(args, "dtype", "auto"))
+
+
+def _dtype_line(engine: Any) -> str:
+    """The dtype the engine really runs (``auto`` resolved): serve at the same one."""
+    return f"dtype {engine.kv_blocks.layout.dtype}"
 
 
 def _run_cpu_profile(
@@ -311,7 +327,7 @@ def _run_cpu_profile(
 
     from cluster.planner.cpu_host import CpuProfiles, save_cpu_profiles
 
-    engine = build_engine(args.model, grid)
+    engine = build_engine(args.model, grid, _dtype(args))
     samples = profile_threads(
         EngineProfiler(engine, args.seed),
         grid,
@@ -329,6 +345,8 @@ def _run_cpu_profile(
     name = args.model or "SmolLM2-135M-Instruct"
     save_cpu_profiles(CpuProfiles(cores, by_threads, name), args.out)
     print(
-        f"CPU profile of {cores} cores, threads {sorted(threads)}: written to {args.out}", file=out
+        f"CPU profile of {cores} cores, threads {sorted(threads)}, {_dtype_line(engine)}: "
+        f"written to {args.out}",
+        file=out,
     )
     return 0

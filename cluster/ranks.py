@@ -89,7 +89,8 @@ class RankActor:
         """Started while it serves rank 0's steps; a failed group ends that."""
         started = self._thread is not None and self._thread.is_alive()
         return {"name": self.spec.name, "rank": self.rank, "started": started,
-                "pid": os.getpid(), "nice": os.getpriority(os.PRIO_PROCESS, 0)}  # fmt: skip
+                "pid": os.getpid(), "nice": os.getpriority(os.PRIO_PROCESS, 0),
+                "dtype": self.info.get("dtype")}  # fmt: skip
 
     def start(self, store_address: str, driver: Any) -> dict[str, Any]:
         """Join the instance's group at rank 0's ``store_address`` and load this rank's share
@@ -109,7 +110,8 @@ class RankActor:
         worker = create_worker(engine_config(self.spec), self._groups)
         self._transfer = self._build_transfer(worker.kv_blocks)
         self._driver = driver
-        self.info = {"name": self.spec.name, "rank": self.rank, "endpoint": self._transfer.start()}
+        self.info = {"name": self.spec.name, "rank": self.rank, "endpoint": self._transfer.start(),
+                     "dtype": worker.kv_blocks.layout.dtype}  # fmt: skip
         name = f"{self.spec.name}-rank{self.rank}"
         self._thread = threading.Thread(target=self._serve, args=(worker,), name=name, daemon=True)
         self._thread.start()

@@ -60,6 +60,8 @@ class ServeConfig:
 class Endpoints:
     grpc: str
     http: str
+    # The dtypes the instances run (their engines' KV cache, read back from each), for the banner.
+    dtypes: str = ""
 
 
 async def serve(
@@ -104,7 +106,10 @@ async def serve(
             router, config.host, config.http_port, metrics=metrics, api_key=config.api_key
         )
         if on_ready is not None:
-            on_ready(Endpoints(f"{config.host}:{grpc_port}", f"http://{config.host}:{http_port}"))
+            dtypes = ", ".join(sorted({str(i.info.get("dtype")) for i in cluster.instances}))
+            on_ready(
+                Endpoints(f"{config.host}:{grpc_port}", f"http://{config.host}:{http_port}", dtypes)
+            )
         await stop.wait()
         await drain_requests(router, grpc_server, config.shutdown_timeout_s)
     finally:
@@ -233,7 +238,7 @@ def run(config: ServeConfig, out: TextIO = sys.stdout) -> int:
             else f"{config.prefill + config.decode} colocated{layout('decode')}"
         )
         print(
-            f"baton serve: ready ({mode})\n"
+            f"baton serve: ready ({mode}; {endpoints.dtypes})\n"
             f"  gRPC    {endpoints.grpc}   (baton.v1.Baton)\n"
             f"  HTTP    {endpoints.http}/v1   (OpenAI-compatible)\n"
             f"  metrics {endpoints.http}/metrics\n"

