@@ -182,7 +182,9 @@ def profile_threads(
     }
     for t in out:
         set_threads(t)
-        profiler.prefill_ms(1, 16)  # warm-up at each count (the thread pool is rebuilt)
+        # Warm-up at each count: the thread pool is rebuilt, and the model's GEMMs pack
+        # their weights for this count (engine.models.llama.Linear.packed).
+        profiler.prefill_ms(1, 16)
     for batch, length in grid.prefill_shapes():
         for t, (prefill, _) in out.items():
             set_threads(t)

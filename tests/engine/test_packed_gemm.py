@@ -53,6 +53,28 @@ def test_linear_packs_once_per_weight_and_only_for_many_rows() -> None:
 
 
 @needs_mkl
+def test_linear_keeps_a_pack_per_thread_count() -> None:
+    # MKL lays a pack out for the thread count of the moment (a pack made on one thread
+    # kept small prefills on one core at two): each count gets its own.
+    lin = Linear(40, 48, bias=False)
+    lin.pack_weight = True
+    x = torch.randn(32, 40)
+    start = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(lin(x), F.linear(x, lin.weight))
+        one = lin.packed()
+        torch.set_num_threads(2)
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight), rtol=0, atol=1e-6)
+        two = lin.packed()
+        assert two is not one
+        torch.set_num_threads(1)
+        assert lin.packed() is one
+    finally:
+        torch.set_num_threads(start)
+
+
+@needs_mkl
 def test_packed_gemm_switch(
     monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
