@@ -53,27 +53,18 @@ class _Connection:
         )
         self._stub = self._STUB(self._channel)
 
-    def _unary(
-        self, method: grpc.UnaryUnaryMultiCallable, request: Any, timeout: float | None
-    ) -> Any:
+    def _unary(self, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
         config = self._config
         deadline = config.deadline(timeout)
         attempt = 0
         while True:
             attempt += 1
-            # As a future, so that a signal's exception (Ctrl-C) mid-call can cancel the
-            # call: gRPC deadlocks closing a channel while a blocking call is in flight
-            # (grpc/grpc#19973), which hung `baton status --watch` on SIGINT.
-            call = method.future(request, timeout=deadline.remaining(), metadata=config.metadata)
             try:
-                return call.result()
+                return method(request, timeout=deadline.remaining(), metadata=config.metadata)
             except grpc.RpcError as e:
                 delay = retry_delay(config.retry, attempt, e, deadline)
                 if delay is None:
                     raise from_rpc_error(e) from e
-            except BaseException:
-                call.cancel()
-                raise
             time.sleep(delay)
 
     def close(self) -> None:
