@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
-import time
+import threading
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -124,29 +125,46 @@ def _client(args: argparse.Namespace) -> Any:
     return baton.AdminClient(args.server, api_key=args.admin_key)
 
 
+# A watch's status call waits at most this long, so that Ctrl-C ends it within that.
+WATCH_CALL_TIMEOUT_S = 10.0
+
+
 def _status(args: argparse.Namespace) -> int:
+    if not args.watch:
+        return _show_status(args, None)
+    # Ctrl-C is how a watch ends. It sets a flag rather than raising KeyboardInterrupt:
+    # an exception thrown into a blocking gRPC call sometimes left the process hanging
+    # (seen in the full test run; the call is let finish instead, within its timeout).
+    from baton import errors
+
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        return _show_status(args)
-    except KeyboardInterrupt:
-        if args.watch:  # Ctrl-C is how a watch ends
+        return _show_status(args, stop)
+    except errors.BatonError:
+        if stop.is_set():  # the last call failed after Ctrl-C: the watch still ends well
             return 0
         raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
-def _show_status(args: argparse.Namespace) -> int:
+def _show_status(args: argparse.Namespace, stop: threading.Event | None) -> int:
     with _client(args) as admin:
         while True:
-            status = admin.status(timeout=30)
+            timeout = 30.0 if stop is None else WATCH_CALL_TIMEOUT_S
+            status = admin.status(timeout=timeout)
             if args.json:
                 print(json.dumps(asdict(status), default=list))
             else:
-                if args.watch:
+                if stop is not None:
                     print("\033[2J\033[H", end="")  # clear the screen, as watch(1) does
                 print(status_table(status))
-            if not args.watch:
+            if stop is None:
                 return 0
             sys.stdout.flush()
-            time.sleep(args.interval)
+            if stop.wait(args.interval):
+                return 0
 
 
 def status_table(status: Any) -> str:
