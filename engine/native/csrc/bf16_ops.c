@@ -201,11 +201,7 @@ static void one(const bf16 *q, const bf16 *kc, const bf16 *vc, const int64_t *ta
         for (int64_t g = 0; g < G; g++) scores[g * len + j] = dot_bf16(q + g * D, k, D) * scale;
     }
     for (int64_t g = 0; g < G; g++) {
-        float *s = scores + g * len, m = -INFINITY, sum = 0.f;
-        for (int64_t j = 0; j < len; j++) m = s[j] > m ? s[j] : m;
-        for (int64_t j = 0; j < len; j++) { s[j] = vexpf(s[j] - m); sum += s[j]; }
-        float inv = 1.f / sum;
-        for (int64_t j = 0; j < len; j++) s[j] *= inv;
+        softmax_inplace(scores + g * len, len);
         for (int64_t d = 0; d < D; d++) acc[g * D + d] = 0.f;
     }
     for (int64_t j = 0, blk = 0, off = 0; j < len; j++) {

@@ -27,4 +27,13 @@ static inline float vexpf(float x) {
     return x != x ? x : out;
 }
 
+/* s[0..n) = softmax(s), in place: max, exp of the differences, normalize. */
+static inline void softmax_inplace(float *s, long n) {
+    float m = -INFINITY, sum = 0.f;
+    for (long j = 0; j < n; j++) m = s[j] > m ? s[j] : m;
+    for (long j = 0; j < n; j++) { s[j] = vexpf(s[j] - m); sum += s[j]; }
+    float inv = 1.f / sum;
+    for (long j = 0; j < n; j++) s[j] *= inv;
+}
+
 #endif
