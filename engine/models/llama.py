@@ -97,15 +97,25 @@ class Linear(nn.Linear):
     """``nn.Linear`` that can hand inputs of a few rows (small-batch decode) to the native
     GEMV (fp32 or bf16), which streams the weights at memory bandwidth where MKL's sgemv
     and oneDNN's bf16 GEMV do not, fp32 inputs of many rows to MKL with the weight packed
-    once, and bf16 ones to oneDNN with the weight packed once (``engine.native.packed_gemm``)."""
+    once, and bf16 ones to oneDNN with the weight packed once (``engine.native.packed_gemm``),
+    except bf16 inputs of up to 64 rows, which go to the AMX kernel where the CPU has AMX
+    (``native.amx_linear``, from a tile-layout copy of the weight packed once)."""
 
     kernel: ctypes.CDLL | None = None
     pack_weight: bool = False  # use the packed GEMM (set by use_packed_gemm)
     # Packed copies by torch thread count, for the weight they were made from (key).
     _packed: tuple[tuple[int, torch.Size, torch.dtype], dict[int, torch.Tensor]] | None = None
+    # The AMX tile-layout copy of a bf16 weight (decode steps of up to 64 rows).
+    _amx: tuple[tuple[int, torch.Size, torch.dtype], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, dtype = x.shape[0], x.dtype
+        if (self.pack_weight and self.kernel is not None and dtype == torch.bfloat16
+                and 0 < rows <= native.AMX_MAX_ROWS and x.dim() == 2
+                and self.weight.dtype == dtype and self.weight.is_cpu
+                and native.amx_available() and native.amx_packable(self.weight)):
+            return native.amx_linear(self.kernel, x, self.amx_packed(self.kernel), self.bias,
+                                     self.out_features)
         if (self.kernel is not None and rows <= SMALL_LINEAR_MAX_ROWS
                 and dtype == self.weight.dtype and native.supports(dtype)):
             return native.small_linear(self.kernel, x, self.weight, self.bias)
@@ -116,6 +126,15 @@ class Linear(nn.Linear):
             if dtype == torch.float32 and rows >= packed_gemm.MIN_ROWS:
                 return packed_gemm.linear(x, self.packed(), self.weight, self.bias)
         return super().forward(x)
+
+    def amx_packed(self, kernel: ctypes.CDLL) -> torch.Tensor:
+        """The bf16 weight in AMX's tile layout (``native.amx_pack``), made on first use and
+        again whenever the weight tensor is replaced."""
+        w = self.weight
+        key = (w.data_ptr(), w.shape, w.dtype)
+        if self._amx is None or self._amx[0] != key:
+            self._amx = (key, native.amx_pack(kernel, w))
+        return self._amx[1]
 
     def packed(self) -> torch.Tensor:
         """The weight's packed copy, made on first use, again whenever the weight tensor is
@@ -367,7 +386,7 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, Linear):
                 module.pack_weight = enabled
                 if not enabled:
-                    module._packed = None  # free the packed copies
+                    module._packed = module._amx = None  # free the packed copies
         return enabled
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

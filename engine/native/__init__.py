@@ -7,6 +7,9 @@
 - ``kv_write``: the step's new keys and values into the paged cache (single-threaded).
 - ``bf16_ops``: the bf16 model's elementwise work and decode attention (fp32 inside,
   rounded to bf16 where torch's bf16 ops round).
+- ``amx_gemm``: bf16 GEMMs of up to 64 rows (decode steps) on AMX tiles, from a weight
+  packed once into tile layout; built only where the compiler targets AMX, used only
+  where Linux grants the tile state (``amx_available``).
 
 Each wrapper below takes fp32 or bf16 tensors and calls the kernel for their dtype.
 
@@ -125,6 +128,12 @@ def load() -> ctypes.CDLL | None:
         fn = getattr(lib, "silu_mul" + suffix)
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+    lib.amx_init.restype = ctypes.c_int
+    lib.amx_init.argtypes = []
+    lib.amx_pack_bf16.restype = ctypes.c_int
+    lib.amx_pack_bf16.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+    lib.amx_linear_bf16.restype = ctypes.c_int
+    lib.amx_linear_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
     return lib
 
 
@@ -297,3 +306,45 @@ def kv_write(
     if err:
         raise ValueError(f"kv cache: a slot is outside the cache's {total} slots")
     return True
+
+
+# Rows up to which ``amx_linear`` computes a bf16 product (its accumulator tiles' rows).
+AMX_MAX_ROWS = 64
+
+
+@cache
+def amx_available() -> bool:
+    """Whether the kernels were built with AMX and this process may use its tiles (the CPU
+    has them and Linux granted the tile state)."""
+    lib = load()
+    return lib is not None and lib.amx_init() == 0
+
+
+def amx_packable(weight: torch.Tensor) -> bool:
+    """Whether ``amx_pack`` takes this weight: bf16 [O, I] with O % 16 == 0, I % 32 == 0."""
+    return (weight.dtype == torch.bfloat16 and weight.dim() == 2
+            and weight.shape[0] % 16 == 0 and weight.shape[1] % 32 == 0)
+
+
+def amx_pack(lib: ctypes.CDLL, weight: torch.Tensor) -> torch.Tensor:
+    """The bf16 weight [O, I] in AMX's tile layout (``csrc/amx_gemm.c``), a flat tensor."""
+    w = weight.detach().contiguous()
+    out = torch.empty(w.numel(), dtype=torch.bfloat16)
+    if lib.amx_pack_bf16(w.data_ptr(), out.data_ptr(), w.shape[0], w.shape[1]):
+        raise ValueError(f"amx_pack: weight {tuple(w.shape)} is not [16k, 32j]")
+    return out
+
+
+def amx_linear(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor,
+               bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for bf16 ``x`` [T, I], 1 <= T <= AMX_MAX_ROWS, from
+    ``amx_pack(W)``."""
+    x = x.contiguous()
+    t, i = x.shape
+    out = x.new_empty(t, out_features)
+    if lib.amx_linear_bf16(x.data_ptr(), packed.data_ptr(),
+                           None if bias is None else bias.data_ptr(), out.data_ptr(), t,
+                           out_features, i):
+        raise ValueError(f"amx_linear: cannot take x {tuple(x.shape)} against "
+                         f"{out_features} outputs")
+    return out

@@ -212,3 +212,100 @@ def test_small_linear_bf16_equals_torch(kernel: ctypes.CDLL, rows: int, bias: bo
     assert got.dtype == BF16
     # Exact products summed in fp32, rounded once to bf16: within half a bf16 step.
     torch.testing.assert_close(got.float(), expected, rtol=4e-3, atol=1e-3)
+
+
+# AMX: decode steps' GEMMs (up to 64 rows) on weights packed into tile layout.
+
+
+@pytest.fixture(scope="module")
+def amx(kernel: ctypes.CDLL) -> ctypes.CDLL:
+    if not native.amx_available():
+        pytest.skip("no AMX here (CPU, kernel or compiler)")
+    return kernel
+
+
+@pytest.mark.parametrize("rows", [1, 15, 16, 17, 32, 33, 64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_amx_linear_equals_fp32_product(amx: ctypes.CDLL, rows: int, bias: bool) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    out_features, in_features = 96, 1536  # 6 output blocks; 48 input blocks (even count)
+    w = torch.randn(out_features, in_features, generator=gen).to(BF16)
+    b = torch.randn(out_features, generator=gen).to(BF16) if bias else None
+    x = torch.randn(rows, in_features, generator=gen).to(BF16)
+    got = native.amx_linear(amx, x, native.amx_pack(amx, w), b, out_features)
+    expected = F.linear(x.float(), w.float(), None if b is None else b.float())
+    assert got.dtype == BF16 and got.shape == (rows, out_features)
+    # Exact products summed in fp32 (in AMX's order), rounded once: within a bf16 step.
+    torch.testing.assert_close(got.float(), expected, rtol=8e-3, atol=0.05)
+
+
+def test_amx_linear_odd_input_blocks(amx: ctypes.CDLL) -> None:
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(32, 96, generator=gen).to(BF16)  # 3 input blocks: the tail block
+    x = torch.randn(5, 96, generator=gen).to(BF16)
+    got = native.amx_linear(amx, x, native.amx_pack(amx, w), None, 32)
+    torch.testing.assert_close(got.float(), F.linear(x.float(), w.float()), rtol=8e-3, atol=0.02)
+
+
+def test_amx_refuses_shapes_it_does_not_take(amx: ctypes.CDLL) -> None:
+    assert not native.amx_packable(torch.zeros(130, 64, dtype=BF16))  # 130 outputs
+    assert not native.amx_packable(torch.zeros(64, 77, dtype=BF16))  # 77 inputs
+    assert not native.amx_packable(torch.zeros(64, 64))  # fp32
+    with pytest.raises(ValueError, match="amx_pack"):
+        native.amx_pack(amx, torch.zeros(130, 64, dtype=BF16))
+    packed = native.amx_pack(amx, torch.zeros(64, 64, dtype=BF16))
+    with pytest.raises(ValueError, match="amx_linear"):
+        native.amx_linear(amx, torch.zeros(65, 64, dtype=BF16), packed, None, 64)
+
+
+def test_linear_sends_decode_rows_to_amx_and_prefill_rows_to_onednn(amx: ctypes.CDLL) -> None:
+    if not packed_gemm.bf16_available():
+        pytest.skip("this torch has no oneDNN bf16 packing")
+    gen = torch.Generator().manual_seed(3)
+    layer = Linear(576, 960, bias=False).to(BF16)
+    with torch.no_grad():
+        layer.weight.copy_(0.05 * torch.randn(960, 576, generator=gen))
+    layer.kernel, layer.pack_weight = amx, True
+    with torch.inference_mode():
+        for rows in (1, 64, 65):
+            x = torch.randn(rows, 576, generator=gen).to(BF16)
+            torch.testing.assert_close(layer(x).float(), F.linear(x, layer.weight).float(),
+                                       rtol=1.6e-2, atol=1e-2)
+            # Up to 64 rows: the AMX copy (made on first use); past that: oneDNN's.
+            assert layer._amx is not None
+            assert (layer._packed is not None) == (rows > 64)
+    layer.pack_weight = False  # BATON_PACKED_GEMM=0: plain F.linear, no AMX
+    x = torch.randn(8, 576, generator=gen).to(BF16)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), F.linear(x, layer.weight))
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"),
+                         [(9, 3, 64), (8, 8, 64), (12, 2, 64), (10, 2, 80), (8, 1, 128),
+                          (4, 4, 48)])
+def test_paged_decode_bf16_head_layouts(
+    kernel: ctypes.CDLL, heads: int, kv_heads: int, head_dim: int
+) -> None:
+    """Every group size (1 to 8 query heads per kv head, in tiles of four) and head size
+    (whole and partial tiles of 64 value elements) against a dense fp32 reference."""
+    gen = torch.Generator().manual_seed(heads * head_dim)
+    bs, blocks, lengths = 16, 32, [1, 15, 16, 33, 70]
+    kc = torch.randn(kv_heads, blocks, bs, head_dim, generator=gen).to(BF16)
+    vc = torch.randn(kv_heads, blocks, bs, head_dim, generator=gen).to(BF16)
+    width = max((n + bs - 1) // bs for n in lengths)
+    order = torch.randperm(blocks, generator=gen)
+    tables = order[: len(lengths) * width].view(len(lengths), width).contiguous()
+    q = torch.randn(len(lengths), heads, head_dim, generator=gen).to(BF16)
+    lens = torch.tensor(lengths)
+    scratch = torch.empty(native.scratch_size(len(lengths), heads, kv_heads, head_dim,
+                                              max(lengths), BF16))
+    out = native.paged_decode(kernel, q, kc, vc, tables, lens, scratch, max(lengths), 0.125)
+    group = heads // kv_heads
+    for b, n in enumerate(lengths):
+        slots = [int(tables[b, j // bs]) * bs + j % bs for j in range(n)]
+        k = kc.view(kv_heads, -1, head_dim)[:, slots].float()  # [Hkv, n, D]
+        v = vc.view(kv_heads, -1, head_dim)[:, slots].float()
+        qb = q[b].float().view(kv_heads, group, head_dim)
+        probs = torch.softmax(qb @ k.transpose(1, 2) * 0.125, dim=-1)
+        ref = (probs @ v).reshape(heads, head_dim)
+        torch.testing.assert_close(out[b].float(), ref, rtol=1e-2, atol=1e-2)

@@ -19,6 +19,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
 #include "vec_math.h"
 
 #ifdef __AVX512F__
@@ -29,26 +30,6 @@
 
 #define PAR_MIN_ELEMS 32768
 #define PAR_MIN_WORK (1 << 20)
-
-typedef uint16_t bf16;
-
-static inline float f32(bf16 h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-/* Branch-free, so loops of it vectorize; a NaN stays a (quiet) NaN. */
-static inline bf16 to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    uint32_t nan = (u >> 16) | 0x40u;
-    return (bf16)((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
-}
-
-static inline float round_bf16(float f) { return f32(to_bf16(f)); }
 
 /* x: [T, D] (updated in place when r is not NULL); r: [T, D] or NULL; w: [D]; out: [T, D]. */
 int add_rms_norm_bf16(bf16 *x, const bf16 *r, const bf16 *w, bf16 *out, int64_t T, int64_t D,
@@ -168,6 +149,50 @@ static inline int64_t slot(const int64_t *table, int64_t bs, int64_t j) {
     return table[u / b] * bs + u % b;
 }
 
+#ifdef __AVX512F__
+/* acc[g][c * 16 ..] = sum over keys j of p[g][j] * v_j[c * 16 ..], for GN heads (scores p
+ * [GN, len]) and CN chunks of sixteen value elements from v (the tile's first element in
+ * each cached value row); acc rows are D apart. Inlined with GN and CN constant, so the
+ * GN x CN sums live in registers. */
+static inline __attribute__((always_inline)) void pv_bf16_fixed(
+    const float *p, int64_t len, const bf16 *v, const int64_t *table, int64_t bs, int64_t D,
+    float *acc, const int GN, const int CN) {
+    __m512 a[4][4];
+    for (int g = 0; g < GN; g++)
+        for (int c = 0; c < CN; c++) a[g][c] = _mm512_setzero_ps();
+    for (int64_t j = 0, blk = 0, off = 0; j < len; j++) {
+        const bf16 *row = v + (table[blk] * bs + off) * D;
+        if (++off == bs) {
+            off = 0;
+            blk++;
+        }
+        __m512 vf[4];
+        for (int c = 0; c < CN; c++)
+            vf[c] = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(row + c * 16))), 16));
+        for (int g = 0; g < GN; g++) {
+            __m512 pg = _mm512_set1_ps(p[g * len + j]);
+            for (int c = 0; c < CN; c++) a[g][c] = _mm512_fmadd_ps(pg, vf[c], a[g][c]);
+        }
+    }
+    for (int g = 0; g < GN; g++)
+        for (int c = 0; c < CN; c++) _mm512_storeu_ps(acc + g * D + c * 16, a[g][c]);
+}
+
+static void pv_bf16_tile(const float *p, int64_t len, const bf16 *v, const int64_t *table,
+                         int64_t bs, int64_t D, float *acc, int64_t gn, int64_t cn) {
+#define PV_CASE(GN, CN) \
+    case (GN) * 8 + (CN): pv_bf16_fixed(p, len, v, table, bs, D, acc, GN, CN); break;
+    switch (gn * 8 + cn) {
+        PV_CASE(1, 1) PV_CASE(1, 2) PV_CASE(1, 3) PV_CASE(1, 4)
+        PV_CASE(2, 1) PV_CASE(2, 2) PV_CASE(2, 3) PV_CASE(2, 4)
+        PV_CASE(3, 1) PV_CASE(3, 2) PV_CASE(3, 3) PV_CASE(3, 4)
+        PV_CASE(4, 1) PV_CASE(4, 2) PV_CASE(4, 3) PV_CASE(4, 4)
+    }
+#undef PV_CASE
+}
+#endif
+
 /* One (request, kv head): G query heads of D against len keys; scores: [G, len] fp32;
  * acc: [G, D] fp32. Caches: [Hkv, N, bs, D] bf16. */
 static void one(const bf16 *q, const bf16 *kc, const bf16 *vc, const int64_t *table,
@@ -200,31 +225,32 @@ static void one(const bf16 *q, const bf16 *kc, const bf16 *vc, const int64_t *ta
         const bf16 *k = kbase + slot(table, bs, j) * D;
         for (int64_t g = 0; g < G; g++) scores[g * len + j] = dot_bf16(q + g * D, k, D) * scale;
     }
-    for (int64_t g = 0; g < G; g++) {
-        softmax_inplace(scores + g * len, len);
-        for (int64_t d = 0; d < D; d++) acc[g * D + d] = 0.f;
-    }
-    for (int64_t j = 0, blk = 0, off = 0; j < len; j++) {
-        const bf16 *v = vbase + (table[blk] * bs + off) * D;
-        if (++off == bs) { /* the next token starts the next block */
-            off = 0;
-            blk++;
-        }
-        int64_t d = 0;
+    for (int64_t g = 0; g < G; g++) softmax_inplace(scores + g * len, len);
+    int64_t d0 = 0;
 #ifdef __AVX512F__
-        for (; d + 16 <= D; d += 16) { /* each value chunk widened once for every head */
-            __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v + d)));
-            __m512 vf = _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-            for (int64_t g = 0; g < G; g++) {
-                float *o = acc + g * D + d;
-                __m512 p = _mm512_set1_ps(scores[g * len + j]);
-                _mm512_storeu_ps(o, _mm512_fmadd_ps(p, vf, _mm512_loadu_ps(o)));
-            }
-        }
-#endif
-        for (; d < D; d++)
-            for (int64_t g = 0; g < G; g++) acc[g * D + d] += scores[g * len + j] * f32(v[d]);
+    /* Up to four heads by four 16-wide chunks of the value at a time, their sums kept in
+     * registers across the keys (in memory, each key's update waited on the last one's
+     * store); each sum still runs over the keys in order, so the result is the same. */
+    while (d0 + 16 <= D) {
+        int64_t cn = (D - d0) / 16 < 4 ? (D - d0) / 16 : 4;
+        for (int64_t g0 = 0; g0 < G; g0 += 4)
+            pv_bf16_tile(scores + g0 * len, len, vbase + d0, table, bs, D,
+                         acc + g0 * D + d0, G - g0 < 4 ? G - g0 : 4, cn);
+        d0 += cn * 16;
     }
+#endif
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t d = d0; d < D; d++) acc[g * D + d] = 0.f;
+    if (d0 < D)
+        for (int64_t j = 0, blk = 0, off = 0; j < len; j++) {
+            const bf16 *v = vbase + (table[blk] * bs + off) * D;
+            if (++off == bs) { /* the next token starts the next block */
+                off = 0;
+                blk++;
+            }
+            for (int64_t d = d0; d < D; d++)
+                for (int64_t g = 0; g < G; g++) acc[g * D + d] += scores[g * len + j] * f32(v[d]);
+        }
     for (int64_t i = 0; i < G * D; i++) out[i] = to_bf16(acc[i]);
 }
 
