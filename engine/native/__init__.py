@@ -342,9 +342,12 @@ def amx_linear(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor,
     x = x.contiguous()
     t, i = x.shape
     out = x.new_empty(t, out_features)
-    if lib.amx_linear_bf16(x.data_ptr(), packed.data_ptr(),
-                           None if bias is None else bias.data_ptr(), out.data_ptr(), t,
-                           out_features, i):
+    err = lib.amx_linear_bf16(x.data_ptr(), packed.data_ptr(),
+                              None if bias is None else bias.data_ptr(), out.data_ptr(), t,
+                              out_features, i)
+    if err == -2:
+        raise RuntimeError("amx_linear: AMX is not available here (see amx_available)")
+    if err:
         raise ValueError(f"amx_linear: cannot take x {tuple(x.shape)} against "
                          f"{out_features} outputs")
     return out

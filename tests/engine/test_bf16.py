@@ -239,12 +239,16 @@ def test_amx_linear_equals_fp32_product(amx: ctypes.CDLL, rows: int, bias: bool)
     torch.testing.assert_close(got.float(), expected, rtol=8e-3, atol=0.05)
 
 
-def test_amx_linear_odd_input_blocks(amx: ctypes.CDLL) -> None:
+@pytest.mark.parametrize("rows", [5, 40])
+def test_amx_linear_odd_blocks(amx: ctypes.CDLL, rows: int) -> None:
+    # 3 output blocks (a pair, then one alone), 3 input blocks; 40 rows: two row halves.
     gen = torch.Generator().manual_seed(7)
-    w = torch.randn(32, 96, generator=gen).to(BF16)  # 3 input blocks: the tail block
-    x = torch.randn(5, 96, generator=gen).to(BF16)
-    got = native.amx_linear(amx, x, native.amx_pack(amx, w), None, 32)
-    torch.testing.assert_close(got.float(), F.linear(x.float(), w.float()), rtol=8e-3, atol=0.02)
+    w = torch.randn(48, 96, generator=gen).to(BF16)
+    b = torch.randn(48, generator=gen).to(BF16)
+    x = torch.randn(rows, 96, generator=gen).to(BF16)
+    got = native.amx_linear(amx, x, native.amx_pack(amx, w), b, 48)
+    expected = F.linear(x.float(), w.float(), b.float())
+    torch.testing.assert_close(got.float(), expected, rtol=8e-3, atol=0.02)
 
 
 def test_amx_refuses_shapes_it_does_not_take(amx: ctypes.CDLL) -> None:

@@ -26,7 +26,7 @@
 
 #include "bf16.h"
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
 #define HAVE_AMX 1
 #else
@@ -72,9 +72,8 @@ struct tile_config {
     uint8_t rows[16];
 };
 
-/* Tiles 0-3: accumulators (16 rows of x each); 4, 6: W tiles; 5, 7: x tiles; all 16 rows
- * of 64 bytes. The W and x tiles alternate between pairs by input block, so a load need
- * not wait for the products reading the previous block's tile. */
+/* All eight tiles 16 rows of 64 bytes: 0-3 accumulators (row tile m, output block n at
+ * 2n + m), 4-5 x tiles (row tiles 0, 1), 6-7 W tiles (output blocks 0, 1). */
 static void configure(void) {
     struct tile_config cfg __attribute__((aligned(64)));
     memset(&cfg, 0, sizeof cfg);
@@ -86,87 +85,110 @@ static void configure(void) {
     _tile_loadconfig(&cfg);
 }
 
-/* One block of 16 outputs against MT 16-row tiles of x (xp: [MT * 16, I], stride I);
- * acc: [MT * 16, 16] fp32. KB input blocks; W tiles from w (1 KiB each, in order). The
- * W tile alternates between tiles 4 and 6 by input block, the x tile between 5 and 7 by
- * row tile, so no load waits for the product that read the tile before it. */
-#define PRODUCTS(B)                                                       \
-    do {                                                                  \
-        _tile_loadd(5, xp + kb * 32, ld);                                 \
-        _tile_dpbf16ps(0, 5, B);                                          \
-        if (MT > 1) {                                                     \
-            _tile_loadd(7, xp + 16 * I + kb * 32, ld);                    \
-            _tile_dpbf16ps(1, 7, B);                                      \
-        }                                                                 \
-        if (MT > 2) {                                                     \
-            _tile_loadd(5, xp + 32 * I + kb * 32, ld);                    \
-            _tile_dpbf16ps(2, 5, B);                                      \
-        }                                                                 \
-        if (MT > 3) {                                                     \
-            _tile_loadd(7, xp + 48 * I + kb * 32, ld);                    \
-            _tile_dpbf16ps(3, 7, B);                                      \
-        }                                                                 \
-    } while (0)
-
-static inline __attribute__((always_inline)) void block(const bf16 *w, const bf16 *xp,
-                                                       int64_t I, float *acc, const int MT) {
+/* NB (1 or 2) blocks of 16 outputs (W tiles from w0, w1: 1 KiB each per input block, in
+ * order) against MT (1 or 2) 16-row tiles of x (xp, row stride I): each W tile and each x
+ * tile is loaded once per input block and used for two products (one product per load
+ * left AMX waiting on loads: 0.55 TFLOP/s a core on weights in cache). acc: [MT * 16][32]
+ * fp32, block 0's sums in columns 0-15, block 1's in 16-31. */
+static inline __attribute__((always_inline)) void tiles(const bf16 *w0, const bf16 *w1,
+                                                       const bf16 *xp, int64_t I, float *acc,
+                                                       const int MT, const int NB) {
     const int64_t KB = I / 32, ld = I * 2;
     _tile_zero(0);
     if (MT > 1) _tile_zero(1);
-    if (MT > 2) _tile_zero(2);
-    if (MT > 3) _tile_zero(3);
-    int64_t kb = 0;
-    for (; kb + 2 <= KB; kb += 2) {
-        _tile_loadd(4, w + kb * 512, 64);
-        PRODUCTS(4);
-        kb++;
-        _tile_loadd(6, w + kb * 512, 64);
-        PRODUCTS(6);
-        kb--;
+    if (NB > 1) _tile_zero(2);
+    if (MT > 1 && NB > 1) _tile_zero(3);
+    for (int64_t kb = 0; kb < KB; kb++) {
+        _tile_loadd(6, w0 + kb * 512, 64);
+        if (NB > 1) _tile_loadd(7, w1 + kb * 512, 64);
+        _tile_loadd(4, xp + kb * 32, ld);
+        _tile_dpbf16ps(0, 4, 6);
+        if (NB > 1) _tile_dpbf16ps(2, 4, 7);
+        if (MT > 1) {
+            _tile_loadd(5, xp + 16 * I + kb * 32, ld);
+            _tile_dpbf16ps(1, 5, 6);
+            if (NB > 1) _tile_dpbf16ps(3, 5, 7);
+        }
     }
-    if (kb < KB) {
-        _tile_loadd(4, w + kb * 512, 64);
-        PRODUCTS(4);
-    }
-    _tile_stored(0, acc, 64);
-    if (MT > 1) _tile_stored(1, acc + 256, 64);
-    if (MT > 2) _tile_stored(2, acc + 512, 64);
-    if (MT > 3) _tile_stored(3, acc + 768, 64);
+    _tile_stored(0, acc, 128);
+    if (MT > 1) _tile_stored(1, acc + 16 * 32, 128);
+    if (NB > 1) _tile_stored(2, acc + 16, 128);
+    if (MT > 1 && NB > 1) _tile_stored(3, acc + 16 * 32 + 16, 128);
 }
-#undef PRODUCTS
+
+/* to_bf16 (bf16.h) of sixteen floats, in vector instructions. */
+static inline __m256i to_bf16_x16(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
+                                                   lsb), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(
+        _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16),
+                                                      _mm512_set1_epi32(0x40)));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+static inline __m512 widen(const bf16 *p) {
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* y[t][n0 .. n0 + 16 * nb) = bf16(acc + bias) for the rows t < rows of acc ([rows][32]). */
+static inline void store(const float *acc, const bf16 *b, bf16 *y, int64_t O, int64_t rows,
+                         int64_t n0, int nb) {
+    for (int g = 0; g < nb; g++) {
+        const __m512 bias = b ? widen(b + n0 + 16 * g) : _mm512_setzero_ps();
+        for (int64_t t = 0; t < rows; t++)
+            _mm256_storeu_si256((__m256i *)(y + t * O + n0 + 16 * g),
+                                to_bf16_x16(_mm512_add_ps(_mm512_load_ps(acc + t * 32 + 16 * g),
+                                                          bias)));
+    }
+}
 #endif
 
 /* x: [T, I] bf16, 1 <= T <= 64; P: amx_pack_bf16(W) for W [O, I]; b: [O] bf16 or NULL;
- * y: [T, O] bf16. -1: no AMX, or a shape this kernel does not take. */
+ * y: [T, O] bf16. -1: a shape this kernel does not take; -2: no AMX (the first call asks
+ * Linux for the tile state, as amx_init: a tile instruction without it is SIGILL). */
 int amx_linear_bf16(const bf16 *x, const bf16 *P, const bf16 *b, bf16 *y, int64_t T,
                     int64_t O, int64_t I) {
 #if HAVE_AMX
+    static int granted = 0; /* racing first calls both ask: harmless */
+    if (!granted) {
+        if (amx_init()) return -2;
+        granted = 1;
+    }
     if (T < 1 || T > MAX_ROWS || O % 16 || I % 32) return -1;
-    const int MT = (int)((T + 15) / 16);
+    const int64_t tiles_x = (T + 15) / 16, blocks = O / 16;
     /* x padded to whole tiles (the pad rows' sums are computed and dropped). */
-    bf16 *xp = (bf16 *)aligned_alloc(64, (size_t)(MT * 16 * I) * sizeof(bf16) + 64);
+    bf16 *xp = (bf16 *)aligned_alloc(64, (size_t)(tiles_x * 16 * I) * sizeof(bf16) + 64);
     if (!xp) return -1;
     memcpy(xp, x, (size_t)(T * I) * sizeof(bf16));
-    memset(xp + T * I, 0, (size_t)((MT * 16 - T) * I) * sizeof(bf16));
+    memset(xp + T * I, 0, (size_t)((tiles_x * 16 - T) * I) * sizeof(bf16));
     const int64_t KB = I / 32;
 #pragma omp parallel
     {
-        float acc[MAX_ROWS * 16] __attribute__((aligned(64)));
+        float acc[32 * 32] __attribute__((aligned(64)));
         configure();
-#pragma omp for schedule(static)
-        for (int64_t nb = 0; nb < O / 16; nb++) {
-            const bf16 *w = P + nb * KB * 512;
-            switch (MT) {
-            case 1: block(w, xp, I, acc, 1); break;
-            case 2: block(w, xp, I, acc, 2); break;
-            case 3: block(w, xp, I, acc, 3); break;
-            default: block(w, xp, I, acc, 4); break;
-            }
-            for (int64_t t = 0; t < T; t++)
-                for (int c = 0; c < 16; c++) {
-                    float v = acc[t * 16 + c] + (b ? f32(b[nb * 16 + c]) : 0.f);
-                    y[t * O + nb * 16 + c] = to_bf16(v);
+        /* Pairs of output blocks, handed out a few at a time: a thread the machine's other
+         * work preempts holds up only its current few. */
+#pragma omp for schedule(dynamic, 2)
+        for (int64_t pair = 0; pair < (blocks + 1) / 2; pair++) {
+            const int64_t nb = 2 * pair;
+            const int two = nb + 1 < blocks;
+            const bf16 *w0 = P + nb * KB * 512, *w1 = w0 + KB * 512;
+            for (int64_t m = 0; m < tiles_x; m += 2) { /* 32 rows at a time */
+                const bf16 *xm = xp + m * 16 * I;
+                const int64_t rows = T - m * 16 < 32 ? T - m * 16 : 32;
+                if (rows > 16) {
+                    if (two) tiles(w0, w1, xm, I, acc, 2, 2);
+                    else tiles(w0, w1, xm, I, acc, 2, 1);
+                } else {
+                    if (two) tiles(w0, w1, xm, I, acc, 1, 2);
+                    else tiles(w0, w1, xm, I, acc, 1, 1);
                 }
+                store(acc, b, y + m * 16 * O, O, rows, nb * 16, two ? 2 : 1);
+            }
         }
         _tile_release();
     }
@@ -174,6 +196,6 @@ int amx_linear_bf16(const bf16 *x, const bf16 *P, const bf16 *b, bf16 *y, int64_
     return 0;
 #else
     (void)x; (void)P; (void)b; (void)y; (void)T; (void)O; (void)I;
-    return -1;
+    return -2;
 #endif
 }
