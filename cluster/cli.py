@@ -308,7 +308,11 @@ def plan_deployment(path: str) -> dict[str, Any]:
             shown = ", ".join(f"tp{tp}pp{pp}" for tp, pp in sorted(found))
             raise ValueError(f"plan: {role} instances must share one layout, got {shown}")
     count = {role: sum(i.role == role for i in plan.instances) for role in layouts}
-    tuned = {"role_overrides": overrides} if (overrides := _plan_role_overrides(plan)) else {}
+    tuned: dict[str, Any] = {}
+    if overrides := _plan_role_overrides(plan):
+        tuned["role_overrides"] = overrides
+    if plan.dtype:  # a CPU plan serves at the dtype it was profiled at
+        tuned["dtype"] = plan.dtype
     if "colocated" in layouts:
         (layout,) = layouts["colocated"]
         return {"mode": "colocated", "prefill": 0, "decode": count["colocated"],
@@ -319,6 +323,18 @@ def plan_deployment(path: str) -> dict[str, Any]:
     return {"mode": "disaggregated", "prefill": count["prefill"], "decode": count["decode"],
             "prefill_parallel": p_layout, "decode_parallel": d_layout,
             **_plan_nodes(plan), **tuned}  # fmt: skip
+
+
+def served_dtype(flag: str, planned: str | None) -> str:
+    """The dtype `baton serve --plan` runs: ``--dtype`` when given (a note on stderr when it
+    differs from the plan's), else the plan's (the dtype its profile ran), else auto."""
+    if planned is None or flag == planned:
+        return flag
+    if flag == "auto":
+        return planned
+    print(f"baton serve: --dtype {flag} overrides the plan's {planned} (the plan's latencies "
+          f"were profiled at {planned})", file=sys.stderr)
+    return flag
 
 
 def _plan_role_overrides(plan: Any) -> dict[str, dict[str, int]]:
@@ -362,6 +378,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.plan is not None:
         planned = plan_deployment(args.plan)
         deployment = {k: planned.pop(k) for k in ("prefill", "decode", "mode")}
+        dtype = served_dtype(args.dtype, planned.pop("dtype", None))
+        if dtype != "auto":
+            options["dtype"] = dtype
         options.update(planned)
     for role in ("prefill", "decode"):
         layout = getattr(args, f"{role}_parallel")

@@ -345,7 +345,8 @@ def _run_cpu_profile(
         print(line, file=out)
     cores = os.cpu_count() or 1
     name = args.model or "SmolLM2-135M-Instruct"
-    save_cpu_profiles(CpuProfiles(cores, by_threads, name), args.out)
+    dtype = str(engine.kv_blocks.layout.dtype)
+    save_cpu_profiles(CpuProfiles(cores, by_threads, name, dtype), args.out)
     print(
         f"CPU profile of {cores} cores, threads {sorted(threads)}, {_dtype_line(engine)}: "
         f"written to {args.out}",

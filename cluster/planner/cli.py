@@ -267,6 +267,8 @@ def format_cpu_plan(p: Plan) -> str:
         f"seed {p.seed}",
         f"workload: {p.workload} at {p.rate:g} req/s (burstiness {p.burstiness:g}); "
         f"SLOs: TTFT {s.ttft_s:g} s, TPOT {s.tpot_s:g} s, {s.attainment:.0%} attainment",
+        f"dtype: {p.dtype} (the profile's; `baton serve --plan` serves at it)"
+        if p.dtype else "dtype: not in the profile (profiled before it was recorded)",
         "",
         f"{'role':<10} {'threads':>7} {'token budget':>12}",
     ]

@@ -32,6 +32,8 @@ from cluster.planner.instances import EventQueue
 from cluster.planner.latency import LatencyProfile
 
 CPU_SCHEMA = "baton.cpu_profiles"
+# The dtypes an engine resolves ``auto`` to (what a profile records).
+DTYPES = ("float32", "bfloat16", "float16")
 CPU_SCHEMA_VERSION = 1
 STEP_KINDS = ("prefill_ms", "decode_ms", "mixed_ms")
 
@@ -43,6 +45,9 @@ class CpuProfiles:
     cores: int
     by_threads: dict[int, LatencyProfile]
     model: str = ""
+    # The dtype the profiled engine ran (``auto`` resolved, e.g. "bfloat16"); "" in files
+    # from before it was recorded. A plan made from this profile serves at it.
+    dtype: str = ""
 
     def __post_init__(self) -> None:
         positive_int(self.cores, "cores")
@@ -81,6 +86,7 @@ class CpuProfiles:
                 "schema": CPU_SCHEMA,
                 "version": CPU_SCHEMA_VERSION,
                 "model": self.model,
+                **({"dtype": self.dtype} if self.dtype else {}),
                 "cores": self.cores,
                 "threads": [
                     {"threads": t, "profile": self.by_threads[t].to_dict()}
@@ -102,7 +108,10 @@ class CpuProfiles:
             entries = {
                 int(e["threads"]): LatencyProfile.from_dict(e["profile"]) for e in data["threads"]
             }
-            return cls(int(data["cores"]), entries, str(data.get("model", "")))
+            dtype = data.get("dtype", "")
+            require(dtype in ("", *DTYPES), "dtype", f"must be one of {', '.join(DTYPES)}, "
+                    f"got {dtype!r}")  # fmt: skip
+            return cls(int(data["cores"]), entries, str(data.get("model", "")), dtype)
         except KeyError as exc:
             raise ValueError(f"{exc.args[0]}: missing from the CPU profile") from None
         except (TypeError, AttributeError) as exc:

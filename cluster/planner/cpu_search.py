@@ -307,6 +307,7 @@ def plan_cpu(inputs: CpuPlanInputs, progress: Progress | None = None) -> tuple[P
         ttft=best.ttft,
         tpot=best.tpot,
         candidates=tuple(s.to_dict() for s in scores),
+        dtype=inputs.profiles.dtype,
     )
     say(f"done: {sum(e.simulations for e in planner._evaluators.values())} simulations")
     return plan, scores

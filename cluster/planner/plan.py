@@ -163,6 +163,9 @@ class Plan:
     tpot: LatencyPercentiles | None = None
     # CPU plans: every deployment scored, best first (cluster.planner.cpu_search.Score)
     candidates: tuple[dict[str, Any], ...] = ()
+    # CPU plans: the dtype of the profile they were made from, which `baton serve --plan`
+    # serves at unless --dtype says otherwise ("": not recorded; the serve default)
+    dtype: str = ""
 
     def __post_init__(self) -> None:
         require(
@@ -207,6 +210,7 @@ class Plan:
             "predicted": self._predicted(),
             "colocated": self.colocated.to_dict(),
             **({"candidates": list(self.candidates)} if self.candidates else {}),
+            **({"dtype": self.dtype} if self.dtype else {}),
         }
 
     def _predicted(self) -> dict[str, Any]:
@@ -264,6 +268,7 @@ class Plan:
                 ttft=latency["ttft_s"],
                 tpot=latency["tpot_s"],
                 candidates=tuple(data.get("candidates", ())),
+                dtype=str(data.get("dtype", "")),
             )
         except KeyError as exc:
             raise ValueError(f"{exc.args[0]}: missing from the plan") from None

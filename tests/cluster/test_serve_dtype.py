@@ -22,6 +22,7 @@ import ray
 from cluster import Cluster, profiler
 from cluster.actors import InstanceSpec
 from cluster.cli import build_parser, main
+from cluster.planner.cpu_host import load_cpu_profiles
 from cluster.planner.latency import load_profiles
 from engine import SamplingParams
 from tests.engine.helpers import make_tiny_model_dir
@@ -111,3 +112,9 @@ def test_profile_dtype_bfloat16_profiles_a_bfloat16_engine(
     assert main(argv) == 0
     assert "dtype bfloat16; written to" in capsys.readouterr().out  # read from the engine
     assert list(load_profiles(out).profiles) == [(1, 1)]
+    # A host profile (several thread counts) records the dtype, for `baton plan` to pass on.
+    cpu = tmp_path / "cpu.json"
+    argv = ["profile", "--model", str(model), "--quick", "--threads", "1,2", "--dtype",
+            "bfloat16", "--out", str(cpu)]  # fmt: skip
+    assert main(argv) == 0
+    assert load_cpu_profiles(cpu).dtype == "bfloat16"

@@ -57,6 +57,8 @@ CASES: list[tuple[str, dict[str, Any], list[str]]] = [
     ("zero replicas", {"decode": {"replicas": 0}}, ["/decode/replicas", "minimum"]),
     ("unknown transport", {"router": {"transport": "rdma"}},
      ["/router/transport", "must be one of", "torch", "grpc"]),
+    ("unknown dtype", {"model": {"dtype": "fp8"}},
+     ["/model/dtype", "must be one of", "bfloat16"]),
     ("unknown accelerator", {"accelerator": {"type": "tpu"}},
      ["/accelerator/type", "must be one of", "nvidia"]),
     ("a port out of range", {"router": {"httpPort": 70000}}, ["/router/httpPort", "maximum"]),

@@ -95,3 +95,10 @@ def test_notes_name_the_model_as_the_router_does(path: str) -> None:
     notes = chart.render(values)["baton/templates/NOTES.txt"]
     want = served_model_name(f"/models/{path}" if path else None)
     assert f'{{"model": "{want}"' in notes
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_model_dtype_reaches_baton_serve(dtype: str) -> None:
+    values = {} if dtype == "auto" else {"model": {"dtype": dtype}}
+    cluster = chart.render(values)["baton/templates/raycluster.yaml"]
+    assert f"--dtype {dtype} " in cluster

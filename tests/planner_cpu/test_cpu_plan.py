@@ -99,6 +99,21 @@ def test_cpu_profile_round_trips_and_bad_files_name_the_field(tmp_path: Path) ->
         load_cpu_profiles(path)
 
 
+def test_cpu_profile_records_its_dtype(tmp_path: Path) -> None:
+    bf16 = CpuProfiles(2, {1: ONE, 2: TWO}, "m", "bfloat16")
+    path = tmp_path / "cpu.json"
+    path.write_text(bf16.to_json())
+    assert load_cpu_profiles(path).dtype == "bfloat16"
+    data = json.loads(bf16.to_json())
+    del data["dtype"]  # a file from before the dtype was recorded
+    path.write_text(json.dumps(data))
+    assert load_cpu_profiles(path).dtype == ""
+    data["dtype"] = "fp8"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="^dtype: must be one of"):
+        load_cpu_profiles(path)
+
+
 def test_prefill_budget_follows_the_profile() -> None:
     cpu = CpuProfiles(1, {1: profile((2.0, 1.0, 0.0), ONE.decode_small)})  # flat per token
     assert prefill_budget(cpu, 1, 256) == BUDGETS[0]
@@ -154,7 +169,7 @@ def test_baton_plan_with_a_cpu_profile_writes_a_plan_serve_applies(tmp_path: Pat
     from cluster.cli import plan_deployment
 
     cpu_path, plan_path = tmp_path / "cpu.json", tmp_path / "plan.json"
-    cpu_path.write_text(CpuProfiles(2, {1: ONE, 2: TWO}, "m").to_json())
+    cpu_path.write_text(CpuProfiles(2, {1: ONE, 2: TWO}, "m", "bfloat16").to_json())
     parser = argparse.ArgumentParser()
     add_parsers(parser.add_subparsers())
     argv = ["plan", "--model", "smollm2-135m", "--profile", str(cpu_path), "--workload",
@@ -164,6 +179,8 @@ def test_baton_plan_with_a_cpu_profile_writes_a_plan_serve_applies(tmp_path: Pat
     plan = Plan.from_json(plan_path.read_text())
     assert plan.algorithm == "cpu" and plan.candidates
     deployment = plan_deployment(str(plan_path))
+    # Served at the dtype it was profiled at (`baton serve --plan` takes it unless --dtype).
+    assert plan.dtype == "bfloat16" and deployment["dtype"] == "bfloat16"
     for inst in plan.instances:
         tuned = deployment["role_overrides"][inst.role]
         assert tuned["num_threads"] == inst.threads
@@ -172,6 +189,19 @@ def test_baton_plan_with_a_cpu_profile_writes_a_plan_serve_applies(tmp_path: Pat
     with pytest.raises(ValueError, match="^nodes: required"):
         run_plan(parser.parse_args([a for a in argv if a != str(cpu_path)][:3] + [
             "--gpu", "A100-80G", *argv[5:]]))  # fmt: skip
+
+
+def test_serve_takes_the_plans_dtype_unless_told_otherwise(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from cluster.cli import served_dtype
+
+    assert served_dtype("auto", "bfloat16") == "bfloat16"
+    assert served_dtype("auto", None) == "auto"  # a plan without one: the serve default
+    assert served_dtype("bfloat16", "bfloat16") == "bfloat16"
+    assert capsys.readouterr().err == ""
+    assert served_dtype("float32", "bfloat16") == "float32"  # the flag wins, with a note
+    assert "--dtype float32 overrides the plan's bfloat16" in capsys.readouterr().err
 
 
 def test_a_plan_whose_role_instances_disagree_is_refused(tmp_path: Path) -> None:
