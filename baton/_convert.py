@@ -176,6 +176,7 @@ def _instance(i: pb.InstanceStatus) -> InstanceStatus:
         state=i.state,
         pid=i.pid,
         step_time_ms=i.step_time_ms,
+        dtype=i.dtype,
     )
 
 

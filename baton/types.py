@@ -184,6 +184,7 @@ class InstanceStatus:
     state: str = ""
     pid: int = 0
     step_time_ms: float = 0.0
+    dtype: str = ""  # its weights and KV cache ("bfloat16", ...; "" before it serves)
 
 
 @dataclass(frozen=True)

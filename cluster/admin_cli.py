@@ -168,14 +168,14 @@ def _show_status(args: argparse.Namespace, stop: threading.Event | None) -> int:
 
 
 def status_table(status: Any) -> str:
-    head = ("INSTANCE", "ROLE", "STATE", "NODE", "PID", "LAYOUT", "QUEUE", "RUNNING", "KV",
-            "LEASES", "STEP")  # fmt: skip
+    head = ("INSTANCE", "ROLE", "STATE", "NODE", "PID", "LAYOUT", "DTYPE", "QUEUE", "RUNNING",
+            "KV", "LEASES", "STEP")  # fmt: skip
     rows = [head]
     for i in status.instances:
         leases = i.counters.get("leases")
         rows.append((
             i.name, i.role, i.state or i.health, i.node_ip or "-", str(i.pid or "-"),
-            f"tp{i.tp}pp{i.pp}",
+            f"tp{i.tp}pp{i.pp}", i.dtype or "-",
             str(i.num_waiting + int(i.counters.get("pending", 0))), str(i.num_running),
             f"{100 * i.kv_usage:.0f}%", "-" if leases is None else str(int(leases)),
             f"{i.step_time_ms:.1f}ms" if i.step_time_ms else "-",

@@ -407,6 +407,10 @@ class Cluster:
         started = {i.name: int(i.info.get("pid", 0)) for i in self.instances}
         return started | ({} if self._health is None else self._health.pids)
 
+    def dtypes(self) -> dict[str, str]:
+        """The dtype each instance's engine runs (``auto`` resolved), from its start."""
+        return {i.name: str(i.info.get("dtype", "")) for i in self.instances}
+
     def counters(self) -> dict[str, int]:
         """The cluster's own counters: migrations by cause, migration failures."""
         return {} if self.migrator is None else dict(self.migrator.counters)

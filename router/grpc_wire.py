@@ -209,8 +209,9 @@ def status(s: ClusterStatus) -> pb.StatusResponse:
 
 
 def _operations(inst: pb.InstanceStatus, s: ClusterStatus, stats: InstanceStats | None) -> None:
-    """What ``baton status`` adds: the operator's state, pid and mean step time."""
+    """What ``baton status`` adds: the operator's state, pid, dtype and mean step time."""
     inst.state = s.states.get(inst.name, "")
     inst.pid = s.pids.get(inst.name, 0)
+    inst.dtype = s.dtypes.get(inst.name, "")
     if stats is not None and stats.counters.get("steps"):
         inst.step_time_ms = 1e3 * stats.counters["step_seconds"] / stats.counters["steps"]

@@ -84,6 +84,7 @@ class ClusterStatus:
     states: dict[str, str] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=dict)
+    dtypes: dict[str, str] = field(default_factory=dict)
 
 
 def served_model_name(model: str | None) -> str:
@@ -257,4 +258,5 @@ class Router:
             states=self.cluster.states(),
             pids=self.cluster.pids(),
             counters=self.cluster.counters(),
+            dtypes=self.cluster.dtypes(),
         )

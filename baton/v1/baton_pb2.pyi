@@ -243,7 +243,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InstanceStatus(_message.Message):
-    __slots__ = ("name", "role", "health", "num_waiting", "num_running", "free_blocks", "total_blocks", "kv_usage", "num_preemptions", "counters", "node_id", "node_ip", "tp", "pp", "state", "pid", "step_time_ms")
+    __slots__ = ("name", "role", "health", "num_waiting", "num_running", "free_blocks", "total_blocks", "kv_usage", "num_preemptions", "counters", "node_id", "node_ip", "tp", "pp", "state", "pid", "step_time_ms", "dtype")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -268,6 +268,7 @@ class InstanceStatus(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     STEP_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     name: str
     role: str
     health: InstanceHealth
@@ -285,7 +286,8 @@ class InstanceStatus(_message.Message):
     state: str
     pid: int
     step_time_ms: float
-    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., health: _Optional[_Union[InstanceHealth, str]] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., counters: _Optional[_Mapping[str, float]] = ..., node_id: _Optional[str] = ..., node_ip: _Optional[str] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., state: _Optional[str] = ..., pid: _Optional[int] = ..., step_time_ms: _Optional[float] = ...) -> None: ...
+    dtype: str
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., health: _Optional[_Union[InstanceHealth, str]] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., counters: _Optional[_Mapping[str, float]] = ..., node_id: _Optional[str] = ..., node_ip: _Optional[str] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., state: _Optional[str] = ..., pid: _Optional[int] = ..., step_time_ms: _Optional[float] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class PoolStatus(_message.Message):
     __slots__ = ("role", "instances", "num_waiting", "num_running", "free_blocks", "total_blocks", "kv_usage")

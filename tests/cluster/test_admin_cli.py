@@ -94,6 +94,8 @@ def test_status_shows_every_instance_with_its_process(server: Server) -> None:
         assert (inst["tp"], inst["pp"]) == (1, 1)
         row = next(line for line in table.stdout.splitlines() if line.startswith(inst["name"]))
         assert node_ip in row.split() and "tp1pp1" in row.split()
+        # The dtype the engine runs (`auto` resolved: float32 on CPU).
+        assert inst["dtype"] == "float32" and "float32" in row.split()
     for name, inst in insts.items():
         ps = subprocess.run(["ps", "-o", "args=", "-p", str(inst["pid"])], capture_output=True,
                             text=True)  # fmt: skip
