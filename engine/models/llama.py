@@ -93,6 +93,15 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 SMALL_LINEAR_MAX_ROWS = 4
 
 
+# What identifies a weight tensor to the copies made from it (a shard, a move or a cast
+# replaces the tensor, and the copies with it).
+WeightKey = tuple[int, torch.Size, torch.dtype]
+
+
+def weight_key(w: torch.Tensor) -> WeightKey:
+    return (w.data_ptr(), w.shape, w.dtype)
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` that can hand inputs of a few rows (small-batch decode) to the native
     GEMV (fp32 or bf16), which streams the weights at memory bandwidth where MKL's sgemv
@@ -103,19 +112,18 @@ class Linear(nn.Linear):
 
     kernel: ctypes.CDLL | None = None
     pack_weight: bool = False  # use the packed GEMM (set by use_packed_gemm)
-    # Packed copies by torch thread count, for the weight they were made from (key).
-    _packed: tuple[tuple[int, torch.Size, torch.dtype], dict[int, torch.Tensor]] | None = None
-    # The AMX tile-layout copy of a bf16 weight (decode steps of up to 64 rows).
-    _amx: tuple[tuple[int, torch.Size, torch.dtype], torch.Tensor] | None = None
+    # Packed copies by torch thread count, for the weight they were made from (its key).
+    _packed: tuple[WeightKey, dict[int, torch.Tensor]] | None = None
+    # The AMX tile-layout copy of a bf16 weight (decode steps of up to 64 rows), or None
+    # where this weight or CPU cannot take the AMX kernel; for the weight of its key.
+    _amx: tuple[WeightKey, torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, dtype = x.shape[0], x.dtype
         if (self.pack_weight and self.kernel is not None and dtype == torch.bfloat16
                 and 0 < rows <= native.AMX_MAX_ROWS and x.dim() == 2
-                and self.weight.dtype == dtype and self.weight.is_cpu
-                and native.amx_available() and native.amx_packable(self.weight)):
-            return native.amx_linear(self.kernel, x, self.amx_packed(self.kernel), self.bias,
-                                     self.out_features)
+                and (tiles := self.amx_packed(self.kernel)) is not None):
+            return native.amx_linear(self.kernel, x, tiles, self.bias, self.out_features)
         if (self.kernel is not None and rows <= SMALL_LINEAR_MAX_ROWS
                 and dtype == self.weight.dtype and native.supports(dtype)):
             return native.small_linear(self.kernel, x, self.weight, self.bias)
@@ -127,13 +135,14 @@ class Linear(nn.Linear):
                 return packed_gemm.linear(x, self.packed(), self.weight, self.bias)
         return super().forward(x)
 
-    def amx_packed(self, kernel: ctypes.CDLL) -> torch.Tensor:
-        """The bf16 weight in AMX's tile layout (``native.amx_pack``), made on first use and
-        again whenever the weight tensor is replaced."""
+    def amx_packed(self, kernel: ctypes.CDLL) -> torch.Tensor | None:
+        """The bf16 weight in AMX's tile layout (``native.amx_pack``), or None where the
+        kernel cannot take it (not a bf16 CPU weight of [16k, 32j], or no AMX here): decided
+        and made on first use, again whenever the weight tensor is replaced."""
         w = self.weight
-        key = (w.data_ptr(), w.shape, w.dtype)
-        if self._amx is None or self._amx[0] != key:
-            self._amx = (key, native.amx_pack(kernel, w))
+        if self._amx is None or self._amx[0] != weight_key(w):
+            takes = w.is_cpu and native.amx_packable(w) and native.amx_available()
+            self._amx = (weight_key(w), native.amx_pack(kernel, w) if takes else None)
         return self._amx[1]
 
     def packed(self) -> torch.Tensor:
@@ -144,9 +153,8 @@ class Linear(nn.Linear):
         208 ms against 126 ms re-packed). Serving never changes the count; the profiler
         does (``baton profile --threads 1,2``)."""
         w = self.weight
-        key = (w.data_ptr(), w.shape, w.dtype)
-        if self._packed is None or self._packed[0] != key:
-            self._packed = (key, {})
+        if self._packed is None or self._packed[0] != weight_key(w):
+            self._packed = (weight_key(w), {})
         packs, threads = self._packed[1], torch.get_num_threads()
         if threads not in packs:
             pack = packed_gemm.pack_bf16 if w.dtype == torch.bfloat16 else packed_gemm.pack

@@ -134,6 +134,11 @@ def load() -> ctypes.CDLL | None:
     lib.amx_pack_bf16.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
     lib.amx_linear_bf16.restype = ctypes.c_int
     lib.amx_linear_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+    lib.amx_max_rows.restype = ctypes.c_int
+    lib.amx_max_rows.argtypes = []
+    if lib.amx_max_rows() != AMX_MAX_ROWS:  # one number in two languages: kept in step
+        raise RuntimeError(f"native kernels: amx_gemm.c takes {lib.amx_max_rows()} rows, "
+                           f"engine.native.AMX_MAX_ROWS says {AMX_MAX_ROWS}")
     return lib
 
 
@@ -308,7 +313,8 @@ def kv_write(
     return True
 
 
-# Rows up to which ``amx_linear`` computes a bf16 product (its accumulator tiles' rows).
+# Rows up to which ``amx_linear`` computes a bf16 product (its accumulator tiles' rows;
+# ``MAX_ROWS`` in csrc/amx_gemm.c, checked on load).
 AMX_MAX_ROWS = 64
 
 

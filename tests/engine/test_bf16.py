@@ -276,12 +276,38 @@ def test_linear_sends_decode_rows_to_amx_and_prefill_rows_to_onednn(amx: ctypes.
             torch.testing.assert_close(layer(x).float(), F.linear(x, layer.weight).float(),
                                        rtol=1.6e-2, atol=1e-2)
             # Up to 64 rows: the AMX copy (made on first use); past that: oneDNN's.
-            assert layer._amx is not None
+            assert layer._amx is not None and layer._amx[1] is not None
             assert (layer._packed is not None) == (rows > 64)
     layer.pack_weight = False  # BATON_PACKED_GEMM=0: plain F.linear, no AMX
     x = torch.randn(8, 576, generator=gen).to(BF16)
     with torch.inference_mode():
         assert torch.equal(layer(x), F.linear(x, layer.weight))
+
+
+def test_linear_decides_amx_once_per_weight(amx: ctypes.CDLL) -> None:
+    if not packed_gemm.bf16_available():
+        pytest.skip("this torch has no oneDNN bf16 packing")
+    gen = torch.Generator().manual_seed(4)
+    layer = Linear(96, 130, bias=True).to(BF16)  # 130 outputs: not whole 16-row tiles
+    layer.kernel, layer.pack_weight = amx, True
+    x = torch.randn(16, 96, generator=gen).to(BF16)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x).float(),
+                                   F.linear(x, layer.weight, layer.bias).float(),
+                                   rtol=1.6e-2, atol=1e-2)  # fmt: skip
+    assert layer._amx is not None and layer._amx[1] is None  # no AMX copy: oneDNN's
+    assert layer._packed is not None
+    # A new weight tensor (a shard, a cast) is decided again: 128 outputs take AMX.
+    layer.weight = torch.nn.Parameter(torch.randn(128, 96, generator=gen).to(BF16),
+                                      requires_grad=False)  # fmt: skip
+    layer.bias = torch.nn.Parameter(torch.randn(128, generator=gen).to(BF16),
+                                    requires_grad=False)  # fmt: skip
+    layer.out_features = 128
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x).float(),
+                                   F.linear(x.float(), layer.weight.float(), layer.bias.float()),
+                                   rtol=8e-3, atol=0.05)  # fmt: skip
+    assert layer._amx is not None and layer._amx[1] is not None
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"),

@@ -37,6 +37,9 @@
 #define XFEATURE_XTILEDATA 18
 #define MAX_ROWS 64
 
+/* The most rows amx_linear_bf16 takes (Python checks its own copy against this). */
+int amx_max_rows(void) { return MAX_ROWS; }
+
 int amx_init(void) {
 #if HAVE_AMX
     return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 0 : -1;
@@ -160,11 +163,16 @@ int amx_linear_bf16(const bf16 *x, const bf16 *P, const bf16 *b, bf16 *y, int64_
     }
     if (T < 1 || T > MAX_ROWS || O % 16 || I % 32) return -1;
     const int64_t tiles_x = (T + 15) / 16, blocks = O / 16;
-    /* x padded to whole tiles (the pad rows' sums are computed and dropped). */
-    bf16 *xp = (bf16 *)aligned_alloc(64, (size_t)(tiles_x * 16 * I) * sizeof(bf16) + 64);
-    if (!xp) return -1;
-    memcpy(xp, x, (size_t)(T * I) * sizeof(bf16));
-    memset(xp + T * I, 0, (size_t)((tiles_x * 16 - T) * I) * sizeof(bf16));
+    /* x padded to whole tiles (the pad rows' sums are computed and dropped); rows that
+     * fill whole tiles are read where they are. */
+    bf16 *pad = NULL;
+    if (T % 16) {
+        pad = (bf16 *)aligned_alloc(64, (size_t)(tiles_x * 16 * I) * sizeof(bf16) + 64);
+        if (!pad) return -1;
+        memcpy(pad, x, (size_t)(T * I) * sizeof(bf16));
+        memset(pad + T * I, 0, (size_t)((tiles_x * 16 - T) * I) * sizeof(bf16));
+    }
+    const bf16 *xp = pad ? pad : x;
     const int64_t KB = I / 32;
 #pragma omp parallel
     {
@@ -192,7 +200,7 @@ int amx_linear_bf16(const bf16 *x, const bf16 *P, const bf16 *b, bf16 *y, int64_
         }
         _tile_release();
     }
-    free(xp);
+    free(pad);
     return 0;
 #else
     (void)x; (void)P; (void)b; (void)y; (void)T; (void)O; (void)I;
