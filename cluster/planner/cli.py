@@ -20,7 +20,7 @@ from cluster.planner.cluster_spec import (
     ClusterSpec,
     SLOs,
 )
-from cluster.planner.cpu_host import is_cpu_profile, load_cpu_profiles
+from cluster.planner.cpu_host import DEFAULT_BACKGROUND, is_cpu_profile, load_cpu_profiles
 from cluster.planner.latency import ProfileSet, load_profiles
 from cluster.planner.model_spec import PRESETS, ModelSpec, load_model
 from cluster.planner.plan import Plan
@@ -85,6 +85,15 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
         default=0,
         help="with a CPU profile (`baton profile --threads 1,2`): the host's cores "
         "(default: the profile's)",
+    )
+    p.add_argument(
+        "--host-load",
+        type=float,
+        default=None,
+        metavar="CORES",
+        help="with a CPU profile: cores the host's other work keeps busy while serving "
+        "(the router, Ray, a client on the host); OpenMP teams slow down sharply beside "
+        f"it (default: {DEFAULT_BACKGROUND:g}, measured under `baton bench peers`)",
     )
     hw = p.add_mutually_exclusive_group(required=True)
     hw.add_argument("--gpu", choices=list(GPU_TYPES), help="GPU type (built-in profiles)")
@@ -198,6 +207,8 @@ def run_plan(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     if args.profile and is_cpu_profile(args.profile):
         return _run_cpu_plan(args, model)
+    if args.host_load is not None:
+        raise ValueError("host-load: only with a CPU profile (`baton profile --threads ...`)")
     profiles, cluster, source = _profiles(args, model)
     inputs = PlanInputs(
         model=model,
@@ -244,6 +255,7 @@ def _run_cpu_plan(args: argparse.Namespace, model: ModelSpec) -> int:
         burstiness=args.burstiness,
         seed=args.seed,
         cores=args.cores,
+        background=DEFAULT_BACKGROUND if args.host_load is None else args.host_load,
         memory_gb=args.gpu_memory_gb or CPU_MEMORY_GB,
         profile_source=f"cpu:{args.profile}",
     )

@@ -4,19 +4,36 @@
 ``baton.cpu_profiles`` file: the host's cores and, per thread count, the planner's latency
 profile (DistServe's form, ``cluster.planner.latency``) fitted at it.
 
-Instances on one host share its cores. An instance given ``t`` threads steps at the
-profile of ``t`` threads while it is alone; while other instances are in a step too and
-their threads together with its own exceed the cores, each gets its share: ``t *
-cores / demand`` effective threads, where ``demand`` sums the threads of every instance in
-a step. A step's time at a fractional thread count interpolates the measured speeds
-(1 / step time) linearly between the two nearest measured counts; below the smallest it
-is time-sliced (half a thread: twice the one-thread time), above the largest it is the
-largest's. A step's share is fixed when it starts (processor sharing, approximated per
-step). This is what makes oversubscription pay in the model: a prefill instance and a
-decode instance each with every core run at full speed whenever the other is idle, and
-at the one-thread-each speed when both are busy. Not modelled: OpenMP's own cost of more
-threads than cores (spinning, preemption inside a parallel region); it was not measured
-separately, so a plan that oversubscribes is as good as the model's sharing says.
+Instances on one host share its cores with each other and with the host's other work: the
+router, Ray's processes, a client on the same host (``background`` cores, kept busy all the
+time). An instance given ``t`` threads steps at the profile of ``t`` threads while its
+threads, the other instances' threads in a step and the background fit the cores. Past that
+the host is contended, and an instance's effective thread count is:
+
+- one thread: its fair share, ``cores / demand`` (``demand``: every busy thread plus the
+  background); Linux moves a lone thread to wherever there is room;
+- a team of ``t`` > 1 OpenMP threads: ``t * TEAM_EFFICIENCY / max_load``, where
+  ``max_load`` is the runnable threads on the most loaded core (the busy instances' threads
+  spread evenly, the background on one of the least loaded cores). Every parallel region
+  ends at a barrier, so the team runs at the pace of its slowest thread, and the others
+  spin and then sleep there; ``TEAM_EFFICIENCY`` is what that waiting costs besides.
+
+A step's time at a fractional thread count interpolates the measured speeds (1 / step time)
+linearly between the two nearest measured counts; below the smallest it is time-sliced
+(half a thread: twice the one-thread time), above the largest it is the largest's. A step's
+share is fixed when it starts (processor sharing, approximated per step).
+
+Calibrated on this machine (bf16 SmolLM2, ``baton bench peers`` with vLLM's client on the
+same two cores; router, Ray and client used about 0.5 core between them, in bursts), 80
+requests per Poisson rate of 2-6 req/s: one instance of two threads decoded at roughly the
+one-thread profile's speed at low rates (TPOT 44 ms at 2 req/s where its profile said 24),
+and one prefill plus one decode instance of two threads each fell to 25% SLO attainment at
+4 req/s where the pair with one thread each held 100% up to 6. Instances of one thread each
+tracked their profiles within about 15%. ``background`` 0.25 and ``TEAM_EFFICIENCY`` 0.8
+fit those runs: the one-thread deployments' simulated mean TPOT within 15% of measured at
+4-5 req/s, the two-thread instance's at 2-4 req/s (pessimistic above), and the ranking
+measured (the one-thread pair and two one-thread colocated instances first, then one
+two-thread instance, then the oversubscribed pair).
 """
 
 from __future__ import annotations
@@ -142,12 +159,36 @@ def save_cpu_profiles(profiles: CpuProfiles, path: str | Path) -> None:
     Path(path).write_text(profiles.to_json() + "\n")
 
 
+# What a contended OpenMP team keeps of its slowest thread's share (the module text).
+TEAM_EFFICIENCY = 0.8
+# Cores the host's other work keeps busy while it serves (the module text), by default.
+DEFAULT_BACKGROUND = 0.25
+
+
+def effective_threads(threads: int, others: list[int], cores: int, background: float) -> float:
+    """The effective thread count of an instance of ``threads`` while instances of
+    ``others`` threads are in a step too, on ``cores`` with ``background`` cores busy."""
+    demand = threads + sum(others) + background
+    if demand <= cores:
+        return float(threads)
+    if threads == 1:
+        return cores / demand
+    whole = threads + sum(others)
+    base, extra = divmod(whole, cores)  # ``extra`` cores run base + 1 threads, one runs base
+    max_load = max(base + (1 if extra else 0), base + background)  # the background there
+    return threads * TEAM_EFFICIENCY / max_load
+
+
 class SharedHost:
     """The cores instances of one simulation share; each asks it for its step times."""
 
-    def __init__(self, profiles: CpuProfiles, cores: int | None = None) -> None:
+    def __init__(
+        self, profiles: CpuProfiles, cores: int | None = None, background: float = 0.0
+    ) -> None:
+        require(background >= 0, "host-load", f"must be >= 0 cores, got {background}")
         self.profiles = profiles
         self.cores = cores or profiles.cores
+        self.background = background
         self.threads: list[int] = []
         self._busy_until: list[float] = []
         self._events: EventQueue | None = None
@@ -165,13 +206,12 @@ class SharedHost:
             self._busy_until = [-math.inf] * len(self.threads)
 
     def effective_threads(self, index: int, now: float) -> float:
-        mine = self.threads[index]
-        others = sum(
+        others = [
             t
             for j, (t, until) in enumerate(zip(self.threads, self._busy_until, strict=True))
             if j != index and until > now
-        )
-        return mine * min(1.0, self.cores / (mine + others))
+        ]
+        return effective_threads(self.threads[index], others, self.cores, self.background)
 
     def step(self, index: int, kind: str, *shape: float) -> float:
         now = self._events.now if self._events is not None else 0.0

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from cluster.planner._validate import positive, positive_int, require
 from cluster.planner.cluster_spec import CUSTOM_GPU, ClusterSpec, SLOs
-from cluster.planner.cpu_host import CpuProfiles, SharedHost
+from cluster.planner.cpu_host import DEFAULT_BACKGROUND, CpuProfiles, SharedHost
 from cluster.planner.goodput import RATE_TOLERANCE, Evaluator, SimBudget
 from cluster.planner.latency import ProfileSet
 from cluster.planner.model_spec import ModelSpec
@@ -111,6 +111,8 @@ class CpuPlanInputs:
     burstiness: float = 1.0
     seed: int = 0
     cores: int = 0  # 0: the profile's
+    # Cores the host's other work (router, Ray, a client) keeps busy (cpu_host's text).
+    background: float = DEFAULT_BACKGROUND
     memory_gb: float = CPU_MEMORY_GB
     profile_source: str = "cpu"
     budget: SimBudget = SimBudget()
@@ -119,6 +121,7 @@ class CpuPlanInputs:
         positive(self.rate, "rate")
         positive(self.burstiness, "burstiness")
         positive(self.memory_gb, "memory_gb")
+        require(self.background >= 0, "host-load", f"must be >= 0 cores, got {self.background}")
         if self.cores:
             positive_int(self.cores, "cores")
 
@@ -202,7 +205,7 @@ class CpuPlanner:
         return self._evaluators[budget]
 
     def sim_instances(self, dep: CpuDeployment) -> list[SimInstance]:
-        host = SharedHost(self.inputs.profiles, self.cores)
+        host = SharedHost(self.inputs.profiles, self.cores, self.inputs.background)
         ev = self.evaluator(dep.budget)
         kv = ev.kv_capacity((1, 1))
         out = [

@@ -9,18 +9,27 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from cluster.planner.cli import add_parsers, run_plan
 from cluster.planner.cluster_spec import SLOs
-from cluster.planner.cpu_host import CpuProfiles, SharedHost, load_cpu_profiles
+from cluster.planner.cpu_host import (
+    DEFAULT_BACKGROUND,
+    TEAM_EFFICIENCY,
+    CpuProfiles,
+    SharedHost,
+    effective_threads,
+    load_cpu_profiles,
+)
 from cluster.planner.cpu_search import (
     BUDGETS,
     CpuDeployment,
     CpuPlanInputs,
     CpuPlanner,
+    candidates,
     plan_cpu,
     prefill_budget,
 )
@@ -42,6 +51,9 @@ def profile(
 # + 1 decode at one thread each: TPOT mean 170 ms; at two threads each 113 ms).
 ONE = profile((20.0, 1.4, 0.0002), (110.0, 0.001, 6.0))  # one thread
 TWO = profile((15.0, 0.8, 0.0001), (65.0, 0.0006, 3.5))  # two threads: faster
+# This machine's bf16 profile (`baton profile --quick --threads 1,2 --dtype bfloat16`, fitted).
+BF16_ONE = profile((24.1, 0.399, -2.06e-5), (26.0, 0.00411, 0.344))
+BF16_TWO = profile((15.4, 0.287, -1.56e-4), (17.0, 0.00237, 0.302))
 SMALL = SimBudget(min_requests=200, max_requests=400, plan_max_requests=400)
 
 
@@ -70,16 +82,37 @@ def test_step_times_interpolate_measured_thread_counts() -> None:
 def test_instances_share_the_cores_only_while_both_step() -> None:
     from cluster.planner.instances import EventQueue
 
-    host = SharedHost(CpuProfiles(2, {1: ONE, 2: TWO}))
+    cpu = CpuProfiles(2, {1: ONE, 2: TWO})
+    host = SharedHost(cpu)  # nothing else on the host
     prefill, decode = host.instance(2), host.instance(2)
     events = EventQueue()
     prefill.bind(events)
     alone = prefill.prefill_ms(256, 256 * 256)  # decode idle: both cores
     assert alone == pytest.approx(TWO.prefill_ms(256, 256 * 256))
-    shared = decode.decode_ms(8, 8 * 300)  # prefill busy: 2 * 2 / 4 = 1 thread
-    assert shared == pytest.approx(ONE.decode_ms(8, 8 * 300))
+    # prefill busy: two teams of two on two cores, each paced by a thread with half a core
+    shared = decode.decode_ms(8, 8 * 300)
+    assert shared == pytest.approx(cpu.step_ms("decode_ms", 2 * TEAM_EFFICIENCY / 2, 8, 8 * 300))
+    assert shared > ONE.decode_ms(8, 8 * 300)  # worse than one thread alone
     events.now = 10.0  # both steps over
     assert decode.decode_ms(8, 8 * 300) == pytest.approx(TWO.decode_ms(8, 8 * 300))
+
+
+def test_effective_threads_fair_share_for_one_thread_slowest_core_for_a_team() -> None:
+    eta = TEAM_EFFICIENCY
+    assert effective_threads(2, [], 2, 0.0) == 2  # fits: the profile's speed
+    assert effective_threads(1, [1], 2, 0.0) == 1
+    assert effective_threads(2, [1], 4, 0.25) == 2  # 3.25 cores asked of 4
+    # A lone thread past the cores: its fair share of them.
+    assert effective_threads(1, [1], 2, 0.25) == pytest.approx(2 / 2.25)
+    assert effective_threads(1, [2], 2, 0.0) == pytest.approx(2 / 3)
+    # A team: the core with its thread and the background paces it (1.25 runnable there).
+    assert effective_threads(2, [], 2, 0.25) == pytest.approx(2 * eta / 1.25)
+    assert effective_threads(2, [2], 2, 0.0) == pytest.approx(2 * eta / 2)
+    assert effective_threads(2, [2], 2, 0.25) == pytest.approx(2 * eta / 2.25)
+    # 3 threads on 2 cores: one core runs two of them; the background sits on the other.
+    assert effective_threads(2, [1], 2, 0.25) == pytest.approx(2 * eta / 2)
+    with pytest.raises(ValueError, match="^host-load: "):
+        SharedHost(CpuProfiles(2, {1: ONE}), background=-1)
 
 
 def test_cpu_profile_round_trips_and_bad_files_name_the_field(tmp_path: Path) -> None:
@@ -122,9 +155,9 @@ def test_prefill_budget_follows_the_profile() -> None:
 
 
 def test_plan_is_the_candidate_its_simulator_scores_best() -> None:
-    cpu = CpuProfiles(2, {1: ONE, 2: TWO})
-    plan, scores = plan_cpu(inputs(cpu))
-    planner = CpuPlanner(inputs(cpu))  # scored again, from scratch
+    cpu = CpuProfiles(2, {1: BF16_ONE, 2: BF16_TWO})
+    plan, scores = plan_cpu(inputs(cpu, 4.0))
+    planner = CpuPlanner(inputs(cpu, 4.0))  # scored again, from scratch
     fresh = [planner.score(s.deployment) for s in scores]
     assert fresh == scores  # the same simulations give the same scores
     best = planner.rank(fresh)[0]
@@ -152,9 +185,27 @@ def test_plan_is_the_candidate_its_simulator_scores_best() -> None:
         assert plan.instances[-1].threads == dep.decode_threads
     assert plan.attainment == best.attainment
     assert Plan.from_json(plan.to_json()) == plan
-    # Two threads are faster here and idle instances leave them to the busy one: the plan
-    # is 1 prefill + 1 decode with both cores each, the deployment bench peers measured best
-    assert [(i.role, i.threads) for i in plan.instances] == [("prefill", 2), ("decode", 2)]
+
+
+def score(cpu: CpuProfiles, rate: float, background: float, name: str) -> float:
+    planner = CpuPlanner(replace(inputs(cpu, rate), background=background))
+    deps = candidates(cpu, 2, 256)
+    return planner.score(next(d for d in deps if d.name == name)).max_rate
+
+
+def test_the_host_load_ranks_one_thread_instances_above_contended_teams() -> None:
+    """What `baton bench peers` measured at bf16 (cluster.planner.cpu_host's text): beside
+    the router, Ray and the client, two-thread instances fell behind one-thread ones, and the
+    pair of two-thread instances fell furthest. The planner ranks them so."""
+    cpu = CpuProfiles(2, {1: BF16_ONE, 2: BF16_TWO}, "m", "bfloat16")
+    plan, scores = plan_cpu(replace(inputs(cpu, 6.0), background=DEFAULT_BACKGROUND))
+    assert {i.threads for i in plan.instances} == {1}
+    assert score(cpu, 6.0, DEFAULT_BACKGROUND, "1p1d-t1/1-b1024") > 1.1 * score(
+        cpu, 6.0, DEFAULT_BACKGROUND, "1p1d-t2/2-b1024"
+    )
+    # Alone on the host a two-thread instance runs at its profile: the load is what costs.
+    alone = score(cpu, 6.0, 0.0, "colocated1-t2-c2048")
+    assert alone > 1.1 * score(cpu, 6.0, DEFAULT_BACKGROUND, "colocated1-t2-c2048")
 
 
 def test_plan_follows_the_profile_not_a_constant() -> None:
@@ -189,6 +240,13 @@ def test_baton_plan_with_a_cpu_profile_writes_a_plan_serve_applies(tmp_path: Pat
     with pytest.raises(ValueError, match="^nodes: required"):
         run_plan(parser.parse_args([a for a in argv if a != str(cpu_path)][:3] + [
             "--gpu", "A100-80G", *argv[5:]]))  # fmt: skip
+    # The host's other load: a CPU profile's knob, >= 0.
+    assert run_plan(parser.parse_args([*argv, "--host-load", "0"])) == 0
+    with pytest.raises(ValueError, match="^host-load: must be >= 0"):
+        run_plan(parser.parse_args([*argv, "--host-load", "-0.5"]))
+    with pytest.raises(ValueError, match="^host-load: only with a CPU profile"):
+        run_plan(parser.parse_args([a for a in argv if a != str(cpu_path)][:3] + [
+            "--gpu", "A100-80G", "--nodes", "1", *argv[5:], "--host-load", "0.5"]))  # fmt: skip
 
 
 def test_serve_takes_the_plans_dtype_unless_told_otherwise(
