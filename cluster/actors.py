@@ -486,11 +486,17 @@ class InstanceActor:
         spec: dict[str, Any] = self.worker.engine.tokenizer.to_spec()
         return spec
 
-    def stats(self) -> dict[str, Any] | None:
-        """None while not serving."""
+    def stats(self, timeout_s: float = 30.0) -> dict[str, Any] | None:
+        """None while not serving, or while the worker loop is mid-step for longer than
+        ``timeout_s``: the caller has given up by then, and a call still waiting would
+        hold one of the actor's threads (a poll every health round would take them all)."""
         if self.worker is None:
             return None
-        stats: dict[str, Any] = self.worker.stats().to_dict()
+        try:
+            reply = self.worker.stats(timeout_s)
+        except TimeoutError:
+            return None
+        stats: dict[str, Any] = reply.to_dict()
         stats.update(node_id=self.info.get("node_id", ""), node_ip=self.info.get("node_ip", ""),
                      tp=self.spec.tp, pp=self.spec.pp)  # fmt: skip
         return stats

@@ -692,9 +692,10 @@ class Cluster:
         """Per serving instance (of ``only``, if given): queues, running batch, free and
         total KV blocks, counters.
 
-        Instances that are restarting or dead are left out (see :meth:`health`)."""
+        Instances that are restarting or dead are left out (see :meth:`health`), and so
+        are those mid-step for all of ``timeout_s`` (each waits no longer than that)."""
         asked = [i for i in list(self.instances) if only is None or i.name in only]
-        refs = [i.actor.stats.remote() for i in asked]
+        refs = [i.actor.stats.remote(timeout_s) for i in asked]
         if refs:  # all at once: a hung instance costs one timeout, not one each
             ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         out = []

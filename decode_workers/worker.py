@@ -250,8 +250,9 @@ class DecodeWorker:
     def abort(self, request_id: str) -> None:
         self.loop.post(self._abort, request_id)
 
-    def stats(self) -> InstanceStats:
-        return self.loop.call(self._stats)
+    def stats(self, timeout_s: float = 30.0) -> InstanceStats:
+        """Read between steps; TimeoutError when a step outlasts ``timeout_s``."""
+        return self.loop.call(self._stats, timeout=timeout_s)
 
     # -- the loop thread ----------------------------------------------------------------
 

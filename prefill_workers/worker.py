@@ -177,8 +177,9 @@ class PrefillWorker:
         """Push-style transports: the receiver asks for the KV to be sent to ``peer``."""
         self.sender.send(request_id, peer)
 
-    def stats(self) -> InstanceStats:
-        return self.loop.call(self._stats)
+    def stats(self, timeout_s: float = 30.0) -> InstanceStats:
+        """Read between steps; TimeoutError when a step outlasts ``timeout_s``."""
+        return self.loop.call(self._stats, timeout=timeout_s)
 
     # -- the loop thread ----------------------------------------------------------------
 
