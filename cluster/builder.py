@@ -34,8 +34,28 @@ MAX_RESTARTS = 3
 # Control calls (add, abort, renew, send) run on actor threads while the worker loop
 # steps the engine on its own thread.
 ACTOR_CONCURRENCY = 32
+# Health pings run on a thread of their own (a Ray concurrency group), never queued
+# behind control calls: those that wait on the worker loop (``stats``) are held for as
+# long as the engine's step lasts, and a busy instance must not look hung for that.
+HEALTH_GROUP = "health"
 
-RemoteRank = ray.remote(RankActor)
+
+def remote_class(cls: type, name: str | None = None) -> Any:
+    """``cls`` (an actor's plain class with a ``ping``) as a Ray actor class, its ``ping``
+    in :data:`HEALTH_GROUP`; ``name``: the class's name in ``ps`` and Ray's tools."""
+    base: Any = cls
+
+    def ping(self: Any) -> dict[str, Any]:
+        reply: dict[str, Any] = base.ping(self)
+        return reply
+
+    body = {"__module__": __name__, "ping": ray.method(concurrency_group=HEALTH_GROUP)(ping)}
+    named = type(name or cls.__name__, (cls,), body)
+    # Ray's typed overloads of ``remote`` leave out ``concurrency_groups``, its own option.
+    return ray.remote(concurrency_groups={HEALTH_GROUP: 1})(named)  # type: ignore[call-overload]
+
+
+RemoteRank = remote_class(RankActor)
 
 
 @dataclass
@@ -86,7 +106,7 @@ def _named_class(spec: InstanceSpec) -> Any:
     so that ``ps`` (``ray::PrefillInstance_prefill_0``) and Ray's tools tell the
     instances and their roles apart."""
     name = f"{spec.role.capitalize()}Instance_{spec.name.replace('-', '_')}"
-    return ray.remote(type(name, (InstanceActor,), {"__module__": __name__}))
+    return remote_class(InstanceActor, name)
 
 
 def create(

@@ -6,6 +6,8 @@ The monitor notices (a ping fails, or says not started), tells the cluster to mi
 the requests that instance held (``cluster.migration``), and starts it again with the
 same peers. An instance that misses two rounds of pings in a row (stopped, hung) is
 unresponsive: its requests migrate and nothing is routed to it until it answers again.
+A ping does not wait for the worker loop and runs on a thread of its own in the actor
+(``builder.HEALTH_GROUP``), so an instance busy with a long step still answers.
 An actor Ray has given up on is reported dead and never routed to again.
 
 An instance whose node Ray reports dead (a host lost: its raylet and workers gone) is
