@@ -395,10 +395,13 @@ class InstanceActor:
         decode_instance: str | None = None,
         messages: list[dict[str, str]] | None = None,
         children: list[tuple[str, dict[str, Any]]] | None = None,
+        attempt: int = 0,
     ) -> dict[str, Any]:
         """Tokenize (a text prompt, or chat ``messages`` through the model's chat template),
         validate and queue; returns the prompt's token ids or an error. ``children``:
-        a sequence group's (request id, params) for n > 1 (``LLMEngine.add_request``)."""
+        a sequence group's (request id, params) for n > 1 (``LLMEngine.add_request``);
+        ``attempt``: the router's count of the request's migrations (a re-dispatch may
+        bring it back here after an abort, see ``engine.worker_loop.Tombstones``)."""
         from engine.sampling_params import SamplingParams
 
         if self.worker is None:
@@ -418,10 +421,10 @@ class InstanceActor:
                 group = [(str(c), SamplingParams.from_dict(p)) for c, p in children]
             if self.spec.role == "prefill":
                 self.worker.add_request(
-                    request_id, prompt_token_ids, sampling, decode_instance, group
+                    request_id, prompt_token_ids, sampling, decode_instance, group, attempt
                 )
             else:
-                self.worker.add_request(request_id, prompt_token_ids, sampling, group)
+                self.worker.add_request(request_id, prompt_token_ids, sampling, group, attempt)
         except ValueError as e:
             return {"error": str(e)}
         return {"prompt_token_ids": list(prompt_token_ids)}
@@ -434,9 +437,11 @@ class InstanceActor:
         output_token_ids: list[int],
         params: dict[str, Any],
         messages: list[dict[str, str]] | None = None,
+        attempt: int = 0,
     ) -> dict[str, Any]:
         """Take over a request migrated from another instance (decode or colocated): the
-        prompt as given to ``add_request`` plus the tokens already streamed."""
+        prompt as given to ``add_request`` plus the tokens already streamed; ``attempt``
+        as for ``add_request``."""
         from engine.sampling_params import SamplingParams
 
         if self.worker is None or self.spec.role == "prefill":
@@ -451,7 +456,7 @@ class InstanceActor:
                     prompt_token_ids = engine.tokenizer.encode(prompt)
                 else:
                     raise ValueError("prompt: give prompt, prompt_token_ids or messages")
-            self.worker.resume(request_id, prompt_token_ids, output_token_ids, sampling)
+            self.worker.resume(request_id, prompt_token_ids, output_token_ids, sampling, attempt)
         except ValueError as e:
             return {"error": str(e)}
         return {"prompt_token_ids": list(prompt_token_ids)}
@@ -463,9 +468,10 @@ class InstanceActor:
         if self.worker is not None:
             self.worker.add_handoff(handoff)
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, attempt: int = 0) -> None:
+        """``attempt``: the newest copy of the request this ends (``add_request``)."""
         if self.worker is not None:
-            self.worker.abort(request_id)
+            self.worker.abort(request_id, attempt)
 
     def renew(self, request_ids: list[str]) -> None:
         if self.worker is not None:

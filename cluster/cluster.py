@@ -352,10 +352,10 @@ class Cluster:
         by_name = {i.name: i for i in self.instances}
         return None if name is None else Target(name, by_name[name].actor)
 
-    def _abort_on(self, instance: str, request_id: str) -> None:
+    def _abort_on(self, instance: str, request_id: str, attempt: int) -> None:
         for i in self.instances:
             if i.name == instance:
-                i.actor.abort.remote(request_id)
+                i.actor.abort.remote(request_id, attempt)
 
     def health(self) -> dict[str, str]:
         """Each instance's state: serving, restarting or dead."""
@@ -672,7 +672,7 @@ class Cluster:
         by_name = {i.name: i for i in self.instances}
         for name in {stream.trace.prefill, stream.trace.decode}:
             if name in by_name:
-                by_name[name].actor.abort.remote(request_id)
+                by_name[name].actor.abort.remote(request_id, stream.migrations)
         stream.finish(reason, error)
         return True
 

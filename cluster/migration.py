@@ -20,6 +20,12 @@ recomputes the prompt. A request migrated more than ``limit`` times ends with an
 finish. Where no instance can take it right now, it waits (``retry`` runs on every
 health round) up to ``wait_s``.
 
+Every copy sent is numbered (its *attempt*: the stream's ``migrations`` once moved),
+and the aborts of the old copies name the attempt before it. An instance drops a late
+call for a copy it was told to abort, but takes a newer copy of the same request: a
+request may come back to an instance it left (all prefill instances lost, its decode
+destination changed, then the new one lost too).
+
 ``counters``: ``migrations_<cause>`` (every move), ``to_prefill`` (re-dispatched to a
 prefill instance), ``to_decode`` (resumed on a decode instance), ``prefill_fallbacks``
 (a prefill instance's unstarted request resumed on decode because no prefill instance
@@ -77,7 +83,7 @@ class Migrator:
         self,
         streams: Callable[[], dict[str, RequestStream]],
         pick: Callable[[set[str]], Target | None],
-        abort_on: Callable[[str, str], None],
+        abort_on: Callable[[str, str, int], None],
         fail: Callable[[str, str], object],
         limit: int = 3,
         wait_s: float = 60.0,
@@ -85,7 +91,8 @@ class Migrator:
     ):
         """``streams()``: the requests in flight; ``pick(exclude)``: the decode instance
         to move to (see :func:`pick_decode`), None when there is none;
-        ``abort_on(instance, request_id)``: a fire-and-forget abort of the old copy;
+        ``abort_on(instance, request_id, attempt)``: a fire-and-forget abort of the old
+        copies (up to ``attempt``);
         ``fail(request_id, message)``: end a request with an error finish everywhere;
         ``pick_prefill(exclude)``: the live prefill instance to re-dispatch an unstarted
         prefill to, None when there is none (or no prefill pool)."""
@@ -144,8 +151,9 @@ class Migrator:
             return self.migrate(stream, cause, exclude)
         self.counters[f"migrations_{cause}"] += 1
         self.counters["to_prefill"] += 1
+        attempt = stream.migrations
         for name in ({old} | exclude) - {None, target.name, dest.name}:
-            self._abort_on(str(name), stream.request_id)
+            self._abort_on(str(name), stream.request_id, attempt - 1)
         r = stream.resubmit
         ids = r.get("prompt_token_ids") or (stream.prompt_token_ids or None)
         logger.info(
@@ -153,8 +161,9 @@ class Migrator:
             stream.request_id, target.name, dest.name, cause,
         )  # fmt: skip
         ref = target.actor.add_request.remote(
-            stream.request_id, r.get("prompt"), ids, r.get("params"), dest.name, r.get("messages")
-        )
+            stream.request_id, r.get("prompt"), ids, r.get("params"), dest.name, r.get("messages"),
+            attempt=attempt,
+        )  # fmt: skip
         ref.future().add_done_callback(
             lambda f: self._answered(stream, target.name, cause, f, self.redispatch)
         )
@@ -181,8 +190,9 @@ class Migrator:
             return False
         self.counters[f"migrations_{cause}"] += 1
         self.counters["to_decode"] += 1
+        attempt = stream.migrations
         for name in away - {target.name}:
-            self._abort_on(name, stream.request_id)
+            self._abort_on(name, stream.request_id, attempt - 1)
         r = stream.resubmit
         ids = r.get("prompt_token_ids") or (stream.prompt_token_ids or None)
         logger.info(
@@ -190,8 +200,9 @@ class Migrator:
             stream.request_id, target.name, len(outputs), cause,
         )  # fmt: skip
         ref = target.actor.resume_request.remote(
-            stream.request_id, r.get("prompt"), ids, outputs, r.get("params"), r.get("messages")
-        )
+            stream.request_id, r.get("prompt"), ids, outputs, r.get("params"), r.get("messages"),
+            attempt=attempt,
+        )  # fmt: skip
         ref.future().add_done_callback(
             lambda f: self._answered(stream, target.name, cause, f, self.migrate)
         )

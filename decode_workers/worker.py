@@ -222,13 +222,16 @@ class DecodeWorker:
         prompt_token_ids: list[int],
         params: SamplingParams,
         children: list[tuple[str, SamplingParams]] | None = None,
+        attempt: int = 0,
     ) -> None:
         """Colocated mode: prefill and decode a prompt here (a sequence group with
-        ``children``: the prompt once, the children sharing its blocks)."""
+        ``children``: the prompt once, the children sharing its blocks). ``attempt``:
+        which copy of the request this is (``Tombstones``)."""
         self.engine.validate_request(prompt_token_ids, params)
         for _, child_params in children or []:
             self.engine.validate_request(prompt_token_ids, child_params)
-        self.loop.post(self._add_request, request_id, list(prompt_token_ids), params, children)
+        ids = list(prompt_token_ids)
+        self.loop.post(self._add_request, request_id, ids, params, children, attempt)
 
     def resume(
         self,
@@ -236,19 +239,21 @@ class DecodeWorker:
         prompt_token_ids: list[int],
         output_token_ids: list[int],
         params: SamplingParams,
+        attempt: int = 0,
     ) -> None:
         """A request migrated here: recompute prompt plus the tokens already streamed
         (replayed as output) and generate the rest (``LLMEngine.add_resumed``). The
         prompt's logprobs went out with its first token, so they are not asked again
-        (a TP/PP instance, which cannot compute them, takes the request too)."""
+        (a TP/PP instance, which cannot compute them, takes the request too).
+        ``attempt``: which copy of the request this is; it may have been here before."""
         params = dataclasses.replace(params, prompt_logprobs=None)
         self.engine.validate_request(prompt_token_ids, params)
-        self.loop.post(
-            self._resume, request_id, list(prompt_token_ids), list(output_token_ids), params
-        )
+        ids, outputs = list(prompt_token_ids), list(output_token_ids)
+        self.loop.post(self._resume, request_id, ids, outputs, params, attempt)
 
-    def abort(self, request_id: str) -> None:
-        self.loop.post(self._abort, request_id)
+    def abort(self, request_id: str, attempt: int = 0) -> None:
+        """Drop the request here; a late call for a copy up to ``attempt`` is dropped too."""
+        self.loop.post(self._abort, request_id, attempt)
 
     def stats(self, timeout_s: float = 30.0) -> InstanceStats:
         """Read between steps; TimeoutError when a step outlasts ``timeout_s``."""
@@ -262,12 +267,13 @@ class DecodeWorker:
         ids: list[int],
         params: SamplingParams,
         children: list[tuple[str, SamplingParams]] | None = None,
+        attempt: int = 0,
     ) -> None:
         if children is not None:
-            children = [c for c in children if c[0] not in self._aborted]
+            children = [c for c in children if not self._aborted.covers(c[0], attempt)]
             if not children:
                 return
-        elif request_id in self._aborted:
+        elif self._aborted.covers(request_id, attempt):
             return
         rids = [c for c, _ in children] if children is not None else [request_id]
         try:
@@ -282,9 +288,14 @@ class DecodeWorker:
             self._started[rid] = self._clock()
 
     def _resume(
-        self, request_id: str, ids: list[int], outputs: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        ids: list[int],
+        outputs: list[int],
+        params: SamplingParams,
+        attempt: int = 0,
     ) -> None:
-        if request_id in self._aborted:
+        if self._aborted.covers(request_id, attempt):
             return
         # A copy of the request may still be here (its prefill instance died mid
         # hand-off): the resumed one replaces it.
@@ -302,14 +313,22 @@ class DecodeWorker:
         # Aborted, already resumed here by a migration (a late hand-off of a dead
         # prefill instance), or being pulled already: the KV is not wanted.
         rid = handoff.request_id
+        aborted = self._aborted.covers
         if handoff.children is not None:
-            gone = {c for c in handoff.request_ids if c in self._aborted or c in self._started}
+            gone = {
+                c for c in handoff.request_ids
+                if aborted(c, handoff.attempt) or c in self._started
+            }  # fmt: skip
             if len(gone) == len(handoff.children) or self.transfers.get(rid) is not None:
                 self._release(handoff)
                 return
             self._dropped[rid] = gone
             self._group_of.update((c, rid) for c in handoff.request_ids)
-        elif rid in self._aborted or rid in self._started or self.transfers.get(rid) is not None:
+        elif (
+            aborted(rid, handoff.attempt)
+            or rid in self._started
+            or self.transfers.get(rid) is not None
+        ):
             self._release(handoff)
             return
         # A second hand-off of one request: its prefill instance was lost (hung) and it
@@ -509,8 +528,8 @@ class DecodeWorker:
             )
         )
 
-    def _abort(self, request_id: str) -> None:
-        self._aborted.add(request_id)
+    def _abort(self, request_id: str, attempt: int = 0) -> None:
+        self._aborted.add(request_id, attempt)
         self._drop(request_id)
 
     def _drop(self, request_id: str) -> None:

@@ -110,24 +110,35 @@ def crash(loop: WorkerLoop) -> None:
 
 class Tombstones:
     """Ids of recently aborted requests, so a call that arrives after the abort (Ray does
-    not order calls on a threaded actor) is dropped instead of starting the request."""
+    not order calls on a threaded actor; a hand-off comes from another instance) is
+    dropped instead of starting the request.
+
+    Each call that starts a copy of a request carries its *attempt*: the router's count
+    of the request's migrations when it sent that copy. An abort names the newest attempt
+    it ends, so a later copy of the same request (migrated back to this instance after it
+    left) is not mistaken for a late one: dropping it would leave the request with no
+    instance serving it."""
 
     def __init__(self, ttl_s: float = 120.0, clock: Callable[[], float] | None = None):
         import time
 
         self._ttl_s = ttl_s
         self._clock = clock or time.monotonic
-        self._ids: dict[str, float] = {}
+        self._ids: dict[str, tuple[float, int]] = {}  # id -> (expires at, attempt)
 
-    def add(self, request_id: str) -> None:
+    def add(self, request_id: str, attempt: int = 0) -> None:
         now = self._clock()
-        self._ids[request_id] = now + self._ttl_s
+        old = self._ids.pop(request_id, None)  # re-added last: it expires last
+        if old is not None and old[0] > now:
+            attempt = max(attempt, old[1])
+        self._ids[request_id] = (now + self._ttl_s, attempt)
         # Dicts keep insertion order, so expired ids are at the front.
-        for rid, expires_at in list(self._ids.items()):
+        for rid, (expires_at, _) in list(self._ids.items()):
             if expires_at > now:
                 break
             del self._ids[rid]
 
-    def __contains__(self, request_id: str) -> bool:
-        expires_at = self._ids.get(request_id)
-        return expires_at is not None and expires_at > self._clock()
+    def covers(self, request_id: str, attempt: int = 0) -> bool:
+        """Whether the copy of ``request_id`` sent as ``attempt`` was aborted here."""
+        entry = self._ids.get(request_id)
+        return entry is not None and entry[0] > self._clock() and attempt <= entry[1]

@@ -72,6 +72,9 @@ class HandOff:
     timings: dict[str, float] = field(default_factory=dict)
     # A sequence group's sequences (None: a single request, first_token and params above).
     children: list[ChildHandOff] | None = None
+    # The router's attempt number of this copy of the request (``engine.worker_loop``'s
+    # ``Tombstones``): the decode side drops a hand-off of a copy it was told to abort.
+    attempt: int = 0
 
     @property
     def request_ids(self) -> list[str]:
@@ -98,6 +101,7 @@ class HandOff:
             "children": None
             if self.children is None
             else [c.to_dict() for c in self.children],
+            "attempt": self.attempt,
         }
 
     @classmethod
@@ -120,4 +124,5 @@ class HandOff:
             children=None
             if d.get("children") is None
             else [ChildHandOff.from_dict(c) for c in d["children"]],
+            attempt=int(d.get("attempt", 0)),
         )

@@ -56,6 +56,7 @@ class QueuedPrefill:
     decode_instance: str
     arrival: float
     timings: dict[str, float] = field(default_factory=dict)
+    attempt: int = 0  # the router's, for the hand-off (see ``Tombstones``)
 
 
 class PrefillQueue:
@@ -152,18 +153,20 @@ class PrefillWorker:
         params: SamplingParams,
         decode_instance: str,
         children: list[tuple[str, SamplingParams]] | None = None,
+        attempt: int = 0,
     ) -> None:
         """Queue a prompt; ValueError naming the field if it cannot run. ``children``:
-        a sequence group's (request id, params), see ``LLMEngine.add_request``."""
+        a sequence group's (request id, params), see ``LLMEngine.add_request``;
+        ``attempt``: which copy of the request this is (``Tombstones``)."""
         self.engine.validate_request(prompt_token_ids, params)
         for _, child_params in children or []:
             self.engine.validate_request(prompt_token_ids, child_params)
-        self.loop.post(
-            self._add, request_id, list(prompt_token_ids), params, decode_instance, children
-        )
+        ids = list(prompt_token_ids)
+        self.loop.post(self._add, request_id, ids, params, decode_instance, children, attempt)
 
-    def abort(self, request_id: str) -> None:
-        self.loop.post(self._abort, request_id)
+    def abort(self, request_id: str, attempt: int = 0) -> None:
+        """Drop the request here; a late call for a copy up to ``attempt`` is dropped too."""
+        self.loop.post(self._abort, request_id, attempt)
 
     def renew(self, request_ids: list[str]) -> None:
         """The decode side's heartbeat for requests it has not pulled yet."""
@@ -190,12 +193,13 @@ class PrefillWorker:
         params: SamplingParams,
         decode_instance: str,
         children: list[tuple[str, SamplingParams]] | None = None,
+        attempt: int = 0,
     ) -> None:
         if children is not None:
-            children = [c for c in children if c[0] not in self._aborted]
+            children = [c for c in children if not self._aborted.covers(c[0], attempt)]
             if not children:
                 return
-        elif request_id in self._aborted:
+        elif self._aborted.covers(request_id, attempt):
             return
         try:
             self.engine.add_request(
@@ -208,7 +212,9 @@ class PrefillWorker:
         if children is not None:
             self._groups[request_id] = {c for c, _ in children}
             self._group_of.update((c, request_id) for c, _ in children)
-        self.queue.add(QueuedPrefill(request_id, len(ids), decode_instance, self._clock()))
+        self.queue.add(
+            QueuedPrefill(request_id, len(ids), decode_instance, self._clock(), attempt=attempt)
+        )
 
     def _tick(self) -> bool:
         for lease in self.leases.expire():
@@ -294,6 +300,7 @@ class PrefillWorker:
             first_logprobs=out.logprobs[0] if out.logprobs else None,
             num_cached_tokens=out.num_cached_tokens,
             timings=timings,
+            attempt=item.attempt,
         )
         self._counters["handoffs"] += 1
         self._send_handoff(item.decode_instance, handoff, [out.request_id])
@@ -341,6 +348,7 @@ class PrefillWorker:
             num_cached_tokens=group.num_cached_tokens,
             timings={"queue": (started or now) - item.arrival, "prefill": now - (started or now)},
             children=children,
+            attempt=item.attempt,
         )
         self._counters["handoffs"] += 1
         self._send_handoff(item.decode_instance, handoff, [c.request_id for c in children])
@@ -359,8 +367,8 @@ class PrefillWorker:
             self._group_of.pop(child, None)
         self._firsts.pop(group, None)
 
-    def _abort(self, request_id: str) -> None:
-        self._aborted.add(request_id)
+    def _abort(self, request_id: str, attempt: int = 0) -> None:
+        self._aborted.add(request_id, attempt)
         group = self._group_of.pop(request_id, None)
         if group is not None:  # one child: the group goes on while others want it
             wanted = self._groups.get(group, set())

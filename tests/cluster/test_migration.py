@@ -11,14 +11,15 @@ from cluster.dispatch import InstanceLoad
 from cluster.migration import Migrator, Target, pick_decode, pick_prefill
 from cluster.stream import RequestStream, RequestTrace
 from engine.events import TokenEvent
+from engine.worker_loop import Tombstones
 
 
 class FakeCall:
     def __init__(self, actor: FakeActor, method: str):
         self.actor, self.method = actor, method
 
-    def remote(self, *args: Any) -> FakeCall:
-        self.actor.calls.append((self.method, args))
+    def remote(self, *args: Any, **kwargs: Any) -> FakeCall:
+        self.actor.calls.append((self.method, args, kwargs))
         return self
 
     def future(self) -> Future[Any]:
@@ -29,7 +30,7 @@ class FakeCall:
 
 class FakeActor:
     def __init__(self) -> None:
-        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
         self.replies: list[dict[str, Any]] = []
 
     def __getattr__(self, method: str) -> FakeCall:
@@ -50,13 +51,13 @@ class Setup:
         self.actors = {x.name: FakeActor() for x in LOADS}
         self.live = live
         self.streams: dict[str, RequestStream] = {}
-        self.aborted: list[tuple[str, str]] = []
+        self.aborted: list[tuple[str, str, int]] = []  # (instance, request, up to attempt)
         self.failed: list[str] = []
         loads = lambda: [x for x in LOADS if x.name in self.live]  # noqa: E731
         self.migrator = Migrator(
             lambda: self.streams,
             lambda ex: self._target(pick_decode(loads(), ex)),
-            lambda name, rid: self.aborted.append((name, rid)),
+            lambda name, rid, attempt: self.aborted.append((name, rid, attempt)),
             lambda rid, msg: self.failed.append(rid),
             pick_prefill=lambda ex: self._target(pick_prefill(loads(), ex)),
         )
@@ -79,10 +80,10 @@ def test_unstarted_prefills_go_to_another_prefill_instance() -> None:
     assert t.migrator.lost("prefill-0", "dead") == 1
     # The least queued live prefill instance, handing off to the least busy decode one.
     assert t.actors["prefill-1"].calls == [
-        ("add_request", ("r", None, [1, 2, 3], {}, "decode-1", None))
+        ("add_request", ("r", None, [1, 2, 3], {}, "decode-1", None), {"attempt": 1})
     ]
     assert s.trace.prefill == "prefill-1" and s.trace.decode == "decode-1"
-    assert t.aborted == [("prefill-0", "r")]
+    assert t.aborted == [("prefill-0", "r", 0)]
     c = t.migrator.counters
     assert (c["migrations_dead"], c["to_prefill"], c["to_decode"], c["prefill_fallbacks"]) == (
         1, 1, 0, 0,
@@ -99,7 +100,9 @@ def test_without_a_live_prefill_instance_decode_recomputes() -> None:
     t = Setup(live={"decode-0", "decode-1"})
     t.stream("r", "prefill-0", "decode-0")
     assert t.migrator.lost("prefill-0", "dead") == 1
-    assert t.actors["decode-1"].calls == [("resume_request", ("r", None, [1, 2, 3], [], {}, None))]
+    assert t.actors["decode-1"].calls == [
+        ("resume_request", ("r", None, [1, 2, 3], [], {}, None), {"attempt": 1})
+    ]
     c = t.migrator.counters
     assert (c["to_prefill"], c["to_decode"], c["prefill_fallbacks"]) == (0, 1, 1)
 
@@ -110,7 +113,7 @@ def test_handed_off_requests_resume_on_decode_and_later_ones_stay() -> None:
     t.stream("decoding", "prefill-0", "decode-0", tokens=3)
     assert t.migrator.lost("prefill-0", "dead") == 1
     assert t.actors["prefill-1"].calls == []
-    assert [(m, a[0], a[3]) for m, a in t.actors["decode-1"].calls] == [
+    assert [(m, a[0], a[3]) for m, a, _ in t.actors["decode-1"].calls] == [
         ("resume_request", "handed-off", [10])
     ]
     assert t.streams["decoding"].migrations == 0
@@ -121,8 +124,8 @@ def test_a_refusing_prefill_instance_is_passed_over() -> None:
     t.actors["prefill-1"].replies = [{"error": "restarting", "retry": True}]
     s = t.stream("r", "prefill-0", "decode-0")
     t.migrator.lost("prefill-0", "hung")
-    assert [m for m, _ in t.actors["prefill-1"].calls] == ["add_request"]
-    assert [m for m, _ in t.actors["prefill-2"].calls] == ["add_request"]
+    assert [m for m, _, _ in t.actors["prefill-1"].calls] == ["add_request"]
+    assert [m for m, _, _ in t.actors["prefill-2"].calls] == ["add_request"]
     assert s.trace.prefill == "prefill-2" and s.migrations == 2
     assert t.migrator.counters["migrations_hung"] == 2 and not t.failed
 
@@ -145,3 +148,34 @@ def test_the_migration_limit_ends_the_request() -> None:
     t.migrator.lost("prefill-1", "dead")
     assert t.failed == ["r"] and s.migrations == 1
     assert t.migrator.counters["migration_failures"] == 1
+
+
+def test_a_request_back_on_an_instance_it_left_is_a_newer_copy_there() -> None:
+    """Both prefill instances lost at once (the CI hang): the request falls back to the
+    decode instance other than its destination, which is told to abort it; that one is
+    then lost too, and the request goes back to its first destination. That instance
+    must take it: the abort it had ends older copies only (``Tombstones``)."""
+    t = Setup(live={"decode-0", "decode-1"})
+    s = t.stream("r", "prefill-0", "decode-0")
+    t.migrator.lost("prefill-0", "hung")
+    assert s.trace.decode == "decode-1"
+    t.live = {"decode-0"}
+    t.migrator.lost("decode-1", "dead")
+    assert s.trace.decode == "decode-0" and not t.failed
+    tombstones = Tombstones()  # decode-0's
+    for name, rid, attempt in t.aborted:
+        if name == "decode-0":
+            tombstones.add(rid, attempt)
+    [(method, _, kwargs)] = t.actors["decode-0"].calls
+    assert method == "resume_request" and not tombstones.covers("r", kwargs["attempt"])
+    assert tombstones.covers("r", 0)  # its late hand-off from prefill-0 is still dropped
+
+
+def test_tombstones_keep_the_newest_attempt_aborted_until_they_expire() -> None:
+    now = [0.0]
+    tombstones = Tombstones(ttl_s=10.0, clock=lambda: now[0])
+    tombstones.add("r", 2)
+    tombstones.add("r", 1)  # a late abort of an older copy
+    assert tombstones.covers("r", 2) and not tombstones.covers("r", 3)
+    now[0] = 11.0
+    assert not tombstones.covers("r", 0)

@@ -1,0 +1,81 @@
+"""A request may come back to an instance it was aborted on (``engine.worker_loop``'s
+``Tombstones``): a newer copy (a higher attempt) runs there, a late call for an aborted
+copy does not. The prefill and decode workers wired as the cluster wires them
+(``tests.decode_workers.pair``), on a tiny random model, so this runs in seconds."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from cluster.stream import RequestStream, RequestTrace
+from engine.config import CacheConfig, EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from tests.decode_workers.pair import Pair, final, wait_until
+from tests.engine.helpers import make_tiny_model_dir
+
+PARAMS = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+IDS = [5, 17, 42, 99, 7, 63, 12]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+    model = make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "llama", "llama")
+    config = EngineConfig(model=str(model), cache=CacheConfig(num_blocks=64))
+    engines = LLMEngine.from_config(config), LLMEngine.from_config(config)
+    with Pair(*engines) as p:
+        yield p
+    for engine in engines:
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def _listen(pair: Pair, request_id: str, prefill: str | None) -> RequestStream:
+    stream = RequestStream(request_id, IDS, RequestTrace(prefill, "decode-0", 0.0))
+    pair.sink.streams[request_id] = stream
+    return stream
+
+
+def test_a_request_resumed_where_it_was_aborted_before_runs(pair: Pair) -> None:
+    """All prefill instances lost: the request fell back to another decode instance and
+    its first destination, this one, was told to abort it; then that other instance was
+    lost too, and the request came back here (attempt 2)."""
+    stream = _listen(pair, "back", None)
+    pair.decode.abort("back", 1)
+    pair.decode.resume("back", IDS, [], PARAMS, attempt=2)
+    out = final(stream, 30)
+    assert (out.finish_reason, len(out.token_ids)) == ("length", 5)
+
+
+def test_a_late_resume_of_an_aborted_copy_is_dropped(pair: Pair) -> None:
+    resumes = pair.decode.stats().counters["resumes"]
+    pair.decode.abort("late", 2)
+    pair.decode.resume("late", IDS, [], PARAMS, attempt=2)
+    assert pair.decode.stats().counters["resumes"] == resumes  # stats() runs after it
+
+
+def test_a_request_re_dispatched_to_a_prefill_instance_it_left_runs(pair: Pair) -> None:
+    stream = _listen(pair, "again", "prefill-0")
+    pair.prefill.abort("again", 0)
+    pair.prefill.add_request("again", IDS, PARAMS, "decode-0", attempt=1)
+    out = final(stream, 30)
+    assert (out.finish_reason, len(out.token_ids)) == ("length", 5)
+
+
+def test_a_hand_off_of_an_aborted_copy_is_released_a_newer_ones_is_pulled(pair: Pair) -> None:
+    """The decode side hears of the abort before the prefill side (another sender)."""
+    pulls = pair.decode.stats().counters["pulls"]
+    _listen(pair, "stale", "prefill-0")
+    pair.decode.abort("stale", 1)
+    pair.prefill.add_request("stale", IDS, PARAMS, "decode-0", attempt=1)
+    wait_until(lambda: "stale" in pair.peers.releases)
+    assert pair.decode.stats().counters["pulls"] == pulls
+    wait_until(lambda: pair.prefill.stats().counters["leases"] == 0)
+
+    stream = _listen(pair, "newer", "prefill-0")
+    pair.decode.abort("newer", 1)
+    pair.prefill.add_request("newer", IDS, PARAMS, "decode-0", attempt=2)
+    out = final(stream, 30)
+    assert (out.finish_reason, len(out.token_ids)) == ("length", 5)
+    assert pair.decode.stats().counters["pulls"] == pulls + 1
