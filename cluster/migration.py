@@ -165,7 +165,7 @@ class Migrator:
             attempt=attempt,
         )  # fmt: skip
         ref.future().add_done_callback(
-            lambda f: self._answered(stream, target.name, cause, f, self.redispatch)
+            lambda f: self._answered(stream, target.name, cause, f, self.redispatch, attempt)
         )
         return True
 
@@ -204,7 +204,7 @@ class Migrator:
             attempt=attempt,
         )  # fmt: skip
         ref.future().add_done_callback(
-            lambda f: self._answered(stream, target.name, cause, f, self.migrate)
+            lambda f: self._answered(stream, target.name, cause, f, self.migrate, attempt)
         )
         return True
 
@@ -215,9 +215,12 @@ class Migrator:
         cause: str,
         future: Any,
         again: Callable[[RequestStream, str, set[str]], bool],
+        attempt: int,
     ) -> None:
-        """The new instance's answer: accepted, or try another (``again``, without
-        ``name``), or fail clearly."""
+        """The new instance's answer to the copy sent as ``attempt``: accepted, or try
+        another (``again``, without ``name``), or fail clearly. A refusal that comes after
+        the request moved on (a health round saw ``name`` lost first) is of a copy nobody
+        listens to: moving the request again would only spend its migrations."""
         try:
             reply = future.result()
         except ray.exceptions.RayError as e:
@@ -225,6 +228,8 @@ class Migrator:
         if "error" not in reply:
             if not stream.prompt_token_ids:
                 stream.set_prompt(reply["prompt_token_ids"])
+            return
+        if stream.migrations != attempt:
             return
         if reply.get("retry"):
             again(stream, cause, {name})

@@ -24,6 +24,9 @@ class FakeCall:
 
     def future(self) -> Future[Any]:
         f: Future[Any] = Future()
+        if self.actor.hold:  # answered later, by the test
+            self.actor.held.append(f)
+            return f
         f.set_result(self.actor.replies.pop(0) if self.actor.replies else {"prompt_token_ids": [1]})
         return f
 
@@ -32,6 +35,8 @@ class FakeActor:
     def __init__(self) -> None:
         self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
         self.replies: list[dict[str, Any]] = []
+        self.hold = False
+        self.held: list[Future[Any]] = []
 
     def __getattr__(self, method: str) -> FakeCall:
         return FakeCall(self, method)
@@ -179,3 +184,19 @@ def test_tombstones_keep_the_newest_attempt_aborted_until_they_expire() -> None:
     assert tombstones.covers("r", 2) and not tombstones.covers("r", 3)
     now[0] = 11.0
     assert not tombstones.covers("r", 0)
+
+
+def test_a_late_refusal_from_an_instance_the_request_left_moves_nothing() -> None:
+    """decode-1 dies before answering the resume it was sent, and the health round moves
+    the request on first; the call's failure arrives after that."""
+    t = Setup(live={"decode-0", "decode-1"})
+    t.actors["decode-1"].hold = True
+    s = t.stream("r", "prefill-0", "decode-0", tokens=3)
+    t.migrator.lost("decode-0", "dead")
+    assert s.trace.decode == "decode-1"
+    t.live = {"decode-0"}  # restarted by now
+    t.migrator.lost("decode-1", "dead")
+    assert s.trace.decode == "decode-0" and s.migrations == 2
+    [late] = t.actors["decode-1"].held
+    late.set_result({"error": "decode-1: the actor died", "retry": True})
+    assert s.migrations == 2 and len(t.actors["decode-0"].calls) == 1 and not t.failed
