@@ -95,6 +95,9 @@ class PendingQueue:
     def peek(self) -> HandOff | None:
         return next(iter(self._items.values()), None)
 
+    def get(self, request_id: str) -> HandOff | None:
+        return self._items.get(request_id)
+
     def pop(self, request_id: str) -> HandOff | None:
         return self._items.pop(request_id, None)
 
@@ -166,8 +169,9 @@ class DecodeWorker:
         self._dropped: dict[str, set[str]] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._next_heartbeat = 0.0
-        # Per running request: when the instance took it on, and the transfer's time.
-        self._started: dict[str, float] = {}
+        # Per running request: when the instance took it on and the attempt it came as
+        # (``_abort``); and the transfer's time.
+        self._started: dict[str, tuple[float, int]] = {}
         self._first_timings: dict[str, dict[str, float]] = {}
         self._counters: dict[str, float] = {
             "pulls": 0,
@@ -285,7 +289,7 @@ class DecodeWorker:
                 self._send_error(rid, str(e))
             return
         for rid in rids:
-            self._started[rid] = self._clock()
+            self._started[rid] = (self._clock(), attempt)
 
     def _resume(
         self,
@@ -306,7 +310,7 @@ class DecodeWorker:
             self._send_error(request_id, str(e))
             return
         self._counters["resumes"] += 1
-        self._started[request_id] = self._clock()
+        self._started[request_id] = (self._clock(), attempt)
         self._first_timings[request_id] = {"recomputed": 1.0}
 
     def _add_handoff(self, handoff: HandOff) -> None:
@@ -457,7 +461,7 @@ class DecodeWorker:
                 self.engine.free_blocks(block_table)
             self._send_error(h.request_id, str(e))
             return
-        self._started[h.request_id] = self._clock()
+        self._started[h.request_id] = (self._clock(), h.attempt)
         self._first_timings[h.request_id] = timings
 
     def _add_children(
@@ -491,7 +495,7 @@ class DecodeWorker:
                     self.engine.free_blocks(table)
                 self._send_error(child.request_id, str(e))
                 continue
-            self._started[child.request_id] = self._clock()
+            self._started[child.request_id] = (self._clock(), h.attempt)
             self._first_timings[child.request_id] = dict(timings)
 
     def _forget_group(self, h: HandOff) -> set[str]:
@@ -506,11 +510,11 @@ class DecodeWorker:
         if timings is None:
             timings = {}
         elif out.request_id in self._started:  # the request's first decode step
-            timings["first_decode_step"] = self._clock() - self._started[out.request_id]
+            timings["first_decode_step"] = self._clock() - self._started[out.request_id][0]
         if out.finished:
             started = self._started.pop(out.request_id, None)
             if started is not None:
-                timings["decode"] = self._clock() - started
+                timings["decode"] = self._clock() - started[0]
         self.events.send(
             TokenEvent(
                 request_id=out.request_id,
@@ -530,7 +534,26 @@ class DecodeWorker:
 
     def _abort(self, request_id: str, attempt: int = 0) -> None:
         self._aborted.add(request_id, attempt)
+        # Ray does not order calls: the abort of an older copy may come after a newer copy
+        # (migrated back here) started, which must go on.
+        held = self._held_attempt(request_id)
+        if held is not None and held > attempt:
+            return
         self._drop(request_id)
+
+    def _held_attempt(self, request_id: str) -> int | None:
+        """The attempt of the copy of ``request_id`` held here (a child's is its group's
+        until it is forked off), None if there is none."""
+        handoff = self._handoff(self._group_of.get(request_id, request_id))
+        if handoff is not None:
+            return handoff.attempt
+        started = self._started.get(request_id)
+        return None if started is None else started[1]
+
+    def _handoff(self, request_id: str) -> HandOff | None:
+        """A request's (or group's) hand-off while it waits for blocks or is pulled."""
+        pull = self.transfers.get(request_id)
+        return self.pending.get(request_id) or (pull.handoff if pull else None)
 
     def _drop(self, request_id: str) -> None:
         """Forget a request wherever it is here, freeing what it holds."""
@@ -538,8 +561,8 @@ class DecodeWorker:
         if group is not None:  # a child whose group is pending or pulling
             dropped = self._dropped.setdefault(group, set())
             dropped.add(request_id)
-            pending = next((h for h in self.pending.values() if h.request_id == group), None)
-            whole = pending or (p.handoff if (p := self.transfers.get(group)) else None)
+            pending = self.pending.get(group)
+            whole = self._handoff(group)
             if whole is None or len(dropped) < len(whole.request_ids):
                 return
             request_id = group  # every child dropped: the group goes

@@ -19,6 +19,7 @@ class Lease:
     request_id: str
     block_ids: list[int]
     expires_at: float
+    attempt: int = 0  # the router's, of the copy of the request whose KV this is
 
 
 class LeaseTable:
@@ -41,10 +42,10 @@ class LeaseTable:
         """Blocks held by leases (a block shared by two leases counts twice)."""
         return sum(len(lease.block_ids) for lease in self._leases.values())
 
-    def grant(self, request_id: str, block_ids: list[int]) -> Lease:
+    def grant(self, request_id: str, block_ids: list[int], attempt: int = 0) -> Lease:
         if request_id in self._leases:
             raise ValueError(f"request_id: {request_id!r} already holds a lease")
-        lease = Lease(request_id, list(block_ids), self._clock() + self.ttl_s)
+        lease = Lease(request_id, list(block_ids), self._clock() + self.ttl_s, attempt)
         self._leases[request_id] = lease
         return lease
 
@@ -59,6 +60,9 @@ class LeaseTable:
                 lease.expires_at = expires_at
                 renewed += 1
         return renewed
+
+    def get(self, request_id: str) -> Lease | None:
+        return self._leases.get(request_id)
 
     def end(self, request_id: str) -> Lease | None:
         """Remove a lease (pulled or aborted); None if it does not exist."""

@@ -284,7 +284,7 @@ class PrefillWorker:
         seq, blocks = self.engine.detach(out.request_id)
         # The sender describes the blocks: under TP/PP, every rank's share and endpoint.
         desc = self.sender.describe(out.request_id, seq.num_prompt_tokens, blocks)
-        self.leases.grant(out.request_id, blocks)
+        self.leases.grant(out.request_id, blocks, item.attempt)
         self.sender.publish(desc)
         self.events.send(event)
         state = None if seq.generator is None else bytes(seq.generator.get_state().tolist())
@@ -333,7 +333,7 @@ class PrefillWorker:
             )
         self._groups[gid] = {c.request_id for c in children}
         desc = self.sender.describe(gid, group.num_prompt_tokens, blocks)
-        self.leases.grant(gid, blocks)
+        self.leases.grant(gid, blocks, item.attempt)
         self.sender.publish(desc)
         now = self._clock()
         started = group.metrics.first_scheduled_time
@@ -369,6 +369,11 @@ class PrefillWorker:
 
     def _abort(self, request_id: str, attempt: int = 0) -> None:
         self._aborted.add(request_id, attempt)
+        # Ray does not order calls: the abort of an older copy may come after a newer copy
+        # (re-dispatched back here) started, which must go on.
+        held = self._held_attempt(request_id)
+        if held is not None and held > attempt:
+            return
         group = self._group_of.pop(request_id, None)
         if group is not None:  # one child: the group goes on while others want it
             wanted = self._groups.get(group, set())
@@ -386,6 +391,16 @@ class PrefillWorker:
             self.engine.abort(request_id)
         else:
             self._end_lease(request_id)
+
+    def _held_attempt(self, request_id: str) -> int | None:
+        """The attempt of the copy of ``request_id`` (a child's: of its group) held here,
+        queued or leased; None if there is none."""
+        held = self._group_of.get(request_id, request_id)
+        item = self.queue.get(held)
+        if item is not None:
+            return item.attempt
+        lease = self.leases.get(held)
+        return None if lease is None else lease.attempt
 
     def _end_lease(self, request_id: str) -> None:
         self._forget_group(request_id)

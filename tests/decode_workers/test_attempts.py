@@ -6,6 +6,7 @@ copy does not. The prefill and decode workers wired as the cluster wires them
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -17,6 +18,8 @@ from tests.decode_workers.pair import Pair, final, wait_until
 from tests.engine.helpers import make_tiny_model_dir
 
 PARAMS = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+# Long enough that a call made on its first token lands while it runs.
+LONG = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
 IDS = [5, 17, 42, 99, 7, 63, 12]
 
 
@@ -79,3 +82,67 @@ def test_a_hand_off_of_an_aborted_copy_is_released_a_newer_ones_is_pulled(pair: 
     out = final(stream, 30)
     assert (out.finish_reason, len(out.token_ids)) == ("length", 5)
     assert pair.decode.stats().counters["pulls"] == pulls + 1
+
+
+def test_a_late_abort_of_an_older_copy_leaves_a_newer_one_running(pair: Pair) -> None:
+    """The request migrated back here (attempt 1) and runs when the abort of the copy it
+    left here before (attempt 0) comes in: Ray does not order the two calls."""
+    stream = _listen(pair, "overtaken", None)
+    pair.decode.resume("overtaken", IDS, [], LONG, attempt=1)
+    stream.get(timeout=30)  # its first token: running
+    pair.decode.abort("overtaken", 0)
+    out = final(stream, 30)
+    assert (out.finish_reason, len(out.token_ids)) == ("length", LONG.max_tokens)
+
+
+def test_an_abort_of_the_running_copy_drops_it(pair: Pair) -> None:
+    stream = _listen(pair, "ended", None)
+    pair.decode.resume("ended", IDS, [], LONG, attempt=1)
+    stream.get(timeout=30)
+    pair.decode.abort("ended", 1)
+    stats = pair.decode.stats()  # runs after the abort
+    assert (stats.num_running, stats.num_waiting) == (0, 0)
+    assert not stream.finished
+
+
+def test_a_late_abort_of_an_older_copy_leaves_a_newer_one_queued_on_prefill(pair: Pair) -> None:
+    stream = _listen(pair, "requeued", "prefill-0")
+    pair.prefill.add_request("requeued", IDS, PARAMS, "decode-0", attempt=1)
+    pair.prefill.abort("requeued", 0)
+    out = final(stream, 30)
+    assert (out.finish_reason, len(out.token_ids)) == ("length", 5)
+
+
+def test_a_late_abort_of_an_older_copy_leaves_a_newer_ones_kv_leased(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The abort comes in while the newer copy's hand-off is on its way to decode."""
+    counters = pair.decode.stats().counters
+    handoffs: list[dict[str, Any]] = []
+    monkeypatch.setattr(pair.prefill, "hand_off", lambda _, h: handoffs.append(h))
+    stream = _listen(pair, "leased", "prefill-0")
+    pair.prefill.add_request("leased", IDS, PARAMS, "decode-0", attempt=1)
+    wait_until(lambda: handoffs)
+    pair.prefill.abort("leased", 0)
+    assert pair.prefill.stats().counters["leases"] == 1  # runs after the abort
+    pair.decode.add_handoff(handoffs[0])
+    out = final(stream, 30)
+    assert (out.finish_reason, len(out.token_ids)) == ("length", 5)
+    after = pair.decode.stats().counters
+    assert after["pulls"] == counters["pulls"] + 1  # the KV was there, not recomputed
+    assert after["recomputes"] == counters["recomputes"]
+
+
+def test_a_late_abort_of_an_older_copy_leaves_a_newer_groups_child_running(pair: Pair) -> None:
+    """A sequence group's children hold the attempt of the hand-off they were forked off."""
+    kids = {kid: _listen(pair, kid, "prefill-0") for kid in ("kid-0", "kid-1")}
+    children = [(kid, LONG) for kid in kids]
+    pair.prefill.add_request("kids", IDS, LONG, "decode-0", children=children, attempt=1)
+    for stream in kids.values():
+        stream.get(timeout=30)  # the first token, from prefill
+        stream.get(timeout=30)  # the second, from decode: running there
+    pair.decode.abort("kid-0", 0)
+    pair.decode.abort("kid-1", 1)
+    out = final(kids["kid-0"], 30)
+    assert (out.finish_reason, len(out.token_ids)) == ("length", LONG.max_tokens)
+    assert not kids["kid-1"].finished
