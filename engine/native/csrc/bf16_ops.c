@@ -149,6 +149,21 @@ static inline int64_t slot(const int64_t *table, int64_t bs, int64_t j) {
     return table[u / b] * bs + u % b;
 }
 
+/* Decode attention streams the KV cache from memory (a batch's contexts times the layers
+ * are far past the caches) in block-sized runs of rows that the hardware prefetcher does
+ * not follow from one block to the next: each pass asks for the row PREFETCH_ROWS ahead
+ * (into L2) while it computes on the current ones. Measured on one core, 30 layers'
+ * caches, 288-token contexts: 0.68-0.84x the time at batch 8-64 with blocks scattered,
+ * 0.71-0.91x with them in order (5.6-7 GB/s before, where the weights stream at ~11);
+ * batch 1 unchanged within noise. A distance of 32 or 128 rows did a little worse, 256
+ * nothing. */
+#define PREFETCH_ROWS 64
+
+static inline void prefetch_row(const bf16 *row, int64_t n) {
+    for (int64_t b = 0; b < n * (int64_t)sizeof(bf16); b += 64)
+        __builtin_prefetch((const char *)row + b, 0, 2);
+}
+
 #ifdef __AVX512F__
 /* acc[g][c * 16 ..] = sum over keys j of p[g][j] * v_j[c * 16 ..], for GN heads (scores p
  * [GN, len]) and CN chunks of sixteen value elements from v (the tile's first element in
@@ -166,6 +181,8 @@ static inline __attribute__((always_inline)) void pv_bf16_fixed(
             off = 0;
             blk++;
         }
+        if (j + PREFETCH_ROWS < len) /* this tile's columns of that row */
+            prefetch_row(v + slot(table, bs, j + PREFETCH_ROWS) * D, CN * 16);
         __m512 vf[4];
         for (int c = 0; c < CN; c++)
             vf[c] = _mm512_castsi512_ps(_mm512_slli_epi32(
@@ -209,6 +226,8 @@ static void one(const bf16 *q, const bf16 *kc, const bf16 *vc, const int64_t *ta
                 for (int r = 0; r < 16; r++) k[r] = kbase + (slot(table, bs, j) + r) * D;
             else
                 for (int r = 0; r < 16; r++) k[r] = kbase + slot(table, bs, j + r) * D;
+            for (int64_t r = j + PREFETCH_ROWS; r < j + PREFETCH_ROWS + 16 && r < len; r++)
+                prefetch_row(kbase + slot(table, bs, r) * D, D);
             for (int64_t g = 0; g < G; g++) {
                 __m512 acc[16];
                 for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
