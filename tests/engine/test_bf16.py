@@ -240,13 +240,15 @@ def test_amx_linear_equals_fp32_product(amx: ctypes.CDLL, rows: int, bias: bool)
 
 
 @pytest.mark.parametrize("rows", [5, 40])
-def test_amx_linear_odd_blocks(amx: ctypes.CDLL, rows: int) -> None:
-    # 3 output blocks (a pair, then one alone), 3 input blocks; 40 rows: two row halves.
+@pytest.mark.parametrize("out_features", [48, 80])
+def test_amx_linear_odd_blocks(amx: ctypes.CDLL, rows: int, out_features: int) -> None:
+    # 3 output blocks (a pair, then one alone) or 5 (up to 16 rows: four together, then
+    # one alone), 3 input blocks; 40 rows: two row halves.
     gen = torch.Generator().manual_seed(7)
-    w = torch.randn(48, 96, generator=gen).to(BF16)
-    b = torch.randn(48, generator=gen).to(BF16)
+    w = torch.randn(out_features, 96, generator=gen).to(BF16)
+    b = torch.randn(out_features, generator=gen).to(BF16)
     x = torch.randn(rows, 96, generator=gen).to(BF16)
-    got = native.amx_linear(amx, x, native.amx_pack(amx, w), b, 48)
+    got = native.amx_linear(amx, x, native.amx_pack(amx, w), b, out_features)
     expected = F.linear(x.float(), w.float(), b.float())
     torch.testing.assert_close(got.float(), expected, rtol=8e-3, atol=0.02)
 
