@@ -301,7 +301,12 @@ class DecodeWorker:
     ) -> None:
         if self._aborted.covers(request_id, attempt):
             return
-        # A copy of the request may still be here (its prefill instance died mid
+        # Ray does not order calls: a resume of an older copy may come after a newer copy
+        # (migrated back here) started, which goes on.
+        held = self._held_attempt(request_id)
+        if held is not None and held > attempt:
+            return
+        # An older copy of the request may still be here (its prefill instance died mid
         # hand-off): the resumed one replaces it.
         self._drop(request_id)
         try:

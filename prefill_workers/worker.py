@@ -201,6 +201,10 @@ class PrefillWorker:
                 return
         elif self._aborted.covers(request_id, attempt):
             return
+        # Ray does not order calls: a late call for an older copy leaves a newer one alone.
+        held = self._held_attempt(request_id)
+        if held is not None and held > attempt:
+            return
         try:
             self.engine.add_request(
                 request_id, params=params, prompt_token_ids=ids, children=children
@@ -284,6 +288,7 @@ class PrefillWorker:
         seq, blocks = self.engine.detach(out.request_id)
         # The sender describes the blocks: under TP/PP, every rank's share and endpoint.
         desc = self.sender.describe(out.request_id, seq.num_prompt_tokens, blocks)
+        self._end_older_lease(out.request_id, item.attempt)
         self.leases.grant(out.request_id, blocks, item.attempt)
         self.sender.publish(desc)
         self.events.send(event)
@@ -333,6 +338,7 @@ class PrefillWorker:
             )
         self._groups[gid] = {c.request_id for c in children}
         desc = self.sender.describe(gid, group.num_prompt_tokens, blocks)
+        self._end_older_lease(gid, item.attempt)
         self.leases.grant(gid, blocks, item.attempt)
         self.sender.publish(desc)
         now = self._clock()
@@ -373,6 +379,8 @@ class PrefillWorker:
         # (re-dispatched back here) started, which must go on.
         held = self._held_attempt(request_id)
         if held is not None and held > attempt:
+            # A newer copy is queued or leased; the copy this abort ends may hold a lease.
+            self._end_older_lease(self._group_of.get(request_id, request_id), attempt)
             return
         group = self._group_of.pop(request_id, None)
         if group is not None:  # one child: the group goes on while others want it
@@ -401,6 +409,17 @@ class PrefillWorker:
             return item.attempt
         lease = self.leases.get(held)
         return None if lease is None else lease.attempt
+
+    def _end_older_lease(self, request_id: str, attempt: int) -> None:
+        """End the lease of ``request_id``'s (or a group's) copy up to ``attempt`` as its
+        abort would, beside a newer copy here: at that abort, or when the newer copy is
+        prefilled and leases the id if the abort is later still (Ray does not order
+        calls). The group's children stay tracked: they are the newer copy's."""
+        lease = self.leases.get(request_id)
+        if lease is None or lease.attempt > attempt:
+            return
+        self.leases.end(request_id)
+        self._free(lease)
 
     def _end_lease(self, request_id: str) -> None:
         self._forget_group(request_id)

@@ -5,6 +5,7 @@ copy does not. The prefill and decode workers wired as the cluster wires them
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -146,3 +147,88 @@ def test_a_late_abort_of_an_older_copy_leaves_a_newer_groups_child_running(pair:
     out = final(kids["kid-0"], 30)
     assert (out.finish_reason, len(out.token_ids)) == ("length", LONG.max_tokens)
     assert not kids["kid-1"].finished
+
+
+def test_a_late_resume_of_an_older_copy_leaves_a_newer_one_running(pair: Pair) -> None:
+    """The resume of attempt 0 comes in after the request moved on and back (attempt 1)."""
+    resumes = pair.decode.stats().counters["resumes"]
+    stream = _listen(pair, "resumed-twice", None)
+    pair.decode.resume("resumed-twice", IDS, [], LONG, attempt=1)
+    stream.get(timeout=30)  # its first token: running
+    pair.decode.resume("resumed-twice", IDS, [], LONG, attempt=0)
+    assert pair.decode.stats().counters["resumes"] == resumes + 1  # runs after the resume
+    out = final(stream, 30)
+    assert (out.finish_reason, len(out.token_ids)) == ("length", LONG.max_tokens)
+    stats = pair.decode.stats()
+    assert (stats.num_running, stats.num_waiting) == (0, 0)  # no second copy runs
+
+
+def _leased(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch, request_id: str, attempt: int
+) -> tuple[list[dict[str, Any]], RequestStream]:
+    """Prefill a copy and hold its hand-off back (the KV stays leased), and every later
+    one; returns the hand-offs and the request's stream."""
+    handoffs: list[dict[str, Any]] = []
+    monkeypatch.setattr(pair.prefill, "hand_off", lambda _, h: handoffs.append(h))
+    stream = _listen(pair, request_id, "prefill-0")
+    pair.prefill.add_request(request_id, IDS, PARAMS, "decode-0", attempt=attempt)
+    wait_until(lambda: handoffs)
+    return handoffs, stream
+
+
+def _pulled(pair: Pair, handoff: dict[str, Any], stream: RequestStream) -> None:
+    """Deliver the hand-off: the request finishes, its lease is released, and the prefill
+    side ends with nothing leased and every block free (each freed once) and its loop up."""
+    pulls = pair.decode.stats().counters["pulls"]
+    pair.decode.add_handoff(handoff)
+    out = final(stream, 30)
+    assert (out.finish_reason, len(out.token_ids)) == ("length", 5)
+    assert pair.decode.stats().counters["pulls"] == pulls + 1  # the KV was published
+    wait_until(lambda: pair.prefill.stats().counters["leases"] == 0)
+    stats = pair.prefill.stats()
+    assert stats.counters["leased_blocks"] == 0
+    assert stats.free_blocks == stats.total_blocks
+    assert pair.prefill.loop.alive and pair.prefill.loop.error is None
+
+
+def test_a_newer_copy_prefilled_while_an_older_ones_kv_is_leased_supersedes_it(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request was re-dispatched back here (attempt 1) while the KV of the copy it
+    left here (attempt 0) is still leased, its abort not in yet: the newer copy's lease
+    replaces the older one's, whose blocks are freed, and its hand-off is pulled."""
+    handoffs, stream = _leased(pair, monkeypatch, "leased-twice", 0)
+    pair.prefill.add_request("leased-twice", IDS, PARAMS, "decode-0", attempt=1)
+    wait_until(lambda: len(handoffs) == 2)
+    assert [h["attempt"] for h in handoffs] == [0, 1]
+    assert pair.prefill.stats().counters["leases"] == 1
+    pair.prefill.abort("leased-twice", 0)  # late: leaves the newer lease alone
+    _pulled(pair, handoffs[1], stream)
+
+
+def test_a_late_abort_of_an_older_copy_ends_its_lease_beside_a_newer_queued_one(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handoffs, stream = _leased(pair, monkeypatch, "queued-over", 0)
+    # The newer copy and the abort reach the loop together, before it steps again.
+    leases: list[int] = []
+    held = threading.Event()
+    pair.prefill.loop.post(held.wait, 30)
+    pair.prefill.add_request("queued-over", IDS, PARAMS, "decode-0", attempt=1)
+    pair.prefill.abort("queued-over", 0)
+    pair.prefill.loop.post(lambda: leases.append(len(pair.prefill.leases)))
+    held.set()
+    wait_until(lambda: len(handoffs) == 2)
+    assert leases == [0]  # the older copy's lease ended at its abort
+    _pulled(pair, handoffs[1], stream)
+
+
+def test_a_late_add_of_an_older_copy_leaves_a_newer_ones_kv_leased(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handoffs, stream = _leased(pair, monkeypatch, "added-late", 1)
+    pair.prefill.add_request("added-late", IDS, PARAMS, "decode-0", attempt=0)
+    stats = pair.prefill.stats()  # runs after the add
+    assert (stats.num_running, stats.num_waiting, stats.counters["leases"]) == (0, 0, 1)
+    _pulled(pair, handoffs[0], stream)
+    assert len(handoffs) == 1
