@@ -130,8 +130,8 @@ class RayPeers:
     def renew(self, instance: str, request_ids: list[str]) -> None:
         self._handle(instance).renew.remote(request_ids)
 
-    def release(self, instance: str, request_id: str) -> None:
-        self._handle(instance).release.remote(request_id)
+    def release(self, instance: str, request_id: str, attempt: int = 0) -> None:
+        self._handle(instance).release.remote(request_id, attempt)
 
     def request_send(self, instance: str, request_id: str, peer: dict[str, str]) -> None:
         self._handle(instance).send_kv.remote(request_id, peer)
@@ -477,9 +477,9 @@ class InstanceActor:
         if self.worker is not None:
             self.worker.renew(request_ids)
 
-    def release(self, request_id: str) -> None:
+    def release(self, request_id: str, attempt: int = 0) -> None:
         if self.worker is not None:
-            self.worker.release(request_id)
+            self.worker.release(request_id, attempt)
 
     def send_kv(self, request_id: str, peer: dict[str, str]) -> None:
         if self.worker is not None:

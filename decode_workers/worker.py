@@ -59,7 +59,7 @@ class PrefillPeers(Protocol):
 
     def renew(self, instance: str, request_ids: list[str]) -> None: ...
 
-    def release(self, instance: str, request_id: str) -> None: ...
+    def release(self, instance: str, request_id: str, attempt: int = 0) -> None: ...
 
     def request_send(self, instance: str, request_id: str, peer: dict[str, str]) -> None: ...
 
@@ -587,7 +587,7 @@ class DecodeWorker:
 
     def _release(self, handoff: HandOff) -> None:
         if self.peers is not None:
-            self.peers.release(handoff.source, handoff.request_id)
+            self.peers.release(handoff.source, handoff.request_id, handoff.attempt)
 
     def _send_error(self, request_id: str, message: str) -> None:
         self.events.send(

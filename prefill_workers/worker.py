@@ -172,9 +172,10 @@ class PrefillWorker:
         """The decode side's heartbeat for requests it has not pulled yet."""
         self.loop.post(self.leases.renew, list(request_ids))
 
-    def release(self, request_id: str) -> None:
-        """The decode side is done with the request's KV (pulled, or gave up)."""
-        self.loop.post(self._end_lease, request_id)
+    def release(self, request_id: str, attempt: int = 0) -> None:
+        """The decode side is done with the KV of the copy sent as ``attempt`` (pulled, or
+        gave up); a newer copy's lease under the same id stays."""
+        self.loop.post(self._release, request_id, attempt)
 
     def send_kv(self, request_id: str, peer: dict[str, str]) -> None:
         """Push-style transports: the receiver asks for the KV to be sent to ``peer``."""
@@ -420,6 +421,14 @@ class PrefillWorker:
             return
         self.leases.end(request_id)
         self._free(lease)
+
+    def _release(self, request_id: str, attempt: int) -> None:
+        # Ray does not order calls: the release of an older copy's hand-off may come after
+        # a newer copy leased the id here.
+        lease = self.leases.get(request_id)
+        if lease is not None and lease.attempt > attempt:
+            return
+        self._end_lease(request_id)
 
     def _end_lease(self, request_id: str) -> None:
         self._forget_group(request_id)

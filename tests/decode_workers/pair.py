@@ -46,9 +46,9 @@ class LocalPeers:
     def renew(self, instance: str, request_ids: list[str]) -> None:
         self.prefill[instance].renew(request_ids)
 
-    def release(self, instance: str, request_id: str) -> None:
+    def release(self, instance: str, request_id: str, attempt: int = 0) -> None:
         self.releases.append(request_id)
-        self.prefill[instance].release(request_id)
+        self.prefill[instance].release(request_id, attempt)
 
     def request_send(self, instance: str, request_id: str, peer: dict[str, str]) -> None:
         self.prefill[instance].send_kv(request_id, peer)

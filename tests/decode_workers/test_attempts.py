@@ -232,3 +232,26 @@ def test_a_late_add_of_an_older_copy_leaves_a_newer_ones_kv_leased(
     assert (stats.num_running, stats.num_waiting, stats.counters["leases"]) == (0, 0, 1)
     _pulled(pair, handoffs[0], stream)
     assert len(handoffs) == 1
+
+
+def test_a_late_release_of_an_older_copys_kv_leaves_a_newer_ones_leased(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decode instance releasing the hand-off of the copy the request left (attempt 0:
+    a late, tombstoned hand-off) does not end the lease of the copy leased here now."""
+    handoffs, stream = _leased(pair, monkeypatch, "released-late", 1)
+    pair.prefill.release("released-late", 0)
+    assert pair.prefill.stats().counters["leases"] == 1  # runs after the release
+    _pulled(pair, handoffs[0], stream)  # pulled, not recomputed
+
+
+def test_a_release_of_the_leased_copy_ends_its_lease(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, stream = _leased(pair, monkeypatch, "released", 1)
+    pair.prefill.release("released", 1)
+    stats = pair.prefill.stats()
+    assert (stats.counters["leases"], stats.counters["leased_blocks"]) == (0, 0)
+    assert stats.free_blocks == stats.total_blocks
+    pair.prefill.abort("released", 1)
+    pair.decode.abort("released", 1)
