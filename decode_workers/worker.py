@@ -342,9 +342,14 @@ class DecodeWorker:
             return
         # A second hand-off of one request: its prefill instance was lost (hung) and it
         # was re-dispatched to another, then the first woke up. Either copy of the KV is
-        # the same; keep the newer, release the other's lease.
-        earlier = self.pending.pop(rid)
+        # the same; keep the newer copy's (the higher attempt: Ray does not order calls;
+        # of two alike, the later), release the other's lease.
+        earlier = self.pending.get(rid)
+        if earlier is not None and earlier.attempt > handoff.attempt:
+            self._release(handoff)
+            return
         if earlier is not None:
+            self.pending.pop(rid)
             self._release(earlier)
         self.pending.add(handoff)
 

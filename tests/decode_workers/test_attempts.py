@@ -255,3 +255,26 @@ def test_a_release_of_the_leased_copy_ends_its_lease(
     assert stats.free_blocks == stats.total_blocks
     pair.prefill.abort("released", 1)
     pair.decode.abort("released", 1)
+
+
+def test_a_late_hand_off_of_an_older_copy_leaves_a_newer_one_pending(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two hand-offs of one request wait on the decode side, the newer copy's (attempt 1)
+    first: the older one's is released (which leaves the newer lease) and the newer one's
+    KV is pulled, not recomputed."""
+    handoffs, stream = _leased(pair, monkeypatch, "handed-late", 1)
+    older = {**handoffs[0], "attempt": 0}  # as the copy the request left would send it
+    before = pair.decode.stats().counters
+    held = threading.Event()
+    pair.decode.loop.post(held.wait, 30)  # both reach the loop before it admits either
+    pair.decode.add_handoff(handoffs[0])
+    pair.decode.add_handoff(older)
+    held.set()
+    out = final(stream, 30)
+    assert (out.finish_reason, len(out.token_ids)) == ("length", 5)
+    after = pair.decode.stats().counters
+    assert after["pulls"] == before["pulls"] + 1
+    assert after["recomputes"] == before["recomputes"]
+    wait_until(lambda: pair.prefill.stats().counters["leases"] == 0)
+    assert pair.prefill.stats().free_blocks == pair.prefill.stats().total_blocks
