@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.peers import DEPLOYMENTS, attainment, max_rate_meeting
+from cluster import cli
 from cluster.actors import default_threads
 from cluster.planner.cluster_spec import SLOs
 from cluster.planner.cpu_host import DEFAULT_BACKGROUND, load_cpu_profiles
@@ -56,17 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the plan the run's `plan` deployment served, for runs that did not "
                    "record it (default: %(default)s)")  # fmt: skip
     return p
-
-
-def _serve_options(serve_args: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--mode", default="disaggregated")
-    p.add_argument("--prefill", type=int, default=1)
-    p.add_argument("--decode", type=int, default=1)
-    p.add_argument("--threads-per-rank", type=int, default=None)
-    p.add_argument("--plan", default=None)
-    known, _ = p.parse_known_args(serve_args)
-    return known
 
 
 def plan_deployment(instances: list[dict[str, Any]]) -> CpuDeployment:
@@ -101,7 +91,7 @@ def deployment(record: dict[str, Any], cores: int, plan_file: Path) -> CpuDeploy
         serve_args = DEPLOYMENTS[name]
     else:
         raise ValueError(f"{record['system']}: not a deployment of bench.peers")
-    o = _serve_options(serve_args)
+    o = cli.build_parser().parse_args(["serve", *serve_args])  # serve's own defaults
     if o.plan is not None:
         instances = record.get("plan_instances")
         if instances is None:

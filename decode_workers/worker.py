@@ -301,10 +301,7 @@ class DecodeWorker:
     ) -> None:
         if self._aborted.covers(request_id, attempt):
             return
-        # Ray does not order calls: a resume of an older copy may come after a newer copy
-        # (migrated back here) started, which goes on.
-        held = self._held_attempt(request_id)
-        if held is not None and held > attempt:
+        if self._newer_held(request_id, attempt):
             return
         # An older copy of the request may still be here (its prefill instance died mid
         # hand-off): the resumed one replaces it.
@@ -544,12 +541,15 @@ class DecodeWorker:
 
     def _abort(self, request_id: str, attempt: int = 0) -> None:
         self._aborted.add(request_id, attempt)
-        # Ray does not order calls: the abort of an older copy may come after a newer copy
-        # (migrated back here) started, which must go on.
+        if not self._newer_held(request_id, attempt):
+            self._drop(request_id)
+
+    def _newer_held(self, request_id: str, attempt: int) -> bool:
+        """Whether a copy of ``request_id`` newer than ``attempt`` is held here: Ray does
+        not order calls, so a call for an older copy may come after a newer one (migrated
+        back here) started, which goes on."""
         held = self._held_attempt(request_id)
-        if held is not None and held > attempt:
-            return
-        self._drop(request_id)
+        return held is not None and held > attempt
 
     def _held_attempt(self, request_id: str) -> int | None:
         """The attempt of the copy of ``request_id`` held here (a child's is its group's

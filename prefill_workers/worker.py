@@ -202,9 +202,7 @@ class PrefillWorker:
                 return
         elif self._aborted.covers(request_id, attempt):
             return
-        # Ray does not order calls: a late call for an older copy leaves a newer one alone.
-        held = self._held_attempt(request_id)
-        if held is not None and held > attempt:
+        if self._newer_held(request_id, attempt):
             return
         try:
             self.engine.add_request(
@@ -376,10 +374,7 @@ class PrefillWorker:
 
     def _abort(self, request_id: str, attempt: int = 0) -> None:
         self._aborted.add(request_id, attempt)
-        # Ray does not order calls: the abort of an older copy may come after a newer copy
-        # (re-dispatched back here) started, which must go on.
-        held = self._held_attempt(request_id)
-        if held is not None and held > attempt:
+        if self._newer_held(request_id, attempt):
             # A newer copy is queued or leased; the copy this abort ends may hold a lease.
             self._end_older_lease(self._group_of.get(request_id, request_id), attempt)
             return
@@ -400,6 +395,13 @@ class PrefillWorker:
             self.engine.abort(request_id)
         else:
             self._end_lease(request_id)
+
+    def _newer_held(self, request_id: str, attempt: int) -> bool:
+        """Whether a copy of ``request_id`` newer than ``attempt`` is queued or leased
+        here: Ray does not order calls, so a call for an older copy may come after a newer
+        one (re-dispatched back here) started, which goes on."""
+        held = self._held_attempt(request_id)
+        return held is not None and held > attempt
 
     def _held_attempt(self, request_id: str) -> int | None:
         """The attempt of the copy of ``request_id`` (a child's: of its group) held here,
