@@ -13,6 +13,9 @@ The model runner calls ``Sampler()(logits, rows)`` once per step with fp32 logit
           rejection test that redraws picks outside the nucleus (exact, no sort)
   rows with logprobs    -> log_softmax of the raw logits (before any processing)
 
+A greedy argmax over CPU fp32 logits runs in a native kernel (``engine.native``, same
+indices as ``torch.argmax``): torch's took 4 ms of a 45 ms decode step at 64 x 49152.
+
 The vocabulary is never fully sorted: a sort is ~100 ms at 64 x 49152 on CPU.
 
 Draws use the inverse CDF: one uniform per draw, from the row's own
@@ -31,6 +34,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
+from engine import native
 from engine.logits_processors import LogitsProcessor, apply_logits_processors
 from engine.sampling_params import SamplingParams
 
@@ -115,6 +119,15 @@ def _effective_top_k(p: SamplingParams, vocab_size: int) -> int:
     return p.top_k if 0 < p.top_k < vocab_size else 0
 
 
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(dim=-1)`` of [B, V] logits, in the native kernel where it applies."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[-1] > 0:
+        lib = native.load()
+        if lib is not None:
+            return native.argmax_rows(lib, x)
+    return x.argmax(dim=-1)
+
+
 def _select(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
     """Rows ``idx`` of x; x itself when idx is every row, to skip a copy."""
     if len(idx) == x.shape[0] and idx == list(range(len(idx))):
@@ -137,14 +150,14 @@ class Sampler:
         greedy = [_is_greedy(p) for p in params]
         wants_logprobs = any(p.logprobs is not None for p in params)
         if all(greedy) and not wants_logprobs and not any(p.has_penalties for p in params):
-            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(rows))
+            return SamplerOutput(_argmax(logits).tolist(), [None] * len(rows))
 
         tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         greedy_idx = [i for i, g in enumerate(greedy) if g]
         sample_idx = [i for i, g in enumerate(greedy) if not g]
         if greedy_idx:
             x = _penalised(logits, rows, greedy_idx)
-            tokens[greedy_idx] = x.argmax(dim=-1)
+            tokens[greedy_idx] = _argmax(x)
         if sample_idx:
             # Seeded rows draw from (seed, position): the same numbers on any instance.
             rows = [_positioned(r) if not greedy[i] else r for i, r in enumerate(rows)]
