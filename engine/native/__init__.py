@@ -11,6 +11,8 @@
 - ``amx_gemm``: bf16 GEMMs of up to 64 rows (decode steps) on AMX tiles, from a weight
   packed once into tile layout; built only where the compiler targets AMX, used only
   where Linux grants the tile state (``amx_available``).
+- ``amx_attention``: a bf16 prefill chunk's causal attention on AMX tiles (the same
+  conditions).
 
 Each wrapper below takes fp32 or bf16 tensors and calls the kernel for their dtype.
 
@@ -137,6 +139,11 @@ def load() -> ctypes.CDLL | None:
     lib.amx_pack_bf16.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
     lib.amx_linear_bf16.restype = ctypes.c_int
     lib.amx_linear_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+    lib.amx_prefill_attention_bf16.restype = ctypes.c_int
+    tensor, strides = [ctypes.c_void_p], [ctypes.c_int64] * 2  # a pointer; row, head strides
+    lib.amx_prefill_attention_bf16.argtypes = (
+        tensor + strides[:1] + tensor + strides + tensor + strides + tensor + strides[:1]
+        + [ctypes.c_int64] * 5 + [ctypes.c_float])
     lib.amx_max_rows.restype = ctypes.c_int
     lib.amx_max_rows.argtypes = []
     if lib.amx_max_rows() != AMX_MAX_ROWS:  # one number in two languages: kept in step
@@ -372,3 +379,34 @@ def amx_linear(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor,
         raise ValueError(f"amx_linear: cannot take x {tuple(x.shape)} against "
                          f"{out_features} outputs")
     return out
+
+
+# Head sizes ``amx_prefill_attention`` takes (one or two 32-wide tiles of a query).
+AMX_ATTENTION_HEAD_DIMS = (32, 64)
+
+
+def amx_prefill_attention(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor,
+                          v: torch.Tensor, out: torch.Tensor, scale: float) -> None:
+    """Causal attention of a prefill chunk, written into ``out``: q, out [S, H, D] and k, v
+    [L, Hkv, D] bf16 (L >= S: the chunk's queries are the last S positions), each head's D
+    elements contiguous; query t sees keys 0 .. L - S + t.
+    ``csrc/amx_attention.c``; needs ``amx_available()``."""
+    tensors = (q, k, v, out)
+    if (any(t.dtype != torch.bfloat16 or t.dim() != 3 or t.stride(2) != 1 for t in tensors)
+            or q.stride(1) != q.shape[2] or out.stride(1) != out.shape[2]
+            or out.shape != q.shape or k.shape != v.shape or k.shape[2] != q.shape[2]):
+        raise ValueError(
+            "amx_prefill_attention: expected bf16 q, out [S, H, D] and k, v [L, Hkv, D] with "
+            f"contiguous heads, got {[(tuple(t.shape), t.stride(), t.dtype) for t in tensors]}")
+    s, h, d = q.shape
+    length, hkv = k.shape[0], k.shape[1]
+    err = lib.amx_prefill_attention_bf16(
+        q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(),
+        v.stride(0), v.stride(1), out.data_ptr(), out.stride(0), s, length, h, hkv, d, scale)
+    if err == -2:
+        raise RuntimeError("amx_prefill_attention: AMX is not available here (see amx_available)")
+    if err == -3:
+        raise MemoryError("amx_prefill_attention: out of memory for its packed keys and values")
+    if err:
+        raise ValueError(f"amx_prefill_attention: cannot take {s} queries of {h} heads x {d} "
+                         f"against {length} keys of {hkv} heads")

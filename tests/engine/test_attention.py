@@ -17,7 +17,7 @@ HKV, H, D, BS, N = 2, 6, 16, 4, 64
 def dense_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q: [S, H, D] at the last S positions of k, v: [L, Hkv, D]; causal."""
     s, length = q.shape[0], k.shape[0]
-    groups = H // HKV
+    groups = q.shape[1] // k.shape[1]
     kk = k.repeat_interleave(groups, dim=1).transpose(0, 1)  # [H, L, D]
     vv = v.repeat_interleave(groups, dim=1).transpose(0, 1)
     mask = torch.arange(length)[None, :] <= torch.arange(length - s, length)[:, None]
@@ -30,19 +30,20 @@ def run_step(
     lengths: list[int],
     new: list[int],
     dtype: torch.dtype = torch.float32,
+    head_dim: int = D,
 ) -> tuple[torch.Tensor, torch.Tensor, TorchMetadata]:
     """One step: request i has lengths[i] tokens of context and computes its last new[i].
     The reference is fp32 dense attention over the same (``dtype``-rounded) values."""
     gen = torch.Generator().manual_seed(0)
-    shape = backend.cache_shape(N, BS, HKV, D)
+    shape = backend.cache_shape(N, BS, HKV, head_dim)
     cache = KVCache(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
     free = torch.randperm(N, generator=gen).tolist()
     chunks, ks, vs, qs, refs = [], [], [], [], []
     for i, (length, n) in enumerate(zip(lengths, new, strict=True)):
         table = [free.pop() for _ in range(-(-length // BS))]
-        k = torch.randn(length, HKV, D, generator=gen).to(dtype)
-        v = torch.randn(length, HKV, D, generator=gen).to(dtype)
-        q = torch.randn(n, H, D, generator=gen).to(dtype)
+        k = torch.randn(length, HKV, head_dim, generator=gen).to(dtype)
+        v = torch.randn(length, HKV, head_dim, generator=gen).to(dtype)
+        q = torch.randn(n, H, head_dim, generator=gen).to(dtype)
         start = length - n
         # The earlier context is already in the cache; the step writes the rest.
         for pos in range(start):

@@ -20,7 +20,7 @@ from engine import LLM, SamplingParams, native
 from engine.models import LlamaForCausalLM
 from engine.models.llama import Linear, RMSNorm, apply_rope
 from engine.native import packed_gemm
-from tests.engine.test_attention import BS, HKV, D, run_step
+from tests.engine.test_attention import BS, HKV, MIXED, D, dense_reference, run_step
 from tests.engine.test_parity import hf_greedy, natural_prompts
 
 BF16 = torch.bfloat16
@@ -262,6 +262,53 @@ def test_amx_refuses_shapes_it_does_not_take(amx: ctypes.CDLL) -> None:
     packed = native.amx_pack(amx, torch.zeros(64, 64, dtype=BF16))
     with pytest.raises(ValueError, match="amx_linear"):
         native.amx_linear(amx, torch.zeros(65, 64, dtype=BF16), packed, None, 64)
+
+
+# AMX: bf16 prefill chunks' causal attention.
+
+
+@pytest.mark.parametrize(
+    ("queries", "keys", "heads", "kv_heads", "head_dim"),
+    [(1, 1, 9, 3, 64), (17, 17, 9, 3, 64), (256, 256, 9, 3, 64), (100, 300, 9, 3, 64),
+     (33, 70, 4, 2, 32), (5, 5, 4, 4, 64)],
+)
+def test_amx_prefill_attention_equals_fp32_attention(
+    amx: ctypes.CDLL, queries: int, keys: int, heads: int, kv_heads: int, head_dim: int
+) -> None:
+    # Partial tiles of queries and keys, a chunk after earlier context, 1 to 3 query heads
+    # per kv head, both head sizes; q, k and v strided inside one fused qkv row, as the
+    # model hands them over.
+    gen = torch.Generator().manual_seed(queries * keys)
+    qkv = torch.randn(keys, (heads + 2 * kv_heads) * head_dim, generator=gen).to(BF16)
+    q, k, v = qkv.view(keys, -1, head_dim).split([heads, kv_heads, kv_heads], dim=1)
+    q = q[keys - queries:]
+    if heads == kv_heads:
+        v = v.contiguous()  # its own strides, unlike k's
+    out = torch.full((queries, heads, head_dim), float("nan"), dtype=BF16)
+    native.amx_prefill_attention(amx, q, k, v, out, head_dim**-0.5)
+    ref = dense_reference(q.float(), k.float(), v.float())
+    # Probabilities rounded to bf16 for the value product (as torch's flash kernel), sums
+    # in fp32, one rounding at the end: within a few bf16 steps of the fp32 result.
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_amx_prefill_attention_refuses_what_it_does_not_take(amx: ctypes.CDLL) -> None:
+    q, k = torch.zeros(4, 2, 128, dtype=BF16), torch.zeros(4, 1, 128, dtype=BF16)
+    with pytest.raises(ValueError, match="cannot take 4 queries of 2 heads x 128"):
+        native.amx_prefill_attention(amx, q, k, k, torch.empty_like(q), 0.1)
+    q, k = torch.zeros(4, 2, 64), torch.zeros(4, 1, 64)
+    with pytest.raises(ValueError, match="expected bf16"):
+        native.amx_prefill_attention(amx, q, k, k, torch.empty_like(q), 0.1)
+
+
+def test_paged_prefill_bf16_on_amx_equals_dense(amx: ctypes.CDLL) -> None:
+    from engine.attention.torch_paged import TorchPagedAttention
+
+    backend = TorchPagedAttention(64, amx)
+    assert backend.amx_prefill
+    # Two decodes, a fresh prefill and a later chunk that reads its context from the cache.
+    out, ref, _ = run_step(backend, *MIXED, dtype=BF16, head_dim=64)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_linear_sends_decode_rows_to_amx_and_prefill_rows_to_onednn(amx: ctypes.CDLL) -> None:

@@ -21,32 +21,15 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
-#include "bf16.h"
+#include "amx.h"
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__)
-#include <immintrin.h>
-#define HAVE_AMX 1
-#else
-#define HAVE_AMX 0
-#endif
-
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
 #define MAX_ROWS 64
 
 /* The most rows amx_linear_bf16 takes (Python checks its own copy against this). */
 int amx_max_rows(void) { return MAX_ROWS; }
 
-int amx_init(void) {
-#if HAVE_AMX
-    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 0 : -1;
-#else
-    return -1;
-#endif
-}
+int amx_init(void) { return amx_request(); }
 
 /* W: [O, I] row-major bf16 -> P (see above); -1 when O % 16 or I % 32. */
 int amx_pack_bf16(const bf16 *W, bf16 *P, int64_t O, int64_t I) {
@@ -67,26 +50,8 @@ int amx_pack_bf16(const bf16 *W, bf16 *P, int64_t O, int64_t I) {
 }
 
 #if HAVE_AMX
-struct tile_config {
-    uint8_t palette;
-    uint8_t start_row;
-    uint8_t reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-};
-
-/* All eight tiles 16 rows of 64 bytes: 0-3 accumulators (row tile m, output block n at
- * 2n + m), 4-5 x tiles (row tiles 0, 1), 6-7 W tiles (output blocks 0, 1). */
-static void configure(void) {
-    struct tile_config cfg __attribute__((aligned(64)));
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int t = 0; t < 8; t++) {
-        cfg.rows[t] = 16;
-        cfg.colsb[t] = 64;
-    }
-    _tile_loadconfig(&cfg);
-}
+/* Tiles (amx_configure: all 16 rows of 64 bytes) 0-3 accumulators (row tile m, output
+ * block n at 2n + m), 4-5 x tiles (row tiles 0, 1), 6-7 W tiles (output blocks 0, 1). */
 
 /* NB (1 or 2) blocks of 16 outputs (W tiles from w0, w1: 1 KiB each per input block, in
  * order) against MT (1 or 2) 16-row tiles of x (xp, row stride I): each W tile and each x
@@ -147,24 +112,6 @@ static inline void tiles4(const bf16 *w, const bf16 *xp, int64_t I, float *acc) 
     _tile_stored(3, acc + 48, 256);
 }
 
-/* to_bf16 (bf16.h) of sixteen floats, in vector instructions. */
-static inline __m256i to_bf16_x16(__m512 v) {
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
-                                                   lsb), 16);
-    const __mmask16 nan = _mm512_cmpgt_epu32_mask(
-        _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
-    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16),
-                                                      _mm512_set1_epi32(0x40)));
-    return _mm512_cvtepi32_epi16(r);
-}
-
-static inline __m512 widen(const bf16 *p) {
-    return _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
 /* y[t][n0 .. n0 + 16 * nb) = bf16(acc + bias) for the rows t < rows of acc ([rows][16 *
  * width]). */
 static inline void store(const float *acc, int width, const bf16 *b, bf16 *y, int64_t O,
@@ -208,7 +155,7 @@ int amx_linear_bf16(const bf16 *x, const bf16 *P, const bf16 *b, bf16 *y, int64_
 #pragma omp parallel
     {
         float acc[32 * 64] __attribute__((aligned(64)));
-        configure();
+        amx_configure();
         /* Output blocks handed out a few at a time: a thread the machine's other work
          * preempts holds up only its current few. */
 #pragma omp for schedule(dynamic, 1) nowait

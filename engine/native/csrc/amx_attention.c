@@ -1,0 +1,265 @@
+/* Causal prefill attention in bf16 on AMX tiles: a prefill chunk's S queries against its
+ * L keys (the chunk's own and any before it), grouped-query heads sharing a kv head.
+ *
+ * torch's CPU flash attention ran a 256-token chunk of this model's 9 heads at ~165
+ * GFLOP/s on one core, a quarter of a bf16 prefill step beside GEMMs at ~1 TFLOP/s. Here,
+ * per 16 queries of a head: their scores against every key block they see on tiles
+ * (Q x K^T, K packed into B-tile layout once per call), an exact softmax over each row in
+ * fp32 (the row's maximum, then exp), the unnormalised probabilities rounded to bf16 and
+ * multiplied by V on tiles (V packed likewise), and the sums divided by the row's total
+ * at the end -- the order of torch's flash kernel for one key block (its probabilities
+ * are rounded to bf16 for its value product too), so results differ from it only in the
+ * order of the fp32 sums.
+ *
+ * Query t (0 <= t < S) sits at position L - S + t and sees keys 0 .. L - S + t. Head
+ * dims of 32 or 64 (one or two 32-wide tiles of Q, at most four 16-wide accumulators for
+ * the output); other shapes are refused (-1) and the caller uses torch.
+ *
+ * Packed K, per kv head and block of 16 keys and 32 dims, one B tile: [16 dim pairs][16
+ * keys][2]. Packed V, per kv head and block of 32 keys and 16 dims: [16 key pairs][16
+ * dims][2]. Keys past L are zero in both, and their probabilities are zero.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "amx.h"
+
+#if HAVE_AMX
+static inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+static void pack_k(const bf16 *k, int64_t k_row, int64_t L, int64_t D, int64_t kb,
+                   bf16 *tiles) {
+    for (int64_t c = 0; c < D / 32; c++) {
+        bf16 *tile = tiles + c * 512;
+        for (int n = 0; n < 16; n++) {
+            const int64_t j = kb * 16 + n;
+            const bf16 *row = k + j * k_row + c * 32;
+            for (int r = 0; r < 16; r++) {
+                tile[(r * 16 + n) * 2] = j < L ? row[2 * r] : 0;
+                tile[(r * 16 + n) * 2 + 1] = j < L ? row[2 * r + 1] : 0;
+            }
+        }
+    }
+}
+
+static void pack_v(const bf16 *v, int64_t v_row, int64_t L, int64_t D, int64_t kb,
+                   bf16 *tiles) {
+    for (int64_t db = 0; db < D / 16; db++) {
+        bf16 *tile = tiles + db * 512;
+        for (int r = 0; r < 16; r++)
+            for (int e = 0; e < 2; e++) {
+                const int64_t j = kb * 32 + 2 * r + e;
+                const bf16 *row = v + j * v_row + db * 16;
+                for (int c = 0; c < 16; c++) tile[(r * 16 + c) * 2 + e] = j < L ? row[c] : 0;
+            }
+    }
+}
+
+/* Scores of one 16-query tile (Q in tiles 4, 5) against key blocks 0 .. nkb: two blocks
+ * at a time (accumulators 0, 1; K through 6, 7 and 2, 3). s: [16][ld] fp32. */
+static inline void scores(const bf16 *kp, int64_t nkb, int64_t D, float *s, int64_t ld) {
+    const int64_t per = D / 32 * 512; /* one key block's K tiles */
+    int64_t kb = 0;
+    for (; kb + 2 <= nkb; kb += 2) {
+        const bf16 *k0 = kp + kb * per, *k1 = k0 + per;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_loadd(6, k0, 64);
+        _tile_loadd(2, k1, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 2);
+        if (D == 64) {
+            _tile_loadd(7, k0 + 512, 64);
+            _tile_loadd(3, k1 + 512, 64);
+            _tile_dpbf16ps(0, 5, 7);
+            _tile_dpbf16ps(1, 5, 3);
+        }
+        _tile_stored(0, s + kb * 16, ld * 4);
+        _tile_stored(1, s + kb * 16 + 16, ld * 4);
+    }
+    if (kb < nkb) {
+        const bf16 *k0 = kp + kb * per;
+        _tile_zero(0);
+        _tile_loadd(6, k0, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        if (D == 64) {
+            _tile_loadd(7, k0 + 512, 64);
+            _tile_dpbf16ps(0, 5, 7);
+        }
+        _tile_stored(0, s + kb * 16, ld * 4);
+    }
+}
+
+/* exp(x) for x <= 0 as 2^n * 2^f (n = round(x log2 e), |f| <= 1/2, 2^f by a degree-6
+ * polynomial: within 2e-7 relative, far below the bf16 rounding the numerators get). */
+static inline __m512 exp_nonpositive(__m512 x) {
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* One row's softmax numerators: p[j] = bf16(exp(s[j] * scale - max)) for j < n, zero on to
+ * width (a multiple of 32); returns their fp32 sum (of the unrounded values). Sixteen at a
+ * time, the last sixteen masked. */
+static float softmax_row(const float *s, int64_t n, int64_t width, float scale, bf16 *p) {
+    const __m512 sc = _mm512_set1_ps(scale);
+    __m512 m16 = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 live = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
+        m16 = _mm512_mask_max_ps(m16, live, m16, _mm512_mul_ps(_mm512_maskz_loadu_ps(live, s + j), sc));
+    }
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(m16));
+    __m512 sum = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j < n; j += 16) {
+        const __mmask16 live = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
+        const __m512 x = _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(s + j), sc), m);
+        const __m512 e = _mm512_maskz_mov_ps(live, exp_nonpositive(x));
+        sum = _mm512_add_ps(sum, e);
+        _mm256_storeu_si256((__m256i *)(p + j), to_bf16_x16(e));
+    }
+    for (; j < width; j += 16) _mm256_storeu_si256((__m256i *)(p + j), _mm256_setzero_si256());
+    return n ? _mm512_reduce_add_ps(sum) : 0.f;
+}
+
+/* acc (tiles 0 .. D/16) = P (rows of ld bf16) x V over key blocks of 32 up to nkb2. */
+static inline void values(const bf16 *p, int64_t ld, const bf16 *vp, int64_t nkb2, int64_t D) {
+    const int64_t per = D / 16 * 512; /* one 32-key block's V tiles */
+    _tile_zero(0);
+    _tile_zero(1);
+    if (D == 64) {
+        _tile_zero(2);
+        _tile_zero(3);
+    }
+    for (int64_t kb = 0; kb < nkb2; kb++) {
+        const bf16 *v = vp + kb * per;
+        _tile_loadd(4, p + kb * 32, ld * 2);
+        _tile_loadd(5, v, 64);
+        _tile_loadd(6, v + 512, 64);
+        _tile_dpbf16ps(0, 4, 5);
+        _tile_dpbf16ps(1, 4, 6);
+        if (D == 64) {
+            _tile_loadd(7, v + 1024, 64);
+            _tile_loadd(5, v + 1536, 64);
+            _tile_dpbf16ps(2, 4, 7);
+            _tile_dpbf16ps(3, 4, 5);
+        }
+    }
+}
+#endif
+
+/* q: query t's head h at q + t * q_row + h * D; k: key j's kv head g at k + j * k_row + g *
+ * k_head, v likewise with its own strides; out: query t's head h at out + t * out_row + h * D. All bf16,
+ * each head's D elements contiguous. 0: done; -1: a shape this kernel does not take; -2:
+ * no AMX; -3: out of memory. */
+int amx_prefill_attention_bf16(const bf16 *q, int64_t q_row, const bf16 *k, int64_t k_row,
+                               int64_t k_head, const bf16 *v, int64_t v_row, int64_t v_head,
+                               bf16 *out, int64_t out_row,
+                               int64_t S, int64_t L, int64_t H, int64_t Hkv, int64_t D,
+                               float scale) {
+#if HAVE_AMX
+    static int granted = 0;
+    if (!granted) {
+        if (amx_request()) return -2;
+        granted = 1;
+    }
+    if (S < 1 || L < S || Hkv < 1 || H % Hkv || (D != 32 && D != 64)) return -1;
+    const int64_t G = H / Hkv, S16 = round_up(S, 16), L16 = round_up(L, 16), L32 = round_up(L, 32);
+    const int64_t kblocks = L16 / 16, vblocks = L32 / 32, qblocks = S16 / 16;
+    /* Row strides of the scores and probabilities one line past a multiple of 4 KiB:
+     * rows 4 KiB apart share an L1 set, and a tile's 16 rows then evict each other. */
+    const int64_t lds = L32 + 16, ldp = L32 + 32;
+    const int64_t ksize = kblocks * (D / 32) * 512, vsize = vblocks * (D / 16) * 512;
+    bf16 *kp = (bf16 *)aligned_alloc(64, (size_t)(Hkv * (ksize + vsize)) * sizeof(bf16));
+    /* Q per head, padded to whole tiles (the pad rows' results are dropped). */
+    bf16 *qp = (bf16 *)aligned_alloc(64, (size_t)(H * S16 * D) * sizeof(bf16));
+    if (!kp || !qp) {
+        free(kp);
+        free(qp);
+        return -3;
+    }
+    bf16 *vp = kp + Hkv * ksize;
+    int failed = 0;
+#pragma omp parallel
+    {
+        float *s = (float *)aligned_alloc(64, (size_t)(16 * lds + 16 * 64) * sizeof(float));
+        bf16 *p = (bf16 *)aligned_alloc(64, (size_t)(16 * ldp) * sizeof(bf16));
+        if (!s || !p) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static) collapse(2)
+        for (int64_t g = 0; g < Hkv; g++)
+            for (int64_t kb = 0; kb < kblocks; kb++) {
+                pack_k(k + g * k_head, k_row, L, D, kb, kp + g * ksize + kb * (D / 32) * 512);
+                if (kb % 2 == 0)
+                    pack_v(v + g * v_head, v_row, L, D, kb / 2,
+                           vp + g * vsize + kb / 2 * (D / 16) * 512);
+            }
+#pragma omp for schedule(static)
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t t = 0; t < S16; t++) {
+                bf16 *dst = qp + (h * S16 + t) * D;
+                if (t < S) memcpy(dst, q + t * q_row + h * D, (size_t)D * sizeof(bf16));
+                else memset(dst, 0, (size_t)D * sizeof(bf16));
+            }
+        if (s && p && !failed) {
+            float *acc = s + 16 * lds;
+            amx_configure();
+            /* Later query blocks see more keys: handed out one at a time, last first. */
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t item = H * qblocks - 1; item >= 0; item--) {
+                const int64_t h = item % H, qb = item / H, g = h / G;
+                const int64_t rows = S - qb * 16 < 16 ? S - qb * 16 : 16;
+                const int64_t kend = L - S + qb * 16 + rows; /* keys the last row sees */
+                const int64_t nkb = (kend + 15) / 16, nkb2 = (kend + 31) / 32;
+                const bf16 *qt = qp + (h * S16 + qb * 16) * D;
+                _tile_loadd(4, qt, D * 2);
+                if (D == 64) _tile_loadd(5, qt + 32, D * 2);
+                scores(kp + g * ksize, nkb, D, s, lds);
+                float inv[16];
+                for (int64_t r = 0; r < 16; r++) {
+                    const int64_t n = r < rows ? L - S + qb * 16 + r + 1 : 0;
+                    const float sum = softmax_row(s + r * lds, n, nkb2 * 32, scale, p + r * ldp);
+                    inv[r] = n ? 1.f / sum : 0.f;
+                }
+                values(p, ldp, vp + g * vsize, nkb2, D);
+                _tile_stored(0, acc, 256);
+                _tile_stored(1, acc + 16, 256);
+                if (D == 64) {
+                    _tile_stored(2, acc + 32, 256);
+                    _tile_stored(3, acc + 48, 256);
+                }
+                for (int64_t r = 0; r < rows; r++) {
+                    bf16 *o = out + (qb * 16 + r) * out_row + h * D;
+                    const __m512 iv = _mm512_set1_ps(inv[r]);
+                    for (int64_t d = 0; d < D; d += 16)
+                        _mm256_storeu_si256((__m256i *)(o + d),
+                                            to_bf16_x16(_mm512_mul_ps(_mm512_load_ps(acc + r * 64 + d), iv)));
+                }
+            }
+            _tile_release();
+        }
+        free(s);
+        free(p);
+    }
+    free(kp);
+    free(qp);
+    return failed ? -3 : 0;
+#else
+    (void)q; (void)q_row; (void)k; (void)k_row; (void)k_head; (void)v; (void)v_row;
+    (void)v_head; (void)out;
+    (void)out_row; (void)S; (void)L; (void)H; (void)Hkv; (void)D; (void)scale;
+    return -2;
+#endif
+}
