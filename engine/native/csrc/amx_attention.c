@@ -25,6 +25,7 @@
 #include <string.h>
 
 #include "amx.h"
+#include "vec_math.h"
 
 #if HAVE_AMX
 static inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
@@ -92,22 +93,6 @@ static inline void scores(const bf16 *kp, int64_t nkb, int64_t D, float *s, int6
     }
 }
 
-/* exp(x) for x <= 0 as 2^n * 2^f (n = round(x log2 e), |f| <= 1/2, 2^f by a degree-6
- * polynomial: within 2e-7 relative, far below the bf16 rounding the numerators get). */
-static inline __m512 exp_nonpositive(__m512 x) {
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
 /* One row's softmax numerators: p[j] = bf16(exp(s[j] * scale - max)) for j < n, zero on to
  * width (a multiple of 32); returns their fp32 sum (of the unrounded values). Sixteen at a
  * time, the last sixteen masked. */
@@ -124,7 +109,7 @@ static float softmax_row(const float *s, int64_t n, int64_t width, float scale, 
     for (; j < n; j += 16) {
         const __mmask16 live = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
         const __m512 x = _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(s + j), sc), m);
-        const __m512 e = _mm512_maskz_mov_ps(live, exp_nonpositive(x));
+        const __m512 e = _mm512_maskz_mov_ps(live, vexpf16(x));
         sum = _mm512_add_ps(sum, e);
         _mm256_storeu_si256((__m256i *)(p + j), to_bf16_x16(e));
     }

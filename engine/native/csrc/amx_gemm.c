@@ -117,7 +117,7 @@ static inline void tiles4(const bf16 *w, const bf16 *xp, int64_t I, float *acc) 
 static inline void store(const float *acc, int width, const bf16 *b, bf16 *y, int64_t O,
                          int64_t rows, int64_t n0, int nb) {
     for (int g = 0; g < nb; g++) {
-        const __m512 bias = b ? widen(b + n0 + 16 * g) : _mm512_setzero_ps();
+        const __m512 bias = b ? widen16(b + n0 + 16 * g) : _mm512_setzero_ps();
         for (int64_t t = 0; t < rows; t++)
             _mm256_storeu_si256(
                 (__m256i *)(y + t * O + n0 + 16 * g),

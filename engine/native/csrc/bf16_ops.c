@@ -6,9 +6,12 @@
  * each output is what the torch reference (engine/models/llama.py run in bf16) computes,
  * up to the order of the norm's and attention's sums:
  *
- * - add_rms_norm_bf16: x = bf16(x + r); out = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))).
- * - rope_qkv_bf16: x1' = bf16(bf16(x1 * c) + bf16(-x2 * s)), with c and s the bf16 tables.
- * - silu_mul_bf16: out = bf16(bf16(silu(gate)) * up).
+ * - add_rms_norm_bf16: x = bf16(x + r); out = bf16(w * bf16(x * rsqrt(mean(x^2) + eps)))
+ *   (sixteen at a time; AVX-512 BF16's conversion flushes denormal results to zero).
+ * - rope_qkv_bf16: x1' = bf16(bf16(x1 * c) + bf16(-x2 * s)), with c and s the bf16 tables
+ *   (sixteen at a time for heads of 32 to 128; denormal results flushed to zero).
+ * - silu_mul_bf16: out = bf16(bf16(silu(gate)) * up) (sixteen at a time with vexpf16, and
+ *   denormal results flushed to zero by AVX-512 BF16's conversion).
  * - paged_decode_attention_bf16: one query per request against its paged bf16 keys and
  *   values, scores, softmax and the weighted sum in fp32, the output rounded once.
  * - small_linear_bf16: y = x W^T (+ b) for a few rows, the products exact in fp32 and
@@ -39,13 +42,33 @@ int add_rms_norm_bf16(bf16 *x, const bf16 *r, const bf16 *w, bf16 *out, int64_t 
         bf16 *xt = x + t * D, *ot = out + t * D;
         const bf16 *rt = r ? r + t * D : 0;
         float ss = 0.f;
-        for (int64_t i = 0; i < D; i++) {
+        int64_t i = 0;
+#ifdef __AVX512F__
+        __m512 sums = _mm512_setzero_ps();
+        for (; i + 16 <= D; i += 16) {
+            __m512 v = widen16(xt + i);
+            if (rt) {
+                v = round_bf16_ftz_x16(_mm512_add_ps(v, widen16(rt + i)));
+                _mm256_storeu_si256((__m256i *)(xt + i), to_bf16_ftz_x16(v));
+            }
+            sums = _mm512_add_ps(sums, _mm512_mul_ps(v, v));
+        }
+        ss = _mm512_reduce_add_ps(sums);
+#endif
+        for (; i < D; i++) {
             float v = rt ? round_bf16(f32(xt[i]) + f32(rt[i])) : f32(xt[i]);
             xt[i] = to_bf16(v);
             ss += v * v;
         }
         float inv = 1.f / sqrtf(ss / (float)D + eps);
-        for (int64_t i = 0; i < D; i++) ot[i] = to_bf16(f32(w[i]) * round_bf16(f32(xt[i]) * inv));
+        i = 0;
+#ifdef __AVX512F__
+        for (; i + 16 <= D; i += 16) {
+            const __m512 n = round_bf16_ftz_x16(_mm512_mul_ps(widen16(xt + i), _mm512_set1_ps(inv)));
+            _mm256_storeu_si256((__m256i *)(ot + i), to_bf16_ftz_x16(_mm512_mul_ps(widen16(w + i), n)));
+        }
+#endif
+        for (; i < D; i++) ot[i] = to_bf16(f32(w[i]) * round_bf16(f32(xt[i]) * inv));
     }
     return 0;
 }
@@ -58,6 +81,32 @@ int rope_qkv_bf16(bf16 *qkv, const float *cos_t, const float *sin_t, const int64
 #pragma omp parallel for schedule(static) if (T * nheads * Dh >= PAR_MIN_ELEMS)
     for (int64_t t = 0; t < T; t++) {
         const float *c = cos_t + pos[t] * Dh, *s = sin_t + pos[t] * Dh;
+#ifdef __AVX512F__
+        if (half % 16 == 0 && half <= 64) { /* the token's tables rounded once, for all heads */
+            __m512 c1[4], s1[4], c2[4], s2[4];
+            for (int64_t k = 0; k < half / 16; k++) {
+                c1[k] = round_bf16_ftz_x16(_mm512_loadu_ps(c + 16 * k));
+                s1[k] = round_bf16_ftz_x16(_mm512_loadu_ps(s + 16 * k));
+                c2[k] = round_bf16_ftz_x16(_mm512_loadu_ps(c + half + 16 * k));
+                s2[k] = round_bf16_ftz_x16(_mm512_loadu_ps(s + half + 16 * k));
+            }
+            for (int64_t h = 0; h < nheads; h++) {
+                bf16 *x = qkv + t * stride + h * Dh;
+                for (int64_t k = 0; k < half / 16; k++) {
+                    const __m512 x1 = widen16(x + 16 * k), x2 = widen16(x + half + 16 * k);
+                    const __m512 nx2 = _mm512_castsi512_ps( /* -x2, as torch's: -0 for +0 */
+                        _mm512_xor_si512(_mm512_castps_si512(x2), _mm512_set1_epi32(INT32_MIN)));
+                    const __m512 a = _mm512_add_ps(round_bf16_ftz_x16(_mm512_mul_ps(x1, c1[k])),
+                                                   round_bf16_ftz_x16(_mm512_mul_ps(nx2, s1[k])));
+                    const __m512 b = _mm512_add_ps(round_bf16_ftz_x16(_mm512_mul_ps(x2, c2[k])),
+                                                   round_bf16_ftz_x16(_mm512_mul_ps(x1, s2[k])));
+                    _mm256_storeu_si256((__m256i *)(x + 16 * k), to_bf16_ftz_x16(a));
+                    _mm256_storeu_si256((__m256i *)(x + half + 16 * k), to_bf16_ftz_x16(b));
+                }
+            }
+            continue;
+        }
+#endif
         for (int64_t h = 0; h < nheads; h++) {
             bf16 *x = qkv + t * stride + h * Dh;
             for (int64_t i = 0; i < half; i++) {
@@ -78,7 +127,16 @@ int silu_mul_bf16(const bf16 *gate_up, bf16 *out, int64_t T, int64_t I) {
     for (int64_t t = 0; t < T; t++) {
         const bf16 *g = gate_up + t * 2 * I, *u = g + I;
         bf16 *o = out + t * I;
-        for (int64_t i = 0; i < I; i++) {
+        int64_t i = 0;
+#ifdef __AVX512F__
+        for (; i + 16 <= I; i += 16) {
+            const __m512 x = widen16(g + i);
+            const __m512 s = round_bf16_ftz_x16(
+                _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), vexpf16(_mm512_sub_ps(_mm512_setzero_ps(), x)))));
+            _mm256_storeu_si256((__m256i *)(o + i), to_bf16_ftz_x16(_mm512_mul_ps(s, widen16(u + i))));
+        }
+#endif
+        for (; i < I; i++) {
             float x = f32(g[i]);
             o[i] = to_bf16(round_bf16(x / (1.f + vexpf(-x))) * f32(u[i]));
         }
