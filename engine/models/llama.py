@@ -398,7 +398,9 @@ class LlamaForCausalLM(nn.Module):
         return enabled
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # [N, V]
+        """[N, V] in the model's dtype: the sampler takes its argmax from bf16 as is and
+        works in fp32 otherwise."""
+        return self.lm_head(hidden)
 
     @torch.no_grad()
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:

@@ -7,7 +7,7 @@
 - ``kv_write``: the step's new keys and values into the paged cache (single-threaded).
 - ``bf16_ops``: the bf16 model's elementwise work and decode attention (fp32 inside,
   rounded to bf16 where torch's bf16 ops round).
-- ``argmax``: greedy sampling's argmax over fp32 logits rows, as ``torch.argmax``.
+- ``argmax``: greedy sampling's argmax over fp32 or bf16 logits rows, as ``torch.argmax``.
 - ``amx_gemm``: bf16 GEMMs of up to 64 rows (decode steps) on AMX tiles, from a weight
   packed once into tile layout; built only where the compiler targets AMX, used only
   where Linux grants the tile state (``amx_available``).
@@ -131,8 +131,9 @@ def load() -> ctypes.CDLL | None:
         fn = getattr(lib, "silu_mul" + suffix)
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
-    lib.argmax_rows.restype = ctypes.c_int
-    lib.argmax_rows.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+    for name in ("argmax_rows", "argmax_rows_bf16"):
+        getattr(lib, name).restype = ctypes.c_int
+        getattr(lib, name).argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
     lib.amx_init.restype = ctypes.c_int
     lib.amx_init.argtypes = []
     lib.amx_pack_bf16.restype = ctypes.c_int
@@ -288,14 +289,14 @@ def silu_mul(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def argmax_rows(lib: ctypes.CDLL, x: torch.Tensor) -> torch.Tensor:
-    """x: [B, V] fp32 on CPU, V > 0; ``x.argmax(dim=-1)``, the same indices (ties to the
-    first, a NaN above every number)."""
-    if x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[1] == 0:
-        raise ValueError(f"argmax_rows: expected [B, V>0] fp32 on CPU, got {x.dtype} "
+    """x: [B, V] fp32 or bf16 on CPU, V > 0; ``x.argmax(dim=-1)``, the same indices (ties to
+    the first, a NaN above every number)."""
+    if x.dim() != 2 or x.dtype not in SUFFIX or x.device.type != "cpu" or x.shape[1] == 0:
+        raise ValueError(f"argmax_rows: expected [B, V>0] fp32 or bf16 on CPU, got {x.dtype} "
                          f"{list(x.shape)} on {x.device}")
     x = x.contiguous()
     out = torch.empty(x.shape[0], dtype=torch.long)
-    lib.argmax_rows(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1])
+    _kernel(lib, "argmax_rows", x.dtype)(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1])
     return out
 
 

@@ -96,13 +96,14 @@ def test_silu_mul_equals_torch(kernel: ctypes.CDLL, rows: int) -> None:
 
 
 @pytest.mark.parametrize("width", [1, 15, 16, 17, 63, 64, 65, 130, 49152])
-def test_argmax_rows_equals_torch(kernel: ctypes.CDLL, width: int) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_rows_equals_torch(kernel: ctypes.CDLL, width: int, dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(width)
     for _ in range(20):
         # Few distinct values, so most rows tie for their maximum: the first index wins.
-        x = torch.randint(-3, 3, (5, width), generator=gen).float()
+        x = torch.randint(-3, 3, (5, width), generator=gen).to(dtype)
         assert torch.equal(native.argmax_rows(kernel, x), x.argmax(dim=-1))
-    x = torch.randn(5, width, generator=gen)
+    x = torch.randn(5, width, generator=gen).to(dtype)
     x[1] = float("-inf")  # every entry masked: index 0, as torch
     x[2, -1] = float("inf")
     x[3] = 0.0
@@ -117,6 +118,6 @@ def test_argmax_rows_equals_torch(kernel: ctypes.CDLL, width: int) -> None:
 def test_argmax_rows_takes_strided_rows_and_refuses_other_input(kernel: ctypes.CDLL) -> None:
     x = torch.randn(70, 4, generator=torch.Generator().manual_seed(0)).t()  # [4, 70], strided
     assert torch.equal(native.argmax_rows(kernel, x), x.argmax(dim=-1))
-    for bad in (torch.zeros(3, 0), torch.zeros(3, 4, dtype=torch.bfloat16), torch.zeros(4)):
+    for bad in (torch.zeros(3, 0), torch.zeros(3, 4, dtype=torch.float16), torch.zeros(4)):
         with pytest.raises(ValueError, match="argmax_rows: expected"):
             native.argmax_rows(kernel, bad)

@@ -54,6 +54,20 @@ def test_greedy_fast_path_is_argmax_and_leaves_logits_alone() -> None:
     assert torch.equal(logits, before)
 
 
+def test_bf16_logits_sample_as_their_fp32_copy() -> None:
+    # A bf16 model hands its logits over as they are: the greedy fast path takes their
+    # argmax directly, every other row samples from the fp32 copy.
+    torch.manual_seed(2)
+    logits = torch.randn(6, V).bfloat16()
+    greedy = Sampler()(logits, [row(SamplingParams(temperature=0)) for _ in range(6)])
+    assert greedy.token_ids == logits.float().argmax(-1).tolist()
+    params = [SamplingParams(temperature=0, repetition_penalty=1.3),
+              SamplingParams(temperature=0.8, seed=5, logprobs=2)] * 3
+    got = Sampler()(logits, [row(p, output=[1, 2]) for p in params])
+    want = Sampler()(logits.float(), [row(p, output=[1, 2]) for p in params])
+    assert got.token_ids == want.token_ids and got.logprobs == want.logprobs
+
+
 def test_shape_mismatch_is_an_error() -> None:
     with pytest.raises(ValueError, match="logits: expected shape"):
         Sampler()(torch.zeros(2, V), [row(SamplingParams())])
