@@ -32,6 +32,17 @@ static inline int amx_request(void) {
 #endif
 }
 
+/* amx_request once per kernel file: 0 once this process holds the tile state. Racing first
+ * calls both ask: harmless. */
+static inline int amx_granted(void) {
+    static int granted = 0;
+    if (!granted) {
+        if (amx_request()) return -1;
+        granted = 1;
+    }
+    return 0;
+}
+
 #if HAVE_AMX
 struct tile_config {
     uint8_t palette;

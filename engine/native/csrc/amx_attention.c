@@ -144,20 +144,16 @@ static inline void values(const bf16 *p, int64_t ld, const bf16 *vp, int64_t nkb
 #endif
 
 /* q: query t's head h at q + t * q_row + h * D; k: key j's kv head g at k + j * k_row + g *
- * k_head, v likewise with its own strides; out: query t's head h at out + t * out_row + h * D. All bf16,
- * each head's D elements contiguous. 0: done; -1: a shape this kernel does not take; -2:
- * no AMX; -3: out of memory. */
+ * k_head, v likewise with its own strides; out: query t's head h at out + t * out_row + h *
+ * D. All bf16, each head's D elements contiguous. 0: done; -1: a shape this kernel does not
+ * take; -2: no AMX (the first call asks Linux for the tile state); -3: out of memory. */
 int amx_prefill_attention_bf16(const bf16 *q, int64_t q_row, const bf16 *k, int64_t k_row,
                                int64_t k_head, const bf16 *v, int64_t v_row, int64_t v_head,
                                bf16 *out, int64_t out_row,
                                int64_t S, int64_t L, int64_t H, int64_t Hkv, int64_t D,
                                float scale) {
 #if HAVE_AMX
-    static int granted = 0;
-    if (!granted) {
-        if (amx_request()) return -2;
-        granted = 1;
-    }
+    if (amx_granted()) return -2;
     if (S < 1 || L < S || Hkv < 1 || H % Hkv || (D != 32 && D != 64)) return -1;
     const int64_t G = H / Hkv, S16 = round_up(S, 16), L16 = round_up(L, 16), L32 = round_up(L, 32);
     const int64_t kblocks = L16 / 16, vblocks = L32 / 32, qblocks = S16 / 16;

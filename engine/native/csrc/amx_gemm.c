@@ -132,11 +132,7 @@ static inline void store(const float *acc, int width, const bf16 *b, bf16 *y, in
 int amx_linear_bf16(const bf16 *x, const bf16 *P, const bf16 *b, bf16 *y, int64_t T,
                     int64_t O, int64_t I) {
 #if HAVE_AMX
-    static int granted = 0; /* racing first calls both ask: harmless */
-    if (!granted) {
-        if (amx_init()) return -2;
-        granted = 1;
-    }
+    if (amx_granted()) return -2;
     if (T < 1 || T > MAX_ROWS || O % 16 || I % 32) return -1;
     const int64_t tiles_x = (T + 15) / 16, blocks = O / 16;
     /* x padded to whole tiles (the pad rows' sums are computed and dropped); rows that

@@ -47,10 +47,6 @@ static inline __m256i to_bf16_x16(__m512 v) {
     return _mm512_cvtepi32_epi16(r);
 }
 
-static inline __m512 round_bf16_x16(__m512 v) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16_x16(v)), 16));
-}
-
 /* to_bf16_x16 in one instruction where the CPU has AVX-512 BF16 (half the cost of SiLU x
  * mul was its two roundings): to nearest, ties to even, as to_bf16, except that values
  * below 2^-126 in magnitude become zero (the instruction flushes denormals). */
