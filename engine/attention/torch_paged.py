@@ -12,10 +12,10 @@ each length, and attended with two matmuls.
 
 Prefill chunks are attended one request at a time; a chunk that starts at position 0
 uses its fresh keys directly, a later chunk (or a prefix-cache hit) gathers its earlier
-context from the cache. In bf16 on a CPU with AMX (and ``BATON_FUSED_OPS`` on) the
-native kernel attends them (``amx_prefill_attention``: 0.6x SDPA's time for a 256-token
-chunk of SmolLM2, whose bf16 flash kernel spent a quarter of a prefill step); otherwise
-SDPA.
+context from the cache. In bf16 on a CPU with AMX or AVX-512 BF16 (and
+``BATON_FUSED_OPS`` on) the native kernel attends them (``native.prefill_attention``: 0.6x
+SDPA's time for a 256-token chunk of SmolLM2 on AMX, 0.3x with vdpbf16ps on a Zen 4,
+where torch's bf16 flash kernel spent a quarter of a prefill step); otherwise SDPA.
 """
 
 from __future__ import annotations
@@ -87,10 +87,11 @@ class TorchPagedAttention:
         # New keys/values written by the native copy (fp32 or bf16 CPU caches) rather than
         # index_copy_; off with BATON_FUSED_OPS=0.
         self.native_kv_write = envs.fused_ops()
-        # bf16 prefill chunks attended on AMX tiles (the kernel checks the dtype and head size).
-        self.amx_prefill = (native_kernel is not None and envs.fused_ops()
-                            and head_dim in native.AMX_ATTENTION_HEAD_DIMS
-                            and native.amx_available())
+        # bf16 prefill chunks attended natively (AMX tiles or vdpbf16ps; the kernel checks
+        # the dtype and head size).
+        self.native_prefill = (native_kernel is not None and envs.fused_ops()
+                               and head_dim in native.PREFILL_ATTENTION_HEAD_DIMS
+                               and native.prefill_attention_isa() is not None)
 
     @staticmethod
     def cache_shape(
@@ -177,9 +178,9 @@ class TorchPagedAttention:
                 ctx = seg.start_pos + seg.length
                 ks = cache.k.index_select(1, seg.block_ids).view(hkv, -1, dh)[:, :ctx]
                 vs = cache.v.index_select(1, seg.block_ids).view(hkv, -1, dh)[:, :ctx]
-            if self.amx_prefill and q.dtype == torch.bfloat16:
+            if self.native_prefill and q.dtype == torch.bfloat16:
                 assert self.native is not None
-                native.amx_prefill_attention(
+                native.prefill_attention(
                     self.native, q[sl], ks.transpose(0, 1), vs.transpose(0, 1), out[sl],
                     self.scale)
                 continue

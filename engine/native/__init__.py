@@ -11,8 +11,9 @@
 - ``amx_gemm``: bf16 GEMMs of up to 64 rows (decode steps) on AMX tiles, from a weight
   packed once into tile layout; built only where the compiler targets AMX, used only
   where Linux grants the tile state (``amx_available``).
-- ``amx_attention``: a bf16 prefill chunk's causal attention on AMX tiles (the same
-  conditions).
+- ``prefill_attention``: a bf16 prefill chunk's causal attention, on AMX tiles where
+  ``amx_available``, else with AVX-512 BF16's vdpbf16ps where the build has it
+  (``prefill_attention_isa``).
 
 Each wrapper below takes fp32 or bf16 tensors and calls the kernel for their dtype.
 
@@ -140,11 +141,13 @@ def load() -> ctypes.CDLL | None:
     lib.amx_pack_bf16.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
     lib.amx_linear_bf16.restype = ctypes.c_int
     lib.amx_linear_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
-    lib.amx_prefill_attention_bf16.restype = ctypes.c_int
+    lib.prefill_attention_isa.restype = ctypes.c_int
+    lib.prefill_attention_isa.argtypes = []
+    lib.prefill_attention_bf16.restype = ctypes.c_int
     tensor, strides = [ctypes.c_void_p], [ctypes.c_int64] * 2  # a pointer; row, head strides
-    lib.amx_prefill_attention_bf16.argtypes = (
+    lib.prefill_attention_bf16.argtypes = (
         tensor + strides[:1] + tensor + strides + tensor + strides + tensor + strides[:1]
-        + [ctypes.c_int64] * 5 + [ctypes.c_float])
+        + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int])
     lib.amx_max_rows.restype = ctypes.c_int
     lib.amx_max_rows.argtypes = []
     if lib.amx_max_rows() != AMX_MAX_ROWS:  # one number in two languages: kept in step
@@ -382,32 +385,43 @@ def amx_linear(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor,
     return out
 
 
-# Head sizes ``amx_prefill_attention`` takes (one or two 32-wide tiles of a query).
-AMX_ATTENTION_HEAD_DIMS = (32, 64)
+# Head sizes ``prefill_attention`` takes (one or two 32-wide tiles of a query).
+PREFILL_ATTENTION_HEAD_DIMS = (32, 64)
 
 
-def amx_prefill_attention(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor,
-                          v: torch.Tensor, out: torch.Tensor, scale: float) -> None:
+@cache
+def prefill_attention_isa() -> str | None:
+    """The back-end ``prefill_attention`` runs here: "amx" (tiles; ``amx_available``),
+    "avx512_bf16" (vdpbf16ps), or None where the build has neither."""
+    lib = load()
+    isa = 0 if lib is None else lib.prefill_attention_isa()
+    return {2: "amx", 1: "avx512_bf16"}.get(isa)
+
+
+def prefill_attention(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      out: torch.Tensor, scale: float, allow_amx: bool = True) -> None:
     """Causal attention of a prefill chunk, written into ``out``: q, out [S, H, D] and k, v
     [L, Hkv, D] bf16 (L >= S: the chunk's queries are the last S positions), each head's D
-    elements contiguous; query t sees keys 0 .. L - S + t.
-    ``csrc/amx_attention.c``; needs ``amx_available()``."""
+    elements contiguous; query t sees keys 0 .. L - S + t. ``csrc/prefill_attention.c``;
+    needs ``prefill_attention_isa()``; ``allow_amx=False`` keeps to the vector back-end."""
     tensors = (q, k, v, out)
     if (any(t.dtype != torch.bfloat16 or t.dim() != 3 or t.stride(2) != 1 for t in tensors)
             or q.stride(1) != q.shape[2] or out.stride(1) != out.shape[2]
             or out.shape != q.shape or k.shape != v.shape or k.shape[2] != q.shape[2]):
         raise ValueError(
-            "amx_prefill_attention: expected bf16 q, out [S, H, D] and k, v [L, Hkv, D] with "
+            "prefill_attention: expected bf16 q, out [S, H, D] and k, v [L, Hkv, D] with "
             f"contiguous heads, got {[(tuple(t.shape), t.stride(), t.dtype) for t in tensors]}")
     s, h, d = q.shape
     length, hkv = k.shape[0], k.shape[1]
-    err = lib.amx_prefill_attention_bf16(
+    err = lib.prefill_attention_bf16(
         q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(),
-        v.stride(0), v.stride(1), out.data_ptr(), out.stride(0), s, length, h, hkv, d, scale)
+        v.stride(0), v.stride(1), out.data_ptr(), out.stride(0), s, length, h, hkv, d, scale,
+        int(allow_amx))
     if err == -2:
-        raise RuntimeError("amx_prefill_attention: AMX is not available here (see amx_available)")
+        raise RuntimeError("prefill_attention: this build has neither AMX nor AVX-512 BF16 "
+                           "(see prefill_attention_isa)")
     if err == -3:
-        raise MemoryError("amx_prefill_attention: out of memory for its packed keys and values")
+        raise MemoryError("prefill_attention: out of memory for its packed keys and values")
     if err:
-        raise ValueError(f"amx_prefill_attention: cannot take {s} queries of {h} heads x {d} "
+        raise ValueError(f"prefill_attention: cannot take {s} queries of {h} heads x {d} "
                          f"against {length} keys of {hkv} heads")

@@ -264,20 +264,33 @@ def test_amx_refuses_shapes_it_does_not_take(amx: ctypes.CDLL) -> None:
         native.amx_linear(amx, torch.zeros(65, 64, dtype=BF16), packed, None, 64)
 
 
-# AMX: bf16 prefill chunks' causal attention.
+# bf16 prefill chunks' causal attention: on AMX tiles, or with AVX-512 BF16's vdpbf16ps.
+
+
+@pytest.fixture(params=["amx", "avx512_bf16"])
+def prefill_backend(request: pytest.FixtureRequest, kernel: ctypes.CDLL) -> bool:
+    """Whether the call may use AMX: each back-end this build and CPU have (on a CPU with
+    AMX the vector one is asked for with allow_amx=False)."""
+    isa = native.prefill_attention_isa()
+    if request.param == "amx" and isa != "amx":
+        pytest.skip("no AMX here (CPU, kernel or compiler)")
+    if isa is None:
+        pytest.skip("this build has neither AMX nor AVX-512 BF16")
+    return bool(request.param == "amx")
 
 
 @pytest.mark.parametrize(
     ("queries", "keys", "heads", "kv_heads", "head_dim"),
     [(1, 1, 9, 3, 64), (17, 17, 9, 3, 64), (256, 256, 9, 3, 64), (100, 300, 9, 3, 64),
-     (33, 70, 4, 2, 32), (5, 5, 4, 4, 64)],
+     (33, 70, 4, 2, 32), (5, 5, 4, 4, 64), (90, 90, 9, 3, 64)],
 )
-def test_amx_prefill_attention_equals_fp32_attention(
-    amx: ctypes.CDLL, queries: int, keys: int, heads: int, kv_heads: int, head_dim: int
+def test_prefill_attention_equals_fp32_attention(
+    kernel: ctypes.CDLL, prefill_backend: bool, queries: int, keys: int, heads: int,
+    kv_heads: int, head_dim: int
 ) -> None:
     # Partial tiles of queries and keys, a chunk after earlier context, 1 to 3 query heads
-    # per kv head, both head sizes; q, k and v strided inside one fused qkv row, as the
-    # model hands them over.
+    # per kv head, both head sizes, key blocks past the vector kernel's groups of four;
+    # q, k and v strided inside one fused qkv row, as the model hands them over.
     gen = torch.Generator().manual_seed(queries * keys)
     qkv = torch.randn(keys, (heads + 2 * kv_heads) * head_dim, generator=gen).to(BF16)
     q, k, v = qkv.view(keys, -1, head_dim).split([heads, kv_heads, kv_heads], dim=1)
@@ -285,27 +298,31 @@ def test_amx_prefill_attention_equals_fp32_attention(
     if heads == kv_heads:
         v = v.contiguous()  # its own strides, unlike k's
     out = torch.full((queries, heads, head_dim), float("nan"), dtype=BF16)
-    native.amx_prefill_attention(amx, q, k, v, out, head_dim**-0.5)
+    native.prefill_attention(kernel, q, k, v, out, head_dim**-0.5, allow_amx=prefill_backend)
     ref = dense_reference(q.float(), k.float(), v.float())
     # Probabilities rounded to bf16 for the value product (as torch's flash kernel), sums
     # in fp32, one rounding at the end: within a few bf16 steps of the fp32 result.
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
 
 
-def test_amx_prefill_attention_refuses_what_it_does_not_take(amx: ctypes.CDLL) -> None:
+def test_prefill_attention_refuses_what_it_does_not_take(
+    kernel: ctypes.CDLL, prefill_backend: bool
+) -> None:
     q, k = torch.zeros(4, 2, 128, dtype=BF16), torch.zeros(4, 1, 128, dtype=BF16)
     with pytest.raises(ValueError, match="cannot take 4 queries of 2 heads x 128"):
-        native.amx_prefill_attention(amx, q, k, k, torch.empty_like(q), 0.1)
+        native.prefill_attention(kernel, q, k, k, torch.empty_like(q), 0.1, prefill_backend)
     q, k = torch.zeros(4, 2, 64), torch.zeros(4, 1, 64)
     with pytest.raises(ValueError, match="expected bf16"):
-        native.amx_prefill_attention(amx, q, k, k, torch.empty_like(q), 0.1)
+        native.prefill_attention(kernel, q, k, k, torch.empty_like(q), 0.1, prefill_backend)
 
 
-def test_paged_prefill_bf16_on_amx_equals_dense(amx: ctypes.CDLL) -> None:
+def test_paged_prefill_bf16_natively_equals_dense(kernel: ctypes.CDLL) -> None:
     from engine.attention.torch_paged import TorchPagedAttention
 
-    backend = TorchPagedAttention(64, amx)
-    assert backend.amx_prefill
+    if native.prefill_attention_isa() is None:
+        pytest.skip("this build has neither AMX nor AVX-512 BF16")
+    backend = TorchPagedAttention(64, kernel)
+    assert backend.native_prefill
     # Two decodes, a fresh prefill and a later chunk that reads its context from the cache.
     out, ref, _ = run_step(backend, *MIXED, dtype=BF16, head_dim=64)
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)

@@ -1,4 +1,4 @@
-/* What the AMX kernels (amx_gemm.c, amx_attention.c) share: whether the build has AMX,
+/* What the AMX kernels (amx_gemm.c, prefill_attention.c) share: whether the build has AMX,
  * the tile state Linux grants on request, one tile shape for all eight tiles, and bf16
  * conversions of sixteen lanes. */
 #ifndef BATON_AMX_H

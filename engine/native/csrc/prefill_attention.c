@@ -1,14 +1,17 @@
-/* Causal prefill attention in bf16 on AMX tiles: a prefill chunk's S queries against its
- * L keys (the chunk's own and any before it), grouped-query heads sharing a kv head.
+/* Causal prefill attention in bf16: a prefill chunk's S queries against its L keys (the
+ * chunk's own and any before it), grouped-query heads sharing a kv head. Two back-ends
+ * with one data layout: AMX tiles where the CPU has them and Linux grants the tile state,
+ * else AVX-512 BF16's vdpbf16ps (AMD Zen 4, Intel Cooper Lake on).
  *
  * torch's CPU flash attention ran a 256-token chunk of this model's 9 heads at ~165
- * GFLOP/s on one core, a quarter of a bf16 prefill step beside GEMMs at ~1 TFLOP/s. Here,
- * per 16 queries of a head: their scores against every key block they see on tiles
- * (Q x K^T, K packed into B-tile layout once per call), an exact softmax over each row in
- * fp32 (the row's maximum, then exp), the unnormalised probabilities rounded to bf16 and
- * multiplied by V on tiles (V packed likewise), and the sums divided by the row's total
- * at the end -- the order of torch's flash kernel for one key block (its probabilities
- * are rounded to bf16 for its value product too), so results differ from it only in the
+ * GFLOP/s on one core of a Sapphire Rapids (a quarter of a bf16 prefill step beside GEMMs
+ * at ~1 TFLOP/s), and at ~36 GFLOP/s on one core of an EPYC (Zen 4), where it was a
+ * quarter of a served burst's time. Here, per 16 queries of a head: their scores against
+ * every key block they see (Q x K^T, K packed once per call), an exact softmax over each
+ * row in fp32 (the row's maximum, then exp), the unnormalised probabilities rounded to
+ * bf16 and multiplied by V (packed likewise), and the sums divided by the row's total at
+ * the end -- the order of torch's flash kernel for one key block (its probabilities are
+ * rounded to bf16 for its value product too), so results differ from it only in the
  * order of the fp32 sums.
  *
  * Query t (0 <= t < S) sits at position L - S + t and sees keys 0 .. L - S + t. Head
@@ -17,7 +20,10 @@
  *
  * Packed K, per kv head and block of 16 keys and 32 dims, one B tile: [16 dim pairs][16
  * keys][2]. Packed V, per kv head and block of 32 keys and 16 dims: [16 key pairs][16
- * dims][2]. Keys past L are zero in both, and their probabilities are zero.
+ * dims][2]. Keys past L are zero in both, and their probabilities are zero. A tile row is
+ * also one zmm register: vdpbf16ps of it against a query's (or probability row's) pair
+ * broadcast to all lanes adds that pair's products to sixteen keys' scores (or sixteen
+ * output dims) at once, with no horizontal sums.
  */
 #include <math.h>
 #include <stdint.h>
@@ -27,7 +33,14 @@
 #include "amx.h"
 #include "vec_math.h"
 
-#if HAVE_AMX
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define HAVE_VDPBF16 1
+#else
+#define HAVE_VDPBF16 0
+#endif
+
+#if HAVE_AMX || HAVE_VDPBF16
 static inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
 static void pack_k(const bf16 *k, int64_t k_row, int64_t L, int64_t D, int64_t kb,
@@ -58,6 +71,9 @@ static void pack_v(const bf16 *v, int64_t v_row, int64_t L, int64_t D, int64_t k
     }
 }
 
+#endif
+
+#if HAVE_AMX
 /* Scores of one 16-query tile (Q in tiles 4, 5) against key blocks 0 .. nkb: two blocks
  * at a time (accumulators 0, 1; K through 6, 7 and 2, 3). s: [16][ld] fp32. */
 static inline void scores(const bf16 *kp, int64_t nkb, int64_t D, float *s, int64_t ld) {
@@ -93,6 +109,82 @@ static inline void scores(const bf16 *kp, int64_t nkb, int64_t D, float *s, int6
     }
 }
 
+#endif
+
+#if HAVE_VDPBF16
+/* A pair of bf16 (two dims of a query, two keys' probabilities) in every lane. */
+static inline __m512bh pair_at(const bf16 *x) {
+    uint32_t u;
+    memcpy(&u, x, sizeof u);
+    return (__m512bh)_mm512_set1_epi32((int)u);
+}
+
+/* Scores of four query rows (q, rows D apart) against NB key blocks from kb, into s (rows
+ * ld apart): one accumulator of sixteen keys per row and block, the key tiles' rows
+ * loaded once for the four rows. */
+static inline __attribute__((always_inline)) void scores_vec_4xn(
+    const bf16 *q, const bf16 *kp, int64_t kb, int64_t D, float *s, int64_t ld, const int NB) {
+    const int64_t per = D / 32 * 512;
+    __m512 acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < D / 32; c++)
+        for (int i = 0; i < 16; i++) {
+            __m512bh k[4];
+            for (int b = 0; b < NB; b++)
+                k[b] = (__m512bh)_mm512_load_si512(kp + (kb + b) * per + c * 512 + i * 32);
+            for (int r = 0; r < 4; r++) {
+                const __m512bh qr = pair_at(q + r * D + c * 32 + 2 * i);
+                for (int b = 0; b < NB; b++) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], qr, k[b]);
+            }
+        }
+    for (int r = 0; r < 4; r++)
+        for (int b = 0; b < NB; b++) _mm512_storeu_ps(s + r * ld + (kb + b) * 16, acc[r][b]);
+}
+
+/* Scores of a 16-query block (qt: 16 padded rows of D) against key blocks 0 .. nkb. */
+static void scores_vec(const bf16 *qt, const bf16 *kp, int64_t nkb, int64_t D, float *s,
+                       int64_t ld) {
+    for (int r = 0; r < 16; r += 4) {
+        int64_t kb = 0;
+        for (; kb + 4 <= nkb; kb += 4) scores_vec_4xn(qt + r * D, kp, kb, D, s + r * ld, ld, 4);
+        for (; kb < nkb; kb++) scores_vec_4xn(qt + r * D, kp, kb, D, s + r * ld, ld, 1);
+    }
+}
+
+/* acc (16 rows of 64 floats, D used) = P (16 rows of ld bf16) x V over 32-key blocks up
+ * to nkb2; four probability rows at a time against every output dim (at most 16 sums in
+ * registers), each V tile row loaded once for the four. */
+static inline __attribute__((always_inline)) void values_vec_rows(
+    const bf16 *p, int64_t ld, const bf16 *vp, int64_t nkb2, float *acc, const int DB) {
+    const int64_t per = DB * 512;
+    for (int r0 = 0; r0 < 16; r0 += 4) {
+        __m512 a[4][4];
+        for (int r = 0; r < 4; r++)
+            for (int d = 0; d < DB; d++) a[r][d] = _mm512_setzero_ps();
+        for (int64_t kb = 0; kb < nkb2; kb++)
+            for (int i = 0; i < 16; i++) {
+                __m512bh v[4];
+                for (int d = 0; d < DB; d++)
+                    v[d] = (__m512bh)_mm512_load_si512(vp + kb * per + d * 512 + i * 32);
+                for (int r = 0; r < 4; r++) {
+                    const __m512bh pr = pair_at(p + (r0 + r) * ld + kb * 32 + 2 * i);
+                    for (int d = 0; d < DB; d++) a[r][d] = _mm512_dpbf16_ps(a[r][d], pr, v[d]);
+                }
+            }
+        for (int r = 0; r < 4; r++)
+            for (int d = 0; d < DB; d++) _mm512_store_ps(acc + (r0 + r) * 64 + d * 16, a[r][d]);
+    }
+}
+
+static void values_vec(const bf16 *p, int64_t ld, const bf16 *vp, int64_t nkb2, int64_t D,
+                       float *acc) {
+    if (D == 64) values_vec_rows(p, ld, vp, nkb2, acc, 4);
+    else values_vec_rows(p, ld, vp, nkb2, acc, 2);
+}
+#endif
+
+#if HAVE_AMX || HAVE_VDPBF16
 /* One row's softmax numerators: p[j] = bf16(exp(s[j] * scale - max)) for j < n, zero on to
  * width (a multiple of 32); returns their fp32 sum (of the unrounded values). Sixteen at a
  * time, the last sixteen masked. */
@@ -117,6 +209,9 @@ static float softmax_row(const float *s, int64_t n, int64_t width, float scale, 
     return n ? _mm512_reduce_add_ps(sum) : 0.f;
 }
 
+#endif
+
+#if HAVE_AMX
 /* acc (tiles 0 .. D/16) = P (rows of ld bf16) x V over key blocks of 32 up to nkb2. */
 static inline void values(const bf16 *p, int64_t ld, const bf16 *vp, int64_t nkb2, int64_t D) {
     const int64_t per = D / 16 * 512; /* one 32-key block's V tiles */
@@ -143,17 +238,28 @@ static inline void values(const bf16 *p, int64_t ld, const bf16 *vp, int64_t nkb
 }
 #endif
 
+/* Which back-end a call with allow_amx set takes: 2 AMX (the first call asks Linux for
+ * the tile state), 1 AVX-512 BF16, 0 none (every call returns -2). */
+int prefill_attention_isa(void) {
+#if HAVE_AMX
+    if (!amx_granted()) return 2;
+#endif
+    return HAVE_VDPBF16 ? 1 : 0;
+}
+
 /* q: query t's head h at q + t * q_row + h * D; k: key j's kv head g at k + j * k_row + g *
  * k_head, v likewise with its own strides; out: query t's head h at out + t * out_row + h *
- * D. All bf16, each head's D elements contiguous. 0: done; -1: a shape this kernel does not
- * take; -2: no AMX (the first call asks Linux for the tile state); -3: out of memory. */
-int amx_prefill_attention_bf16(const bf16 *q, int64_t q_row, const bf16 *k, int64_t k_row,
-                               int64_t k_head, const bf16 *v, int64_t v_row, int64_t v_head,
-                               bf16 *out, int64_t out_row,
-                               int64_t S, int64_t L, int64_t H, int64_t Hkv, int64_t D,
-                               float scale) {
-#if HAVE_AMX
-    if (amx_granted()) return -2;
+ * D. All bf16, each head's D elements contiguous. allow_amx: 0 keeps to the vector
+ * back-end (tests of it on a CPU with AMX). 0: done; -1: a shape this kernel does not
+ * take; -2: no back-end here; -3: out of memory. */
+int prefill_attention_bf16(const bf16 *q, int64_t q_row, const bf16 *k, int64_t k_row,
+                           int64_t k_head, const bf16 *v, int64_t v_row, int64_t v_head,
+                           bf16 *out, int64_t out_row, int64_t S, int64_t L, int64_t H,
+                           int64_t Hkv, int64_t D, float scale, int allow_amx) {
+#if HAVE_AMX || HAVE_VDPBF16
+    const int isa = prefill_attention_isa();
+    const int amx = HAVE_AMX && allow_amx && isa == 2;
+    if (!amx && !HAVE_VDPBF16) return -2;
     if (S < 1 || L < S || Hkv < 1 || H % Hkv || (D != 32 && D != 64)) return -1;
     const int64_t G = H / Hkv, S16 = round_up(S, 16), L16 = round_up(L, 16), L32 = round_up(L, 32);
     const int64_t kblocks = L16 / 16, vblocks = L32 / 32, qblocks = S16 / 16;
@@ -196,7 +302,9 @@ int amx_prefill_attention_bf16(const bf16 *q, int64_t q_row, const bf16 *k, int6
             }
         if (s && p && !failed) {
             float *acc = s + 16 * lds;
-            amx_configure();
+#if HAVE_AMX
+            if (amx) amx_configure();
+#endif
             /* Later query blocks see more keys: handed out one at a time, last first. */
 #pragma omp for schedule(dynamic, 1)
             for (int64_t item = H * qblocks - 1; item >= 0; item--) {
@@ -205,22 +313,36 @@ int amx_prefill_attention_bf16(const bf16 *q, int64_t q_row, const bf16 *k, int6
                 const int64_t kend = L - S + qb * 16 + rows; /* keys the last row sees */
                 const int64_t nkb = (kend + 15) / 16, nkb2 = (kend + 31) / 32;
                 const bf16 *qt = qp + (h * S16 + qb * 16) * D;
-                _tile_loadd(4, qt, D * 2);
-                if (D == 64) _tile_loadd(5, qt + 32, D * 2);
-                scores(kp + g * ksize, nkb, D, s, lds);
+#if HAVE_AMX
+                if (amx) {
+                    _tile_loadd(4, qt, D * 2);
+                    if (D == 64) _tile_loadd(5, qt + 32, D * 2);
+                    scores(kp + g * ksize, nkb, D, s, lds);
+                }
+#endif
+#if HAVE_VDPBF16
+                if (!amx) scores_vec(qt, kp + g * ksize, nkb, D, s, lds);
+#endif
                 float inv[16];
                 for (int64_t r = 0; r < 16; r++) {
                     const int64_t n = r < rows ? L - S + qb * 16 + r + 1 : 0;
                     const float sum = softmax_row(s + r * lds, n, nkb2 * 32, scale, p + r * ldp);
                     inv[r] = n ? 1.f / sum : 0.f;
                 }
-                values(p, ldp, vp + g * vsize, nkb2, D);
-                _tile_stored(0, acc, 256);
-                _tile_stored(1, acc + 16, 256);
-                if (D == 64) {
-                    _tile_stored(2, acc + 32, 256);
-                    _tile_stored(3, acc + 48, 256);
+#if HAVE_AMX
+                if (amx) {
+                    values(p, ldp, vp + g * vsize, nkb2, D);
+                    _tile_stored(0, acc, 256);
+                    _tile_stored(1, acc + 16, 256);
+                    if (D == 64) {
+                        _tile_stored(2, acc + 32, 256);
+                        _tile_stored(3, acc + 48, 256);
+                    }
                 }
+#endif
+#if HAVE_VDPBF16
+                if (!amx) values_vec(p, ldp, vp + g * vsize, nkb2, D, acc);
+#endif
                 for (int64_t r = 0; r < rows; r++) {
                     bf16 *o = out + (qb * 16 + r) * out_row + h * D;
                     const __m512 iv = _mm512_set1_ps(inv[r]);
@@ -229,7 +351,9 @@ int amx_prefill_attention_bf16(const bf16 *q, int64_t q_row, const bf16 *k, int6
                                             to_bf16_x16(_mm512_mul_ps(_mm512_load_ps(acc + r * 64 + d), iv)));
                 }
             }
-            _tile_release();
+#if HAVE_AMX
+            if (amx) _tile_release();
+#endif
         }
         free(s);
         free(p);
@@ -239,8 +363,8 @@ int amx_prefill_attention_bf16(const bf16 *q, int64_t q_row, const bf16 *k, int6
     return failed ? -3 : 0;
 #else
     (void)q; (void)q_row; (void)k; (void)k_row; (void)k_head; (void)v; (void)v_row;
-    (void)v_head; (void)out;
-    (void)out_row; (void)S; (void)L; (void)H; (void)Hkv; (void)D; (void)scale;
+    (void)v_head; (void)out; (void)out_row; (void)S; (void)L; (void)H; (void)Hkv; (void)D;
+    (void)scale; (void)allow_amx;
     return -2;
 #endif
 }
