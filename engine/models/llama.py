@@ -108,7 +108,9 @@ class Linear(nn.Linear):
     and oneDNN's bf16 GEMV do not, fp32 inputs of many rows to MKL with the weight packed
     once, and bf16 ones to oneDNN with the weight packed once (``engine.native.packed_gemm``),
     except bf16 inputs of up to 64 rows, which go to the AMX kernel where the CPU has AMX
-    (``native.amx_linear``, from a tile-layout copy of the weight packed once)."""
+    (``native.amx_linear``, from a tile-layout copy of the weight packed once), and, where
+    it has AVX-512 BF16 instead, those of up to 16 rows to ``native.vnni_linear`` (the same
+    copy)."""
 
     kernel: ctypes.CDLL | None = None
     pack_weight: bool = False  # use the packed GEMM (set by use_packed_gemm)
@@ -123,7 +125,10 @@ class Linear(nn.Linear):
         if (self.pack_weight and self.kernel is not None and dtype == torch.bfloat16
                 and 0 < rows <= native.AMX_MAX_ROWS and x.dim() == 2
                 and (tiles := self.amx_packed(self.kernel)) is not None):
-            return native.amx_linear(self.kernel, x, tiles, self.bias, self.out_features)
+            if native.amx_available():
+                return native.amx_linear(self.kernel, x, tiles, self.bias, self.out_features)
+            if rows <= native.vnni_max_rows():
+                return native.vnni_linear(self.kernel, x, tiles, self.bias, self.out_features)
         if (self.kernel is not None and rows <= SMALL_LINEAR_MAX_ROWS
                 and dtype == self.weight.dtype and native.supports(dtype)):
             return native.small_linear(self.kernel, x, self.weight, self.bias)
@@ -136,12 +141,14 @@ class Linear(nn.Linear):
         return super().forward(x)
 
     def amx_packed(self, kernel: ctypes.CDLL) -> torch.Tensor | None:
-        """The bf16 weight in AMX's tile layout (``native.amx_pack``), or None where the
-        kernel cannot take it (not a bf16 CPU weight of [16k, 32j], or no AMX here): decided
-        and made on first use, again whenever the weight tensor is replaced."""
+        """The bf16 weight in AMX's tile layout (``native.amx_pack``), or None where no
+        kernel takes it (not a bf16 CPU weight of [16k, 32j], or neither AMX nor AVX-512
+        BF16 here): decided and made on first use, again whenever the weight tensor is
+        replaced."""
         w = self.weight
         if self._amx is None or self._amx[0] != weight_key(w):
-            takes = w.is_cpu and native.amx_packable(w) and native.amx_available()
+            takes = (w.is_cpu and native.amx_packable(w)
+                     and (native.amx_available() or native.vnni_max_rows() > 0))
             self._amx = (weight_key(w), native.amx_pack(kernel, w) if takes else None)
         return self._amx[1]
 

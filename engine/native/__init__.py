@@ -150,6 +150,10 @@ def load() -> ctypes.CDLL | None:
         + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int])
     lib.amx_max_rows.restype = ctypes.c_int
     lib.amx_max_rows.argtypes = []
+    lib.vnni_max_rows.restype = ctypes.c_int
+    lib.vnni_max_rows.argtypes = []
+    lib.vnni_linear_bf16.restype = ctypes.c_int
+    lib.vnni_linear_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
     if lib.amx_max_rows() != AMX_MAX_ROWS:  # one number in two languages: kept in step
         raise RuntimeError(f"native kernels: amx_gemm.c takes {lib.amx_max_rows()} rows, "
                            f"engine.native.AMX_MAX_ROWS says {AMX_MAX_ROWS}")
@@ -381,6 +385,31 @@ def amx_linear(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor,
         raise RuntimeError("amx_linear: AMX is not available here (see amx_available)")
     if err:
         raise ValueError(f"amx_linear: cannot take x {tuple(x.shape)} against "
+                         f"{out_features} outputs")
+    return out
+
+
+@cache
+def vnni_max_rows() -> int:
+    """The most rows ``vnni_linear`` takes: 0 where the build lacks AVX-512 BF16."""
+    lib = load()
+    return 0 if lib is None else int(lib.vnni_max_rows())
+
+
+def vnni_linear(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor,
+                bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """``amx_linear``'s product from the same ``amx_pack(W)`` without AMX, with AVX-512
+    BF16's vdpbf16ps (``csrc/amx_gemm.c``), for 1 <= T <= ``vnni_max_rows()``."""
+    x = x.contiguous()
+    t, i = x.shape
+    out = x.new_empty(t, out_features)
+    err = lib.vnni_linear_bf16(x.data_ptr(), packed.data_ptr(),
+                               None if bias is None else bias.data_ptr(), out.data_ptr(), t,
+                               out_features, i)
+    if err == -2:
+        raise RuntimeError("vnni_linear: this build lacks AVX-512 BF16 (see vnni_max_rows)")
+    if err:
+        raise ValueError(f"vnni_linear: cannot take x {tuple(x.shape)} against "
                          f"{out_features} outputs")
     return out
 

@@ -264,6 +264,45 @@ def test_amx_refuses_shapes_it_does_not_take(amx: ctypes.CDLL) -> None:
         native.amx_linear(amx, torch.zeros(65, 64, dtype=BF16), packed, None, 64)
 
 
+# AVX-512 BF16 without AMX: decode steps' GEMMs (up to 16 rows) on the same packed weights.
+
+
+@pytest.fixture(scope="module")
+def vnni(kernel: ctypes.CDLL) -> ctypes.CDLL:
+    if native.vnni_max_rows() == 0:
+        pytest.skip("this build lacks AVX-512 BF16")
+    return kernel
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 16])
+@pytest.mark.parametrize(("out_features", "bias"), [(96, False), (96, True), (48, True)])
+def test_vnni_linear_equals_fp32_product(
+    vnni: ctypes.CDLL, rows: int, out_features: int, bias: bool
+) -> None:
+    # Eight rows per pass (9 and 16: a second pass); output blocks by pairs (48: one alone).
+    gen = torch.Generator().manual_seed(rows * out_features)
+    w = torch.randn(out_features, 1536, generator=gen).to(BF16)
+    b = torch.randn(out_features, generator=gen).to(BF16) if bias else None
+    x = torch.randn(rows, 1536, generator=gen).to(BF16)
+    got = native.vnni_linear(vnni, x, native.amx_pack(vnni, w), b, out_features)
+    expected = F.linear(x.float(), w.float(), None if b is None else b.float())
+    assert got.dtype == BF16 and got.shape == (rows, out_features)
+    torch.testing.assert_close(got.float(), expected, rtol=8e-3, atol=0.05)
+
+
+def test_vnni_linear_refuses_rows_it_does_not_take(vnni: ctypes.CDLL) -> None:
+    packed = native.amx_pack(vnni, torch.zeros(64, 64, dtype=BF16))
+    with pytest.raises(ValueError, match="vnni_linear"):
+        native.vnni_linear(vnni, torch.zeros(native.vnni_max_rows() + 1, 64, dtype=BF16),
+                           packed, None, 64)  # fmt: skip
+
+
+def test_linear_without_amx_sends_up_to_16_rows_to_vnni(vnni: ctypes.CDLL) -> None:
+    if native.amx_available():
+        pytest.skip("AMX here: its kernel takes these rows")
+    check_linear_routes_rows(vnni, native.vnni_max_rows())
+
+
 # bf16 prefill chunks' causal attention: on AMX tiles, or with AVX-512 BF16's vdpbf16ps.
 
 
@@ -328,26 +367,31 @@ def test_paged_prefill_bf16_natively_equals_dense(kernel: ctypes.CDLL) -> None:
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
 
 
-def test_linear_sends_decode_rows_to_amx_and_prefill_rows_to_onednn(amx: ctypes.CDLL) -> None:
+def check_linear_routes_rows(kernel: ctypes.CDLL, limit: int) -> None:
+    """Up to ``limit`` rows a bf16 Linear computes from its tile-layout copy (made on first
+    use); past that from oneDNN's pack."""
     if not packed_gemm.bf16_available():
         pytest.skip("this torch has no oneDNN bf16 packing")
     gen = torch.Generator().manual_seed(3)
     layer = Linear(576, 960, bias=False).to(BF16)
     with torch.no_grad():
         layer.weight.copy_(0.05 * torch.randn(960, 576, generator=gen))
-    layer.kernel, layer.pack_weight = amx, True
+    layer.kernel, layer.pack_weight = kernel, True
     with torch.inference_mode():
-        for rows in (1, 64, 65):
+        for rows in (1, limit, limit + 1):
             x = torch.randn(rows, 576, generator=gen).to(BF16)
             torch.testing.assert_close(layer(x).float(), F.linear(x, layer.weight).float(),
                                        rtol=1.6e-2, atol=1e-2)
-            # Up to 64 rows: the AMX copy (made on first use); past that: oneDNN's.
             assert layer._amx is not None and layer._amx[1] is not None
-            assert (layer._packed is not None) == (rows > 64)
-    layer.pack_weight = False  # BATON_PACKED_GEMM=0: plain F.linear, no AMX
+            assert (layer._packed is not None) == (rows > limit)
+    layer.pack_weight = False  # BATON_PACKED_GEMM=0: plain F.linear, no tile-layout copy
     x = torch.randn(8, 576, generator=gen).to(BF16)
     with torch.inference_mode():
         assert torch.equal(layer(x), F.linear(x, layer.weight))
+
+
+def test_linear_sends_decode_rows_to_amx_and_prefill_rows_to_onednn(amx: ctypes.CDLL) -> None:
+    check_linear_routes_rows(amx, native.AMX_MAX_ROWS)
 
 
 def test_linear_decides_amx_once_per_weight(amx: ctypes.CDLL) -> None:

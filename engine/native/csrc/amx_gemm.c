@@ -186,3 +186,87 @@ int amx_linear_bf16(const bf16 *x, const bf16 *P, const bf16 *b, bf16 *y, int64_
     return -2;
 #endif
 }
+
+/* The same product from the same packed W without AMX, with AVX-512 BF16's vdpbf16ps
+ * (AMD Zen 4): a packed tile row (sixteen outputs' pair of inputs) is one zmm register,
+ * multiplied by each row's pair of x broadcast to every lane, so each output's sum grows
+ * in its own lane with no horizontal sums (the plain GEMV reduces sixteen lanes per output)
+ * and each loaded row of W serves every row of x. Two output blocks by up to eight rows of
+ * x at a time (sixteen accumulators); past eight rows the next eight reread the pair of
+ * blocks, by then in L2. Up to VNNI_MAX_ROWS rows (decode steps; measured in
+ * docs/architecture.md): beyond them the product is bound by arithmetic, where oneDNN's
+ * packed GEMM is as fast. Sums fp32, one rounding after the bias. */
+#define VNNI_MAX_ROWS 16
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define HAVE_VNNI_LINEAR 1
+#else
+#define HAVE_VNNI_LINEAR 0
+#endif
+
+/* The most rows vnni_linear_bf16 takes; 0 where the build lacks AVX-512 BF16. */
+int vnni_max_rows(void) { return HAVE_VNNI_LINEAR ? VNNI_MAX_ROWS : 0; }
+
+#if HAVE_VNNI_LINEAR
+static inline __attribute__((always_inline)) void vnni_block(
+    const bf16 *w0, const bf16 *w1, const bf16 *x, int64_t I, const bf16 *b, bf16 *y,
+    int64_t O, int64_t o0, const int R, const int NB) {
+    __m512 acc[8][2];
+    for (int t = 0; t < R; t++)
+        for (int n = 0; n < NB; n++) acc[t][n] = _mm512_setzero_ps();
+    for (int64_t kb = 0; kb < I / 32; kb++)
+        for (int r = 0; r < 16; r++) {
+            const __m512bh a = (__m512bh)_mm512_loadu_si512(w0 + (kb * 16 + r) * 32);
+            __m512bh c = a;
+            if (NB == 2) c = (__m512bh)_mm512_loadu_si512(w1 + (kb * 16 + r) * 32);
+            for (int t = 0; t < R; t++) {
+                uint32_t u;
+                memcpy(&u, x + t * I + kb * 32 + 2 * r, sizeof u);
+                const __m512bh xt = (__m512bh)_mm512_set1_epi32((int)u);
+                acc[t][0] = _mm512_dpbf16_ps(acc[t][0], xt, a);
+                if (NB == 2) acc[t][1] = _mm512_dpbf16_ps(acc[t][1], xt, c);
+            }
+        }
+    for (int n = 0; n < NB; n++) {
+        const __m512 bias = b ? widen16(b + o0 + 16 * n) : _mm512_setzero_ps();
+        for (int t = 0; t < R; t++)
+            _mm256_storeu_si256((__m256i *)(y + t * O + o0 + 16 * n),
+                                to_bf16_x16(_mm512_add_ps(acc[t][n], bias)));
+    }
+}
+
+static void vnni_rows(const bf16 *w0, const bf16 *w1, const bf16 *x, int64_t I, const bf16 *b,
+                      bf16 *y, int64_t O, int64_t o0, int64_t R, int NB) {
+#define VNNI_CASE(RR)                                                              \
+    case RR:                                                                       \
+        if (NB == 2) vnni_block(w0, w1, x, I, b, y, O, o0, RR, 2);                 \
+        else vnni_block(w0, w1, x, I, b, y, O, o0, RR, 1);                         \
+        break;
+    switch (R) {
+        VNNI_CASE(1) VNNI_CASE(2) VNNI_CASE(3) VNNI_CASE(4)
+        VNNI_CASE(5) VNNI_CASE(6) VNNI_CASE(7) VNNI_CASE(8)
+    }
+#undef VNNI_CASE
+}
+#endif
+
+/* As amx_linear_bf16, for 1 <= T <= VNNI_MAX_ROWS; -2 where the build lacks AVX-512 BF16. */
+int vnni_linear_bf16(const bf16 *x, const bf16 *P, const bf16 *b, bf16 *y, int64_t T,
+                     int64_t O, int64_t I) {
+#if HAVE_VNNI_LINEAR
+    if (T < 1 || T > VNNI_MAX_ROWS || O % 16 || I % 32) return -1;
+    const int64_t blocks = O / 16, KB = I / 32;
+#pragma omp parallel for schedule(dynamic, 2)
+    for (int64_t pair = 0; pair < (blocks + 1) / 2; pair++) {
+        const int64_t nb = 2 * pair;
+        const int two = nb + 1 < blocks ? 2 : 1;
+        const bf16 *w0 = P + nb * KB * 512, *w1 = w0 + KB * 512;
+        for (int64_t t = 0; t < T; t += 8)
+            vnni_rows(w0, w1, x + t * I, I, b, y + t * O, O, nb * 16, T - t < 8 ? T - t : 8, two);
+    }
+    return 0;
+#else
+    (void)x; (void)P; (void)b; (void)y; (void)T; (void)O; (void)I;
+    return -2;
+#endif
+}
