@@ -317,12 +317,17 @@ def test_scale_up_then_drain_under_a_steady_stream(server: Server, offline: LLM)
     assert set(insts) == {"prefill-0", "decode-1"}
 
 
+IN_FLIGHT_TOKENS = 256
+
+
 def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(
     server: Server, offline: LLM
 ) -> None:
     """Both front doors alike: not ready at once, new requests refused, the ones in
     flight run to their end, exit 0. (Last: it stops the module's server.)"""
-    params = baton.SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
+    # Long enough to be still running through the probes below after the signal (48 tokens
+    # finished before the last probe on a faster CPU, and the server had exited).
+    params = baton.SamplingParams(max_tokens=IN_FLIGHT_TOKENS, temperature=0, ignore_eos=True)
     got: dict[str, list[int]] = {}
 
     def grpc_stream() -> None:
@@ -331,7 +336,7 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(
             got["grpc"] = ids
 
     def http_stream() -> None:
-        fields = {"prompt": "The history of tea", "max_tokens": 48, "temperature": 0,
+        fields = {"prompt": "The history of tea", "max_tokens": IN_FLIGHT_TOKENS, "temperature": 0,
                   "ignore_eos": True, "stream": True}  # fmt: skip
         body = json.dumps(fields).encode()
         request = urllib.request.Request(
@@ -367,7 +372,8 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(
         t.join(300)
     assert server.proc.wait(120) == 0
     [expected] = offline.generate(
-        ["The history of tea"], EngineParams(max_tokens=48, temperature=0, ignore_eos=True)
+        ["The history of tea"],
+        EngineParams(max_tokens=IN_FLIGHT_TOKENS, temperature=0, ignore_eos=True),
     )
     assert got["grpc"] == expected.token_ids
     assert got["http_text"] == [expected.text]
