@@ -123,12 +123,9 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, dtype = x.shape[0], x.dtype
         if (self.pack_weight and self.kernel is not None and dtype == torch.bfloat16
-                and 0 < rows <= native.AMX_MAX_ROWS and x.dim() == 2
+                and 0 < rows <= native.tile_linear_max_rows() and x.dim() == 2
                 and (tiles := self.amx_packed(self.kernel)) is not None):
-            if native.amx_available():
-                return native.amx_linear(self.kernel, x, tiles, self.bias, self.out_features)
-            if rows <= native.vnni_max_rows():
-                return native.vnni_linear(self.kernel, x, tiles, self.bias, self.out_features)
+            return native.tile_linear(self.kernel, x, tiles, self.bias, self.out_features)
         if (self.kernel is not None and rows <= SMALL_LINEAR_MAX_ROWS
                 and dtype == self.weight.dtype and native.supports(dtype)):
             return native.small_linear(self.kernel, x, self.weight, self.bias)
@@ -147,8 +144,7 @@ class Linear(nn.Linear):
         replaced."""
         w = self.weight
         if self._amx is None or self._amx[0] != weight_key(w):
-            takes = (w.is_cpu and native.amx_packable(w)
-                     and (native.amx_available() or native.vnni_max_rows() > 0))
+            takes = w.is_cpu and native.amx_packable(w) and native.tile_linear_max_rows() > 0
             self._amx = (weight_key(w), native.amx_pack(kernel, w) if takes else None)
         return self._amx[1]
 

@@ -375,18 +375,9 @@ def amx_linear(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor,
                bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for bf16 ``x`` [T, I], 1 <= T <= AMX_MAX_ROWS, from
     ``amx_pack(W)``."""
-    x = x.contiguous()
-    t, i = x.shape
-    out = x.new_empty(t, out_features)
-    err = lib.amx_linear_bf16(x.data_ptr(), packed.data_ptr(),
-                              None if bias is None else bias.data_ptr(), out.data_ptr(), t,
-                              out_features, i)
-    if err == -2:
-        raise RuntimeError("amx_linear: AMX is not available here (see amx_available)")
-    if err:
-        raise ValueError(f"amx_linear: cannot take x {tuple(x.shape)} against "
-                         f"{out_features} outputs")
-    return out
+    return _tile_layout_linear(lib.amx_linear_bf16, "amx_linear",
+                               "AMX is not available here (see amx_available)", x, packed,
+                               bias, out_features)
 
 
 @cache
@@ -400,16 +391,40 @@ def vnni_linear(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor,
                 bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
     """``amx_linear``'s product from the same ``amx_pack(W)`` without AMX, with AVX-512
     BF16's vdpbf16ps (``csrc/amx_gemm.c``), for 1 <= T <= ``vnni_max_rows()``."""
+    return _tile_layout_linear(lib.vnni_linear_bf16, "vnni_linear",
+                               "this build lacks AVX-512 BF16 (see vnni_max_rows)", x, packed,
+                               bias, out_features)
+
+
+@cache
+def tile_linear_max_rows() -> int:
+    """The most rows of a bf16 product ``tile_linear`` computes here from ``amx_pack``'s
+    layout: ``AMX_MAX_ROWS`` with AMX, else ``vnni_max_rows()`` (0: neither)."""
+    return AMX_MAX_ROWS if amx_available() else vnni_max_rows()
+
+
+def tile_linear(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor,
+                bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """``amx_linear`` where the CPU has AMX, else ``vnni_linear``; for 1 <= T <=
+    ``tile_linear_max_rows()``."""
+    linear = amx_linear if amx_available() else vnni_linear
+    return linear(lib, x, packed, bias, out_features)
+
+
+def _tile_layout_linear(fn: Any, name: str, unavailable: str, x: torch.Tensor,
+                        packed: torch.Tensor, bias: torch.Tensor | None,
+                        out_features: int) -> torch.Tensor:
+    """Calls one of the C products from ``amx_pack``'s layout (``fn``: -2 where the build
+    or CPU lacks it, -1 for a shape it does not take) into a new [T, out_features]."""
     x = x.contiguous()
     t, i = x.shape
     out = x.new_empty(t, out_features)
-    err = lib.vnni_linear_bf16(x.data_ptr(), packed.data_ptr(),
-                               None if bias is None else bias.data_ptr(), out.data_ptr(), t,
-                               out_features, i)
+    err = fn(x.data_ptr(), packed.data_ptr(), None if bias is None else bias.data_ptr(),
+             out.data_ptr(), t, out_features, i)
     if err == -2:
-        raise RuntimeError("vnni_linear: this build lacks AVX-512 BF16 (see vnni_max_rows)")
+        raise RuntimeError(f"{name}: {unavailable}")
     if err:
-        raise ValueError(f"vnni_linear: cannot take x {tuple(x.shape)} against "
+        raise ValueError(f"{name}: cannot take x {tuple(x.shape)} against "
                          f"{out_features} outputs")
     return out
 

@@ -274,12 +274,13 @@ def vnni(kernel: ctypes.CDLL) -> ctypes.CDLL:
     return kernel
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 9, 16])
-@pytest.mark.parametrize(("out_features", "bias"), [(96, False), (96, True), (48, True)])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 13, 16])
+@pytest.mark.parametrize(("out_features", "bias"), [(96, False), (208, True), (48, True)])
 def test_vnni_linear_equals_fp32_product(
     vnni: ctypes.CDLL, rows: int, out_features: int, bias: bool
 ) -> None:
-    # Eight rows per pass (9 and 16: a second pass); output blocks by pairs (48: one alone).
+    # Four rows per pass (5, 13 and 16: more passes, 13 a partial last one); output blocks
+    # by sixes (96: one group; 208: two and one block alone; 48: three, a partial group).
     gen = torch.Generator().manual_seed(rows * out_features)
     w = torch.randn(out_features, 1536, generator=gen).to(BF16)
     b = torch.randn(out_features, generator=gen).to(BF16) if bias else None
