@@ -24,7 +24,7 @@ from engine.native import packed_gemm
 SMOLLM2 = "qkv=960x576,o=576x576,gate_up=3072x576,down=576x1536,lm_head=49152x576"
 
 
-def _shapes(text: str) -> list[tuple[str, int, int]]:
+def parse_shapes(text: str) -> list[tuple[str, int, int]]:
     out = []
     for item in text.split(","):
         name, _, dims = item.partition("=")
@@ -33,17 +33,22 @@ def _shapes(text: str) -> list[tuple[str, int, int]]:
     return out
 
 
+def shapes_and_rows(p: argparse.ArgumentParser,
+                    args: argparse.Namespace) -> tuple[list[tuple[str, int, int]], list[int]]:
+    """``--shapes`` and ``--rows`` parsed, or ``p``'s usage error (exit 2)."""
+    try:
+        return parse_shapes(args.shapes), [int(r) for r in args.rows.split(",")]
+    except ValueError:
+        p.error("--shapes/--rows: expected name=OUTxIN,... and comma-separated ints")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.packed_gemm", description=__doc__)
     p.add_argument("--shapes", default=SMOLLM2, help="name=OUTxIN,... (default: SmolLM2)")
     p.add_argument("--rows", default="16,32,256,512", help="comma-separated row counts")
     p.add_argument("--repeats", type=int, default=40, help="timed calls of each variant")
     args = p.parse_args(argv)
-    try:
-        shapes = _shapes(args.shapes)
-        rows = [int(r) for r in args.rows.split(",")]
-    except ValueError:
-        p.error("--shapes/--rows: expected name=OUTxIN,... and comma-separated ints")
+    shapes, rows = shapes_and_rows(p, args)
     if not packed_gemm.available():
         print("packed GEMM unavailable here (torch without MKL)", file=sys.stderr)
         return 1
