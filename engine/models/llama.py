@@ -385,12 +385,14 @@ class LlamaForCausalLM(nn.Module):
 
     def use_packed_gemm(self, enabled: bool) -> bool:
         """Run GEMMs on weights packed once: fp32 ones of 16 rows or more for MKL (an MKL
-        build of torch), bf16 ones of any size for oneDNN; CPU weights only. False:
-        F.linear. Returns whether it is in use."""
+        build of torch, on a CPU where it pays: ``packed_gemm.fp32_pays``), bf16 ones of
+        any size for oneDNN; CPU weights only. False: F.linear. Returns whether it is in
+        use."""
         param = next(self.parameters())
         on_cpu = param.device.type == "cpu"
         enabled = enabled and on_cpu and (
-            (param.dtype == torch.float32 and packed_gemm.available())
+            (param.dtype == torch.float32 and packed_gemm.available()
+             and packed_gemm.fp32_pays())
             or (param.dtype == torch.bfloat16 and packed_gemm.bf16_available())
         )
         for module in self.modules():

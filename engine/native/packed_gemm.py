@@ -60,6 +60,31 @@ def available() -> bool:
         return False
 
 
+@cache
+def fp32_pays() -> bool:
+    """Whether fp32 GEMMs should take the packed path on this CPU. On Intel CPUs (a Xeon,
+    2026-12-05) it ran 0.64-0.93x ``F.linear``'s time at 64-256 rows of the model's shapes;
+    on an AMD EPYC (Zen 4, 2026-12-06) 1.00-1.26x at 16-512 rows (gate/up at 16 rows the
+    worst), the LM head alone gaining (0.96-0.99x), and the engine's steps with it on took
+    1.16x (decode, batch 16) and 1.09x (prefill) the time with it off: MKL is Intel's, and
+    on other vendors' CPUs ``F.linear`` loses nothing to the pack. ``python -m
+    bench.packed_gemm`` measures a CPU; a vendor other than AMD keeps the packed path."""
+    return cpu_vendor() != "AuthenticAMD"
+
+
+def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The CPU's vendor string ("GenuineIntel", "AuthenticAMD"), None where unknown."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "vendor_id":
+                    return value.strip() or None
+    except OSError:
+        return None
+    return None
+
+
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """MKL's packed copy of ``weight`` [O, I] (fp32, CPU); keep ``weight`` alive beside it."""
     return torch.ops.mkl._mkl_reorder_linear_weight(weight.detach().contiguous(), PACK_ROWS)

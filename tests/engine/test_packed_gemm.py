@@ -5,6 +5,8 @@ test_parity.py and test_fused_path.py, which run with it on."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -78,6 +80,8 @@ def test_linear_keeps_a_pack_per_thread_count() -> None:
 def test_packed_gemm_switch(
     monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
+    # The path itself, on any CPU: where it does not pay (AMD) the default is off, below.
+    monkeypatch.setattr(packed_gemm, "fp32_pays", lambda: True)
     path = make_tiny_model_dir(tmp_path_factory.mktemp("llama-packed"), "llama")
     prompts = [list(range(10, 60)), [5, 6, 7]]
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
@@ -100,6 +104,36 @@ def test_packed_gemm_switch(
         assert all((m._packed is not None) is (value is None) for m in layers)
         del llm
     assert got[None] == got["0"]
+
+
+@needs_mkl
+def test_fp32_default_is_off_where_the_pack_does_not_pay(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    monkeypatch.delenv("BATON_PACKED_GEMM", raising=False)
+    monkeypatch.setattr(packed_gemm, "fp32_pays", lambda: False)
+    path = make_tiny_model_dir(tmp_path_factory.mktemp("llama-unpacked"), "llama")
+    llm = LLM(str(path), num_kv_blocks=64)
+    model = llm.engine.runner.model
+    assert isinstance(model, LlamaForCausalLM)
+    assert not model.use_packed_gemm(True)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert linears and not any(m.pack_weight for m in linears)
+    llm.generate(prompt_token_ids=[list(range(10, 60))],
+                 params=SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    assert all(m._packed is None for m in linears)  # a 50-token prefill packed nothing
+
+
+@pytest.mark.parametrize(("text", "vendor"), [
+    ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n", "AuthenticAMD"),
+    ("processor\t: 0\nvendor_id\t: GenuineIntel\n", "GenuineIntel"),
+    ("processor\t: 0\nCPU implementer\t: 0x41\n", None),  # no vendor_id (arm64)
+])
+def test_cpu_vendor_reads_cpuinfo(tmp_path: Path, text: str, vendor: str | None) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text(text)
+    assert packed_gemm.cpu_vendor(str(info)) == vendor
+    assert packed_gemm.cpu_vendor(str(tmp_path / "missing")) is None
 
 
 def test_native_kv_write_equals_index_copy() -> None:
