@@ -62,13 +62,14 @@ def available() -> bool:
 
 @cache
 def fp32_pays() -> bool:
-    """Whether fp32 GEMMs should take the packed path on this CPU. On Intel CPUs (a Xeon,
-    2026-12-05) it ran 0.64-0.93x ``F.linear``'s time at 64-256 rows of the model's shapes;
-    on an AMD EPYC (Zen 4, 2026-12-06) 1.00-1.26x at 16-512 rows (gate/up at 16 rows the
-    worst), the LM head alone gaining (0.96-0.99x), and the engine's steps with it on took
-    1.16x (decode, batch 16) and 1.09x (prefill) the time with it off: MKL is Intel's, and
-    on other vendors' CPUs ``F.linear`` loses nothing to the pack. ``python -m
-    bench.packed_gemm`` measures a CPU; a vendor other than AMD keeps the packed path."""
+    """Whether fp32 GEMMs should take the packed path on this CPU. On an Intel Xeon
+    (2026-12-05) it ran 0.64-0.93x ``F.linear``'s time at 64-256 rows of the model's
+    shapes. On an AMD EPYC (Zen 4, 2026-12-06) it ran 1.00-1.26x at 16-512 rows (gate/up
+    at 16 rows the worst), the LM head alone gaining (0.96-0.99x), and in two engine runs
+    steps with it on took 1.16-1.17x the time with it off at decode batch 16, 1.02-1.10x
+    at 64, 0.98-1.09x for a 512-token prefill. MKL is Intel's library; other AMD CPUs are
+    taken to be alike (not measured), and any other vendor keeps the packed path. ``python
+    -m bench.packed_gemm`` measures a CPU."""
     return cpu_vendor() != "AuthenticAMD"
 
 

@@ -199,8 +199,8 @@ int amx_linear_bf16(const bf16 *x, const bf16 *P, const bf16 *b, bf16 *y, int64_
  * registers and the broadcast: 31 of the 32): the broadcasts, one per row and pair, bound
  * the loop, and six blocks share each. On one Zen 4 core over 30 layers' weights this ran
  * 0.86x the time of two blocks by eight rows at 16 rows, 0.85x at 8, 0.76x at 4, 0.91x at
- * 1; past four rows the next four reread the six blocks (110 KB at 1536 inputs), by then
- * in L2. */
+ * 1; past four rows the next four reread the six blocks (108 KiB at 576 inputs, 288 KiB
+ * at 1536), by then in L2. */
 #define VNNI_MAX_ROWS 16
 #define VNNI_ROWS 4   /* rows of x a pass takes */
 #define VNNI_BLOCKS 6 /* output blocks a pass takes */
