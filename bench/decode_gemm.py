@@ -79,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for m in rows:
         inputs = {i: torch.randn(m, i, generator=gen).to(BF16) for _, _, i in per_step}
         run = {name: fn for name, (fn, most) in kernels.items() if m <= most}
-        diffs = {name: _max_rel_diff(fn, inputs, weights) for name, fn in run.items()}
+        diffs = {name: _max_rel_diff(fn, inputs, weights[: len(layer)])
+                 for name, fn in run.items()}
         times: dict[str, list[float]] = {name: [] for name in run}
         for _ in range(args.repeats):
             for name, fn in run.items():
@@ -98,15 +99,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _max_rel_diff(fn: Kernel, inputs: dict[int, torch.Tensor],
                   weights: list[torch.Tensor]) -> float:
-    """The largest difference from the fp32 product over the first layer's weights, over
-    that product's largest magnitude."""
+    """The largest difference from the fp32 product over ``weights`` (the first layer's,
+    the kernel's weight index k being each one's place), over that product's largest
+    magnitude."""
     worst = 0.0
-    for k, w in enumerate(weights[: min(len(weights), 4)]):
+    for k, w in enumerate(weights):
         x = inputs[w.shape[1]]
         ref = F.linear(x.float(), w.float())
         worst = max(worst, float((fn(x, k).float() - ref).abs().max() / ref.abs().max()))
     return worst
-
 
 if __name__ == "__main__":
     sys.exit(main())

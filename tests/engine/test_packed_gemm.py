@@ -1,7 +1,8 @@
-"""MKL on packed weights (BATON_PACKED_GEMM, on by default for CPU fp32) computes the same
-products as F.linear, the model uses it for many-row GEMMs only, and the native KV write
-stores what index_copy_ stores. Greedy parity with transformers on this path is the job of
-test_parity.py and test_fused_path.py, which run with it on."""
+"""MKL on packed weights (BATON_PACKED_GEMM, on by default for CPU fp32 where it pays:
+off on AMD CPUs, ``packed_gemm.fp32_pays``) computes the same products as F.linear, the
+model uses it for many-row GEMMs only, and the native KV write stores what index_copy_
+stores. Greedy parity with transformers on this path is the job of test_parity.py and
+test_fused_path.py, which run with it on where the CPU takes it."""
 
 from __future__ import annotations
 
