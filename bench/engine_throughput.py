@@ -12,11 +12,13 @@ GGUF, fp32; ``--dtype bfloat16`` runs Baton, transformers and the matmul rooflin
    the batch-1 step against the memory roofline and against transformers' batch-1 step.
 5. Unless ``--no-compare-paths``: the same decode steps, and prefill chunks, alternating
    step by step between each switch on and off, so the two are compared under the same
-   load: the fused CPU path (``BATON_FUSED_OPS``) against plain torch ops (the model's
+   load: the fused CPU path (``BATON_FUSED_OPS``, with the native decode step where it
+   applies) against plain torch ops (the model's
    elementwise ops and the KV-cache write switch; decode attention stays as the engine
    started),
    then packed weights (``BATON_PACKED_GEMM``: MKL for fp32, oneDNN for bf16) against
-   ``F.linear``.
+   ``F.linear``, then (decode steps only) the native decode step (``BATON_NATIVE_STEP``:
+   the layer stack in one C call) against the fused path's per-kernel calls.
 
 Usage: ``python -m bench.engine_throughput [--json-out FILE]`` or ``baton bench engine``;
 ``--num-prompts 8 --output-len 16 --skip-transformers`` for a quick look.
@@ -164,6 +166,7 @@ class PathSwitch:
     plain torch path, whichever the engine started with; ``use(None)`` restores that."""
 
     name = "BATON_FUSED_OPS"
+    decode_only = False
 
     def __init__(self, engine: Any):
         from engine import native
@@ -194,12 +197,14 @@ class PackedSwitch:
     costs nothing."""
 
     name = "BATON_PACKED_GEMM"
+    decode_only = False
 
     def __init__(self, engine: Any):
         from engine.models.llama import Linear
         from engine.native import packed_gemm
 
-        self.linears = [m for m in engine.runner.model.modules() if isinstance(m, Linear)]
+        self.model = engine.runner.model
+        self.linears = [m for m in self.model.modules() if isinstance(m, Linear)]
         self.start = bool(self.linears) and self.linears[0].pack_weight
         param = next(engine.runner.model.parameters())
         self.available = param.device.type == "cpu" and (
@@ -209,9 +214,32 @@ class PackedSwitch:
     def use(self, packed: bool | None) -> None:
         for linear in self.linears:
             linear.pack_weight = self.start if packed is None else packed
+        self.model.routes_changed()
 
 
-Switch = PathSwitch | PackedSwitch
+class NativeStepSwitch:
+    """Flips an engine's model between the native decode step (``BATON_NATIVE_STEP=1``:
+    the decode step's layer stack in one C call) and the fused path's per-kernel calls;
+    ``use(None)`` restores the start setting. Prefill steps never take it."""
+
+    name = "BATON_NATIVE_STEP"
+    decode_only = True
+
+    def __init__(self, engine: Any):
+        from engine.models.native_step import NativeDecodeStep
+
+        self.model = engine.runner.model
+        self.start = getattr(self.model, "decode_step", None)
+        usable = getattr(self.model, "fused", None) is not None
+        self.step = self.start or (NativeDecodeStep(self.model) if usable else None)
+        self.available = self.step is not None
+
+    def use(self, native_step: bool | None) -> None:
+        self.model.decode_step = (self.start if native_step is None
+                                  else self.step if native_step else None)
+
+
+Switch = PathSwitch | PackedSwitch | NativeStepSwitch
 
 
 def compare_decode_paths(
@@ -297,6 +325,8 @@ def compare_switches(args: argparse.Namespace, llm: Any, switches: list[Switch],
             _say(f"{switch.name} on vs off: decode steps at batch {batch}")
             report.paths.append(compare_decode_paths(
                 llm.engine, decode_prompts[:batch], args.decode_steps, switch))
+        if switch.decode_only:
+            continue
         _say(f"{switch.name} on vs off: prefill steps of {chunk} tokens")
         # Fresh prompts per switch: a prompt seen before would hit the prefix cache.
         prefill_prompts = make_prompts(2 * args.prefill_steps + 2, chunk, chunk, tok.vocab_size,
@@ -368,7 +398,9 @@ def run(args: argparse.Namespace) -> Report:
         report.decode.append(run_baton_decode(llm.engine, decode_prompts[:batch],
                                               args.decode_steps))
     if not args.no_compare_paths:
-        compare_switches(args, llm, [PathSwitch(llm.engine), PackedSwitch(llm.engine)], report)
+        switches: list[Switch] = [PathSwitch(llm.engine), PackedSwitch(llm.engine),
+                                  NativeStepSwitch(llm.engine)]
+        compare_switches(args, llm, switches, report)
     del llm
     gc.collect()  # free the engine's weights and KV cache before transformers loads its copy
     if not args.skip_transformers:

@@ -33,6 +33,13 @@ def fused_ops() -> bool:
     return os.environ.get("BATON_FUSED_OPS", "1") not in ("0", "false", "no")
 
 
+def native_step() -> bool:
+    """BATON_NATIVE_STEP=0 keeps decode steps on the fused path's per-kernel Python calls
+    instead of one native call for the whole layer stack (CPU, where every GEMM of the step
+    runs in the native kernels; on by default; the same bits)."""
+    return os.environ.get("BATON_NATIVE_STEP", "1") not in ("0", "false", "no")
+
+
 def packed_gemm() -> bool:
     """BATON_PACKED_GEMM=0 runs every GEMM of 16 rows or more through F.linear instead of
     MKL on weights packed once at load (CPU fp32; on by default; the same products)."""

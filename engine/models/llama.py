@@ -26,6 +26,7 @@ from torch import nn
 from engine import envs, native
 from engine.attention import AttentionBackend, AttentionMetadata, KVCache
 from engine.config import ModelConfig, RopeScaling
+from engine.models.native_step import NativeDecodeStep
 from engine.native import packed_gemm
 
 
@@ -122,13 +123,12 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, dtype = x.shape[0], x.dtype
-        if (self.pack_weight and self.kernel is not None and dtype == torch.bfloat16
-                and 0 < rows <= native.tile_linear_max_rows() and x.dim() == 2
-                and (tiles := self.amx_packed(self.kernel)) is not None):
-            return native.tile_linear(self.kernel, x, tiles, self.bias, self.out_features)
-        if (self.kernel is not None and rows <= SMALL_LINEAR_MAX_ROWS
-                and dtype == self.weight.dtype and native.supports(dtype)):
-            return native.small_linear(self.kernel, x, self.weight, self.bias)
+        if (self.kernel is not None and x.dim() == 2
+                and (route := self.native_route(rows, dtype)) is not None):
+            kind, weight = route
+            if kind == native.LINEAR_GEMV:
+                return native.small_linear(self.kernel, x, weight, self.bias)
+            return native.tile_linear(self.kernel, x, weight, self.bias, self.out_features)
         if (self.pack_weight and x.dim() == 2 and x.is_cpu and self.weight.is_cpu
                 and dtype == self.weight.dtype):
             if dtype == torch.bfloat16:
@@ -136,6 +136,21 @@ class Linear(nn.Linear):
             if dtype == torch.float32 and rows >= packed_gemm.MIN_ROWS:
                 return packed_gemm.linear(x, self.packed(), self.weight, self.bias)
         return super().forward(x)
+
+    def native_route(self, rows: int, dtype: torch.dtype) -> tuple[int, torch.Tensor] | None:
+        """Which C product ``forward`` gives an input of ``rows`` rows of ``dtype`` (2-D),
+        and the weight it reads: (``native.LINEAR_VNNI`` or ``LINEAR_AMX``, the tile-layout
+        copy) or (``native.LINEAR_GEMV``, the weight); None where torch computes it."""
+        if self.kernel is None:
+            return None
+        if (self.pack_weight and dtype == torch.bfloat16
+                and 0 < rows <= native.tile_linear_max_rows()
+                and (tiles := self.amx_packed(self.kernel)) is not None):
+            return native.tile_linear_kind(), tiles
+        if (rows <= SMALL_LINEAR_MAX_ROWS and dtype == self.weight.dtype
+                and native.supports(dtype)):
+            return native.LINEAR_GEMV, self.weight
+        return None
 
     def amx_packed(self, kernel: ctypes.CDLL) -> torch.Tensor | None:
         """The bf16 weight in AMX's tile layout (``native.amx_pack``), or None where no
@@ -310,6 +325,8 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         # The native fused kernels, when in use (see use_native_kernel).
         self.fused: ctypes.CDLL | None = None
+        # Decode steps' layers in one native call, on the fused path (BATON_NATIVE_STEP).
+        self.decode_step: NativeDecodeStep | None = None
 
     def forward(
         self,
@@ -346,6 +363,9 @@ class LlamaForCausalLM(nn.Module):
                              "the rotary tables cover (max_position_embeddings)")
         rope = FusedRope(self.rope.cos.float(), self.rope.sin.float(), positions)
         x = x.contiguous()
+        if self.decode_step is not None and (
+                out := self.decode_step.run(x, positions, backend, meta, caches, lib)) is not None:
+            return out
         h = torch.empty_like(x)
         layers = [cast(DecoderLayer, layer) for layer in self.layers]
         first = layers[0].input_layernorm
@@ -376,12 +396,21 @@ class LlamaForCausalLM(nn.Module):
     def use_native_kernel(self, kernel: ctypes.CDLL | None) -> None:
         """Route few-row fp32 matmuls to the native GEMV and, unless BATON_FUSED_OPS=0, the
         forward to the fused path (CPU, fp32 or bf16 weights), or stop (None); unless
-        BATON_PACKED_GEMM=0, matmuls to the packed GEMM."""
+        BATON_PACKED_GEMM=0, matmuls to the packed GEMM; unless BATON_NATIVE_STEP=0, the
+        fused path's decode steps to one native call where every GEMM runs in C
+        (``engine.models.native_step``)."""
         for module in self.modules():
             if isinstance(module, Linear):
                 module.kernel = kernel
         self.fused = kernel if envs.fused_ops() else None
+        self.decode_step = NativeDecodeStep(self) if envs.native_step() else None
         self.use_packed_gemm(envs.packed_gemm())
+
+    def routes_changed(self) -> None:
+        """Call after changing a Linear's ``pack_weight``, ``kernel`` or weight directly:
+        the native decode step rebuilds its address tables on its next step."""
+        if self.decode_step is not None:
+            self.decode_step.forget()
 
     def use_packed_gemm(self, enabled: bool) -> bool:
         """Run GEMMs on weights packed once: fp32 ones of 16 rows or more for MKL (an MKL
@@ -400,6 +429,7 @@ class LlamaForCausalLM(nn.Module):
                 module.pack_weight = enabled
                 if not enabled:
                     module._packed = module._amx = None  # free the packed copies
+        self.routes_changed()
         return enabled
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

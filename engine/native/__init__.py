@@ -14,6 +14,8 @@
 - ``prefill_attention``: a bf16 prefill chunk's causal attention, on AMX tiles where
   ``amx_available``, else with AVX-512 BF16's vdpbf16ps where the build has it
   (``prefill_attention_isa``).
+- ``decode_step``: a decode step's decoder layers in one call (``decode_layers``): the
+  kernels above in the fused path's order, without Python between them.
 
 Each wrapper below takes fp32 or bf16 tensors and calls the kernel for their dtype.
 
@@ -154,6 +156,16 @@ def load() -> ctypes.CDLL | None:
     lib.vnni_max_rows.argtypes = []
     lib.vnni_linear_bf16.restype = ctypes.c_int
     lib.vnni_linear_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+    lib.decode_layer_pointers.restype = ctypes.c_int
+    lib.decode_layer_pointers.argtypes = []
+    ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    lib.decode_layers.restype = ctypes.c_int
+    argtypes: list[Any] = [ctypes.c_int] * 2 + [ptr] * 3 + [i64, ptr] + [i64] * 6 + [f32]
+    lib.decode_layers.argtypes = argtypes + [ptr] * 5 + [i64, ptr] + [i64] * 3 + [f32]
+    if lib.decode_layer_pointers() != len(DECODE_LAYER_POINTERS):
+        raise RuntimeError(f"native kernels: decode_step.c takes {lib.decode_layer_pointers()} "
+                           f"pointers a layer, engine.native.DECODE_LAYER_POINTERS names "
+                           f"{len(DECODE_LAYER_POINTERS)}")
     if lib.amx_max_rows() != AMX_MAX_ROWS:  # one number in two languages: kept in step
         raise RuntimeError(f"native kernels: amx_gemm.c takes {lib.amx_max_rows()} rows, "
                            f"engine.native.AMX_MAX_ROWS says {AMX_MAX_ROWS}")
@@ -403,12 +415,67 @@ def tile_linear_max_rows() -> int:
     return AMX_MAX_ROWS if amx_available() else vnni_max_rows()
 
 
+# The products ``decode_layers`` can run a step's GEMMs on (``LINEAR_*`` in
+# csrc/decode_step.c): ``small_linear``'s GEMV on the plain weight, or ``vnni_linear`` /
+# ``amx_linear`` on the ``amx_pack`` copy.
+LINEAR_GEMV, LINEAR_VNNI, LINEAR_AMX = 0, 1, 2
+
+
+def tile_linear_kind() -> int:
+    """``LINEAR_AMX`` or ``LINEAR_VNNI``: the kernel ``tile_linear`` calls here."""
+    return LINEAR_AMX if amx_available() else LINEAR_VNNI
+
+
 def tile_linear(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor,
                 bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
     """``amx_linear`` where the CPU has AMX, else ``vnni_linear``; for 1 <= T <=
     ``tile_linear_max_rows()``."""
     linear = amx_linear if amx_available() else vnni_linear
     return linear(lib, x, packed, bias, out_features)
+
+
+# Each decoder layer's row of the ``decode_layers`` table: these tensors' addresses, in this
+# order (``P_*`` in csrc/decode_step.c, checked on load); a missing bias is 0.
+DECODE_LAYER_POINTERS = ("input_norm", "post_attention_norm", "qkv", "qkv_bias", "o_proj",
+                         "gate_up", "down", "k_cache", "v_cache")
+
+
+def decode_layers(lib: ctypes.CDLL, linear_kind: int, x: torch.Tensor, layers: torch.Tensor,
+                  final_norm: torch.Tensor, dims: tuple[int, int, int, int, int], eps: float,
+                  cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                  slots: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
+                  max_len: int, cache_blocks: tuple[int, int], scale: float) -> torch.Tensor:
+    """A decode step's decoder layers in one call (``csrc/decode_step.c``): ``x`` [T, D]
+    (fp32 or bf16, contiguous) is the embedded tokens, updated in place into the residual
+    stream; returns the final norm of the last layer's output, [T, D].
+
+    layers: [L, len(DECODE_LAYER_POINTERS)] int64 addresses; the weights are each
+    ``linear_kind``'s (the plain [O, I] weight for ``LINEAR_GEMV``, ``amx_pack``'s copy
+    otherwise); dims: (heads, kv heads, head size, intermediate size, D); cos, sin: [P, Dh]
+    fp32; positions, slots: [T] int64; tables: [T, W] int64 block ids; lens: [T] int64
+    context lengths, ``max_len`` their largest; cache_blocks: (blocks N, block size)."""
+    heads, kv_heads, head_dim, inter, hidden = dims
+    t = x.shape[0]
+    if x.dtype not in SUFFIX or x.shape != (t, hidden) or not x.is_contiguous():
+        raise ValueError(f"decode_layers: x must be contiguous fp32 or bf16 [T, {hidden}], "
+                         f"got {x.dtype} {tuple(x.shape)}")
+    h = torch.empty_like(x)
+    err = lib.decode_layers(
+        int(x.dtype == torch.bfloat16), linear_kind, x.data_ptr(), h.data_ptr(),
+        layers.data_ptr(), layers.shape[0], final_norm.data_ptr(), t, hidden, heads, kv_heads,
+        head_dim, inter, eps, cos.data_ptr(), sin.data_ptr(), positions.data_ptr(),
+        slots.data_ptr(), tables.data_ptr(), tables.shape[1], lens.data_ptr(), max_len,
+        cache_blocks[1], cache_blocks[0], scale)
+    if err == -2:
+        raise RuntimeError("decode_layers: the linear kernel asked for is not available here")
+    if err == -3:
+        raise MemoryError("decode_layers: out of memory for the step's activations")
+    if err == -4:
+        raise ValueError("kv cache: a slot is outside the cache")
+    if err:
+        raise ValueError(f"decode_layers: the linear kernel cannot take {t} rows of these "
+                         "weights")
+    return h
 
 
 def _tile_layout_linear(fn: Any, name: str, unavailable: str, x: torch.Tensor,

@@ -107,3 +107,39 @@ def test_bf16_roofline_and_report_name_the_dtype() -> None:
     with pytest.raises(SystemExit) as exc:
         et.main(["--dtype", "float16"])
     assert exc.value.code == 2
+
+
+def test_native_step_switch_times_both_sides(tmp_path: object) -> None:
+    # The switch flips the model's native decode step and puts it back; each side's
+    # decode steps are timed (a tiny model: the timing itself is not judged).
+    from engine import LLM, native
+    from tests.engine.helpers import make_tiny_model_dir
+
+    if native.load() is None:
+        pytest.skip("no C compiler here: the native kernels are not built")
+    llm = LLM(str(make_tiny_model_dir(tmp_path, "llama")), num_kv_blocks=64)  # type: ignore[arg-type]
+    model = llm.engine.runner.model
+    start = model.decode_step
+    switch = et.NativeStepSwitch(llm.engine)
+    assert switch.available and switch.decode_only and start is not None
+    ran: list[bool] = []
+    run = start.run
+
+    def counted(*args: object) -> object:
+        out = run(*args)  # type: ignore[arg-type]
+        ran.append(out is not None)
+        return out
+
+    start.run = counted  # type: ignore[method-assign, assignment]
+    result = et.compare_decode_paths(llm.engine, [[5, 6, 7], [8, 9]], 3, switch, warmup=1)
+    del start.run
+    assert (result.switch, result.steps) == ("BATON_NATIVE_STEP", 3)
+    assert result.on_step_s > 0 and result.off_step_s > 0
+    assert model.decode_step is start  # restored
+    # The warm-up step and the three timed "on" steps ran natively; the "off" ones and
+    # the prefill did not.
+    assert sum(ran) == 1 + 3
+    switch.use(False)
+    assert model.decode_step is None
+    switch.use(None)
+    assert model.decode_step is start

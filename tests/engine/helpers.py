@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine.models import LlamaForCausalLM
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -98,3 +101,22 @@ def make_tiny_model_dir(path: str | Path, arch: str, **overrides: Any) -> Path:
     )
     hf_tokenizer.save_pretrained(path)
     return path
+
+
+def skip_without_native_kernels() -> None:
+    """Skip the calling test (or module fixture) where the C kernels are not built."""
+    import pytest
+
+    from engine import native
+
+    if native.load() is None:
+        pytest.skip("no C compiler here: the native kernels are not built")
+
+
+def llama_model(llm: Any) -> LlamaForCausalLM:
+    """The ``LlamaForCausalLM`` an ``LLM`` runs (single process)."""
+    from engine.models import LlamaForCausalLM
+
+    model = llm.engine.runner.model
+    assert isinstance(model, LlamaForCausalLM)
+    return model

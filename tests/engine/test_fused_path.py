@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams, native
-from engine.models import LlamaForCausalLM
-from tests.engine.helpers import make_tiny_model_dir
+from tests.engine.helpers import llama_model, make_tiny_model_dir, skip_without_native_kernels
 from tests.engine.test_parity import hf_greedy, natural_prompts
 
 transformers = pytest.importorskip("transformers")
@@ -22,20 +21,13 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module", autouse=True)
 def _kernel() -> None:
-    if native.load() is None:
-        pytest.skip("no C compiler here: the native kernels are not built")
-
-
-def _model(llm: LLM) -> LlamaForCausalLM:
-    model = llm.engine.runner.model
-    assert isinstance(model, LlamaForCausalLM)
-    return model
+    skip_without_native_kernels()
 
 
 @contextmanager
 def _path(llm: LLM, fused: bool) -> Iterator[None]:
     """Run ``llm``'s model on the fused or the torch path for the block."""
-    model = _model(llm)
+    model = llama_model(llm)
     start = model.fused
     model.fused = native.load() if fused else None
     try:
@@ -104,7 +96,7 @@ def test_fused_ops_switch(
         else:
             monkeypatch.setenv("BATON_FUSED_OPS", value)
         llm = LLM(str(path), num_kv_blocks=64)
-        model = _model(llm)
+        model = llama_model(llm)
         assert (model.fused is not None) is fused
         # The native GEMV is in use either way: the switch is about the fused kernels.
         assert model.lm_head.kernel is not None
@@ -115,7 +107,7 @@ def test_fused_ops_switch(
 
 
 def test_fused_path_rejects_positions_past_the_rope_tables(smollm: LLM) -> None:
-    model = _model(smollm)
+    model = llama_model(smollm)
     limit = model.rope.cos.shape[0]
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model.forward_fused(
