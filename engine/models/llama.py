@@ -110,8 +110,8 @@ class Linear(nn.Linear):
     once, and bf16 ones to oneDNN with the weight packed once (``engine.native.packed_gemm``),
     except bf16 inputs of up to 64 rows, which go to the AMX kernel where the CPU has AMX
     (``native.amx_linear``, from a tile-layout copy of the weight packed once), and, where
-    it has AVX-512 BF16 instead, those of up to 16 rows to ``native.vnni_linear`` (the same
-    copy)."""
+    it has AVX-512 BF16 instead, to ``native.vnni_linear`` (the same copy, the same 64
+    rows)."""
 
     kernel: ctypes.CDLL | None = None
     pack_weight: bool = False  # use the packed GEMM (set by use_packed_gemm)

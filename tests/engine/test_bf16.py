@@ -274,13 +274,14 @@ def vnni(kernel: ctypes.CDLL) -> ctypes.CDLL:
     return kernel
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 13, 16])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 13, 16, 37, 64])
 @pytest.mark.parametrize(("out_features", "bias"), [(96, False), (208, True), (48, True)])
 def test_vnni_linear_equals_fp32_product(
     vnni: ctypes.CDLL, rows: int, out_features: int, bias: bool
 ) -> None:
-    # Four rows per pass (5, 13 and 16: more passes, 13 a partial last one); output blocks
-    # by sixes (96: one group; 208: two and one block alone; 48: three, a partial group).
+    # Four rows per pass (5 to 64: more passes, 13 and 37 a partial last one); output
+    # blocks by sixes (96: one group; 208: two and one block alone; 48: three, a partial
+    # group).
     gen = torch.Generator().manual_seed(rows * out_features)
     w = torch.randn(out_features, 1536, generator=gen).to(BF16)
     b = torch.randn(out_features, generator=gen).to(BF16) if bias else None
@@ -298,7 +299,7 @@ def test_vnni_linear_refuses_rows_it_does_not_take(vnni: ctypes.CDLL) -> None:
                            packed, None, 64)  # fmt: skip
 
 
-def test_linear_without_amx_sends_up_to_16_rows_to_vnni(vnni: ctypes.CDLL) -> None:
+def test_linear_without_amx_sends_decode_rows_to_vnni(vnni: ctypes.CDLL) -> None:
     if native.amx_available():
         pytest.skip("AMX here: its kernel takes these rows")
     check_linear_routes_rows(vnni, native.vnni_max_rows())
