@@ -231,7 +231,7 @@ class NativeStepSwitch:
         self.model = engine.runner.model
         self.start = getattr(self.model, "decode_step", None)
         usable = getattr(self.model, "fused", None) is not None
-        self.step = self.start or (NativeDecodeStep(self.model) if usable else None)
+        self.step = self.start or (NativeDecodeStep() if usable else None)
         self.available = self.step is not None
 
     def use(self, native_step: bool | None) -> None:

@@ -364,7 +364,8 @@ class LlamaForCausalLM(nn.Module):
         rope = FusedRope(self.rope.cos.float(), self.rope.sin.float(), positions)
         x = x.contiguous()
         if self.decode_step is not None and (
-                out := self.decode_step.run(x, positions, backend, meta, caches, lib)) is not None:
+                out := self.decode_step.run(self, x, positions, backend, meta, caches, lib)
+        ) is not None:
             return out
         h = torch.empty_like(x)
         layers = [cast(DecoderLayer, layer) for layer in self.layers]
@@ -403,7 +404,7 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, Linear):
                 module.kernel = kernel
         self.fused = kernel if envs.fused_ops() else None
-        self.decode_step = NativeDecodeStep(self) if envs.native_step() else None
+        self.decode_step = NativeDecodeStep() if envs.native_step() else None
         self.use_packed_gemm(envs.packed_gemm())
 
     def routes_changed(self) -> None:

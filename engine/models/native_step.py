@@ -45,10 +45,12 @@ RouteKey = tuple[torch.dtype, bool, bool]
 
 
 class NativeDecodeStep:
-    """Runs eligible decode steps of one model natively; ``run`` returns None otherwise."""
+    """Runs eligible decode steps of the model it belongs to natively; ``run`` returns
+    None otherwise. It holds no reference to the model (the model holds it), so the two
+    go with their last reference, not with the cycle collector (the tables keep the KV
+    caches alive)."""
 
-    def __init__(self, model: LlamaForCausalLM):
-        self.model = model
+    def __init__(self) -> None:
         # Per route, the cache list it was decided for and its table (None: not native).
         self._tables: dict[RouteKey, tuple[list[KVCache], LayerTable | None]] = {}
 
@@ -56,8 +58,9 @@ class NativeDecodeStep:
         """Drop the tables: a Linear's route or weight, or the caches, changed."""
         self._tables.clear()
 
-    def run(self, x: torch.Tensor, positions: torch.Tensor, backend: Any, meta: Any,
-            caches: list[KVCache], lib: ctypes.CDLL) -> torch.Tensor | None:
+    def run(self, model: LlamaForCausalLM, x: torch.Tensor, positions: torch.Tensor,
+            backend: Any, meta: Any, caches: list[KVCache],
+            lib: ctypes.CDLL) -> torch.Tensor | None:
         """The final norm of the layer stack's output for the embedded decode tokens ``x``
         [T, D] (contiguous; updated in place), or None (nothing run) where the step is not
         decode-only, the attention is not the native paged kernel, or a GEMM would not run
@@ -74,70 +77,70 @@ class NativeDecodeStep:
         key = (x.dtype, t <= SMALL_LINEAR_MAX_ROWS, t <= native.tile_linear_max_rows())
         known = self._tables.get(key)
         if known is None or known[0] is not caches:
-            known = self._tables[key] = (caches, self._build(t, x.dtype, caches, lib))
+            known = self._tables[key] = (caches, _build(model, t, x.dtype, caches))
         entry = known[1]
         if entry is None:
             return None  # this route does not run natively
-        rope = self.model.rope
+        rope = model.rope
         cache = caches[0].k
         return native.decode_layers(
-            lib, entry.kind, x, entry.table, self.model.norm.weight, entry.dims, entry.eps,
+            lib, entry.kind, x, entry.table, model.norm.weight, entry.dims, entry.eps,
             rope.cos, rope.sin, positions, meta.slot_mapping, meta.native_tables,
             meta.native_lens, meta.native_max_len, (cache.shape[1], cache.shape[2]),
             backend.scale)
 
-    def _build(self, rows: int, dtype: torch.dtype, caches: list[KVCache],
-               lib: ctypes.CDLL) -> LayerTable | None:
-        """The table for ``rows`` rows of ``dtype``, or None where any layer would leave C:
-        a GEMM torch computes, two layers on different kernels, a bias the driver does not
-        add, a forward hook (tensor parallelism's all-reduce), differing norms or shapes."""
-        from engine.models.llama import DecoderLayer
 
-        model = self.model
-        layers = [layer for layer in model.layers if isinstance(layer, DecoderLayer)]
-        if (not layers or len(caches) != len(layers) or len(layers) != len(model.layers)
-                or any(_hooked(m) for m in model.layers.modules())
-                or model.norm.weight.dtype != dtype or model.rope.cos.dtype != torch.float32):
+def _build(model: LlamaForCausalLM, rows: int, dtype: torch.dtype,
+           caches: list[KVCache]) -> LayerTable | None:
+    """The table for ``rows`` rows of ``dtype``, or None where any layer would leave C:
+    a GEMM torch computes, two layers on different kernels, a bias the driver does not
+    add, a forward hook (tensor parallelism's all-reduce), differing norms or shapes."""
+    from engine.models.llama import DecoderLayer
+
+    layers = [layer for layer in model.layers if isinstance(layer, DecoderLayer)]
+    if (not layers or len(caches) != len(layers) or len(layers) != len(model.layers)
+            or any(_hooked(m) for m in model.layers.modules())
+            or model.norm.weight.dtype != dtype or model.rope.cos.dtype != torch.float32):
+        return None
+    first = layers[0]
+    attn0 = first.self_attn
+    dims = (attn0.num_heads, attn0.num_kv_heads, attn0.head_dim,
+            first.mlp.intermediate_size, model.config.hidden_size)
+    eps = model.norm.eps
+    kind: int | None = None
+    rows_out: list[list[int]] = []
+    keep: list[torch.Tensor] = []
+    for layer, cache in zip(layers, caches, strict=True):
+        attn, mlp = layer.self_attn, layer.mlp
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if ((attn.num_heads, attn.num_kv_heads, attn.head_dim, mlp.intermediate_size,
+             model.config.hidden_size) != dims
+                or any(n.eps != eps or n.weight.dtype != dtype for n in norms)
+                or any(lin.bias is not None
+                       for lin in (attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
+                or not _cache_fits(cache, dtype, dims)
+                or cache.k.shape != caches[0].k.shape or cache.v.shape != cache.k.shape):
             return None
-        first = layers[0]
-        attn0 = first.self_attn
-        dims = (attn0.num_heads, attn0.num_kv_heads, attn0.head_dim,
-                first.mlp.intermediate_size, model.config.hidden_size)
-        eps = model.norm.eps
-        kind: int | None = None
-        rows_out: list[list[int]] = []
-        keep: list[torch.Tensor] = []
-        for layer, cache in zip(layers, caches, strict=True):
-            attn, mlp = layer.self_attn, layer.mlp
-            norms = (layer.input_layernorm, layer.post_attention_layernorm)
-            if ((attn.num_heads, attn.num_kv_heads, attn.head_dim, mlp.intermediate_size,
-                 model.config.hidden_size) != dims
-                    or any(n.eps != eps or n.weight.dtype != dtype for n in norms)
-                    or any(lin.bias is not None
-                           for lin in (attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
-                    or not _cache_fits(cache, dtype, dims)
-                    or cache.k.shape != caches[0].k.shape or cache.v.shape != cache.k.shape):
+        weights = []
+        for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+            route = lin.native_route(rows, dtype)
+            if route is None or (kind is not None and route[0] != kind):
                 return None
-            weights = []
-            for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
-                route = lin.native_route(rows, dtype)
-                if route is None or (kind is not None and route[0] != kind):
-                    return None
-                kind = route[0]
-                weights.append(route[1])
-            bias = attn.qkv_proj.bias
-            tensors = [norms[0].weight, norms[1].weight, weights[0], bias, weights[1],
-                       weights[2], weights[3], cache.k, cache.v]
-            rows_out.append([0 if p is None else p.data_ptr() for p in tensors])
-            keep.extend(p for p in tensors if p is not None)
-        assert kind is not None
-        table = torch.tensor(rows_out, dtype=torch.int64)
-        if table.shape[1] != len(native.DECODE_LAYER_POINTERS):
-            raise RuntimeError("native_step: the layer table's columns do not match "
-                               "native.DECODE_LAYER_POINTERS")
-        if not all(p.is_contiguous() for p in keep):
-            return None
-        return LayerTable(kind, table, keep, dims, eps)
+            kind = route[0]
+            weights.append(route[1])
+        bias = attn.qkv_proj.bias
+        tensors = [norms[0].weight, norms[1].weight, weights[0], bias, weights[1],
+                   weights[2], weights[3], cache.k, cache.v]
+        rows_out.append([0 if p is None else p.data_ptr() for p in tensors])
+        keep.extend(p for p in tensors if p is not None)
+    assert kind is not None
+    table = torch.tensor(rows_out, dtype=torch.int64)
+    if table.shape[1] != len(native.DECODE_LAYER_POINTERS):
+        raise RuntimeError("native_step: the layer table's columns do not match "
+                           "native.DECODE_LAYER_POINTERS")
+    if not all(p.is_contiguous() for p in keep):
+        return None
+    return LayerTable(kind, table, keep, dims, eps)
 
 
 def _hooked(module: nn.Module) -> bool:

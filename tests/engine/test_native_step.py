@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams, native
-from engine.models.llama import DecoderLayer
+from engine.models.llama import DecoderLayer, LlamaForCausalLM
 from engine.models.native_step import NativeDecodeStep
 from tests.engine.helpers import llama_model, make_tiny_model_dir, skip_without_native_kernels
 
@@ -46,12 +46,12 @@ def _recorded(llm: LLM) -> Iterator[tuple[list[torch.Tensor], list[Call]]]:
 
     run = step.run if step is not None else None
 
-    def counted(x: torch.Tensor, positions: torch.Tensor, backend: object, meta: Any,
-                *rest: object) -> torch.Tensor | None:
+    def counted(model: LlamaForCausalLM, x: torch.Tensor, positions: torch.Tensor,
+                backend: object, meta: Any, *rest: object) -> torch.Tensor | None:
         assert run is not None
         rows = x.shape[0]
         decode_only = meta.num_decode == rows and not meta.prefills
-        out = run(x, positions, backend, meta, *rest)  # type: ignore[arg-type]
+        out = run(model, x, positions, backend, meta, *rest)  # type: ignore[arg-type]
         calls.append((rows, decode_only, out is not None))
         return out
 
