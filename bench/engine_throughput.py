@@ -9,7 +9,9 @@ GGUF, fp32; ``--dtype bfloat16`` runs Baton, transformers and the matmul rooflin
 3. transformers on the same weights and prompts: one request at a time (a subset, its rate
    extrapolated) and static padded batches (``bench.hf_baseline``).
 4. Decode tok/s at batch 1, 16, 64 through the step API, as a share of the compute roofline;
-   the batch-1 step against the memory roofline and against transformers' batch-1 step.
+   the batch-1 step against the memory roofline (the read bandwidth measured again right
+   after those steps, the higher reading taken: it moves with the machine's load) and
+   against transformers' batch-1 step.
 5. Unless ``--no-compare-paths``: the same decode steps, and prefill chunks, alternating
    step by step between each switch on and off, so the two are compared under the same
    load: the fused CPU path (``BATON_FUSED_OPS``, with the native decode step where it
@@ -397,6 +399,8 @@ def run(args: argparse.Namespace) -> Report:
         _say(f"Baton: decode steps at batch {batch}")
         report.decode.append(run_baton_decode(llm.engine, decode_prompts[:batch],
                                               args.decode_steps))
+        if batch == 1:  # the bandwidth of the moment, for the batch-1 step's roofline
+            report.read_gbps_beside_batch1 = roofline.measure_read_gbps(args.read_bytes)
     if not args.no_compare_paths:
         switches: list[Switch] = [PathSwitch(llm.engine), PackedSwitch(llm.engine),
                                   NativeStepSwitch(llm.engine)]

@@ -76,6 +76,19 @@ def test_report_judges_the_targets() -> None:
     assert "| 30.0 | 0.83 | <= 1: met |" in text
 
 
+def test_memory_roofline_takes_the_higher_reading() -> None:
+    # 20 GB/s at the start, 25 right after the batch-1 steps: the roofline is 400 MB / 25
+    # GB/s = 16 ms, and the 25 ms step is 1.56x it; a lower later reading changes nothing.
+    r = _report(transformers=False)
+    r.read_gbps_beside_batch1 = 25.0
+    text = format_report(r)
+    assert "(400 MB of weights / 25.0 GB/s) | 16.0 | 1.56 | <= 1.2: missed |" in text
+    assert "best of 5; 25.0 right after the batch-1 steps)" in text
+    assert r.to_json()["memory_roofline_step_s"] == pytest.approx(0.016)
+    r.read_gbps_beside_batch1 = 15.0
+    assert r.memory_roofline_step_s == pytest.approx(0.02)
+
+
 def test_report_without_transformers_and_its_json() -> None:
     r = _report(transformers=False)
     assert "transformers" not in format_report(r)
