@@ -83,7 +83,8 @@ static void norm(step_kind k, void *x, const void *r, const void *w, void *out, 
  * cos, sin: [P, Dh] fp32 tables; positions, slots: [T]; tables: [T, W] block ids; lens: [T]
  * context lengths (max_len their largest); caches [Hkv, N, bs, Dh] of `dtype`.
  * Returns 0; -1 a shape the linear kernel does not take; -2 that kernel is not available
- * here; -3 out of memory; -4 a slot outside the cache (the layers before it have run). */
+ * here; -3 out of memory; -4 a slot outside the cache (every layer writes the same slots,
+ * so the first layer finds it, before any write to x or a cache). */
 int decode_layers(int dtype, int linear_kind, void *x, void *h, const int64_t *layers,
                   int64_t L, const void *final_norm, int64_t T, int64_t D, int64_t H,
                   int64_t Hkv, int64_t Dh, int64_t I, float eps, const float *cos_t,
