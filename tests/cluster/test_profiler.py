@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from cluster import cli
-from cluster.planner.latency import load_profiles
+from cluster.planner.latency import fit_profile, load_profiles
 from cluster.profiler import EngineProfiler, ProfileGrid, build_engine, profile_engine
 from tests.engine.helpers import make_tiny_model_dir
 
@@ -84,3 +85,46 @@ def test_the_cli_writes_a_profile_that_plan_reads(
     ]  # fmt: skip
     assert cli.main(plan) == 0
     assert json.loads(capsys.readouterr().out)["instances"]
+
+
+class BurstyTimes(EngineProfiler):
+    """Step times of a linear model (no engine); a shape in ``burst`` is slowed by its
+    factors, one per timing, the first times it is timed: a burst of the machine's other
+    work."""
+
+    def __init__(self, burst: dict[tuple[str, int, int], list[float]]):
+        super().__init__(SimpleNamespace(model_config=SimpleNamespace(vocab_size=100)))
+        self.burst = burst
+        self.timed: list[tuple[str, int, int]] = []
+
+    def _factor(self, shape: tuple[str, int, int]) -> float:
+        self.timed.append(shape)
+        factors = self.burst.get(shape, [])
+        n = self.timed.count(shape)
+        return factors[n - 1] if n <= len(factors) else 1.0
+
+    def prefill_ms(self, batch: int, length: int) -> float:
+        return (10 + 0.5 * batch * length) * self._factor(("prefill", batch, length))
+
+    def decode_ms(self, batch: int, context: int, steps: int) -> list[tuple[list[int], float]]:
+        ms = (5 + 0.01 * batch * context + batch) * self._factor(("decode", batch, context))
+        return [([context + 1 + s] * batch, ms) for s in range(steps)]
+
+
+def test_a_second_look_retimes_the_shapes_a_burst_of_load_slowed() -> None:
+    burst = {("prefill", 3, 32): [4.0], ("decode", 6, 16): [3.0]}
+    profiler = BurstyTimes(burst)
+    prefill, decode = profiler.run(GRID)
+    # Each slowed shape was timed once more, and no other shape was (the first prefill
+    # of 1 x 16 is the warm-up).
+    again = [s for s in profiler.timed[1:] if profiler.timed.count(s) > 1]
+    assert sorted(again) == sorted([*burst, *burst])
+    assert [ms for _, ms in prefill] == [10 + 0.5 * b * n for b, n in GRID.prefill_shapes()]
+    assert decode[GRID.decode_shapes().index((6, 16))][1] == 5 + 0.01 * 6 * 16 + 6
+    assert fit_profile(prefill, decode).prefill == pytest.approx((10, 0.5, 0), abs=1e-6)
+
+
+def test_a_shape_slow_both_times_keeps_the_lower_time() -> None:
+    for factors, kept in (([4.0, 3.0], 3.0), ([3.0, 4.0], 3.0)):
+        prefill, _ = BurstyTimes({("prefill", 3, 32): factors}).run(GRID)
+        assert prefill[GRID.prefill_shapes().index((3, 32))][1] == (10 + 0.5 * 96) * kept
