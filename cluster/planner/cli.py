@@ -92,8 +92,9 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="CORES",
         help="with a CPU profile: cores the host's other work keeps busy while serving "
-        "(the router, Ray, a client on the host); OpenMP teams slow down sharply beside "
-        f"it (default: {DEFAULT_BACKGROUND:g}, measured under `baton bench peers`)",
+        "(the router, Ray, a client on the host); one-thread instances that fill the "
+        "cores share them with it, and OpenMP teams that outnumber the cores slow down "
+        f"sharply (default: {DEFAULT_BACKGROUND:g}, measured under `baton bench peers`)",
     )
     hw = p.add_mutually_exclusive_group(required=True)
     hw.add_argument("--gpu", choices=list(GPU_TYPES), help="GPU type (built-in profiles)")

@@ -6,17 +6,19 @@ profile (DistServe's form, ``cluster.planner.latency``) fitted at it.
 
 Instances on one host share its cores with each other and with the host's other work: the
 router, Ray's processes, a client on the same host (``background`` cores, kept busy all the
-time). An instance given ``t`` threads steps at the profile of ``t`` threads while its
-threads, the other instances' threads in a step and the background fit the cores. Past that
-the host is contended, and an instance's effective thread count is:
+time). An instance given ``t`` threads steps at the profile of ``t`` threads while the
+threads that are in a step fit the cores, with the background for one-thread instances.
+Past that the host is contended, and an instance's effective thread count is:
 
 - one thread: its fair share, ``cores / demand`` (``demand``: every busy thread plus the
   background); Linux moves a lone thread to wherever there is room;
-- a team of ``t`` > 1 OpenMP threads: ``t * TEAM_EFFICIENCY / max_load``, where
-  ``max_load`` is the runnable threads on the most loaded core (the busy instances' threads
-  spread evenly, the background on one of the least loaded cores). Every parallel region
-  ends at a barrier, so the team runs at the pace of its slowest thread, and the others
-  spin and then sleep there; ``TEAM_EFFICIENCY`` is what that waiting costs besides.
+- a team of ``t`` > 1 OpenMP threads, when the busy threads outnumber the cores:
+  ``t * TEAM_EFFICIENCY / max_load``, where ``max_load`` is the runnable threads on the
+  most loaded core (the busy instances' threads spread evenly, the background on one of the
+  least loaded cores). Every parallel region ends at a barrier, so the team runs at the
+  pace of its slowest thread, and the others spin and then sleep there;
+  ``TEAM_EFFICIENCY`` is what that waiting costs besides. A team whose busy threads fit the
+  cores keeps its profile's speed beside the background (measured, below).
 
 A step's time at a fractional thread count interpolates the measured speeds (1 / step time)
 linearly between the two nearest measured counts; below the smallest it is time-sliced
@@ -24,16 +26,24 @@ linearly between the two nearest measured counts; below the smallest it is time-
 share is fixed when it starts (processor sharing, approximated per step).
 
 Calibrated on this machine (bf16 SmolLM2, ``baton bench peers`` with vLLM's client on the
-same two cores; router, Ray and client used about 0.5 core between them, in bursts), 80
-requests per Poisson rate of 2-6 req/s: one instance of two threads decoded at roughly the
-one-thread profile's speed at low rates (TPOT 44 ms at 2 req/s where its profile said 24),
-and one prefill plus one decode instance of two threads each fell to 25% SLO attainment at
-4 req/s where the pair with one thread each held 100% up to 6. Instances of one thread each
-tracked their profiles within about 15%. ``background`` 0.25 and ``TEAM_EFFICIENCY`` 0.8
-fit those runs: the one-thread deployments' simulated mean TPOT within 15% of measured at
-4-5 req/s, the two-thread instance's at 2-4 req/s (pessimistic above), and the ranking
-measured (the one-thread pair and two one-thread colocated instances first, then one
-two-thread instance, then the oversubscribed pair).
+same two cores; router, Ray and client used about 0.5 core between them, in bursts), 160
+requests per Poisson rate of 2-4 req/s, compared with ``baton bench peers-sim``:
+
+- two one-thread colocated instances tracked their profiles with ``background`` 0.25:
+  SLO attainment 98 / 98 / 60% measured at 2 / 3 / 3.5 req/s against 100 / 100 / 50%
+  simulated, mean TTFT within 20%; without the background the simulation said 84% at 3.5
+  and 27% at 4 (measured 31%);
+- one instance of two threads ran at its two-thread profile: 100 / 96% at 2 / 3 req/s
+  against 100 / 93% simulated, mean TTFT 271 / 395 ms against 246 / 391, mean TPOT 25 / 69
+  ms against 23 / 68. Charged the background as a contended team (1.28 effective threads)
+  it simulated at 92 / 0%. Before the engine ran a decode step's layers in one native call
+  (``engine/native/csrc/decode_step.c``), every kernel of a step went back to Python, and
+  such an instance decoded at about its one-thread speed (TPOT 44 ms at 2 req/s where its
+  profile said 24): a team that leaves its parallel regions between kernels loses its
+  pace to whatever else runs; one that goes from region to region in C does not.
+- ``TEAM_EFFICIENCY`` 0.8 fits the oversubscribed runs of that earlier engine: one prefill
+  plus one decode instance of two threads each fell to 25% SLO attainment at 4 req/s where
+  the pair with one thread each held 100% up to 6.
 """
 
 from __future__ import annotations
@@ -168,12 +178,12 @@ DEFAULT_BACKGROUND = 0.25
 def effective_threads(threads: int, others: list[int], cores: int, background: float) -> float:
     """The effective thread count of an instance of ``threads`` while instances of
     ``others`` threads are in a step too, on ``cores`` with ``background`` cores busy."""
-    demand = threads + sum(others) + background
-    if demand <= cores:
-        return float(threads)
-    if threads == 1:
-        return cores / demand
     whole = threads + sum(others)
+    if threads == 1:
+        demand = whole + background
+        return 1.0 if demand <= cores else cores / demand
+    if whole <= cores:  # a team whose threads fit: its profile, beside the background
+        return float(threads)
     base, extra = divmod(whole, cores)  # ``extra`` cores run base + 1 threads, one runs base
     max_load = max(base + (1 if extra else 0), base + background)  # the background there
     return threads * TEAM_EFFICIENCY / max_load
