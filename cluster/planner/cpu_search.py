@@ -11,7 +11,8 @@ get every core: the host is oversubscribed and the model shares it, see
 - a prefill instance: the smallest of ``BUDGETS`` whose prefill throughput (mean-length
   prompts, at its threads, by the profile) is within ``SATURATION`` of the best of them: a
   larger budget buys no throughput and makes every prompt in a step wait for the step;
-- a colocated instance: each of ``CHUNKS`` is simulated (a step's decodes share it with
+- a colocated instance: each of ``CHUNKS`` that holds a mean-length prompt beside the
+  running decodes (``colocated_chunks``) is simulated (a step's decodes share it with
   prompt chunks, so the chunk trades TTFT against TPOT) and scored like a deployment;
 - a decode instance keeps the engine's default (it does not prefill).
 
@@ -147,6 +148,19 @@ def prefill_budget(profiles: CpuProfiles, threads: int, prompt: float) -> int:
     return min(b for b, s in speeds.items() if s >= SATURATION * best)
 
 
+def colocated_chunks(prompt: float) -> list[int]:
+    """The colocated chunks to try for mean prompts of ``prompt`` tokens: those of
+    ``CHUNKS`` longer than the prompt, or the longest. A smaller chunk splits most prompts
+    over several steps, each piece paying a step's fixed cost and running its GEMMs at
+    fewer rows, and the profile (whole prompts) prices those steps low. Measured offline
+    (one bf16 engine of two threads, 256-token prompts, 64 out, Poisson 3 req/s, 176
+    requests): within TTFT 1.5 s and TPOT 150 ms 23% at chunk 128, 61% at 256, 98% at 512,
+    95% at 2048, where the simulator said 99%, 92%, 92% and 92%; at 128 and 256 the steps
+    took 5-9% longer than the profile priced them, and the engine saturated."""
+    longer = [c for c in CHUNKS if c > prompt]
+    return longer or [CHUNKS[-1]]
+
+
 def candidates(profiles: CpuProfiles, cores: int, prompt: float) -> list[CpuDeployment]:
     threads = thread_choices(profiles, cores)
     most = min(MAX_INSTANCES, max(2, cores))
@@ -159,7 +173,7 @@ def candidates(profiles: CpuProfiles, cores: int, prompt: float) -> list[CpuDepl
                     out.append(CpuDeployment("disaggregated", p, d, tp, td, budget))
     for n in range(1, min(MAX_INSTANCES, max(1, cores)) + 1):
         for t in threads:
-            out.extend(CpuDeployment("colocated", 0, n, 0, t, c) for c in CHUNKS)
+            out.extend(CpuDeployment("colocated", 0, n, 0, t, c) for c in colocated_chunks(prompt))
     return out
 
 

@@ -30,6 +30,7 @@ from cluster.planner.cpu_search import (
     CpuPlanInputs,
     CpuPlanner,
     candidates,
+    colocated_chunks,
     plan_cpu,
     prefill_budget,
 )
@@ -274,6 +275,15 @@ def test_a_plan_whose_role_instances_disagree_is_refused(tmp_path: Path) -> None
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="colocated instances must share one threads"):
         plan_deployment(str(path))
+
+
+def test_colocated_chunks_hold_a_mean_prompt_beside_the_decodes() -> None:
+    assert colocated_chunks(256) == [512, 1024, 2048]
+    assert colocated_chunks(100) == [128, 256, 512, 1024, 2048]
+    assert colocated_chunks(3000) == [2048]  # a longer prompt: the longest chunk
+    cpu = CpuProfiles(2, {1: ONE, 2: TWO})
+    chunks = {d.budget for d in candidates(cpu, 2, 256) if d.mode == "colocated"}
+    assert chunks == {512, 1024, 2048}
 
 
 def test_deployment_names() -> None:
