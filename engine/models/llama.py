@@ -361,12 +361,12 @@ class LlamaForCausalLM(nn.Module):
         if positions.numel() and int(positions.max()) >= limit:
             raise ValueError(f"model: position {int(positions.max())} is past the {limit} "
                              "the rotary tables cover (max_position_embeddings)")
-        rope = FusedRope(self.rope.cos.float(), self.rope.sin.float(), positions)
         x = x.contiguous()
         if self.decode_step is not None and (
                 out := self.decode_step.run(self, x, positions, backend, meta, caches, lib)
         ) is not None:
             return out
+        rope = FusedRope(self.rope.cos.float(), self.rope.sin.float(), positions)
         h = torch.empty_like(x)
         layers = [cast(DecoderLayer, layer) for layer in self.layers]
         first = layers[0].input_layernorm

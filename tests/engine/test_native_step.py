@@ -173,6 +173,45 @@ def test_native_step_follows_packed_gemm_switch(
     assert tokens2 == tokens[:2]
 
 
+def test_a_slot_outside_the_cache_writes_nothing(
+    tmp_path_factory: pytest.TempPathFactory, make_llm: Callable[..., LLM],
+) -> None:
+    """The driver checks the step's slots at the first layer's KV write: a bad one raises
+    before any write to the residual stream or a cache, and the step can run again."""
+    llm = _tiny(tmp_path_factory, make_llm, "llama", "float32")
+    step = llama_model(llm).decode_step
+    assert step is not None
+    run = step.run
+    checked: list[bool] = []
+
+    def bad_slot_first(model: LlamaForCausalLM, x: torch.Tensor, positions: torch.Tensor,
+                       backend: Any, meta: Any, caches: list[Any],
+                       lib: Any) -> torch.Tensor | None:
+        if not checked and meta.num_decode == x.shape[0] and not meta.prefills:
+            good = meta.slot_mapping
+            blocks, block_size = caches[0].k.shape[1], caches[0].k.shape[2]
+            meta.slot_mapping = good.clone()
+            meta.slot_mapping[-1] = blocks * block_size  # one past the last slot
+            state = [x, *(c.k for c in caches), *(c.v for c in caches)]
+            before = [t.clone() for t in state]
+            with pytest.raises(ValueError, match="kv cache: a slot is outside the cache"):
+                run(model, x, positions, backend, meta, caches, lib)
+            checked.append(all(torch.equal(a, b) for a, b in zip(before, state, strict=True)))
+            meta.slot_mapping = good
+        return run(model, x, positions, backend, meta, caches, lib)
+
+    prompts = [[5, 6, 7], [8, 9]]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)  # as _generate's
+    llm.engine.block_manager.reset_prefix_cache()
+    step.run = bad_slot_first  # type: ignore[method-assign]
+    try:
+        out = llm.generate(prompt_token_ids=prompts, params=params)
+    finally:
+        del step.run
+    assert checked == [True]
+    assert [o.token_ids for o in out] == _generate(llm, prompts, native_step=True)[0]
+
+
 def test_native_step_switch(
     monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
