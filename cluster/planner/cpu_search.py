@@ -11,9 +11,10 @@ get every core: the host is oversubscribed and the model shares it, see
 - a prefill instance: the smallest of ``BUDGETS`` whose prefill throughput (mean-length
   prompts, at its threads, by the profile) is within ``SATURATION`` of the best of them: a
   larger budget buys no throughput and makes every prompt in a step wait for the step;
-- a colocated instance: each of ``CHUNKS`` that holds a mean-length prompt beside the
-  running decodes (``colocated_chunks``) is simulated (a step's decodes share it with
-  prompt chunks, so the chunk trades TTFT against TPOT) and scored like a deployment;
+- a colocated instance: each of ``CHUNKS`` longer than the mean prompt, so that a prompt
+  and the running decodes share one step (``colocated_chunks``), is simulated (a step's
+  decodes share it with prompt chunks, so the chunk trades TTFT against TPOT) and scored
+  like a deployment;
 - a decode instance keeps the engine's default (it does not prefill).
 
 Every candidate is simulated on the workload: its attainment at the offered rate (both
