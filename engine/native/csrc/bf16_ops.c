@@ -32,7 +32,10 @@
 #pragma GCC optimize("fp-contract=off")
 
 #define PAR_MIN_ELEMS 32768
-#define PAR_MIN_WORK (1 << 20)
+/* Decode attention's work (heads x context x head size) worth waking the other threads
+ * for: at batch 1 its three kv heads of 256 tokens (147 K) took 577 us a step on one
+ * thread, 435-495 on two (SmolLM2 bf16, two cores, timed inside the native step). */
+#define PAR_MIN_ATTENTION (1 << 16)
 
 /* x: [T, D] (updated in place when r is not NULL); r: [T, D] or NULL; w: [D]; out: [T, D]. */
 int add_rms_norm_bf16(bf16 *x, const bf16 *r, const bf16 *w, bf16 *out, int64_t T, int64_t D,
@@ -215,10 +218,12 @@ static inline int64_t slot(const int64_t *table, int64_t bs, int64_t j) {
  * 0.64-0.93x with them in order (5.6-7 GB/s before, where the weights stream at ~11);
  * batch 1 unchanged within noise. A distance of 32 or 128 rows did a little worse, 256
  * nothing. Each pass's first rows are asked for before it starts (the value pass's while
- * the softmax runs). Below PREFETCH_MIN_BYTES of keys and values per call (a layer) the
- * caches hold much of it and asking only costs (fp32 at batch 1: 1.1-1.2x the time). */
+ * the softmax runs). At batch 1 too: a standalone loop over 30 layers' caches found them
+ * in the CPU caches and asking cost 1.1-1.2x (fp32), but in a decode step the layers'
+ * weights stream between one layer's attention and the next and nothing of the KV cache
+ * is left; timed inside the native step (SmolLM2 bf16, 256-token context, two cores),
+ * asking took the step's attention from 850 to 577 us. */
 #define PREFETCH_ROWS 64
-#define PREFETCH_MIN_BYTES (1 << 20)
 
 static inline void prefetch_row(const bf16 *row, int64_t n) {
     for (int64_t b = 0; b < n * (int64_t)sizeof(bf16); b += 64)
@@ -232,7 +237,7 @@ static inline void prefetch_row(const bf16 *row, int64_t n) {
  * GN x CN sums live in registers. */
 static inline __attribute__((always_inline)) void pv_bf16_fixed(
     const float *p, int64_t len, const bf16 *v, const int64_t *table, int64_t bs, int64_t D,
-    float *acc, int pf, const int GN, const int CN) {
+    float *acc, const int GN, const int CN) {
     __m512 a[4][4];
     for (int g = 0; g < GN; g++)
         for (int c = 0; c < CN; c++) a[g][c] = _mm512_setzero_ps();
@@ -242,7 +247,7 @@ static inline __attribute__((always_inline)) void pv_bf16_fixed(
             off = 0;
             blk++;
         }
-        if (pf && j + PREFETCH_ROWS < len) /* this tile's columns of that row */
+        if (j + PREFETCH_ROWS < len) /* this tile's columns of that row */
             prefetch_row(v + slot(table, bs, j + PREFETCH_ROWS) * D, CN * 16);
         __m512 vf[4];
         for (int c = 0; c < CN; c++)
@@ -258,9 +263,9 @@ static inline __attribute__((always_inline)) void pv_bf16_fixed(
 }
 
 static void pv_bf16_tile(const float *p, int64_t len, const bf16 *v, const int64_t *table,
-                         int64_t bs, int64_t D, float *acc, int pf, int64_t gn, int64_t cn) {
+                         int64_t bs, int64_t D, float *acc, int64_t gn, int64_t cn) {
 #define PV_CASE(GN, CN) \
-    case (GN) * 8 + (CN): pv_bf16_fixed(p, len, v, table, bs, D, acc, pf, GN, CN); break;
+    case (GN) * 8 + (CN): pv_bf16_fixed(p, len, v, table, bs, D, acc, GN, CN); break;
     switch (gn * 8 + cn) {
         PV_CASE(1, 1) PV_CASE(1, 2) PV_CASE(1, 3) PV_CASE(1, 4)
         PV_CASE(2, 1) PV_CASE(2, 2) PV_CASE(2, 3) PV_CASE(2, 4)
@@ -275,10 +280,10 @@ static void pv_bf16_tile(const float *p, int64_t len, const bf16 *v, const int64
  * acc: [G, D] fp32. Caches: [Hkv, N, bs, D] bf16. */
 static void one(const bf16 *q, const bf16 *kc, const bf16 *vc, const int64_t *table,
                 int64_t len, bf16 *out, float *scores, float *acc, int64_t G, int64_t D,
-                int64_t bs, int64_t N, int64_t kvh, float scale, int pf) {
+                int64_t bs, int64_t N, int64_t kvh, float scale) {
     const bf16 *kbase = kc + kvh * N * bs * D;
     const bf16 *vbase = vc + kvh * N * bs * D;
-    for (int64_t r = 0; pf && r < PREFETCH_ROWS && r < len; r++) /* the pass asks on from here */
+    for (int64_t r = 0; r < PREFETCH_ROWS && r < len; r++) /* the pass asks on from here */
         prefetch_row(kbase + slot(table, bs, r) * D, D);
     int64_t j = 0;
 #ifdef __AVX512BF16__
@@ -289,7 +294,7 @@ static void one(const bf16 *q, const bf16 *kc, const bf16 *vc, const int64_t *ta
                 for (int r = 0; r < 16; r++) k[r] = kbase + (slot(table, bs, j) + r) * D;
             else
                 for (int r = 0; r < 16; r++) k[r] = kbase + slot(table, bs, j + r) * D;
-            for (int64_t r = j + PREFETCH_ROWS; pf && r < j + PREFETCH_ROWS + 16 && r < len; r++)
+            for (int64_t r = j + PREFETCH_ROWS; r < j + PREFETCH_ROWS + 16 && r < len; r++)
                 prefetch_row(kbase + slot(table, bs, r) * D, D);
             for (int64_t g = 0; g < G; g++) {
                 __m512 acc[16];
@@ -307,7 +312,7 @@ static void one(const bf16 *q, const bf16 *kc, const bf16 *vc, const int64_t *ta
         const bf16 *k = kbase + slot(table, bs, j) * D;
         for (int64_t g = 0; g < G; g++) scores[g * len + j] = dot_bf16(q + g * D, k, D) * scale;
     }
-    for (int64_t r = 0; pf && r < PREFETCH_ROWS && r < len; r++)
+    for (int64_t r = 0; r < PREFETCH_ROWS && r < len; r++)
         prefetch_row(vbase + slot(table, bs, r) * D, D);
     for (int64_t g = 0; g < G; g++) softmax_inplace(scores + g * len, len);
     int64_t d0 = 0;
@@ -319,7 +324,7 @@ static void one(const bf16 *q, const bf16 *kc, const bf16 *vc, const int64_t *ta
         int64_t cn = (D - d0) / 16 < 4 ? (D - d0) / 16 : 4;
         for (int64_t g0 = 0; g0 < G; g0 += 4)
             pv_bf16_tile(scores + g0 * len, len, vbase + d0, table, bs, D,
-                         acc + g0 * D + d0, pf, G - g0 < 4 ? G - g0 : 4, cn);
+                         acc + g0 * D + d0, G - g0 < 4 ? G - g0 : 4, cn);
         d0 += cn * 16;
     }
 #endif
@@ -346,13 +351,13 @@ int paged_decode_attention_bf16(const bf16 *q, const bf16 *kc, const bf16 *vc,
                                 int64_t bs, int64_t N, int64_t W, int64_t max_len, float scale) {
     const int64_t G = H / Hkv;
     const int64_t per = G * (max_len + D);
-    const int pf = B * Hkv * max_len * D * 2 * (int64_t)sizeof(bf16) >= PREFETCH_MIN_BYTES;
-#pragma omp parallel for schedule(dynamic) if (B * H * max_len * D >= PAR_MIN_WORK)
+    const int par = B * Hkv > 1 && B * H * max_len * D >= PAR_MIN_ATTENTION;
+#pragma omp parallel for schedule(dynamic) if (par)
     for (int64_t i = 0; i < B * Hkv; i++) {
         int64_t b = i / Hkv, kvh = i % Hkv;
         float *s = scratch + i * per;
         one(q + (b * H + kvh * G) * D, kc, vc, tables + b * W, lens[b],
-            out + (b * H + kvh * G) * D, s, s + G * max_len, G, D, bs, N, kvh, scale, pf);
+            out + (b * H + kvh * G) * D, s, s + G * max_len, G, D, bs, N, kvh, scale);
     }
     return 0;
 }
