@@ -9,9 +9,11 @@ GGUF, fp32; ``--dtype bfloat16`` runs Baton, transformers and the matmul rooflin
 3. transformers on the same weights and prompts: one request at a time (a subset, its rate
    extrapolated) and static padded batches (``bench.hf_baseline``).
 4. Decode tok/s at batch 1, 16, 64 through the step API, as a share of the compute roofline;
-   the batch-1 step against the memory roofline (the read bandwidth measured again right
-   after those steps, the higher reading taken: it moves with the machine's load) and
-   against transformers' batch-1 step.
+   the batch-1 step against the memory roofline (the time to read the step's own weights
+   once, where they lie, in one native call right after those steps; the read bandwidth
+   of a 1 GiB sum, measured at the start and again there, is shown beside it: it moves
+   with the machine's load and with the allocation) and against transformers' batch-1
+   step.
 5. Unless ``--no-compare-paths``: the same decode steps, and prefill chunks, alternating
    step by step between each switch on and off, so the two are compared under the same
    load: the fused CPU path (``BATON_FUSED_OPS``, with the native decode step where it
@@ -161,6 +163,26 @@ def run_baton_decode(
     while engine.has_unfinished():
         engine.step()
     return DecodeResult(batch, steps, batch * steps / sum(times), statistics.median(times))
+
+
+def step_weights_read(engine: Any, dtype: torch.dtype,
+                      trials: int = 9) -> tuple[float, int] | None:
+    """The best time to read, once, every weight a batch-1 decode step streams (the
+    model's ``decode_weights``: the copies its kernels read, where they lie), in one
+    native call; and their bytes. None without the native kernels."""
+    from engine import native
+
+    lib = native.load()
+    if lib is None:
+        return None
+    weights = engine.runner.model.decode_weights(1, dtype)
+    native.read_buffers(lib, weights)
+    best = float("inf")
+    for _ in range(trials):
+        start = time.perf_counter()
+        native.read_buffers(lib, weights)
+        best = min(best, time.perf_counter() - start)
+    return best, sum(w.numel() * w.element_size() for w in weights)
 
 
 class PathSwitch:
@@ -401,6 +423,9 @@ def run(args: argparse.Namespace) -> Report:
                                               args.decode_steps))
         if batch == 1:  # the bandwidth of the moment, for the batch-1 step's roofline
             report.read_gbps_beside_batch1 = roofline.measure_read_gbps(args.read_bytes)
+            weights = step_weights_read(llm.engine, getattr(torch, args.dtype))
+            if weights is not None:
+                report.step_weights_read_s, report.step_weight_bytes = weights
     if not args.no_compare_paths:
         switches: list[Switch] = [PathSwitch(llm.engine), PackedSwitch(llm.engine),
                                   NativeStepSwitch(llm.engine)]

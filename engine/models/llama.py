@@ -152,6 +152,13 @@ class Linear(nn.Linear):
             return native.LINEAR_GEMV, self.weight
         return None
 
+    def decode_weight(self, rows: int, dtype: torch.dtype) -> torch.Tensor:
+        """The tensor a product of ``rows`` rows of ``dtype`` streams: the native route's
+        (``native_route``), else the weight itself (where torch reads a packed copy, that
+        copy holds the same weights)."""
+        route = self.native_route(rows, dtype)
+        return self.weight if route is None else route[1]
+
     def amx_packed(self, kernel: ctypes.CDLL) -> torch.Tensor | None:
         """The bf16 weight in AMX's tile layout (``native.amx_pack``), or None where no
         kernel takes it (not a bf16 CPU weight of [16k, 32j], or neither AMX nor AVX-512
@@ -432,6 +439,23 @@ class LlamaForCausalLM(nn.Module):
                     module._packed = module._amx = None  # free the packed copies
         self.routes_changed()
         return enabled
+
+    def decode_weights(self, rows: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        """The weights a decode step of ``rows`` tokens of ``dtype`` streams, each once:
+        every Linear's (``Linear.decode_weight``, the LM head's included) and every norm's;
+        not the embedding, of which a step gathers only its tokens' rows."""
+        tensors: dict[int, torch.Tensor] = {}
+        for module in self.modules():
+            if isinstance(module, Linear):
+                found = [module.decode_weight(rows, dtype), module.bias]
+            elif isinstance(module, RMSNorm):
+                found = [module.weight]
+            else:
+                continue
+            for t in found:
+                if t is not None:
+                    tensors.setdefault(t.data_ptr(), t.detach())
+        return list(tensors.values())
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, V] in the model's dtype: the sampler takes its argmax from bf16 as is and

@@ -156,6 +156,8 @@ def load() -> ctypes.CDLL | None:
     lib.vnni_max_rows.argtypes = []
     lib.vnni_linear_bf16.restype = ctypes.c_int
     lib.vnni_linear_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+    lib.read_buffers.restype = ctypes.c_uint64
+    lib.read_buffers.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64]
     lib.decode_layer_pointers.restype = ctypes.c_int
     lib.decode_layer_pointers.argtypes = []
     ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -317,6 +319,19 @@ def argmax_rows(lib: ctypes.CDLL, x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x.shape[0], dtype=torch.long)
     _kernel(lib, "argmax_rows", x.dtype)(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1])
     return out
+
+
+def read_buffers(lib: ctypes.CDLL, tensors: list[torch.Tensor]) -> int:
+    """Read every byte of ``tensors`` (contiguous, on CPU) once in one native call, split
+    among the OpenMP threads (csrc/memory_read.c); returns the XOR of their 8-byte words
+    (little-endian; a short tail zero-padded), which proves the read."""
+    for t in tensors:
+        if t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"read_buffers: expected contiguous CPU tensors, got one "
+                             f"{list(t.shape)} on {t.device}")
+    ptrs = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+    sizes = torch.tensor([t.numel() * t.element_size() for t in tensors], dtype=torch.int64)
+    return int(lib.read_buffers(ptrs.data_ptr(), sizes.data_ptr(), len(tensors)))
 
 
 def kv_write(

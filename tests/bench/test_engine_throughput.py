@@ -82,11 +82,31 @@ def test_memory_roofline_takes_the_higher_reading() -> None:
     r = _report(transformers=False)
     r.read_gbps_beside_batch1 = 25.0
     text = format_report(r)
-    assert "(400 MB of weights / 25.0 GB/s) | 16.0 | 1.56 | <= 1.2: missed |" in text
+    assert ("| memory roofline (400 MB of weights at the 1 GiB sum's 25.0 GB/s) | 16.0 | 1.56 "
+            "| <= 1.2: missed |") in text
     assert "best of 5; 25.0 right after the batch-1 steps)" in text
     assert r.to_json()["memory_roofline_step_s"] == pytest.approx(0.016)
     r.read_gbps_beside_batch1 = 15.0
     assert r.memory_roofline_step_s == pytest.approx(0.02)
+
+
+def test_memory_roofline_is_the_step_weights_read_where_measured() -> None:
+    # The step's own 380 MB read in 20 ms (19 GB/s): the 25 ms step is 1.25x that, missed;
+    # the 1 GiB sum's 25 GB/s (400 MB in 16 ms) stays beside it, unjudged.
+    r = _report(transformers=False)
+    r.read_gbps_beside_batch1 = 25.0
+    r.step_weights_read_s, r.step_weight_bytes = 0.020, 380_000_000
+    text = format_report(r)
+    assert ("| memory roofline: the step's 380 MB of weights read once where they lie "
+            "(19.0 GB/s) | 20.0 | 1.25 | <= 1.2: missed |") in text
+    assert ("| for reference: 400 MB of weights at the 1 GiB sum's 25.0 GB/s (another "
+            "allocation) | 16.0 | 1.56 | |") in text
+    data = r.to_json()
+    assert data["memory_roofline_step_s"] == pytest.approx(0.020)
+    assert data["bandwidth_step_s"] == pytest.approx(0.016)
+    assert data["step_weight_bytes"] == 380_000_000
+    r.step_weights_read_s = 0.022  # 25 / 22 = 1.14: met
+    assert "| 22.0 | 1.14 | <= 1.2: met |" in format_report(r)
 
 
 def test_report_without_transformers_and_its_json() -> None:
@@ -156,3 +176,18 @@ def test_native_step_switch_times_both_sides(tmp_path: object) -> None:
     assert model.decode_step is None
     switch.use(None)
     assert model.decode_step is start
+
+
+def test_step_weights_read_times_the_decode_weights(tmp_path: object) -> None:
+    from engine import LLM, native
+    from tests.engine.helpers import make_tiny_model_dir
+
+    if native.load() is None:
+        pytest.skip("no C compiler here: the native kernels are not built")
+    llm = LLM(str(make_tiny_model_dir(tmp_path, "llama")), num_kv_blocks=64)  # type: ignore[arg-type]
+    measured = et.step_weights_read(llm.engine, torch.float32, trials=2)
+    assert measured is not None
+    seconds, nbytes = measured
+    weights = llm.engine.runner.model.decode_weights(1, torch.float32)
+    assert nbytes == sum(w.numel() * 4 for w in weights) > 0
+    assert seconds > 0

@@ -121,3 +121,32 @@ def test_argmax_rows_takes_strided_rows_and_refuses_other_input(kernel: ctypes.C
     for bad in (torch.zeros(3, 0), torch.zeros(3, 4, dtype=torch.float16), torch.zeros(4)):
         with pytest.raises(ValueError, match="argmax_rows: expected"):
             native.argmax_rows(kernel, bad)
+
+
+def _xor_of_words(tensors: list[torch.Tensor]) -> int:
+    """What read_buffers returns, in Python: the XOR of each buffer's little-endian 8-byte
+    words, a short tail zero-padded."""
+    out = 0
+    for t in tensors:
+        data = t.view(torch.uint8).numpy().tobytes()
+        data += bytes(-len(data) % 8)
+        for i in range(0, len(data), 8):
+            out ^= int.from_bytes(data[i:i + 8], "little")
+    return out
+
+
+def test_read_buffers_reads_every_byte(kernel: ctypes.CDLL) -> None:
+    gen = torch.Generator().manual_seed(0)
+    sizes = (1, 7, 8, 13, 64, 1000, 4099)
+    tensors = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen) for n in sizes]
+    tensors.append(torch.randn(33, 5, generator=gen).to(torch.bfloat16))
+    expected = _xor_of_words(tensors)
+    assert expected != 0
+    assert native.read_buffers(kernel, tensors) == expected
+    for t, at in ((tensors[0], 0), (tensors[3], 12), (tensors[6], 4098)):  # a tail byte too
+        t[at] ^= 0x10
+        assert native.read_buffers(kernel, tensors) == _xor_of_words(tensors) != expected
+        t[at] ^= 0x10
+    assert native.read_buffers(kernel, []) == 0
+    with pytest.raises(ValueError, match="read_buffers: expected contiguous CPU tensors"):
+        native.read_buffers(kernel, [torch.zeros(4, 4).t()])

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams, native
-from engine.models.llama import DecoderLayer, LlamaForCausalLM
+from engine.models.llama import DecoderLayer, Linear, LlamaForCausalLM, RMSNorm
 from engine.models.native_step import NativeDecodeStep
 from tests.engine.helpers import llama_model, make_tiny_model_dir, skip_without_native_kernels
 
@@ -210,6 +210,40 @@ def test_a_slot_outside_the_cache_writes_nothing(
         del step.run
     assert checked == [True]
     assert [o.token_ids for o in out] == _generate(llm, prompts, native_step=True)[0]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_weights_are_the_tensors_a_decode_step_reads(
+    dtype: str, tmp_path_factory: pytest.TempPathFactory, make_llm: Callable[..., LLM],
+) -> None:
+    # The engine benchmark's memory roofline reads these: every weight of the step once,
+    # the copies its kernels stream (the native step's table points at them), not the
+    # embedding (a tied LM head is counted once).
+    llm = _tiny(tmp_path_factory, make_llm, "llama", dtype)
+    model = llama_model(llm)
+    step = model.decode_step
+    assert step is not None
+    _generate(llm, [[4, 5, 6, 7]], native_step=True)
+    tables = [entry.table for _, entry in step._tables.values() if entry is not None]
+    assert len(tables) == 1
+    weights = model.decode_weights(1, getattr(torch, dtype))
+    ptrs = [w.data_ptr() for w in weights]
+    assert len(set(ptrs)) == len(ptrs)
+    names = native.DECODE_LAYER_POINTERS
+    read = {name: tables[0][:, names.index(name)].tolist()
+            for name in ("input_norm", "post_attention_norm", "qkv", "o_proj", "gate_up", "down")}
+    assert all(p in ptrs for column in read.values() for p in column)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
+    size = torch.finfo(getattr(torch, dtype)).bits // 8
+    assert sum(w.numel() * w.element_size() for w in weights) == size * (
+        sum(lin.weight.numel() for lin in linears) + sum(n.weight.numel() for n in norms))
+    for lin in linears:  # a tile-layout copy where the kernel takes the weight's shape
+        tiles = (dtype == "bfloat16" and native.tile_linear_max_rows() > 0
+                 and native.amx_packable(lin.weight))
+        copy = lin.decode_weight(1, getattr(torch, dtype))
+        assert copy.data_ptr() in ptrs
+        assert (copy.data_ptr() != lin.weight.data_ptr()) == tiles
 
 
 def test_native_step_switch(
