@@ -5,7 +5,7 @@ Subcommands:
   baton plan ...            the placement planner: layouts and instance counts per SLO
   baton profile             this engine's latencies here, as a profile for `baton plan`
   baton generate "PROMPT"   a completion from a running server (--offline: in-process)
-  baton bench engine|serve|kv-transfer|peers|peers-sim ...   the README's benchmarks (bench/)
+  baton bench engine|serve|kv-transfer|peers|peers-sim|chunk-replay ...   the README's benchmarks
   baton status|cordon|uncordon|drain|scale|requests|abort|apply   operate a running
                             cluster through its admin API (cluster/admin_cli.py)
 
@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         "chaos: bench/chaos.py (faults while requests stream; full size, not in CI); "
         "peers: bench/peers.py (against vLLM's CPU build, side by side; not in CI); "
         "peers-sim: bench/peers_sim.py (the planner's simulation of a peers run beside it); "
+        "chunk-replay: bench/chunk_replay.py (one engine fed Poisson arrivals offline, per "
+        "chunk, against the profile); "
         "multihost: bench/multihost.py (1P+1D on two namespace hosts against one; root)",
     )
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options passed to the benchmark")
@@ -525,6 +527,7 @@ _BENCHES = {
     "chaos": "bench.chaos",
     "peers": "bench.peers",
     "peers-sim": "bench.peers_sim",
+    "chunk-replay": "bench.chunk_replay",
     "multihost": "bench.multihost",
 }
 
