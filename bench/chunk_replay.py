@@ -110,8 +110,10 @@ def replay(llm: Any, prompts: list[list[int]], times: list[float], output_len: i
     execute = runner.execute
 
     def timed(plan: Any, sampling: Any) -> Any:
-        decode = [c for c in plan.chunks if c.num_tokens == 1 and c.start_pos > 0]
-        prefill = [c for c in plan.chunks if not (c.num_tokens == 1 and c.start_pos > 0)]
+        decode: list[Any] = []
+        prefill: list[Any] = []
+        for c in plan.chunks:  # a decode chunk: one token after some context
+            (decode if c.num_tokens == 1 and c.start_pos > 0 else prefill).append(c)
         start = time.perf_counter()
         out = execute(plan, sampling)
         steps.append(Step(sum(c.num_tokens for c in prefill),
@@ -206,7 +208,7 @@ def _ordinary(tokenizer: Any, token: int) -> bool:
     return not tokenizer.is_special(token)
 
 
-def run(args: argparse.Namespace) -> list[Replay]:
+def run(args: argparse.Namespace, budgets: list[int]) -> list[Replay]:
     from bench.engine_throughput import make_prompts, resolve_model_path
     from engine import LLM, SamplingParams
 
@@ -223,7 +225,7 @@ def run(args: argparse.Namespace) -> list[Replay]:
     times = arrivals(args.rate, args.seconds, args.seed)
     path = resolve_model_path(args.model)
     results = []
-    for budget in _budgets(args.budgets):
+    for budget in budgets:
         llm = LLM(model=path, dtype=args.dtype, max_num_batched_tokens=budget)
         prompts = make_prompts(len(times), args.input_len, args.input_len,
                                llm.tokenizer.vocab_size, args.seed,
@@ -247,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        _budgets(args.budgets)
+        budgets = _budgets(args.budgets)
     except ValueError as e:
         parser.error(str(e))
     for name in ("rate", "seconds", "slo_ttft_ms", "slo_tpot_ms"):
@@ -259,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.profile is not None and not args.profile.is_file():
         parser.error(f"--profile: no such file: {args.profile}")
     try:
-        results = run(args)
+        results = run(args, budgets)
     except ValueError as e:
         print(f"chunk-replay: {e}", file=sys.stderr)
         return 2

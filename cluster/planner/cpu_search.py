@@ -154,10 +154,11 @@ def colocated_chunks(prompt: float) -> list[int]:
     ``CHUNKS`` longer than the prompt, or the longest. A smaller chunk splits most prompts
     over several steps, each piece paying a step's fixed cost and running its GEMMs at
     fewer rows, and the profile (whole prompts) prices those steps low. Measured offline
-    (one bf16 engine of two threads, 256-token prompts, 64 out, Poisson 3 req/s, 176
-    requests): within TTFT 1.5 s and TPOT 150 ms 23% at chunk 128, 61% at 256, 98% at 512,
-    95% at 2048, where the simulator said 99%, 92%, 92% and 92%; at 128 and 256 the steps
-    took 5-9% longer than the profile priced them, and the engine saturated."""
+    with ``baton bench chunk-replay`` (one bf16 engine of two threads, 256-token prompts,
+    64 out; the README has the runs): chunk 128 was the busiest in every run, 2-10% over
+    chunk 2048 for the same requests; within TTFT 1.5 s and TPOT 150 ms it held 23% at 3
+    req/s on one arrival sequence (2048: 95%) and 88% at 3.3 on another (2048: 99%), where
+    the simulator ranked chunk 128 first each time."""
     longer = [c for c in CHUNKS if c > prompt]
     return longer or [CHUNKS[-1]]
 
