@@ -425,13 +425,18 @@ def test_linear_decides_amx_once_per_weight(amx: ctypes.CDLL) -> None:
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"),
                          [(9, 3, 64), (8, 8, 64), (12, 2, 64), (10, 2, 80), (8, 1, 128),
                           (4, 4, 48)])
+@pytest.mark.parametrize("bs", [16, 8, 5])
 def test_paged_decode_bf16_head_layouts(
-    kernel: ctypes.CDLL, heads: int, kv_heads: int, head_dim: int
+    kernel: ctypes.CDLL, heads: int, kv_heads: int, head_dim: int, bs: int
 ) -> None:
-    """Every group size (1 to 8 query heads per kv head, in tiles of four) and head size
-    (whole and partial tiles of 64 value elements) against a dense fp32 reference."""
-    gen = torch.Generator().manual_seed(heads * head_dim)
-    bs, blocks, lengths = 16, 32, [1, 15, 16, 33, 70]
+    """Every group size (1 to 8 query heads per kv head: keys in groups of three heads,
+    values in tiles of four) and head size (whole and partial tiles of 64 value elements),
+    with blocks that hold whole groups of eight keys (16), one group (8) and odd runs whose
+    pairs of keys straddle two blocks (5), odd and even context lengths, against a dense
+    fp32 reference."""
+    gen = torch.Generator().manual_seed(heads * head_dim + bs)
+    lengths = [1, 15, 16, 33, 70]
+    blocks = len(lengths) * ((max(lengths) + bs - 1) // bs) + 3
     kc = torch.randn(kv_heads, blocks, bs, head_dim, generator=gen).to(BF16)
     vc = torch.randn(kv_heads, blocks, bs, head_dim, generator=gen).to(BF16)
     width = max((n + bs - 1) // bs for n in lengths)

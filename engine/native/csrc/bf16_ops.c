@@ -13,7 +13,9 @@
  * - silu_mul_bf16: out = bf16(bf16(silu(gate)) * up) (sixteen at a time with vexpf16, and
  *   denormal results flushed to zero by AVX-512 BF16's conversion).
  * - paged_decode_attention_bf16: one query per request against its paged bf16 keys and
- *   values, scores, softmax and the weighted sum in fp32, the output rounded once.
+ *   values, scores and softmax in fp32; the probabilities rounded to bf16 (as torch's
+ *   bf16 attention multiplies the values by) where the CPU has AVX-512 BF16, the weighted
+ *   sum in fp32, the output rounded once.
  * - small_linear_bf16: y = x W^T (+ b) for a few rows, the products exact in fp32 and
  *   summed in fp32 (AVX-512 BF16's dot-product instruction where the CPU has it), the
  *   output rounded once. oneDNN runs such a GEMV at about half the machine's bandwidth.
@@ -182,27 +184,6 @@ static inline void add_scaled_bf16(float *o, float p, const bf16 *v, int64_t n) 
     for (; i < n; i++) o[i] += p * f32(v[i]);
 }
 
-#ifdef __AVX512F__
-/* Lane r of the result: the sum of a[r]'s sixteen lanes (a transpose-and-add tree: three
- * shuffles and about one add per sum instead of a full reduction each). */
-static inline __m512 sum16(const __m512 a[16]) {
-    __m512 b[8], c[4], d[2];
-    for (int i = 0; i < 8; i++)
-        b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
-                             _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
-    for (int i = 0; i < 4; i++) {
-        __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
-        c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
-                             _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-    }
-    for (int i = 0; i < 2; i++)
-        d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88),
-                             _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xDD));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], 0x88),
-                         _mm512_shuffle_f32x4(d[0], d[1], 0xDD));
-}
-#endif
-
 /* The cache slot of a request's token j: its block from the table, its offset in it
  * (32-bit division: a 64-bit one costs tens of cycles, once per key it dominated). */
 static inline int64_t slot(const int64_t *table, int64_t bs, int64_t j) {
@@ -276,6 +257,182 @@ static void pv_bf16_tile(const float *p, int64_t len, const bf16 *v, const int64
 }
 #endif
 
+#ifdef __AVX512BF16__
+/* softmax(s) over n scores, rounded to bf16 into out (which may alias s: it is written
+ * behind where s is read), then a zero where n is odd, so out holds whole pairs. The
+ * probabilities rounded to bf16 before the weighted sum are what torch's bf16 attention
+ * (eager: softmax in fp32, then .to(bf16); SDPA on CPU likewise) multiplies the values by. */
+static void softmax_to_bf16(float *s, int64_t n, bf16 *out) {
+    const float m = max_of(s, n);
+    __m512 sums = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        const __m512 e = vexpf16(_mm512_sub_ps(_mm512_loadu_ps(s + j), _mm512_set1_ps(m)));
+        _mm512_storeu_ps(s + j, e);
+        sums = _mm512_add_ps(sums, e);
+    }
+    float sum = _mm512_reduce_add_ps(sums);
+    for (; j < n; j++) {
+        s[j] = vexpf(s[j] - m);
+        sum += s[j];
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / sum);
+    for (j = 0; j + 16 <= n; j += 16) {
+        const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + j), inv);
+        _mm256_storeu_si256((__m256i *)(out + j), to_bf16_ftz_x16(x));
+    }
+    for (; j < n; j++) out[j] = to_bf16(s[j] * (1.f / sum));
+    if (n % 2) out[n] = 0;
+}
+
+/* The sixteen value elements at v[0..16) of two keys' rows a and b (b NULL: zeros),
+ * interleaved a0 b0 a1 b1 ..: vdpbf16ps's pairs, in the elements' order. */
+static inline __m512bh pair16(const bf16 *a, const bf16 *b) {
+    const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)a));
+    if (!b) return (__m512bh)lo;
+    const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)b));
+    return (__m512bh)_mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+}
+
+/* acc[g][0 .. 32 C32 + 16 H16) = sum over keys j of p[g][j] * v_j[..], for GN heads of
+ * bf16 probabilities p ([GN, stride], whole pairs: softmax_to_bf16), C32 chunks of 32 and
+ * H16 of 16 value elements (the tile's first element in each cached value row; acc rows D
+ * apart), two keys at a time, each head's pair of probabilities against the two rows with
+ * one vdpbf16ps. A 32-element chunk's pairs come from one unpack each of the low and high
+ * halves of the rows' 128-bit quarters (elements 8q..8q+3 and 8q+4..8q+7 of quarter q),
+ * put back in order on the store; a 16-element one from pair16. (The fp32 pass it
+ * replaced converted each row to fp32 and took one multiply-add per key and head.) */
+static inline __attribute__((always_inline)) void pv_pairs_fixed(
+    const bf16 *p, int64_t stride, int64_t len, const bf16 *v, const int64_t *table,
+    int64_t bs, int64_t D, float *acc, const int GN, const int C32, const int H16) {
+    const int NA = 2 * C32 + H16;
+    __m512 a[4][4];
+    for (int g = 0; g < GN; g++)
+        for (int c = 0; c < NA; c++) a[g][c] = _mm512_setzero_ps();
+    const int cols = 32 * C32 + 16 * H16;
+    for (int64_t j = 0; j < len; j += 2) {
+        const bf16 *r0 = v + slot(table, bs, j) * D;
+        const bf16 *r1 = j + 1 == len ? NULL
+                         : bs % 2 == 0 ? r0 + D /* j is even: a pair shares its block */
+                                       : v + slot(table, bs, j + 1) * D;
+        if (j + PREFETCH_ROWS + 1 < len) { /* this tile's columns of those rows */
+            prefetch_row(v + slot(table, bs, j + PREFETCH_ROWS) * D, cols);
+            prefetch_row(v + slot(table, bs, j + PREFETCH_ROWS + 1) * D, cols);
+        }
+        __m512bh vp[4];
+        for (int c = 0; c < C32; c++) {
+            const __m512i x = _mm512_loadu_si512(r0 + 32 * c);
+            const __m512i y = r1 ? _mm512_loadu_si512(r1 + 32 * c) : _mm512_setzero_si512();
+            vp[2 * c] = (__m512bh)_mm512_unpacklo_epi16(x, y);
+            vp[2 * c + 1] = (__m512bh)_mm512_unpackhi_epi16(x, y);
+        }
+        if (H16) vp[2 * C32] = pair16(r0 + 32 * C32, r1 ? r1 + 32 * C32 : NULL);
+        for (int g = 0; g < GN; g++) {
+            uint32_t pp;
+            memcpy(&pp, p + g * stride + j, sizeof pp);
+            const __m512bh pg = (__m512bh)_mm512_set1_epi32((int)pp);
+            for (int c = 0; c < NA; c++) a[g][c] = _mm512_dpbf16_ps(a[g][c], pg, vp[c]);
+        }
+    }
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21,
+                                            22, 23);
+    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28,
+                                             29, 30, 31);
+    for (int g = 0; g < GN; g++) {
+        float *o = acc + g * D;
+        for (int c = 0; c < C32; c++) {
+            _mm512_storeu_ps(o + 32 * c, _mm512_permutex2var_ps(a[g][2 * c], first, a[g][2 * c + 1]));
+            _mm512_storeu_ps(o + 32 * c + 16,
+                             _mm512_permutex2var_ps(a[g][2 * c], second, a[g][2 * c + 1]));
+        }
+        if (H16) _mm512_storeu_ps(o + 32 * C32, a[g][2 * C32]);
+    }
+}
+
+/* pv_pairs_fixed over `cols` (16, 32, 48 or 64) value elements. */
+static void pv_pairs_tile(const bf16 *p, int64_t stride, int64_t len, const bf16 *v,
+                          const int64_t *table, int64_t bs, int64_t D, float *acc, int64_t gn,
+                          int64_t cols) {
+#define PV_CASE(GN, C32, H16) \
+    case (GN) * 8 + 2 * (C32) + (H16): \
+        pv_pairs_fixed(p, stride, len, v, table, bs, D, acc, GN, C32, H16); \
+        break;
+#define PV_HEADS(GN) PV_CASE(GN, 0, 1) PV_CASE(GN, 1, 0) PV_CASE(GN, 1, 1) PV_CASE(GN, 2, 0)
+    switch (gn * 8 + cols / 16) {
+        PV_HEADS(1) PV_HEADS(2) PV_HEADS(3) PV_HEADS(4)
+    }
+#undef PV_HEADS
+#undef PV_CASE
+}
+#endif
+
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+/* Lane r of the result: the sum of a[r]'s eight lanes (a transpose-and-add tree: two
+ * unpacks and a permute, about one add per sum; the 512-bit tree of sixteen sums it
+ * replaced did twice the lane operations per sum). */
+static inline __m256 sum8(const __m256 a[8]) {
+    __m256 b[4], c[2];
+    for (int i = 0; i < 4; i++)
+        b[i] = _mm256_add_ps(_mm256_unpacklo_ps(a[2 * i], a[2 * i + 1]),
+                             _mm256_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 2; i++) {
+        __m256d x = _mm256_castps_pd(b[2 * i]), y = _mm256_castps_pd(b[2 * i + 1]);
+        c[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(x, y)),
+                             _mm256_castpd_ps(_mm256_unpackhi_pd(x, y)));
+    }
+    return _mm256_add_ps(_mm256_permute2f128_ps(c[0], c[1], 0x20),
+                         _mm256_permute2f128_ps(c[0], c[1], 0x31));
+}
+
+/* scores[g][0..8) = scale * (q_g . k_r) for GN query heads (rows D apart, scores rows
+ * `len` apart) and eight keys k: each key's sixteen-element chunk loaded once for the GN
+ * heads, 8 x GN sums of eight lanes in registers (GN <= 3: 24 of the 32), reduced by
+ * sum8. Inlined with GN constant. */
+static inline __attribute__((always_inline)) void qk8_fixed(
+    const bf16 *q, const bf16 *const k[8], int64_t D, float *scores, int64_t len,
+    float scale, const int GN) {
+    __m256 acc[3][8];
+    for (int g = 0; g < GN; g++)
+        for (int r = 0; r < 8; r++) acc[g][r] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) {
+        __m256bh qv[3];
+        for (int g = 0; g < GN; g++) qv[g] = (__m256bh)_mm256_loadu_si256((const __m256i *)(q + g * D + d));
+        for (int r = 0; r < 8; r++) {
+            const __m256bh kv = (__m256bh)_mm256_loadu_si256((const __m256i *)(k[r] + d));
+            for (int g = 0; g < GN; g++) acc[g][r] = _mm256_dpbf16_ps(acc[g][r], qv[g], kv);
+        }
+    }
+    for (int g = 0; g < GN; g++)
+        _mm256_storeu_ps(scores + g * len, _mm256_mul_ps(sum8(acc[g]), _mm256_set1_ps(scale)));
+}
+
+/* The key pass eight keys at a time, in groups of up to three heads; returns the keys done
+ * (len rounded down to eight). D a multiple of 16. */
+static int64_t qk_keys(const bf16 *q, const bf16 *kbase, const int64_t *table, int64_t len,
+                       float *scores, int64_t G, int64_t D, int64_t bs, float scale) {
+    int64_t j = 0;
+    for (; j + 8 <= len; j += 8) {
+        const bf16 *k[8];
+        if (bs % 8 == 0) /* the eight share a block */
+            for (int r = 0; r < 8; r++) k[r] = kbase + (slot(table, bs, j) + r) * D;
+        else
+            for (int r = 0; r < 8; r++) k[r] = kbase + slot(table, bs, j + r) * D;
+        for (int64_t r = j + PREFETCH_ROWS; r < j + PREFETCH_ROWS + 8 && r < len; r++)
+            prefetch_row(kbase + slot(table, bs, r) * D, D);
+        for (int64_t g = 0; g < G; g += 3) {
+            const bf16 *qg = q + g * D;
+            float *sg = scores + g * len + j;
+            switch (G - g < 3 ? G - g : 3) {
+            case 1: qk8_fixed(qg, k, D, sg, len, scale, 1); break;
+            case 2: qk8_fixed(qg, k, D, sg, len, scale, 2); break;
+            default: qk8_fixed(qg, k, D, sg, len, scale, 3); break;
+            }
+        }
+    }
+    return j;
+}
+#endif
+
 /* One (request, kv head): G query heads of D against len keys; scores: [G, len] fp32;
  * acc: [G, D] fp32. Caches: [Hkv, N, bs, D] bf16. */
 static void one(const bf16 *q, const bf16 *kc, const bf16 *vc, const int64_t *table,
@@ -286,27 +443,8 @@ static void one(const bf16 *q, const bf16 *kc, const bf16 *vc, const int64_t *ta
     for (int64_t r = 0; r < PREFETCH_ROWS && r < len; r++) /* the pass asks on from here */
         prefetch_row(kbase + slot(table, bs, r) * D, D);
     int64_t j = 0;
-#ifdef __AVX512BF16__
-    if (D % 32 == 0) /* sixteen keys at a time, their sums reduced together */
-        for (; j + 16 <= len; j += 16) {
-            const bf16 *k[16];
-            if (bs % 16 == 0) /* the sixteen share a block */
-                for (int r = 0; r < 16; r++) k[r] = kbase + (slot(table, bs, j) + r) * D;
-            else
-                for (int r = 0; r < 16; r++) k[r] = kbase + slot(table, bs, j + r) * D;
-            for (int64_t r = j + PREFETCH_ROWS; r < j + PREFETCH_ROWS + 16 && r < len; r++)
-                prefetch_row(kbase + slot(table, bs, r) * D, D);
-            for (int64_t g = 0; g < G; g++) {
-                __m512 acc[16];
-                for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
-                for (int64_t d = 0; d < D; d += 32) {
-                    __m512bh qv = (__m512bh)_mm512_loadu_si512(q + g * D + d);
-                    for (int r = 0; r < 16; r++)
-                        acc[r] = _mm512_dpbf16_ps(acc[r], qv, (__m512bh)_mm512_loadu_si512(k[r] + d));
-                }
-                _mm512_storeu_ps(scores + g * len + j, _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));
-            }
-        }
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+    if (D % 16 == 0) j = qk_keys(q, kbase, table, len, scores, G, D, bs, scale);
 #endif
     for (; j < len; j++) {
         const bf16 *k = kbase + slot(table, bs, j) * D;
@@ -314,6 +452,23 @@ static void one(const bf16 *q, const bf16 *kc, const bf16 *vc, const int64_t *ta
     }
     for (int64_t r = 0; r < PREFETCH_ROWS && r < len; r++)
         prefetch_row(vbase + slot(table, bs, r) * D, D);
+#ifdef __AVX512BF16__
+    if (D % 16 == 0) { /* bf16 probabilities, two keys a vdpbf16ps */
+        const int64_t stride = len + len % 2;
+        /* Head g's probabilities at bf16 element g * stride, byte 2g(len + 1) at most: never
+         * past its own scores (byte 4g len, for len >= 1), so rounding them in place is safe. */
+        bf16 *p = (bf16 *)scores;
+        for (int64_t g = 0; g < G; g++) softmax_to_bf16(scores + g * len, len, p + g * stride);
+        for (int64_t d0 = 0; d0 < D; d0 += 64) {
+            const int64_t cols = D - d0 < 64 ? D - d0 : 64;
+            for (int64_t g0 = 0; g0 < G; g0 += 4)
+                pv_pairs_tile(p + g0 * stride, stride, len, vbase + d0, table, bs, D,
+                              acc + g0 * D + d0, G - g0 < 4 ? G - g0 : 4, cols);
+        }
+        for (int64_t i = 0; i < G * D; i++) out[i] = to_bf16(acc[i]);
+        return;
+    }
+#endif
     for (int64_t g = 0; g < G; g++) softmax_inplace(scores + g * len, len);
     int64_t d0 = 0;
 #ifdef __AVX512F__
