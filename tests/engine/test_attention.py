@@ -96,3 +96,46 @@ def test_native_kernel_down_to_batch_1_equals_dense(lengths: list[int], new: lis
     out, ref, meta = run_step(backend, lengths, new)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert meta.native_tables is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"),
+                         [(9, 3, 64), (8, 8, 64), (12, 2, 64), (10, 2, 80), (8, 1, 128),
+                          (4, 4, 48), (4, 2, 20)])
+@pytest.mark.parametrize("bs", [16, 8, 5])
+def test_native_decode_head_layouts(
+    dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, bs: int
+) -> None:
+    """The fp32 and bf16 decode kernels over every group size (1 to 8 query heads per kv
+    head: keys in groups of three heads, values in tiles of four) and head size (whole and
+    partial tiles of 64 value elements, and 20: no whole vector of keys), with blocks that
+    hold whole groups of eight keys (16), one group (8) and odd runs whose pairs of keys
+    straddle two blocks (5), odd and even context lengths, against dense fp32 attention
+    over the same (rounded) values."""
+    kernel = native.load()
+    if kernel is None or not native.supports(dtype):
+        pytest.skip("the native decode kernel is not built for this dtype here")
+    gen = torch.Generator().manual_seed(heads * head_dim + bs)
+    lengths = [1, 15, 16, 33, 70]
+    blocks = len(lengths) * ((max(lengths) + bs - 1) // bs) + 3
+    kc = torch.randn(kv_heads, blocks, bs, head_dim, generator=gen).to(dtype)
+    vc = torch.randn(kv_heads, blocks, bs, head_dim, generator=gen).to(dtype)
+    width = max((n + bs - 1) // bs for n in lengths)
+    order = torch.randperm(blocks, generator=gen)
+    tables = order[: len(lengths) * width].view(len(lengths), width).contiguous()
+    q = torch.randn(len(lengths), heads, head_dim, generator=gen).to(dtype)
+    lens = torch.tensor(lengths)
+    scratch = torch.empty(native.scratch_size(len(lengths), heads, kv_heads, head_dim,
+                                              max(lengths), dtype))
+    out = native.paged_decode(kernel, q, kc, vc, tables, lens, scratch, max(lengths), 0.125)
+    group = heads // kv_heads
+    # bf16: the kernel rounds the probabilities and the output to bf16.
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for b, n in enumerate(lengths):
+        slots = [int(tables[b, j // bs]) * bs + j % bs for j in range(n)]
+        k = kc.view(kv_heads, -1, head_dim)[:, slots].float()  # [Hkv, n, D]
+        v = vc.view(kv_heads, -1, head_dim)[:, slots].float()
+        qb = q[b].float().view(kv_heads, group, head_dim)
+        probs = torch.softmax(qb @ k.transpose(1, 2) * 0.125, dim=-1)
+        ref = (probs @ v).reshape(heads, head_dim)
+        torch.testing.assert_close(out[b].float(), ref, rtol=tol, atol=tol)

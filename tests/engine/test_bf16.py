@@ -420,39 +420,3 @@ def test_linear_decides_amx_once_per_weight(amx: ctypes.CDLL) -> None:
                                    F.linear(x.float(), layer.weight.float(), layer.bias.float()),
                                    rtol=8e-3, atol=0.05)  # fmt: skip
     assert layer._amx is not None and layer._amx[1] is not None
-
-
-@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"),
-                         [(9, 3, 64), (8, 8, 64), (12, 2, 64), (10, 2, 80), (8, 1, 128),
-                          (4, 4, 48)])
-@pytest.mark.parametrize("bs", [16, 8, 5])
-def test_paged_decode_bf16_head_layouts(
-    kernel: ctypes.CDLL, heads: int, kv_heads: int, head_dim: int, bs: int
-) -> None:
-    """Every group size (1 to 8 query heads per kv head: keys in groups of three heads,
-    values in tiles of four) and head size (whole and partial tiles of 64 value elements),
-    with blocks that hold whole groups of eight keys (16), one group (8) and odd runs whose
-    pairs of keys straddle two blocks (5), odd and even context lengths, against a dense
-    fp32 reference."""
-    gen = torch.Generator().manual_seed(heads * head_dim + bs)
-    lengths = [1, 15, 16, 33, 70]
-    blocks = len(lengths) * ((max(lengths) + bs - 1) // bs) + 3
-    kc = torch.randn(kv_heads, blocks, bs, head_dim, generator=gen).to(BF16)
-    vc = torch.randn(kv_heads, blocks, bs, head_dim, generator=gen).to(BF16)
-    width = max((n + bs - 1) // bs for n in lengths)
-    order = torch.randperm(blocks, generator=gen)
-    tables = order[: len(lengths) * width].view(len(lengths), width).contiguous()
-    q = torch.randn(len(lengths), heads, head_dim, generator=gen).to(BF16)
-    lens = torch.tensor(lengths)
-    scratch = torch.empty(native.scratch_size(len(lengths), heads, kv_heads, head_dim,
-                                              max(lengths), BF16))
-    out = native.paged_decode(kernel, q, kc, vc, tables, lens, scratch, max(lengths), 0.125)
-    group = heads // kv_heads
-    for b, n in enumerate(lengths):
-        slots = [int(tables[b, j // bs]) * bs + j % bs for j in range(n)]
-        k = kc.view(kv_heads, -1, head_dim)[:, slots].float()  # [Hkv, n, D]
-        v = vc.view(kv_heads, -1, head_dim)[:, slots].float()
-        qb = q[b].float().view(kv_heads, group, head_dim)
-        probs = torch.softmax(qb @ k.transpose(1, 2) * 0.125, dim=-1)
-        ref = (probs @ v).reshape(heads, head_dim)
-        torch.testing.assert_close(out[b].float(), ref, rtol=1e-2, atol=1e-2)

@@ -25,6 +25,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "decode_attention.h"
 #include "vec_math.h"
 
 #ifdef __AVX512F__
@@ -34,10 +35,6 @@
 #pragma GCC optimize("fp-contract=off")
 
 #define PAR_MIN_ELEMS 32768
-/* Decode attention's work (heads x context x head size) worth waking the other threads
- * for: at batch 1 its three kv heads of 256 tokens (147 K) took 577 us a step on one
- * thread, 435-495 on two (SmolLM2 bf16, two cores, timed inside the native step). */
-#define PAR_MIN_ATTENTION (1 << 16)
 
 /* x: [T, D] (updated in place when r is not NULL); r: [T, D] or NULL; w: [D]; out: [T, D]. */
 int add_rms_norm_bf16(bf16 *x, const bf16 *r, const bf16 *w, bf16 *out, int64_t T, int64_t D,
@@ -184,77 +181,11 @@ static inline void add_scaled_bf16(float *o, float p, const bf16 *v, int64_t n) 
     for (; i < n; i++) o[i] += p * f32(v[i]);
 }
 
-/* The cache slot of a request's token j: its block from the table, its offset in it
- * (32-bit division: a 64-bit one costs tens of cycles, once per key it dominated). */
-static inline int64_t slot(const int64_t *table, int64_t bs, int64_t j) {
-    uint32_t u = (uint32_t)j, b = (uint32_t)bs;
-    return table[u / b] * bs + u % b;
-}
-
-/* Decode attention streams the KV cache from memory (a batch's contexts times the layers
- * are far past the caches) in block-sized runs of rows that the hardware prefetcher does
- * not follow from one block to the next: each pass asks for the row PREFETCH_ROWS ahead
- * (into L2) while it computes on the current ones. Measured on one core, 30 layers'
- * caches, 288-token contexts: 0.61-0.74x the time at batch 8-64 with blocks scattered,
- * 0.64-0.93x with them in order (5.6-7 GB/s before, where the weights stream at ~11);
- * batch 1 unchanged within noise. A distance of 32 or 128 rows did a little worse, 256
- * nothing. Each pass's first rows are asked for before it starts (the value pass's while
- * the softmax runs). At batch 1 too: a standalone loop over 30 layers' caches found them
- * in the CPU caches and asking cost 1.1-1.2x (fp32), but in a decode step the layers'
- * weights stream between one layer's attention and the next and nothing of the KV cache
- * is left; timed inside the native step (SmolLM2 bf16, 256-token context, two cores),
- * asking took the step's attention from 850 to 577 us. */
-#define PREFETCH_ROWS 64
-
-static inline void prefetch_row(const bf16 *row, int64_t n) {
-    for (int64_t b = 0; b < n * (int64_t)sizeof(bf16); b += 64)
-        __builtin_prefetch((const char *)row + b, 0, 2);
-}
+/* Ask for n elements of a cache row. */
+static inline void prefetch_row(const bf16 *row, int64_t n) { prefetch_bytes(row, n * 2); }
 
 #ifdef __AVX512F__
-/* acc[g][c * 16 ..] = sum over keys j of p[g][j] * v_j[c * 16 ..], for GN heads (scores p
- * [GN, len]) and CN chunks of sixteen value elements from v (the tile's first element in
- * each cached value row); acc rows are D apart. Inlined with GN and CN constant, so the
- * GN x CN sums live in registers. */
-static inline __attribute__((always_inline)) void pv_bf16_fixed(
-    const float *p, int64_t len, const bf16 *v, const int64_t *table, int64_t bs, int64_t D,
-    float *acc, const int GN, const int CN) {
-    __m512 a[4][4];
-    for (int g = 0; g < GN; g++)
-        for (int c = 0; c < CN; c++) a[g][c] = _mm512_setzero_ps();
-    for (int64_t j = 0, blk = 0, off = 0; j < len; j++) {
-        const bf16 *row = v + (table[blk] * bs + off) * D;
-        if (++off == bs) {
-            off = 0;
-            blk++;
-        }
-        if (j + PREFETCH_ROWS < len) /* this tile's columns of that row */
-            prefetch_row(v + slot(table, bs, j + PREFETCH_ROWS) * D, CN * 16);
-        __m512 vf[4];
-        for (int c = 0; c < CN; c++)
-            vf[c] = _mm512_castsi512_ps(_mm512_slli_epi32(
-                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(row + c * 16))), 16));
-        for (int g = 0; g < GN; g++) {
-            __m512 pg = _mm512_set1_ps(p[g * len + j]);
-            for (int c = 0; c < CN; c++) a[g][c] = _mm512_fmadd_ps(pg, vf[c], a[g][c]);
-        }
-    }
-    for (int g = 0; g < GN; g++)
-        for (int c = 0; c < CN; c++) _mm512_storeu_ps(acc + g * D + c * 16, a[g][c]);
-}
-
-static void pv_bf16_tile(const float *p, int64_t len, const bf16 *v, const int64_t *table,
-                         int64_t bs, int64_t D, float *acc, int64_t gn, int64_t cn) {
-#define PV_CASE(GN, CN) \
-    case (GN) * 8 + (CN): pv_bf16_fixed(p, len, v, table, bs, D, acc, GN, CN); break;
-    switch (gn * 8 + cn) {
-        PV_CASE(1, 1) PV_CASE(1, 2) PV_CASE(1, 3) PV_CASE(1, 4)
-        PV_CASE(2, 1) PV_CASE(2, 2) PV_CASE(2, 3) PV_CASE(2, 4)
-        PV_CASE(3, 1) PV_CASE(3, 2) PV_CASE(3, 3) PV_CASE(3, 4)
-        PV_CASE(4, 1) PV_CASE(4, 2) PV_CASE(4, 3) PV_CASE(4, 4)
-    }
-#undef PV_CASE
-}
+static inline __m512 load16_bf16(const void *p) { return widen16((const bf16 *)p); }
 #endif
 
 #ifdef __AVX512BF16__
@@ -367,69 +298,9 @@ static void pv_pairs_tile(const bf16 *p, int64_t stride, int64_t len, const bf16
 #endif
 
 #if defined(__AVX512BF16__) && defined(__AVX512VL__)
-/* Lane r of the result: the sum of a[r]'s eight lanes (a transpose-and-add tree: two
- * unpacks and a permute, about one add per sum; the 512-bit tree of sixteen sums it
- * replaced did twice the lane operations per sum). */
-static inline __m256 sum8(const __m256 a[8]) {
-    __m256 b[4], c[2];
-    for (int i = 0; i < 4; i++)
-        b[i] = _mm256_add_ps(_mm256_unpacklo_ps(a[2 * i], a[2 * i + 1]),
-                             _mm256_unpackhi_ps(a[2 * i], a[2 * i + 1]));
-    for (int i = 0; i < 2; i++) {
-        __m256d x = _mm256_castps_pd(b[2 * i]), y = _mm256_castps_pd(b[2 * i + 1]);
-        c[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(x, y)),
-                             _mm256_castpd_ps(_mm256_unpackhi_pd(x, y)));
-    }
-    return _mm256_add_ps(_mm256_permute2f128_ps(c[0], c[1], 0x20),
-                         _mm256_permute2f128_ps(c[0], c[1], 0x31));
-}
-
-/* scores[g][0..8) = scale * (q_g . k_r) for GN query heads (rows D apart, scores rows
- * `len` apart) and eight keys k: each key's sixteen-element chunk loaded once for the GN
- * heads, 8 x GN sums of eight lanes in registers (GN <= 3: 24 of the 32), reduced by
- * sum8. Inlined with GN constant. */
-static inline __attribute__((always_inline)) void qk8_fixed(
-    const bf16 *q, const bf16 *const k[8], int64_t D, float *scores, int64_t len,
-    float scale, const int GN) {
-    __m256 acc[3][8];
-    for (int g = 0; g < GN; g++)
-        for (int r = 0; r < 8; r++) acc[g][r] = _mm256_setzero_ps();
-    for (int64_t d = 0; d < D; d += 16) {
-        __m256bh qv[3];
-        for (int g = 0; g < GN; g++) qv[g] = (__m256bh)_mm256_loadu_si256((const __m256i *)(q + g * D + d));
-        for (int r = 0; r < 8; r++) {
-            const __m256bh kv = (__m256bh)_mm256_loadu_si256((const __m256i *)(k[r] + d));
-            for (int g = 0; g < GN; g++) acc[g][r] = _mm256_dpbf16_ps(acc[g][r], qv[g], kv);
-        }
-    }
-    for (int g = 0; g < GN; g++)
-        _mm256_storeu_ps(scores + g * len, _mm256_mul_ps(sum8(acc[g]), _mm256_set1_ps(scale)));
-}
-
-/* The key pass eight keys at a time, in groups of up to three heads; returns the keys done
- * (len rounded down to eight). D a multiple of 16. */
-static int64_t qk_keys(const bf16 *q, const bf16 *kbase, const int64_t *table, int64_t len,
-                       float *scores, int64_t G, int64_t D, int64_t bs, float scale) {
-    int64_t j = 0;
-    for (; j + 8 <= len; j += 8) {
-        const bf16 *k[8];
-        if (bs % 8 == 0) /* the eight share a block */
-            for (int r = 0; r < 8; r++) k[r] = kbase + (slot(table, bs, j) + r) * D;
-        else
-            for (int r = 0; r < 8; r++) k[r] = kbase + slot(table, bs, j + r) * D;
-        for (int64_t r = j + PREFETCH_ROWS; r < j + PREFETCH_ROWS + 8 && r < len; r++)
-            prefetch_row(kbase + slot(table, bs, r) * D, D);
-        for (int64_t g = 0; g < G; g += 3) {
-            const bf16 *qg = q + g * D;
-            float *sg = scores + g * len + j;
-            switch (G - g < 3 ? G - g : 3) {
-            case 1: qk8_fixed(qg, k, D, sg, len, scale, 1); break;
-            case 2: qk8_fixed(qg, k, D, sg, len, scale, 2); break;
-            default: qk8_fixed(qg, k, D, sg, len, scale, 3); break;
-            }
-        }
-    }
-    return j;
+/* acc + the dot products of q and k's eight pairs of bf16 (qk_keys' dot). */
+static inline __m256 dot16_bf16(__m256 acc, __m256i q, __m256i k) {
+    return _mm256_dpbf16_ps(acc, (__m256bh)q, (__m256bh)k);
 }
 #endif
 
@@ -444,7 +315,9 @@ static void one(const bf16 *q, const bf16 *kc, const bf16 *vc, const int64_t *ta
         prefetch_row(kbase + slot(table, bs, r) * D, D);
     int64_t j = 0;
 #if defined(__AVX512BF16__) && defined(__AVX512VL__)
-    if (D % 16 == 0) j = qk_keys(q, kbase, table, len, scores, G, D, bs, scale);
+    if (D % 16 == 0)
+        j = qk_keys((const char *)q, (const char *)kbase, table, len, scores, G, D,
+                    sizeof(bf16), 16, dot16_bf16, bs, scale);
 #endif
     for (; j < len; j++) {
         const bf16 *k = kbase + slot(table, bs, j) * D;
@@ -478,8 +351,9 @@ static void one(const bf16 *q, const bf16 *kc, const bf16 *vc, const int64_t *ta
     while (d0 + 16 <= D) {
         int64_t cn = (D - d0) / 16 < 4 ? (D - d0) / 16 : 4;
         for (int64_t g0 = 0; g0 < G; g0 += 4)
-            pv_bf16_tile(scores + g0 * len, len, vbase + d0, table, bs, D,
-                         acc + g0 * D + d0, G - g0 < 4 ? G - g0 : 4, cn);
+            pv_fp32_tile(scores + g0 * len, len, (const char *)(vbase + d0), sizeof(bf16),
+                         load16_bf16, table, bs, D, acc + g0 * D + d0, G - g0 < 4 ? G - g0 : 4,
+                         cn);
         d0 += cn * 16;
     }
 #endif

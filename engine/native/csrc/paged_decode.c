@@ -4,34 +4,38 @@
  * Cache layout (the torch backend's): [Hkv, N, bs, D], float32. For each (request, kv
  * head) the keys are read once for all G = H / Hkv query heads that share them (GQA).
  * Softmax is computed in two passes over a per-head score buffer of the context length.
+ * With AVX-512 the key pass takes eight keys at a time against up to three heads, their
+ * 256-bit partial sums in registers and reduced together, and the value pass keeps up to
+ * four heads by 64 elements of the output in registers across the keys (the compiler's
+ * vectorized loops reduced each score on its own and summed the output in memory, each
+ * key's update waiting on the last one's store). Batch 64, 330-token contexts, 30 layers'
+ * caches, two threads: 51.9 -> 45.0 ms (a plain read of those caches: 37.0); batch 1
+ * 0.81 -> 0.42 ms.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "decode_attention.h"
 #include "vec_math.h"
 
-/* Work (heads x context x head size) worth waking the other threads for, as the bf16
- * kernel's: at batch 1 in a decode step (SmolLM2 fp32, 256-token context, two cores,
- * timed inside the native step) the attention took 1.41-1.49 ms a step with the old 1 M
- * and a prefetch only from 1 MiB, 1.11-1.12 with this and the prefetch at every size. */
-#define PAR_MIN_ATTENTION (1 << 16)
+/* Ask for n elements of a cache row. */
+static inline void prefetch_row(const float *row, int64_t n) { prefetch_bytes(row, n * 4); }
 
-/* As the bf16 kernel (bf16_ops.c, which has the measurements): each pass asks for the
- * row PREFETCH_ROWS ahead of it, and for its first rows before it starts, at every size
- * (in a decode step the weights stream between layers, so the KV cache is not cached);
- * the hardware prefetcher does not follow a block table. */
-#define PREFETCH_ROWS 64
-
-static inline void prefetch_row(const float *row, int64_t D) {
-    for (int64_t b = 0; b < D * (int64_t)sizeof(float); b += 64)
-        __builtin_prefetch((const char *)row + b, 0, 2);
-}
-
+/* Token j's row. */
 static inline const float *row_at(const float *base, const int64_t *table, int64_t bs,
                                   int64_t D, int64_t j) {
-    return base + (table[j / bs] * bs + j % bs) * D;
+    return base + slot(table, bs, j) * D;
 }
+
+#ifdef __AVX512F__
+static inline __m512 load16_fp32(const void *p) { return _mm512_loadu_ps(p); }
+
+/* acc + q * k, eight fp32 lanes (qk_keys' dot). */
+static inline __m256 dot8_fp32(__m256 acc, __m256i q, __m256i k) {
+    return _mm256_fmadd_ps(_mm256_castsi256_ps(q), _mm256_castsi256_ps(k), acc);
+}
+#endif
 
 static void one(const float *q, const float *kc, const float *vc, const int64_t *table,
                 int64_t len, float *out, float *scores, int64_t G, int64_t D, int64_t bs,
@@ -40,12 +44,14 @@ static void one(const float *q, const float *kc, const float *vc, const int64_t 
     const float *vbase = vc + kvh * N * bs * D;
     for (int64_t r = 0; r < PREFETCH_ROWS && r < len; r++)
         prefetch_row(row_at(kbase, table, bs, D, r), D);
-    for (int64_t j = 0, blk = 0, off = 0; j < len; j++) {
-        const float *k = kbase + (table[blk] * bs + off) * D;
-        if (++off == bs) { /* a running block and offset: a division per key dominated */
-            off = 0;
-            blk++;
-        }
+    int64_t j0 = 0;
+#ifdef __AVX512F__
+    if (D % 8 == 0)
+        j0 = qk_keys((const char *)q, (const char *)kbase, table, len, scores, G, D,
+                     sizeof(float), 8, dot8_fp32, bs, scale);
+#endif
+    for (int64_t j = j0; j < len; j++) {
+        const float *k = row_at(kbase, table, bs, D, j);
         if (j + PREFETCH_ROWS < len)
             prefetch_row(row_at(kbase, table, bs, D, j + PREFETCH_ROWS), D);
         for (int64_t g = 0; g < G; g++) {
@@ -57,10 +63,21 @@ static void one(const float *q, const float *kc, const float *vc, const int64_t 
     }
     for (int64_t r = 0; r < PREFETCH_ROWS && r < len; r++)
         prefetch_row(row_at(vbase, table, bs, D, r), D);
-    for (int64_t g = 0; g < G; g++) {
-        softmax_inplace(scores + g * len, len);
-        for (int64_t d = 0; d < D; d++) out[g * D + d] = 0.f;
+    for (int64_t g = 0; g < G; g++) softmax_inplace(scores + g * len, len);
+    int64_t d0 = 0;
+#ifdef __AVX512F__
+    while (d0 + 16 <= D) { /* up to four heads by 64 value elements at a time */
+        const int64_t cn = (D - d0) / 16 < 4 ? (D - d0) / 16 : 4;
+        for (int64_t g0 = 0; g0 < G; g0 += 4)
+            pv_fp32_tile(scores + g0 * len, len, (const char *)(vbase + d0), sizeof(float),
+                         load16_fp32, table, bs, D, out + g0 * D + d0, G - g0 < 4 ? G - g0 : 4,
+                         cn);
+        d0 += cn * 16;
     }
+#endif
+    if (d0 == D) return;
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t d = d0; d < D; d++) out[g * D + d] = 0.f;
     for (int64_t j = 0, blk = 0, off = 0; j < len; j++) {
         const float *v = vbase + (table[blk] * bs + off) * D;
         if (++off == bs) {
@@ -71,7 +88,7 @@ static void one(const float *q, const float *kc, const float *vc, const int64_t 
             prefetch_row(row_at(vbase, table, bs, D, j + PREFETCH_ROWS), D);
         for (int64_t g = 0; g < G; g++) {
             float p = scores[g * len + j], *o = out + g * D;
-            for (int64_t d = 0; d < D; d++) o[d] += p * v[d];
+            for (int64_t d = d0; d < D; d++) o[d] += p * v[d];
         }
     }
 }
