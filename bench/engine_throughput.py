@@ -129,25 +129,35 @@ def run_baton_generate(llm: Any, prompts: list[list[int]], output_len: int) -> T
     return Throughput("Baton", len(prompts), output_len * len(prompts), seconds)
 
 
+def start_decoding(engine: Any, prompts: list[list[int]], tag: str, steps: int) -> list[str]:
+    """Add one greedy request per prompt and step the engine until every one has its first
+    token; returns their ids. Each may make ``steps`` more tokens without finishing,
+    however many steps the prefill took (a request whose prompt finished in its first
+    step is that many tokens ahead of the last one), so every one of the next ``steps``
+    steps decodes the whole batch."""
+    from engine import SamplingParams
+
+    batch = len(prompts)
+    most_prefill_steps = 10 * batch + 100
+    params = SamplingParams(max_tokens=most_prefill_steps + steps + 1, temperature=0.0,
+                            ignore_eos=True)
+    ids = [f"bench-{tag}-{batch}-{i}" for i in range(batch)]
+    for request_id, prompt in zip(ids, prompts, strict=True):
+        engine.add_request(request_id, params=params, prompt_token_ids=prompt)
+    started: set[str] = set()
+    for _ in range(most_prefill_steps):
+        started.update(o.request_id for o in engine.step() if o.token_ids)
+        if len(started) == batch:
+            return ids
+    raise RuntimeError(f"only {len(started)} of {batch} requests finished prefill")
+
+
 def run_baton_decode(
     engine: Any, prompts: list[list[int]], steps: int, warmup: int = 2
 ) -> DecodeResult:
     """Time ``steps`` engine steps once all ``len(prompts)`` requests are past prefill."""
-    from engine import SamplingParams
-
     batch = len(prompts)
-    # +2: nobody finishes inside the timed window, so every timed step decodes the full batch.
-    params = SamplingParams(max_tokens=warmup + steps + 2, temperature=0.0, ignore_eos=True)
-    ids = [f"bench-decode-{batch}-{i}" for i in range(batch)]
-    for request_id, prompt in zip(ids, prompts, strict=True):
-        engine.add_request(request_id, params=params, prompt_token_ids=prompt)
-    started: set[str] = set()
-    for _ in range(10 * batch + 100):
-        started.update(o.request_id for o in engine.step() if o.token_ids)
-        if len(started) == batch:
-            break
-    else:
-        raise RuntimeError(f"only {len(started)} of {batch} requests finished prefill")
+    ids = start_decoding(engine, prompts, "decode", warmup + steps)
     times: list[float] = []
     for i in range(warmup + steps):
         start = time.perf_counter()
@@ -271,17 +281,8 @@ def compare_decode_paths(
 ) -> PathCompare:
     """Decode steps at batch ``len(prompts)``, alternating the switch on and off step by
     step."""
-    from engine import SamplingParams
-
     batch = len(prompts)
-    params = SamplingParams(max_tokens=warmup + 2 * steps + 2, temperature=0.0,
-                            ignore_eos=True)
-    ids = [f"bench-paths-{switch.name}-{batch}-{i}" for i in range(batch)]
-    for request_id, prompt in zip(ids, prompts, strict=True):
-        engine.add_request(request_id, params=params, prompt_token_ids=prompt)
-    started: set[str] = set()
-    while len(started) < batch:
-        started.update(o.request_id for o in engine.step() if o.token_ids)
+    ids = start_decoding(engine, prompts, f"paths-{switch.name}", warmup + 2 * steps)
     times: dict[bool, list[float]] = {True: [], False: []}
     try:
         for i in range(warmup + 2 * steps):

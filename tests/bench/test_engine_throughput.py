@@ -191,3 +191,20 @@ def test_step_weights_read_times_the_decode_weights(tmp_path: object) -> None:
     weights = llm.engine.runner.model.decode_weights(1, torch.float32)
     assert nbytes == sum(w.numel() * 4 for w in weights) > 0
     assert seconds > 0
+
+
+def test_decode_timing_survives_a_prefill_of_several_steps(tmp_path: object) -> None:
+    # At this token budget the batch's prefill takes several steps, so the first requests
+    # to get a token are steps ahead of the last; every timed step still decodes the whole
+    # batch (it used to give each request only the timed steps' tokens plus two, and the
+    # early ones finished inside the window), and nothing is left running afterwards.
+    from engine import LLM
+    from tests.engine.helpers import make_tiny_model_dir
+
+    llm = LLM(str(make_tiny_model_dir(tmp_path, "llama")), num_kv_blocks=64,  # type: ignore[arg-type]
+              max_num_batched_tokens=32)
+    prompts = [[(7 * i + j) % 200 + 3 for j in range(20)] for i in range(6)]
+    result = et.run_baton_decode(llm.engine, prompts, steps=5, warmup=1)
+    assert (result.batch, result.steps) == (6, 5)
+    assert result.tokens_per_s > 0
+    assert not llm.engine.has_unfinished()
