@@ -1,5 +1,5 @@
 """A bf16 decode step's GEMMs, kernel by kernel: the plain GEMV (``native.small_linear``),
-oneDNN on a weight packed once (``packed_gemm.linear_bf16``) and the tile-layout kernel
+oneDNN on a weight packed once (``packed_gemm.linear_onednn``) and the tile-layout kernel
 this CPU has (``native.tile_linear``: AMX, else AVX-512 BF16's ``vnni_linear``), each over
 every layer's own weights and the LM head, so nothing stays in the caches from one layer
 to the next (a decode step reads them all once). The variants alternate step by step so a
@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     layer = [s for s in shapes if s[0] != "lm_head"]
     per_step = layer * args.layers + [s for s in shapes if s[0] == "lm_head"]
     weights = [(torch.randn(o, i, generator=gen) * 0.05).to(BF16) for _, o, i in per_step]
-    packed = [packed_gemm.pack_bf16(w) for w in weights]
+    packed = [packed_gemm.pack_onednn(w) for w in weights]
     tiles: list[torch.Tensor] = []
     if native.tile_linear_max_rows() and all(native.amx_packable(w) for w in weights):
         tiles = [native.amx_pack(lib, w) for w in weights]
@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     kernels: dict[str, tuple[Kernel, int]] = {  # name -> (kernel, most rows it takes)
         "GEMV": (lambda x, k: native.small_linear(lib, x, weights[k], None), 1 << 30),
-        "oneDNN": (lambda x, k: packed_gemm.linear_bf16(x, packed[k], None), 1 << 30),
+        "oneDNN": (lambda x, k: packed_gemm.linear_onednn(x, packed[k], None), 1 << 30),
     }
     if tiles:
         kernels[tile_name] = (

@@ -226,7 +226,8 @@ class PathSwitch:
 
 class PackedSwitch:
     """Flips an engine's model between packed weights (``BATON_PACKED_GEMM=1``; MKL for
-    fp32 GEMMs of 16 rows or more, oneDNN for bf16) and ``F.linear``; ``use(None)``
+    fp32 GEMMs of 16 rows or more where it pays, else oneDNN for fp32; oneDNN for bf16) and
+    ``F.linear``; ``use(None)``
     restores the start setting. The packed copies are kept while switched off, so a flip
     costs nothing."""
 
@@ -242,7 +243,7 @@ class PackedSwitch:
         self.start = bool(self.linears) and self.linears[0].pack_weight
         param = next(engine.runner.model.parameters())
         self.available = param.device.type == "cpu" and (
-            (param.dtype == torch.float32 and packed_gemm.available())
+            (param.dtype == torch.float32 and packed_gemm.fp32_kind() is not None)
             or (param.dtype == torch.bfloat16 and packed_gemm.bf16_available()))
 
     def use(self, packed: bool | None) -> None:

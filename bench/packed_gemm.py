@@ -1,7 +1,8 @@
-"""F.linear against MKL on a weight packed once (engine.native.packed_gemm), at the model's
-own GEMM shapes, the variants alternating call by call so a loaded machine weighs on both
-alike. Prints the median time of each and the ratio, and the largest difference between
-the two products.
+"""F.linear against fp32 GEMMs on a weight packed once (engine.native.packed_gemm): MKL's
+pack and oneDNN's, whichever this torch has, at the model's own GEMM shapes, the variants
+alternating call by call so a loaded machine weighs on all alike. Prints the median time
+of each, each pack's ratio to F.linear and the largest difference between its product and
+F.linear's. ``packed_gemm.fp32_kind`` chose between the two packs from such runs.
 
 Usage: ``python -m bench.packed_gemm [--rows 16,32,256,512] [--repeats 40]``; the default
 shapes are SmolLM2-135M's (hidden 576, 9 + 2 x 3 heads of 64, intermediate 1536, vocab
@@ -49,30 +50,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=40, help="timed calls of each variant")
     args = p.parse_args(argv)
     shapes, rows = shapes_and_rows(p, args)
-    if not packed_gemm.available():
-        print("packed GEMM unavailable here (torch without MKL)", file=sys.stderr)
+    packs = {}
+    if packed_gemm.available():
+        packs["MKL"] = (packed_gemm.pack,
+                        lambda x, pk, w: packed_gemm.linear(x, pk, w, None))
+    if packed_gemm.onednn_fp32_available():
+        packs["oneDNN"] = (packed_gemm.pack_onednn,
+                           lambda x, pk, w: packed_gemm.linear_onednn(x, pk, None))
+    if not packs:
+        print("no packed fp32 GEMM here (torch without MKL or oneDNN)", file=sys.stderr)
         return 1
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| GEMM | rows | F.linear (us) | packed (us) | packed / F.linear | max abs diff |")
-    print("|---|---:|---:|---:|---:|---:|")
+    names = list(packs)
+    print("| GEMM | rows | F.linear (us) | "
+          + " | ".join(f"{n} (us) | {n} / F.linear | {n} max abs diff" for n in names) + " |")
+    print("|---|---:|---:|" + "---:|---:|---:|" * len(names))
     gen = torch.Generator().manual_seed(0)
     for name, o, i in shapes:
         w = torch.randn(o, i, generator=gen) * 0.02
-        packed = packed_gemm.pack(w)
+        packed = {n: pack(w) for n, (pack, _) in packs.items()}
         for m in rows:
             x = torch.randn(m, i, generator=gen)
-            diff = (packed_gemm.linear(x, packed, w, None) - F.linear(x, w)).abs().max()
-            times: dict[str, list[float]] = {"plain": [], "packed": []}
+            want = F.linear(x, w)
+            diff = {n: float((run(x, packed[n], w) - want).abs().max())
+                    for n, (_, run) in packs.items()}
+            times: dict[str, list[float]] = {n: [] for n in ["F.linear", *names]}
             for _ in range(args.repeats):
                 start = time.perf_counter()
                 F.linear(x, w)
-                times["plain"].append(time.perf_counter() - start)
-                start = time.perf_counter()
-                packed_gemm.linear(x, packed, w, None)
-                times["packed"].append(time.perf_counter() - start)
-            a, b = statistics.median(times["plain"]), statistics.median(times["packed"])
-            print(f"| {name} | {m} | {a * 1e6:.0f} | {b * 1e6:.0f} | {b / a:.2f} | "
-                  f"{float(diff):.1e} |", flush=True)
+                times["F.linear"].append(time.perf_counter() - start)
+                for n, (_, run) in packs.items():
+                    start = time.perf_counter()
+                    run(x, packed[n], w)
+                    times[n].append(time.perf_counter() - start)
+            med = {n: statistics.median(t) for n, t in times.items()}
+            cells = [f"{med[n] * 1e6:.0f} | {med[n] / med['F.linear']:.2f} | {diff[n]:.1e}"
+                     for n in names]
+            print(f"| {name} | {m} | {med['F.linear'] * 1e6:.0f} | " + " | ".join(cells) + " |",
+                  flush=True)
     return 0
 
 

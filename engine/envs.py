@@ -41,8 +41,9 @@ def native_step() -> bool:
 
 
 def packed_gemm() -> bool:
-    """BATON_PACKED_GEMM=0 runs every GEMM of 16 rows or more through F.linear instead of
-    MKL on weights packed once at load (CPU fp32; on by default; the same products)."""
+    """BATON_PACKED_GEMM=0 runs the GEMMs through F.linear instead of on weights packed
+    once (CPU; on by default): MKL's pack for fp32 ones of 16 rows or more where MKL pays
+    (the same products), oneDNN's for other fp32 ones and for bf16 (``packed_gemm``)."""
     return os.environ.get("BATON_PACKED_GEMM", "1") not in ("0", "false", "no")
 
 

@@ -115,6 +115,9 @@ class Linear(nn.Linear):
 
     kernel: ctypes.CDLL | None = None
     pack_weight: bool = False  # use the packed GEMM (set by use_packed_gemm)
+    # Whose pack an fp32 weight takes (``packed_gemm.fp32_kind``, set by use_packed_gemm);
+    # bf16 weights always take oneDNN's.
+    fp32_pack: str = packed_gemm.MKL
     # Packed copies by torch thread count, for the weight they were made from (its key).
     _packed: tuple[WeightKey, dict[int, torch.Tensor]] | None = None
     # The AMX tile-layout copy of a bf16 weight (decode steps of up to 64 rows), or None
@@ -131,8 +134,8 @@ class Linear(nn.Linear):
             return native.tile_linear(self.kernel, x, weight, self.bias, self.out_features)
         if (self.pack_weight and x.dim() == 2 and x.is_cpu and self.weight.is_cpu
                 and dtype == self.weight.dtype):
-            if dtype == torch.bfloat16:
-                return packed_gemm.linear_bf16(x, self.packed(), self.bias)
+            if self.onednn_pack():
+                return packed_gemm.linear_onednn(x, self.packed(), self.bias)
             if dtype == torch.float32 and rows >= packed_gemm.MIN_ROWS:
                 return packed_gemm.linear(x, self.packed(), self.weight, self.bias)
         return super().forward(x)
@@ -182,9 +185,16 @@ class Linear(nn.Linear):
             self._packed = (weight_key(w), {})
         packs, threads = self._packed[1], torch.get_num_threads()
         if threads not in packs:
-            pack = packed_gemm.pack_bf16 if w.dtype == torch.bfloat16 else packed_gemm.pack
+            pack = packed_gemm.pack_onednn if self.onednn_pack() else packed_gemm.pack
             packs[threads] = pack(w)
         return packs[threads]
+
+    def onednn_pack(self) -> bool:
+        """Whether this weight's packed copy is oneDNN's (bf16, or fp32 where
+        ``fp32_pack`` says so), else MKL's (fp32)."""
+        dtype = self.weight.dtype
+        return dtype == torch.bfloat16 or (
+            dtype == torch.float32 and self.fp32_pack == packed_gemm.ONEDNN)
 
 
 class RMSNorm(nn.Module):
@@ -422,19 +432,20 @@ class LlamaForCausalLM(nn.Module):
 
     def use_packed_gemm(self, enabled: bool) -> bool:
         """Run GEMMs on weights packed once: fp32 ones of 16 rows or more for MKL (an MKL
-        build of torch, on a CPU where it pays: ``packed_gemm.fp32_pays``), bf16 ones of
-        any size for oneDNN; CPU weights only. False: F.linear. Returns whether it is in
-        use."""
+        build of torch, on a CPU where it pays: ``packed_gemm.fp32_pays``), else fp32 ones
+        of any size for oneDNN (where it packs fp32: ``packed_gemm.fp32_kind``), bf16 ones
+        of any size for oneDNN; CPU weights only (the few-row native GEMV, where it
+        applies, comes first). False: F.linear. Returns whether it is in use."""
         param = next(self.parameters())
-        on_cpu = param.device.type == "cpu"
-        enabled = enabled and on_cpu and (
-            (param.dtype == torch.float32 and packed_gemm.available()
-             and packed_gemm.fp32_pays())
+        fp32_kind = packed_gemm.fp32_kind() if param.dtype == torch.float32 else None
+        enabled = enabled and param.device.type == "cpu" and (
+            fp32_kind is not None
             or (param.dtype == torch.bfloat16 and packed_gemm.bf16_available())
         )
         for module in self.modules():
             if isinstance(module, Linear):
                 module.pack_weight = enabled
+                module.fp32_pack = fp32_kind or packed_gemm.MKL
                 if not enabled:
                     module._packed = module._amx = None  # free the packed copies
         self.routes_changed()

@@ -1,5 +1,5 @@
-"""GEMMs against weights packed once, on CPU: fp32 with MKL (``cblas_sgemm_pack``), bf16
-with oneDNN (AMX or AVX-512 BF16, whichever the CPU has).
+"""GEMMs against weights packed once, on CPU: fp32 with MKL (``cblas_sgemm_pack``) where
+it pays, else with oneDNN; bf16 with oneDNN (AMX or AVX-512 BF16, whichever the CPU has).
 
 ``F.linear`` hands MKL the plain ``[O, I]`` weight, and MKL copies it into its blocked
 layout on every call: at this model's shapes that copy is a tenth to a fifth of a
@@ -20,6 +20,15 @@ every step.
 
 Memory: one packed copy per weight, about the weight's own size; the plain weight stays
 (the few-row paths and the tied embedding read it).
+
+fp32 on AMD: MKL runs slower there (its packed path too, ``fp32_pays``), and oneDNN's own
+fp32 pack (``torch.ops.mkldnn._reorder_linear_weight`` on an fp32 weight, the same op as
+bf16's below) ran SmolLM2's shapes at 1.3-2.2x ``F.linear``'s rate on an AMD EPYC (Zen 4,
+two threads, 2026-12-07; 16 rows 1.3-2.2x, 64 rows 1.2-2.1x, 512 rows 1.1-1.4x, 2048
+rows 1.2-1.4x, the LM head the most). Its products sum in another order than MKL's, so
+they match ``F.linear`` to fp32 rounding, not bit for bit; greedy parity with
+transformers holds on it (tests/engine/test_parity.py runs it on such a CPU). ``fp32_kind``
+chooses between the two.
 
 bf16: ``F.linear`` on bf16 CPU tensors reorders the weight into oneDNN's blocked layout on
 every call too, which at a decode step's few rows costs more than the product (a GEMV
@@ -58,6 +67,18 @@ def available() -> bool:
         return bool(torch.equal(linear(x, packed, w, None), F.linear(x, w)))
     except (AttributeError, RuntimeError):
         return False
+
+
+MKL, ONEDNN = "mkl", "onednn"
+
+
+def fp32_kind() -> str | None:
+    """The packed GEMM fp32 weights take here: ``MKL`` where it pays and reproduces
+    ``F.linear`` (``fp32_pays``, ``available``), else ``ONEDNN`` where oneDNN packs fp32
+    weights and computes in fp32 (``onednn_fp32_available``), else None (``F.linear``)."""
+    if fp32_pays() and available():
+        return MKL
+    return ONEDNN if onednn_fp32_available() else None
 
 
 @cache
@@ -100,26 +121,41 @@ def linear(
     return torch.ops.mkl._mkl_linear(x.contiguous(), packed, weight, bias, x.shape[0])
 
 
-@cache
-def bf16_available() -> bool:
-    """Whether this torch packs bf16 weights for oneDNN and computes from the pack."""
+def _onednn_matches(dtype: torch.dtype, tol: float) -> bool:
+    """Whether this torch packs ``dtype`` weights for oneDNN and computes from the pack
+    within ``tol`` of ``F.linear``."""
     if not torch.backends.mkldnn.is_available():
         return False
     try:
         gen = torch.Generator().manual_seed(0)
-        w = torch.randn(48, 40, generator=gen).bfloat16()
-        x = torch.randn(3, 40, generator=gen).bfloat16()
-        out = linear_bf16(x, pack_bf16(w), None)
-        return bool(torch.allclose(out.float(), F.linear(x, w).float(), rtol=2e-2, atol=2e-2))
+        w = torch.randn(48, 40, generator=gen).to(dtype)
+        x = torch.randn(3, 40, generator=gen).to(dtype)
+        out = linear_onednn(x, pack_onednn(w), None)
+        return bool(torch.allclose(out.float(), F.linear(x, w).float(), rtol=tol, atol=tol))
     except (AttributeError, RuntimeError):
         return False
 
 
-def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
-    """oneDNN's packed copy of the bf16 ``weight`` [O, I] (CPU)."""
+@cache
+def bf16_available() -> bool:
+    """Whether this torch packs bf16 weights for oneDNN and computes from the pack."""
+    return _onednn_matches(torch.bfloat16, 2e-2)
+
+
+@cache
+def onednn_fp32_available() -> bool:
+    """Whether this torch packs fp32 weights for oneDNN and computes from the pack in fp32
+    (to within 1e-5 of ``F.linear``: a reduced-precision math mode, TF32 or bf16, misses)."""
+    return _onednn_matches(torch.float32, 1e-5)
+
+
+def pack_onednn(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's packed copy of the fp32 or bf16 ``weight`` [O, I] (CPU)."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
 
 
-def linear_bf16(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for a 2-D bf16 ``x`` [T, I] from ``pack_bf16(weight)``."""
+def linear_onednn(x: torch.Tensor, packed: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for a 2-D ``x`` [T, I] of the weight's dtype from
+    ``pack_onednn(weight)``."""
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")

@@ -1,8 +1,9 @@
 """MKL on packed weights (BATON_PACKED_GEMM, on by default for CPU fp32 where it pays:
-off on AMD CPUs, ``packed_gemm.fp32_pays``) computes the same products as F.linear, the
-model uses it for many-row GEMMs only, and the native KV write stores what index_copy_
-stores. Greedy parity with transformers on this path is the job of test_parity.py and
-test_fused_path.py, which run with it on where the CPU takes it."""
+not on AMD CPUs, ``packed_gemm.fp32_pays``) computes the same products as F.linear and the
+model uses it for many-row GEMMs only; elsewhere fp32 weights take oneDNN's pack (F.linear
+to rounding, at any row count); and the native KV write stores what index_copy_ stores.
+Greedy parity with transformers on these paths is the job of test_parity.py and
+test_fused_path.py, which run with the one the CPU takes."""
 
 from __future__ import annotations
 
@@ -107,18 +108,69 @@ def test_packed_gemm_switch(
     assert got[None] == got["0"]
 
 
-@needs_mkl
-def test_fp32_default_is_off_where_the_pack_does_not_pay(
+needs_onednn_fp32 = pytest.mark.skipif(not packed_gemm.onednn_fp32_available(),
+                                       reason="torch without oneDNN's fp32 pack")
+
+
+@needs_onednn_fp32
+@pytest.mark.parametrize("shape", [(960, 576), (576, 576), (3072, 576), (576, 1536)])
+def test_onednn_fp32_product_is_f_linear_to_rounding(shape: tuple[int, int]) -> None:
+    # oneDNN sums in its own order: fp32 rounding apart from F.linear, not bit for bit,
+    # at every row count (it takes few rows too).
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(*shape, generator=gen) * 0.02
+    b = torch.randn(shape[0], generator=gen)
+    packed = packed_gemm.pack_onednn(w)
+    for rows in (1, 5, packed_gemm.MIN_ROWS, 64, 300):
+        x = torch.randn(rows, shape[1], generator=gen)
+        got = packed_gemm.linear_onednn(x, packed, b)
+        torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def _fp32_model(tmp_path_factory: pytest.TempPathFactory, name: str) -> tuple[LLM, list[Linear]]:
+    path = make_tiny_model_dir(tmp_path_factory.mktemp(name), "llama")
+    llm = LLM(str(path), num_kv_blocks=64)
+    model = llm.engine.runner.model
+    assert isinstance(model, LlamaForCausalLM)
+    return llm, [m for m in model.modules() if isinstance(m, Linear)]
+
+
+@needs_onednn_fp32
+def test_fp32_takes_onednn_where_mkl_does_not_pay(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # On AMD MKL's pack (and F.linear, which is MKL) ran slower than oneDNN's fp32 pack.
+    monkeypatch.delenv("BATON_PACKED_GEMM", raising=False)
+    monkeypatch.setattr(packed_gemm, "fp32_pays", lambda: False)
+    assert packed_gemm.fp32_kind() == packed_gemm.ONEDNN
+    llm, linears = _fp32_model(tmp_path_factory, "llama-onednn")
+    assert linears and all(m.pack_weight and m.fp32_pack == packed_gemm.ONEDNN
+                           for m in linears)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    llm.generate(prompt_token_ids=[list(range(10, 60))], params=params)
+    # The 50-token prefill ran the layers' GEMMs on oneDNN's packs.
+    layers = [m for m in linears if m is not llm.engine.runner.model.lm_head]
+    assert all(m._packed is not None and m.onednn_pack() for m in layers)
+    # A few rows without the native GEMV (no kernel) take the pack too: F.linear to
+    # rounding.
+    lin = layers[0]
+    kernel, lin.kernel = lin.kernel, None
+    x = torch.randn(3, lin.in_features)
+    with torch.inference_mode():
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias),
+                                   rtol=1e-5, atol=1e-5)
+    lin.kernel = kernel
+
+
+def test_fp32_is_unpacked_where_neither_pack_applies(
     monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     monkeypatch.delenv("BATON_PACKED_GEMM", raising=False)
     monkeypatch.setattr(packed_gemm, "fp32_pays", lambda: False)
-    path = make_tiny_model_dir(tmp_path_factory.mktemp("llama-unpacked"), "llama")
-    llm = LLM(str(path), num_kv_blocks=64)
-    model = llm.engine.runner.model
-    assert isinstance(model, LlamaForCausalLM)
-    assert not model.use_packed_gemm(True)
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    monkeypatch.setattr(packed_gemm, "onednn_fp32_available", lambda: False)
+    assert packed_gemm.fp32_kind() is None
+    llm, linears = _fp32_model(tmp_path_factory, "llama-unpacked")
+    assert not llm.engine.runner.model.use_packed_gemm(True)
     assert linears and not any(m.pack_weight for m in linears)
     llm.generate(prompt_token_ids=[list(range(10, 60))],
                  params=SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
