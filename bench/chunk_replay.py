@@ -112,8 +112,8 @@ def replay(llm: Any, prompts: list[list[int]], times: list[float], output_len: i
     def timed(plan: Any, sampling: Any) -> Any:
         decode: list[Any] = []
         prefill: list[Any] = []
-        for c in plan.chunks:  # a decode chunk: one token after some context
-            (decode if c.num_tokens == 1 and c.start_pos > 0 else prefill).append(c)
+        for c in plan.chunks:
+            (decode if c.is_decode else prefill).append(c)
         start = time.perf_counter()
         out = execute(plan, sampling)
         steps.append(Step(sum(c.num_tokens for c in prefill),

@@ -115,6 +115,6 @@ class ModelRunner:
 
 def _decode_first(chunks: list[ScheduledChunk]) -> list[ScheduledChunk]:
     """Decode chunks (one token after some context) lead, as the attention backends expect."""
-    decode = [c for c in chunks if c.num_tokens == 1 and c.start_pos > 0]
-    rest = [c for c in chunks if not (c.num_tokens == 1 and c.start_pos > 0)]
+    decode = [c for c in chunks if c.is_decode]
+    rest = [c for c in chunks if not c.is_decode]
     return decode + rest

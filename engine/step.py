@@ -35,6 +35,12 @@ class ScheduledChunk:
     def context_len(self) -> int:
         return self.start_pos + len(self.token_ids)
 
+    @property
+    def is_decode(self) -> bool:
+        """One token after some context: a decode row (a prompt's last token on its own,
+        after earlier chunks, counts too, and is computed the same way)."""
+        return len(self.token_ids) == 1 and self.start_pos > 0
+
 
 @dataclass(frozen=True)
 class StepShape:
@@ -68,7 +74,7 @@ class StepPlan:
     def shape(self) -> StepShape:
         tokens = sq = batch = context = 0
         for c in self.chunks:
-            if c.num_tokens == 1 and c.start_pos > 0:
+            if c.is_decode:
                 batch += 1
                 context += c.context_len
             else:

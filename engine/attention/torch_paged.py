@@ -104,7 +104,7 @@ class TorchPagedAttention:
     ) -> TorchMetadata:
         """``chunks`` must list decode chunks (one token, some context) first."""
         slots = torch.tensor(slot_mapping(chunks, block_size), dtype=torch.long, device=device)
-        decode = [c for c in chunks if c.num_tokens == 1 and c.start_pos > 0]
+        decode = [c for c in chunks if c.is_decode]
         meta = TorchMetadata(slot_mapping=slots, num_decode=len(decode))
         if decode and self.native is not None and len(decode) >= self.native_min_batch:
             _plan_native_decode(meta, decode)
