@@ -21,14 +21,14 @@ every step.
 Memory: one packed copy per weight, about the weight's own size; the plain weight stays
 (the few-row paths and the tied embedding read it).
 
-fp32 on AMD: MKL runs slower there (its packed path too, ``fp32_pays``), and oneDNN's own
-fp32 pack (``torch.ops.mkldnn._reorder_linear_weight`` on an fp32 weight, the same op as
-bf16's below) ran SmolLM2's shapes at 1.3-2.2x ``F.linear``'s rate on an AMD EPYC (Zen 4,
-two threads, 2026-12-07; 16 rows 1.3-2.2x, 64 rows 1.2-2.1x, 512 rows 1.1-1.4x, 2048
-rows 1.2-1.4x, the LM head the most). Its products sum in another order than MKL's, so
-they match ``F.linear`` to fp32 rounding, not bit for bit; greedy parity with
-transformers holds on it (tests/engine/test_parity.py runs it on such a CPU). ``fp32_kind``
-chooses between the two.
+fp32 on AMD: MKL's packed path does not pay there (``fp32_pays``), and oneDNN's own fp32
+pack (``torch.ops.mkldnn._reorder_linear_weight`` on an fp32 weight, the same op as
+bf16's below) ran SmolLM2's shapes in 0.69-0.98x ``F.linear``'s time on the layers and
+0.40-0.89x on the LM head, at 5 to 2048 rows (AMD EPYC, Zen 4, two threads, 2026-12-07,
+``python -m bench.packed_gemm``, which times both packs). Its products sum in another
+order than MKL's, so they match ``F.linear`` to fp32 rounding (2e-6 at these shapes), not
+bit for bit; greedy parity with transformers holds on it (tests/engine/test_parity.py
+runs it on such a CPU). ``fp32_kind`` chooses between the two.
 
 bf16: ``F.linear`` on bf16 CPU tensors reorders the weight into oneDNN's blocked layout on
 every call too, which at a decode step's few rows costs more than the product (a GEMV
@@ -83,7 +83,7 @@ def fp32_kind() -> str | None:
 
 @cache
 def fp32_pays() -> bool:
-    """Whether fp32 GEMMs should take the packed path on this CPU. On an Intel Xeon
+    """Whether fp32 GEMMs should take MKL's packed path on this CPU. On an Intel Xeon
     (2026-12-05) it ran 0.64-0.93x ``F.linear``'s time at 64-256 rows of the model's
     shapes. On an AMD EPYC (Zen 4, 2026-12-06) it ran 1.00-1.26x at 16-512 rows (gate/up
     at 16 rows the worst), the LM head alone gaining (0.96-0.99x), and in two engine runs
