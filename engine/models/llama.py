@@ -106,12 +106,13 @@ def weight_key(w: torch.Tensor) -> WeightKey:
 class Linear(nn.Linear):
     """``nn.Linear`` that can hand inputs of a few rows (small-batch decode) to the native
     GEMV (fp32 or bf16), which streams the weights at memory bandwidth where MKL's sgemv
-    and oneDNN's bf16 GEMV do not, fp32 inputs of many rows to MKL with the weight packed
-    once, and bf16 ones to oneDNN with the weight packed once (``engine.native.packed_gemm``),
-    except bf16 inputs of up to 64 rows, which go to the AMX kernel where the CPU has AMX
-    (``native.amx_linear``, from a tile-layout copy of the weight packed once), and, where
-    it has AVX-512 BF16 instead, to ``native.vnni_linear`` (the same copy, the same 64
-    rows)."""
+    and oneDNN's bf16 GEMV do not, fp32 inputs of many rows to MKL or oneDNN with the
+    weight packed once, and bf16 ones to oneDNN with the weight packed once
+    (``engine.native.packed_gemm``), except inputs of up to 64 rows: bf16 ones go to the
+    AMX kernel where the CPU has AMX (``native.amx_linear``, from a tile-layout copy of the
+    weight packed once), and, where it has AVX-512 BF16 instead, to ``native.vnni_linear``
+    (the same copy); fp32 ones past the GEMV's to ``native.fp32_tile_linear`` (from the
+    weight in blocks of sixteen outputs) where the CPU has AVX-512."""
 
     kernel: ctypes.CDLL | None = None
     pack_weight: bool = False  # use the packed GEMM (set by use_packed_gemm)
@@ -123,6 +124,9 @@ class Linear(nn.Linear):
     # The AMX tile-layout copy of a bf16 weight (decode steps of up to 64 rows), or None
     # where this weight or CPU cannot take the AMX kernel; for the weight of its key.
     _amx: tuple[WeightKey, torch.Tensor | None] | None = None
+    # The fp32 weight in blocks of sixteen outputs (decode steps of 5 to 64 rows), or None
+    # where the kernel does not take it; for the weight of its key.
+    _fp32_tiles: tuple[WeightKey, torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, dtype = x.shape[0], x.dtype
@@ -131,6 +135,9 @@ class Linear(nn.Linear):
             kind, weight = route
             if kind == native.LINEAR_GEMV:
                 return native.small_linear(self.kernel, x, weight, self.bias)
+            if kind == native.LINEAR_FP32_TILE:
+                return native.fp32_tile_linear(self.kernel, x, weight, self.bias,
+                                               self.out_features)
             return native.tile_linear(self.kernel, x, weight, self.bias, self.out_features)
         if (self.pack_weight and x.dim() == 2 and x.is_cpu and self.weight.is_cpu
                 and dtype == self.weight.dtype):
@@ -142,8 +149,9 @@ class Linear(nn.Linear):
 
     def native_route(self, rows: int, dtype: torch.dtype) -> tuple[int, torch.Tensor] | None:
         """Which C product ``forward`` gives an input of ``rows`` rows of ``dtype`` (2-D),
-        and the weight it reads: (``native.LINEAR_VNNI`` or ``LINEAR_AMX``, the tile-layout
-        copy) or (``native.LINEAR_GEMV``, the weight); None where torch computes it."""
+        and the weight it reads: (``native.LINEAR_VNNI`` or ``LINEAR_AMX``, the bf16
+        tile-layout copy), (``native.LINEAR_GEMV``, the weight) or
+        (``native.LINEAR_FP32_TILE``, the fp32 blocks); None where torch computes it."""
         if self.kernel is None:
             return None
         if (self.pack_weight and dtype == torch.bfloat16
@@ -153,6 +161,10 @@ class Linear(nn.Linear):
         if (rows <= SMALL_LINEAR_MAX_ROWS and dtype == self.weight.dtype
                 and native.supports(dtype)):
             return native.LINEAR_GEMV, self.weight
+        if (self.pack_weight and dtype == torch.float32
+                and 0 < rows <= native.fp32_tile_max_rows()
+                and (tiles := self.fp32_tiled(self.kernel)) is not None):
+            return native.LINEAR_FP32_TILE, tiles
         return None
 
     def decode_weight(self, rows: int, dtype: torch.dtype) -> torch.Tensor:
@@ -172,6 +184,18 @@ class Linear(nn.Linear):
             takes = w.is_cpu and native.amx_packable(w) and native.tile_linear_max_rows() > 0
             self._amx = (weight_key(w), native.amx_pack(kernel, w) if takes else None)
         return self._amx[1]
+
+    def fp32_tiled(self, kernel: ctypes.CDLL) -> torch.Tensor | None:
+        """The fp32 weight in blocks of sixteen outputs (``native.fp32_tile_pack``), or
+        None where the kernel does not take it (not an fp32 CPU weight of [16k, I], or no
+        AVX-512 here): made on first use, again whenever the weight tensor is replaced."""
+        w = self.weight
+        if self._fp32_tiles is None or self._fp32_tiles[0] != weight_key(w):
+            takes = (w.is_cpu and native.fp32_tile_packable(w)
+                     and native.fp32_tile_max_rows() > 0)
+            self._fp32_tiles = (weight_key(w),
+                                native.fp32_tile_pack(kernel, w) if takes else None)
+        return self._fp32_tiles[1]
 
     def packed(self) -> torch.Tensor:
         """The weight's packed copy, made on first use, again whenever the weight tensor is
@@ -447,7 +471,7 @@ class LlamaForCausalLM(nn.Module):
                 module.pack_weight = enabled
                 module.fp32_pack = fp32_kind or packed_gemm.MKL
                 if not enabled:
-                    module._packed = module._amx = None  # free the packed copies
+                    module._packed = module._amx = module._fp32_tiles = None  # free copies
         self.routes_changed()
         return enabled
 

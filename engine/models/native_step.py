@@ -3,9 +3,9 @@
 The fused path (``LlamaForCausalLM.forward_fused``) calls about ten C kernels a layer from
 Python. At batch 1 on SmolLM2 in bf16 the Python and torch dispatch between them took
 about 3 ms of a 12 ms step (two cores, EPYC). For a step of decode tokens only, whose
-every GEMM a C kernel computes (``Linear.native_route``: bf16 rows up to
-``native.tile_linear_max_rows()`` on the tile-layout copies, or up to
-``SMALL_LINEAR_MAX_ROWS`` rows on the GEMV), the layer stack runs as one C call that strings
+every GEMM a C kernel computes (``Linear.native_route``: up to ``SMALL_LINEAR_MAX_ROWS``
+rows on the GEMV, more up to ``native.tile_rows(dtype)`` on the tile-layout copies: bf16's
+``amx_pack``, fp32's ``fp32_tile_pack``), the layer stack runs as one C call that strings
 the same kernels together in the same order: the same bits as the fused path.
 
 The call reads the layers' weights and caches from a table of their addresses. It is built
@@ -74,7 +74,7 @@ class NativeDecodeStep:
                 and getattr(meta, "native_tables", None) is not None
                 and meta.num_decode == t and not meta.prefills):
             return None
-        key = (x.dtype, t <= SMALL_LINEAR_MAX_ROWS, t <= native.tile_linear_max_rows())
+        key = (x.dtype, t <= SMALL_LINEAR_MAX_ROWS, t <= native.tile_rows(x.dtype))
         known = self._tables.get(key)
         if known is None or known[0] is not caches:
             known = self._tables[key] = (caches, _build(model, t, x.dtype, caches))

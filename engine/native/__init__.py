@@ -8,6 +8,8 @@
 - ``bf16_ops``: the bf16 model's elementwise work and decode attention (fp32 inside,
   rounded to bf16 where torch's bf16 ops round).
 - ``argmax``: greedy sampling's argmax over fp32 or bf16 logits rows, as ``torch.argmax``.
+- ``fp32_gemm``: fp32 GEMMs of up to 64 rows (decode steps past the GEMV's few), from a
+  weight packed once into blocks of sixteen outputs.
 - ``amx_gemm``: bf16 GEMMs of up to 64 rows (decode steps) on AMX tiles, from a weight
   packed once into tile layout; built only where the compiler targets AMX, used only
   where Linux grants the tile state (``amx_available``).
@@ -19,7 +21,7 @@
 
 Each wrapper below takes fp32 or bf16 tensors and calls the kernel for their dtype.
 
-``packed_gemm`` (Python) runs MKL on weights packed once; it needs no compiler.
+``packed_gemm`` (Python) runs MKL or oneDNN on weights packed once; it needs no compiler.
 
 Plain C files build in about a second with the system compiler and need neither ninja
 nor torch's headers.
@@ -154,6 +156,12 @@ def load() -> ctypes.CDLL | None:
     lib.amx_max_rows.argtypes = []
     lib.vnni_max_rows.restype = ctypes.c_int
     lib.vnni_max_rows.argtypes = []
+    lib.fp32_tile_max_rows.restype = ctypes.c_int
+    lib.fp32_tile_max_rows.argtypes = []
+    lib.fp32_tile_pack.restype = ctypes.c_int
+    lib.fp32_tile_pack.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+    lib.fp32_tile_linear.restype = ctypes.c_int
+    lib.fp32_tile_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
     lib.vnni_linear_bf16.restype = ctypes.c_int
     lib.vnni_linear_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
     lib.read_buffers.restype = ctypes.c_uint64
@@ -431,9 +439,10 @@ def tile_linear_max_rows() -> int:
 
 
 # The products ``decode_layers`` can run a step's GEMMs on (``LINEAR_*`` in
-# csrc/decode_step.c): ``small_linear``'s GEMV on the plain weight, or ``vnni_linear`` /
-# ``amx_linear`` on the ``amx_pack`` copy.
-LINEAR_GEMV, LINEAR_VNNI, LINEAR_AMX = 0, 1, 2
+# csrc/decode_step.c): ``small_linear``'s GEMV on the plain weight, ``vnni_linear`` /
+# ``amx_linear`` on the ``amx_pack`` copy (bf16), or ``fp32_tile_linear`` on the
+# ``fp32_tile_pack`` copy (fp32).
+LINEAR_GEMV, LINEAR_VNNI, LINEAR_AMX, LINEAR_FP32_TILE = 0, 1, 2, 3
 
 
 def tile_linear_kind() -> int:
@@ -447,6 +456,47 @@ def tile_linear(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor,
     ``tile_linear_max_rows()``."""
     linear = amx_linear if amx_available() else vnni_linear
     return linear(lib, x, packed, bias, out_features)
+
+
+@cache
+def fp32_tile_max_rows() -> int:
+    """The most rows ``fp32_tile_linear`` takes: 0 where the build lacks AVX-512."""
+    lib = load()
+    return 0 if lib is None else int(lib.fp32_tile_max_rows())
+
+
+def tile_rows(dtype: torch.dtype) -> int:
+    """The most rows of a ``dtype`` product the tile-layout kernels compute here (bf16:
+    ``tile_linear_max_rows``, fp32: ``fp32_tile_max_rows``; 0: none)."""
+    if dtype == torch.bfloat16:
+        return tile_linear_max_rows()
+    return fp32_tile_max_rows() if dtype == torch.float32 else 0
+
+
+def fp32_tile_packable(weight: torch.Tensor) -> bool:
+    """Whether ``fp32_tile_pack`` takes this weight: fp32 [O, I] with O % 16 == 0."""
+    return (weight.dtype == torch.float32 and weight.dim() == 2
+            and weight.shape[0] % 16 == 0 and weight.shape[1] > 0)
+
+
+def fp32_tile_pack(lib: ctypes.CDLL, weight: torch.Tensor) -> torch.Tensor:
+    """The fp32 weight [O, I] in blocks of sixteen outputs (``csrc/fp32_gemm.c``), flat."""
+    w = weight.detach().contiguous()
+    if not fp32_tile_packable(w):
+        raise ValueError(f"fp32_tile_pack: weight {tuple(w.shape)} {w.dtype} is not fp32 "
+                         "[16k, I]")
+    out = torch.empty(w.numel(), dtype=torch.float32)
+    lib.fp32_tile_pack(w.data_ptr(), out.data_ptr(), w.shape[0], w.shape[1])
+    return out
+
+
+def fp32_tile_linear(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor,
+                     bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for fp32 ``x`` [T, I], 1 <= T <= ``fp32_tile_max_rows()``,
+    from ``fp32_tile_pack(W)``: each output's sum over the inputs in order."""
+    return _tile_layout_linear(lib.fp32_tile_linear, "fp32_tile_linear",
+                               "this build lacks AVX-512 (see fp32_tile_max_rows)", x, packed,
+                               bias, out_features)
 
 
 # Each decoder layer's row of the ``decode_layers`` table: these tensors' addresses, in this
@@ -496,7 +546,8 @@ def decode_layers(lib: ctypes.CDLL, linear_kind: int, x: torch.Tensor, layers: t
 def _tile_layout_linear(fn: Any, name: str, unavailable: str, x: torch.Tensor,
                         packed: torch.Tensor, bias: torch.Tensor | None,
                         out_features: int) -> torch.Tensor:
-    """Calls one of the C products from ``amx_pack``'s layout (``fn``: -2 where the build
+    """Calls one of the C products from a packed copy (``amx_pack``'s or
+    ``fp32_tile_pack``'s layout; ``fn``: -2 where the build
     or CPU lacks it, -1 for a shape it does not take) into a new [T, out_features]."""
     x = x.contiguous()
     t, i = x.shape

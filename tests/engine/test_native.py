@@ -38,11 +38,68 @@ def test_small_linear_equals_torch(kernel: ctypes.CDLL, rows: int, bias: bool) -
 
 
 def test_linear_uses_torch_above_the_row_limit(kernel: ctypes.CDLL) -> None:
+    # Unpacked (pack_weight off): past the GEMV's rows torch computes, bit for bit.
     layer = Linear(8, 8, bias=False)
     layer.kernel = kernel
     x = torch.randn(SMALL_LINEAR_MAX_ROWS + 1, 8)
     with torch.inference_mode():
         assert torch.equal(layer(x), F.linear(x, layer.weight))
+
+
+needs_fp32_tiles = pytest.mark.skipif(native.fp32_tile_max_rows() == 0,
+                                      reason="the build lacks AVX-512 (fp32 tile kernel)")
+
+
+@needs_fp32_tiles
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 17, 64])
+@pytest.mark.parametrize(("out_features", "in_features"), [(48, 40), (112, 77), (576, 1536)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp32_tile_linear_equals_f_linear(kernel: ctypes.CDLL, rows: int, out_features: int,
+                                          in_features: int, bias: bool) -> None:
+    # 48: three blocks (a partial group of six); 112: seven (a whole group and one more);
+    # rows not a multiple of the pass's four; odd input counts.
+    gen = torch.Generator().manual_seed(rows * out_features)
+    w = torch.randn(out_features, in_features, generator=gen)
+    b = torch.randn(out_features, generator=gen) if bias else None
+    x = torch.randn(rows, in_features, generator=gen)
+    packed = native.fp32_tile_pack(kernel, w)
+    got = native.fp32_tile_linear(kernel, x, packed, b, out_features)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+@needs_fp32_tiles
+def test_fp32_tile_kernel_refuses_what_it_does_not_take(kernel: ctypes.CDLL) -> None:
+    with pytest.raises(ValueError, match="fp32_tile_pack"):
+        native.fp32_tile_pack(kernel, torch.randn(40, 8))  # 40 outputs: not blocks of 16
+    with pytest.raises(ValueError, match="fp32_tile_pack"):
+        native.fp32_tile_pack(kernel, torch.randn(48, 8).bfloat16())
+    packed = native.fp32_tile_pack(kernel, torch.randn(48, 8))
+    for rows in (0, native.fp32_tile_max_rows() + 1):
+        with pytest.raises(ValueError, match="fp32_tile_linear"):
+            native.fp32_tile_linear(kernel, torch.randn(rows, 8), packed, None, 48)
+
+
+@needs_fp32_tiles
+def test_packed_linear_sends_fp32_decode_rows_to_the_tile_kernel(kernel: ctypes.CDLL) -> None:
+    layer = Linear(40, 48, bias=True)
+    layer.kernel = kernel
+    layer.pack_weight = True
+    gemv, tiles, beyond = (SMALL_LINEAR_MAX_ROWS, SMALL_LINEAR_MAX_ROWS + 1,
+                           native.fp32_tile_max_rows() + 1)
+    assert layer.native_route(gemv, torch.float32) == (native.LINEAR_GEMV, layer.weight)
+    route = layer.native_route(tiles, torch.float32)
+    assert route is not None and route[0] == native.LINEAR_FP32_TILE
+    assert route[1] is layer.fp32_tiled(kernel)  # made once, kept
+    assert layer.native_route(beyond, torch.float32) is None
+    x = torch.randn(tiles, 40)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias),
+                                   rtol=1e-5, atol=1e-4)
+    with torch.no_grad():  # a new weight (a TP shard): a new copy
+        layer.weight = torch.nn.Parameter(torch.randn(48, 40))
+    assert layer.fp32_tiled(kernel) is not route[1]
+    layer.pack_weight = False  # BATON_PACKED_GEMM=0: torch past the GEMV
+    assert layer.native_route(tiles, torch.float32) is None
 
 
 def test_the_build_is_cached(kernel: ctypes.CDLL) -> None:

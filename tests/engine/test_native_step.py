@@ -93,10 +93,14 @@ def _tiny(tmp_path_factory: pytest.TempPathFactory, make_llm: Callable[..., LLM]
 
 
 def _native_rows(dtype: str) -> int:
-    """The most decode rows whose GEMMs all run in C by default here."""
+    """The most decode rows whose GEMMs all run in C by default here: the tile kernels'
+    where the weights are packed (bf16 always; fp32 where a packed GEMM is taken), else
+    the GEMV's."""
     from engine.models.llama import SMALL_LINEAR_MAX_ROWS
+    from engine.native import packed_gemm
 
-    tiles = native.tile_linear_max_rows() if dtype == "bfloat16" else 0
+    packed = dtype == "bfloat16" or packed_gemm.fp32_kind() is not None
+    tiles = native.tile_rows(getattr(torch, dtype)) if packed else 0
     return max(tiles, SMALL_LINEAR_MAX_ROWS)
 
 

@@ -85,7 +85,7 @@ def test_packed_gemm_switch(
     # The path itself, on any CPU: where it does not pay (AMD) the default is off, below.
     monkeypatch.setattr(packed_gemm, "fp32_pays", lambda: True)
     path = make_tiny_model_dir(tmp_path_factory.mktemp("llama-packed"), "llama")
-    prompts = [list(range(10, 60)), [5, 6, 7]]
+    prompts = [list(range(10, 110)), [5, 6, 7]]
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     got = {}
     for value in (None, "0"):
@@ -101,8 +101,8 @@ def test_packed_gemm_switch(
         layers = [m for m in model.layers.modules() if isinstance(m, Linear)]
         got[value] = [o.token_ids for o in llm.generate(prompt_token_ids=prompts,
                                                         params=params)]
-        # The 50-token prefill ran the layers' GEMMs packed when on (the LM head saw only
-        # the sampled rows: too few).
+        # The 100-token prefill ran the layers' GEMMs packed when on (past the tile
+        # kernels' 64 rows; the LM head saw only the sampled rows: too few).
         assert all((m._packed is not None) is (value is None) for m in layers)
         del llm
     assert got[None] == got["0"]
@@ -147,8 +147,9 @@ def test_fp32_takes_onednn_where_mkl_does_not_pay(
     assert linears and all(m.pack_weight and m.fp32_pack == packed_gemm.ONEDNN
                            for m in linears)
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-    llm.generate(prompt_token_ids=[list(range(10, 60))], params=params)
-    # The 50-token prefill ran the layers' GEMMs on oneDNN's packs.
+    llm.generate(prompt_token_ids=[list(range(10, 110))], params=params)
+    # The 100-token prefill (past the fp32 tile kernel's 64 rows) ran the layers' GEMMs on
+    # oneDNN's packs.
     layers = [m for m in linears if m is not llm.engine.runner.model.lm_head]
     assert all(m._packed is not None and m.onednn_pack() for m in layers)
     # A few rows without the native GEMV (no kernel) take the pack too: F.linear to
@@ -172,9 +173,10 @@ def test_fp32_is_unpacked_where_neither_pack_applies(
     llm, linears = _fp32_model(tmp_path_factory, "llama-unpacked")
     assert not llm.engine.runner.model.use_packed_gemm(True)
     assert linears and not any(m.pack_weight for m in linears)
-    llm.generate(prompt_token_ids=[list(range(10, 60))],
+    llm.generate(prompt_token_ids=[list(range(10, 110))],
                  params=SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
-    assert all(m._packed is None for m in linears)  # a 50-token prefill packed nothing
+    # A 100-token prefill packed nothing, and no fp32 tile copy was made (a packed copy too).
+    assert all(m._packed is None and m._fp32_tiles is None for m in linears)
 
 
 @pytest.mark.parametrize(("text", "vendor"), [

@@ -10,9 +10,9 @@
  *   gu = linear(h, Wgu); act = silu_mul(gu); m = linear(act, Wdown);
  *   add_rms_norm(x += m -> h, next layer's input norm, or the final norm).
  *
- * `linear` is one of the three small-batch products: the GEMV of small_linear.c /
- * bf16_ops.c on the plain weight [O, I], or vnni_linear_bf16 / amx_linear_bf16 on its
- * tile-layout copy (amx_gemm.c). At batch 1 the Python between kernels cost about as much
+ * `linear` is one of the small-batch products: the GEMV of small_linear.c / bf16_ops.c on
+ * the plain weight [O, I], vnni_linear_bf16 / amx_linear_bf16 on its tile-layout copy
+ * (amx_gemm.c), or fp32_tile_linear on its fp32 blocks (fp32_gemm.c). At batch 1 the Python between kernels cost about as much
  * as the elementwise work and attention together (a quarter of the step).
  */
 #include <stdint.h>
@@ -22,7 +22,7 @@
 #include "bf16.h"
 
 enum { DTYPE_F32 = 0, DTYPE_BF16 = 1 };
-enum { LINEAR_GEMV = 0, LINEAR_VNNI = 1, LINEAR_AMX = 2 };
+enum { LINEAR_GEMV = 0, LINEAR_VNNI = 1, LINEAR_AMX = 2, LINEAR_FP32_TILE = 3 };
 
 /* The pointers each layer takes, in this order, in the `layers` table. */
 enum { P_IN_NORM, P_POST_NORM, P_QKV, P_QKV_BIAS, P_O, P_GATE_UP, P_DOWN, P_K_CACHE,
@@ -43,6 +43,8 @@ int small_linear(const float *, const float *, const float *, float *, int64_t, 
                  int64_t);
 int small_linear_bf16(const bf16 *, const bf16 *, const bf16 *, bf16 *, int64_t, int64_t,
                       int64_t);
+int fp32_tile_linear(const float *, const float *, const float *, float *, int64_t, int64_t,
+                     int64_t);
 int vnni_linear_bf16(const bf16 *, const bf16 *, const bf16 *, bf16 *, int64_t, int64_t,
                      int64_t);
 int amx_linear_bf16(const bf16 *, const bf16 *, const bf16 *, bf16 *, int64_t, int64_t,
@@ -63,7 +65,9 @@ typedef struct {
 
 static int linear(step_kind k, const void *x, const void *w, const void *b, void *y, int64_t T,
                   int64_t O, int64_t I) {
-    if (!k.bf) return small_linear(x, w, b, y, T, O, I);
+    if (!k.bf)
+        return k.kind == LINEAR_FP32_TILE ? fp32_tile_linear(x, w, b, y, T, O, I)
+                                          : small_linear(x, w, b, y, T, O, I);
     switch (k.kind) {
     case LINEAR_VNNI: return vnni_linear_bf16(x, w, b, y, T, O, I);
     case LINEAR_AMX: return amx_linear_bf16(x, w, b, y, T, O, I);
