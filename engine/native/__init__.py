@@ -494,6 +494,9 @@ def fp32_tile_linear(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor,
                      bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for fp32 ``x`` [T, I], 1 <= T <= ``fp32_tile_max_rows()``,
     from ``fp32_tile_pack(W)``: each output's sum over the inputs in order."""
+    if x.dtype != torch.float32 or packed.dtype != torch.float32:
+        raise TypeError(f"fp32_tile_linear: takes float32 x and weights, not {x.dtype} and "
+                        f"{packed.dtype}")
     return _tile_layout_linear(lib.fp32_tile_linear, "fp32_tile_linear",
                                "this build lacks AVX-512 (see fp32_tile_max_rows)", x, packed,
                                bias, out_features)
@@ -547,8 +550,8 @@ def _tile_layout_linear(fn: Any, name: str, unavailable: str, x: torch.Tensor,
                         packed: torch.Tensor, bias: torch.Tensor | None,
                         out_features: int) -> torch.Tensor:
     """Calls one of the C products from a packed copy (``amx_pack``'s or
-    ``fp32_tile_pack``'s layout; ``fn``: -2 where the build
-    or CPU lacks it, -1 for a shape it does not take) into a new [T, out_features]."""
+    ``fp32_tile_pack``'s layout; ``fn``: -2 where the build or CPU lacks it, -1 for a
+    shape it does not take) into a new [T, out_features]."""
     x = x.contiguous()
     t, i = x.shape
     out = x.new_empty(t, out_features)

@@ -74,6 +74,8 @@ def test_fp32_tile_kernel_refuses_what_it_does_not_take(kernel: ctypes.CDLL) -> 
     with pytest.raises(ValueError, match="fp32_tile_pack"):
         native.fp32_tile_pack(kernel, torch.randn(48, 8).bfloat16())
     packed = native.fp32_tile_pack(kernel, torch.randn(48, 8))
+    with pytest.raises(TypeError, match="float32"):
+        native.fp32_tile_linear(kernel, torch.randn(3, 8).bfloat16(), packed, None, 48)
     for rows in (0, native.fp32_tile_max_rows() + 1):
         with pytest.raises(ValueError, match="fp32_tile_linear"):
             native.fp32_tile_linear(kernel, torch.randn(rows, 8), packed, None, 48)

@@ -12,8 +12,9 @@
  *
  * `linear` is one of the small-batch products: the GEMV of small_linear.c / bf16_ops.c on
  * the plain weight [O, I], vnni_linear_bf16 / amx_linear_bf16 on its tile-layout copy
- * (amx_gemm.c), or fp32_tile_linear on its fp32 blocks (fp32_gemm.c). At batch 1 the Python between kernels cost about as much
- * as the elementwise work and attention together (a quarter of the step).
+ * (amx_gemm.c), or fp32_tile_linear on its fp32 blocks (fp32_gemm.c). At batch 1 the
+ * Python between kernels cost about as much as the elementwise work and attention
+ * together (a quarter of the step).
  */
 #include <stdint.h>
 #include <stdlib.h>
