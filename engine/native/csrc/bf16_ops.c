@@ -348,14 +348,8 @@ static void one(const bf16 *q, const bf16 *kc, const bf16 *vc, const int64_t *ta
     /* Up to four heads by four 16-wide chunks of the value at a time, their sums kept in
      * registers across the keys (in memory, each key's update waited on the last one's
      * store); each sum still runs over the keys in order, so the result is the same. */
-    while (d0 + 16 <= D) {
-        int64_t cn = (D - d0) / 16 < 4 ? (D - d0) / 16 : 4;
-        for (int64_t g0 = 0; g0 < G; g0 += 4)
-            pv_fp32_tile(scores + g0 * len, len, (const char *)(vbase + d0), sizeof(bf16),
-                         load16_bf16, table, bs, D, acc + g0 * D + d0, G - g0 < 4 ? G - g0 : 4,
-                         cn);
-        d0 += cn * 16;
-    }
+    d0 = pv_fp32_heads(scores, len, (const char *)vbase, sizeof(bf16), load16_bf16, table, bs,
+                       G, D, acc);
 #endif
     for (int64_t g = 0; g < G; g++)
         for (int64_t d = d0; d < D; d++) acc[g * D + d] = 0.f;

@@ -1,6 +1,7 @@
 /* What the fp32 and bf16 paged decode attention kernels (paged_decode.c, bf16_ops.c)
  * share: when to use both threads, how far ahead to ask for the cache's rows, a token's
- * cache slot, the key pass (256-bit sums of eight keys) and the fp32 value pass.
+ * cache slot, the key pass (256-bit sums of eight keys) and the fp32-probability value
+ * pass (pv_fp32_heads).
  */
 #ifndef BATON_DECODE_ATTENTION_H
 #define BATON_DECODE_ATTENTION_H
@@ -175,6 +176,24 @@ static inline __attribute__((always_inline)) void pv_fp32_tile(
         PV_CASE(4, 1) PV_CASE(4, 2) PV_CASE(4, 3) PV_CASE(4, 4)
     }
 #undef PV_CASE
+}
+
+/* The fp32-probability value pass over a (request, kv head)'s G heads: acc[g][0 .. d) for
+ * the returned d, D rounded down to sixteen, up to four heads by 64 elements at a time
+ * (pv_fp32_tile; p: [G, len], vbase: the cache of D-element rows, acc rows D floats
+ * apart). The caller sums the columns past d, if any. */
+static inline __attribute__((always_inline)) int64_t pv_fp32_heads(
+    const float *p, int64_t len, const char *vbase, int64_t es, __m512 (*load16)(const void *),
+    const int64_t *table, int64_t bs, int64_t G, int64_t D, float *acc) {
+    int64_t d0 = 0;
+    while (d0 + 16 <= D) {
+        const int64_t cn = (D - d0) / 16 < 4 ? (D - d0) / 16 : 4;
+        for (int64_t g0 = 0; g0 < G; g0 += 4)
+            pv_fp32_tile(p + g0 * len, len, vbase + d0 * es, es, load16, table, bs, D,
+                         acc + g0 * D + d0, G - g0 < 4 ? G - g0 : 4, cn);
+        d0 += cn * 16;
+    }
+    return d0;
 }
 #endif
 

@@ -66,14 +66,8 @@ static void one(const float *q, const float *kc, const float *vc, const int64_t 
     for (int64_t g = 0; g < G; g++) softmax_inplace(scores + g * len, len);
     int64_t d0 = 0;
 #ifdef __AVX512F__
-    while (d0 + 16 <= D) { /* up to four heads by 64 value elements at a time */
-        const int64_t cn = (D - d0) / 16 < 4 ? (D - d0) / 16 : 4;
-        for (int64_t g0 = 0; g0 < G; g0 += 4)
-            pv_fp32_tile(scores + g0 * len, len, (const char *)(vbase + d0), sizeof(float),
-                         load16_fp32, table, bs, D, out + g0 * D + d0, G - g0 < 4 ? G - g0 : 4,
-                         cn);
-        d0 += cn * 16;
-    }
+    d0 = pv_fp32_heads(scores, len, (const char *)vbase, sizeof(float), load16_fp32, table, bs,
+                       G, D, out);
 #endif
     if (d0 == D) return;
     for (int64_t g = 0; g < G; g++)
