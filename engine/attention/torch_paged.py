@@ -87,11 +87,12 @@ class TorchPagedAttention:
         # New keys/values written by the native copy (fp32 or bf16 CPU caches) rather than
         # index_copy_; off with BATON_FUSED_OPS=0.
         self.native_kv_write = envs.fused_ops()
-        # bf16 prefill chunks attended natively (AMX tiles or vdpbf16ps; the kernel checks
-        # the dtype and head size).
-        self.native_prefill = (native_kernel is not None and envs.fused_ops()
-                               and head_dim in native.PREFILL_ATTENTION_HEAD_DIMS
-                               and native.prefill_attention_isa() is not None)
+        # The dtypes of prefill chunks attended natively (bf16: AMX tiles or vdpbf16ps;
+        # fp32: AVX-512F), for this head size.
+        self.native_prefill = frozenset(
+            dtype for dtype in (torch.bfloat16, torch.float32)
+            if native_kernel is not None and envs.fused_ops()
+            and native.prefill_attention_takes(dtype, head_dim))
 
     @staticmethod
     def cache_shape(
@@ -178,7 +179,7 @@ class TorchPagedAttention:
                 ctx = seg.start_pos + seg.length
                 ks = cache.k.index_select(1, seg.block_ids).view(hkv, -1, dh)[:, :ctx]
                 vs = cache.v.index_select(1, seg.block_ids).view(hkv, -1, dh)[:, :ctx]
-            if self.native_prefill and q.dtype == torch.bfloat16:
+            if q.dtype in self.native_prefill:
                 assert self.native is not None
                 native.prefill_attention(
                     self.native, q[sl], ks.transpose(0, 1), vs.transpose(0, 1), out[sl],

@@ -13,9 +13,9 @@
 - ``amx_gemm``: bf16 GEMMs of up to 64 rows (decode steps) on AMX tiles, from a weight
   packed once into tile layout; built only where the compiler targets AMX, used only
   where Linux grants the tile state (``amx_available``).
-- ``prefill_attention``: a bf16 prefill chunk's causal attention, on AMX tiles where
+- ``prefill_attention``: a prefill chunk's causal attention: bf16 on AMX tiles where
   ``amx_available``, else with AVX-512 BF16's vdpbf16ps where the build has it
-  (``prefill_attention_isa``).
+  (``prefill_attention_isa``); fp32 with AVX-512F (``prefill_attention_takes``).
 - ``decode_step``: a decode step's decoder layers in one call (``decode_layers``): the
   kernels above in the fused path's order, without Python between them.
 
@@ -152,6 +152,10 @@ def load() -> ctypes.CDLL | None:
     lib.prefill_attention_bf16.argtypes = (
         tensor + strides[:1] + tensor + strides + tensor + strides + tensor + strides[:1]
         + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int])
+    lib.prefill_attention_f32_available.restype = ctypes.c_int
+    lib.prefill_attention_f32_available.argtypes = []
+    lib.prefill_attention_f32.restype = ctypes.c_int
+    lib.prefill_attention_f32.argtypes = lib.prefill_attention_bf16.argtypes[:-1]
     lib.amx_max_rows.restype = ctypes.c_int
     lib.amx_max_rows.argtypes = []
     lib.vnni_max_rows.restype = ctypes.c_int
@@ -565,8 +569,24 @@ def _tile_layout_linear(fn: Any, name: str, unavailable: str, x: torch.Tensor,
     return out
 
 
-# Head sizes ``prefill_attention`` takes (one or two 32-wide tiles of a query).
+# Head sizes ``prefill_attention`` takes in bf16 (one or two 32-wide tiles of a query).
 PREFILL_ATTENTION_HEAD_DIMS = (32, 64)
+# fp32: multiples of 16 up to this.
+PREFILL_ATTENTION_F32_MAX_HEAD_DIM = 256
+
+
+def prefill_attention_takes(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether ``prefill_attention`` attends ``dtype`` chunks of heads of ``head_dim`` here:
+    bf16 ones of ``PREFILL_ATTENTION_HEAD_DIMS`` on ``prefill_attention_isa()``'s back-end,
+    fp32 ones of a multiple of 16 up to ``PREFILL_ATTENTION_F32_MAX_HEAD_DIM`` where the
+    build has AVX-512F."""
+    if dtype == torch.bfloat16:
+        return head_dim in PREFILL_ATTENTION_HEAD_DIMS and prefill_attention_isa() is not None
+    if dtype == torch.float32:
+        lib = load()
+        return (lib is not None and bool(lib.prefill_attention_f32_available())
+                and 0 < head_dim <= PREFILL_ATTENTION_F32_MAX_HEAD_DIM and head_dim % 16 == 0)
+    return False
 
 
 @cache
@@ -581,25 +601,32 @@ def prefill_attention_isa() -> str | None:
 def prefill_attention(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       out: torch.Tensor, scale: float, allow_amx: bool = True) -> None:
     """Causal attention of a prefill chunk, written into ``out``: q, out [S, H, D] and k, v
-    [L, Hkv, D] bf16 (L >= S: the chunk's queries are the last S positions), each head's D
-    elements contiguous; query t sees keys 0 .. L - S + t. ``csrc/prefill_attention.c``;
-    needs ``prefill_attention_isa()``; ``allow_amx=False`` keeps to the vector back-end."""
+    [L, Hkv, D] of one dtype, bf16 or fp32 (L >= S: the chunk's queries are the last S
+    positions), each head's D elements contiguous; query t sees keys 0 .. L - S + t.
+    ``csrc/prefill_attention.c``; needs ``prefill_attention_takes(dtype, D)``;
+    ``allow_amx=False`` keeps bf16 to the vector back-end."""
     tensors = (q, k, v, out)
-    if (any(t.dtype != torch.bfloat16 or t.dim() != 3 or t.stride(2) != 1 for t in tensors)
+    if (q.dtype not in (torch.bfloat16, torch.float32)
+            or any(t.dtype != q.dtype or t.dim() != 3 or t.stride(2) != 1 for t in tensors)
             or q.stride(1) != q.shape[2] or out.stride(1) != out.shape[2]
             or out.shape != q.shape or k.shape != v.shape or k.shape[2] != q.shape[2]):
         raise ValueError(
-            "prefill_attention: expected bf16 q, out [S, H, D] and k, v [L, Hkv, D] with "
-            f"contiguous heads, got {[(tuple(t.shape), t.stride(), t.dtype) for t in tensors]}")
+            "prefill_attention: expected bf16 or fp32 q, out [S, H, D] and k, v [L, Hkv, D] "
+            "of one dtype with contiguous heads, got "
+            f"{[(tuple(t.shape), t.stride(), t.dtype) for t in tensors]}")
     s, h, d = q.shape
     length, hkv = k.shape[0], k.shape[1]
-    err = lib.prefill_attention_bf16(
-        q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(),
-        v.stride(0), v.stride(1), out.data_ptr(), out.stride(0), s, length, h, hkv, d, scale,
-        int(allow_amx))
+    args = (q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(),
+            v.stride(0), v.stride(1), out.data_ptr(), out.stride(0), s, length, h, hkv, d,
+            scale)
+    if q.dtype == torch.float32:
+        err = lib.prefill_attention_f32(*args)
+    else:
+        err = lib.prefill_attention_bf16(*args, int(allow_amx))
     if err == -2:
-        raise RuntimeError("prefill_attention: this build has neither AMX nor AVX-512 BF16 "
-                           "(see prefill_attention_isa)")
+        need = "AVX-512F" if q.dtype == torch.float32 else "AMX or AVX-512 BF16"
+        raise RuntimeError(f"prefill_attention: this build lacks {need} for {q.dtype} "
+                           "(see prefill_attention_takes)")
     if err == -3:
         raise MemoryError("prefill_attention: out of memory for its packed keys and values")
     if err:

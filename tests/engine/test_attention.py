@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -139,3 +141,62 @@ def test_native_decode_head_layouts(
         probs = torch.softmax(qb @ k.transpose(1, 2) * 0.125, dim=-1)
         ref = (probs @ v).reshape(heads, head_dim)
         torch.testing.assert_close(out[b].float(), ref, rtol=tol, atol=tol)
+
+
+def _fp32_prefill_kernel() -> ctypes.CDLL:
+    kernel = native.load()
+    if kernel is None or not native.prefill_attention_takes(torch.float32, 64):
+        pytest.skip("the fp32 prefill attention kernel is not built here (no AVX-512F)")
+    return kernel
+
+
+@pytest.mark.parametrize(
+    ("queries", "keys", "heads", "kv_heads", "head_dim"),
+    [(1, 1, 9, 3, 64), (17, 17, 9, 3, 64), (256, 256, 9, 3, 64), (100, 300, 9, 3, 64),
+     (33, 70, 4, 2, 32), (5, 5, 4, 4, 64), (90, 90, 9, 3, 64), (19, 19, 3, 3, 48),
+     (20, 41, 2, 1, 128), (7, 30, 2, 2, 16), (3, 80, 2, 1, 256)],
+)
+def test_native_fp32_prefill_attention_equals_dense(
+    queries: int, keys: int, heads: int, kv_heads: int, head_dim: int
+) -> None:
+    """The fp32 prefill kernel: partial blocks of 16 queries and keys and of four query
+    rows, a chunk after earlier context, 1 to 3 query heads per kv head, every count of
+    16-element value chunks (1 to 4, and past 64 in groups), key blocks past the scores'
+    groups of four; q, k and v strided inside one fused qkv row as the model hands them
+    over (v given its own strides where heads == kv_heads)."""
+    kernel = _fp32_prefill_kernel()
+    gen = torch.Generator().manual_seed(queries * keys + head_dim)
+    qkv = torch.randn(keys, (heads + 2 * kv_heads) * head_dim, generator=gen)
+    q, k, v = qkv.view(keys, -1, head_dim).split([heads, kv_heads, kv_heads], dim=1)
+    q = q[keys - queries:]
+    if heads == kv_heads:
+        v = v.contiguous()
+    out = torch.full((queries, heads, head_dim), float("nan"))
+    native.prefill_attention(kernel, q, k, v, out, head_dim**-0.5)
+    # fp32 sums in another order than the reference's: equal to rounding.
+    torch.testing.assert_close(out, dense_reference(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_native_fp32_prefill_attention_refuses_what_it_does_not_take() -> None:
+    kernel = _fp32_prefill_kernel()
+    q, k = torch.zeros(4, 2, 24), torch.zeros(4, 1, 24)  # not a multiple of 16
+    with pytest.raises(ValueError, match="cannot take 4 queries of 2 heads x 24"):
+        native.prefill_attention(kernel, q, k, k, torch.empty_like(q), 0.1)
+    assert not native.prefill_attention_takes(torch.float32, 24)
+    assert not native.prefill_attention_takes(torch.float32, 272)
+    q16, k16 = q.half(), k.half()
+    with pytest.raises(ValueError, match="expected bf16 or fp32"):
+        native.prefill_attention(kernel, q16, k16, k16, torch.empty_like(q16), 0.1)
+    with pytest.raises(ValueError, match="of one dtype"):
+        native.prefill_attention(kernel, q, k.bfloat16(), k, torch.empty_like(q), 0.1)
+
+
+def test_paged_prefill_fp32_natively_equals_dense() -> None:
+    kernel = _fp32_prefill_kernel()
+    backend = TorchPagedAttention(64, kernel)
+    assert torch.float32 in backend.native_prefill
+    # Two decodes, a fresh prefill and a later chunk that reads its context from the cache.
+    out, ref, _ = run_step(backend, *MIXED, head_dim=64)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    off = TorchPagedAttention(24, kernel)
+    assert torch.float32 not in off.native_prefill

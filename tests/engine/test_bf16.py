@@ -352,8 +352,8 @@ def test_prefill_attention_refuses_what_it_does_not_take(
     q, k = torch.zeros(4, 2, 128, dtype=BF16), torch.zeros(4, 1, 128, dtype=BF16)
     with pytest.raises(ValueError, match="cannot take 4 queries of 2 heads x 128"):
         native.prefill_attention(kernel, q, k, k, torch.empty_like(q), 0.1, prefill_backend)
-    q, k = torch.zeros(4, 2, 64), torch.zeros(4, 1, 64)
-    with pytest.raises(ValueError, match="expected bf16"):
+    q, k = torch.zeros(4, 2, 64, dtype=torch.float16), torch.zeros(4, 1, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="expected bf16 or fp32"):
         native.prefill_attention(kernel, q, k, k, torch.empty_like(q), 0.1, prefill_backend)
 
 
@@ -363,7 +363,7 @@ def test_paged_prefill_bf16_natively_equals_dense(kernel: ctypes.CDLL) -> None:
     if native.prefill_attention_isa() is None:
         pytest.skip("this build has neither AMX nor AVX-512 BF16")
     backend = TorchPagedAttention(64, kernel)
-    assert backend.native_prefill
+    assert BF16 in backend.native_prefill
     # Two decodes, a fresh prefill and a later chunk that reads its context from the cache.
     out, ref, _ = run_step(backend, *MIXED, dtype=BF16, head_dim=64)
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)

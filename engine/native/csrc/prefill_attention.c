@@ -1,7 +1,8 @@
 /* Causal prefill attention in bf16: a prefill chunk's S queries against its L keys (the
  * chunk's own and any before it), grouped-query heads sharing a kv head. Two back-ends
  * with one data layout: AMX tiles where the CPU has them and Linux grants the tile state,
- * else AVX-512 BF16's vdpbf16ps (AMD Zen 4, Intel Cooper Lake on).
+ * else AVX-512 BF16's vdpbf16ps (AMD Zen 4, Intel Cooper Lake on). And in fp32 on
+ * AVX-512F (prefill_attention_f32, below: the vector back-end's blocking in fp32 FMAs).
  *
  * torch's CPU flash attention ran a 256-token chunk of this model's 9 heads at ~165
  * GFLOP/s on one core of a Sapphire Rapids (a quarter of a bf16 prefill step beside GEMMs
@@ -40,8 +41,39 @@
 #define HAVE_VDPBF16 0
 #endif
 
-#if HAVE_AMX || HAVE_VDPBF16
 static inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+
+/* One row's softmax numerators, e[j] = exp(s[j] * scale - max) for j < n and zero on to
+ * width (a multiple of 16), each sixteen handed to store(dst, j, e[j ..]); returns the sum
+ * of the first n. Sixteen at a time, the last sixteen masked. Inlined with store known. */
+static inline __attribute__((always_inline)) float softmax_numerators(
+    const float *s, int64_t n, int64_t width, float scale, void *dst,
+    void (*store)(void *, int64_t, __m512)) {
+    const __m512 sc = _mm512_set1_ps(scale);
+    __m512 m16 = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 live = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
+        m16 = _mm512_mask_max_ps(m16, live, m16, _mm512_mul_ps(_mm512_maskz_loadu_ps(live, s + j), sc));
+    }
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(m16));
+    __m512 sum = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j < n; j += 16) {
+        const __mmask16 live = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
+        const __m512 x = _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(s + j), sc), m);
+        const __m512 e = _mm512_maskz_mov_ps(live, vexpf16(x));
+        sum = _mm512_add_ps(sum, e);
+        store(dst, j, e);
+    }
+    for (; j < width; j += 16) store(dst, j, _mm512_setzero_ps());
+    return n ? _mm512_reduce_add_ps(sum) : 0.f;
+}
+#endif
+
+#if HAVE_AMX || HAVE_VDPBF16
 
 static void pack_k(const bf16 *k, int64_t k_row, int64_t L, int64_t D, int64_t kb,
                    bf16 *tiles) {
@@ -185,28 +217,14 @@ static void values_vec(const bf16 *p, int64_t ld, const bf16 *vp, int64_t nkb2, 
 #endif
 
 #if HAVE_AMX || HAVE_VDPBF16
+static inline void store_bf16_x16(void *p, int64_t j, __m512 e) {
+    _mm256_storeu_si256((__m256i *)((bf16 *)p + j), to_bf16_x16(e));
+}
+
 /* One row's softmax numerators: p[j] = bf16(exp(s[j] * scale - max)) for j < n, zero on to
- * width (a multiple of 32); returns their fp32 sum (of the unrounded values). Sixteen at a
- * time, the last sixteen masked. */
+ * width (a multiple of 32); returns their fp32 sum (of the unrounded values). */
 static float softmax_row(const float *s, int64_t n, int64_t width, float scale, bf16 *p) {
-    const __m512 sc = _mm512_set1_ps(scale);
-    __m512 m16 = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < n; j += 16) {
-        const __mmask16 live = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
-        m16 = _mm512_mask_max_ps(m16, live, m16, _mm512_mul_ps(_mm512_maskz_loadu_ps(live, s + j), sc));
-    }
-    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(m16));
-    __m512 sum = _mm512_setzero_ps();
-    int64_t j = 0;
-    for (; j < n; j += 16) {
-        const __mmask16 live = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
-        const __m512 x = _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(s + j), sc), m);
-        const __m512 e = _mm512_maskz_mov_ps(live, vexpf16(x));
-        sum = _mm512_add_ps(sum, e);
-        _mm256_storeu_si256((__m256i *)(p + j), to_bf16_x16(e));
-    }
-    for (; j < width; j += 16) _mm256_storeu_si256((__m256i *)(p + j), _mm256_setzero_si256());
-    return n ? _mm512_reduce_add_ps(sum) : 0.f;
+    return softmax_numerators(s, n, width, scale, p, store_bf16_x16);
 }
 
 #endif
@@ -237,6 +255,174 @@ static inline void values(const bf16 *p, int64_t ld, const bf16 *vp, int64_t nkb
     }
 }
 #endif
+
+#ifdef __AVX512F__
+/* fp32, AVX-512F. torch's CPU flash attention ran this model's 256-token chunks at ~70
+ * GFLOP/s (causal work) on the two cores of an EPYC (Zen 4), where fp32 GEMMs run at
+ * ~200: an eighth of a fp32 prefill step at 256 tokens, a third at 2048. The same blocking
+ * as the bf16 kernels' vector back-end, in fp32 FMAs: K packed per kv head and block of 16
+ * keys dim-major ([D][16], keys past L zero), so one load holds sixteen keys' element d
+ * and a broadcast query element scores all sixteen; scores of four query rows by four
+ * key blocks in sixteen registers; an exact softmax per row in fp32 (maximum, exp of the
+ * differences, their sum), its unnormalised probabilities times V read in place (rows of
+ * contiguous head elements: four rows by 64 output elements in registers, each V row
+ * loaded once for the four), each sum divided by its row's total at the end. torch's flash
+ * kernel does the same arithmetic in blocks of keys, rescaling as the maximum grows, so
+ * results differ from it only in the order of the fp32 sums. */
+static void pack_k_f32(const float *k, int64_t k_row, int64_t L, int64_t D, int64_t kb,
+                       float *blk) {
+    for (int n = 0; n < 16; n++) {
+        const int64_t j = kb * 16 + n;
+        const float *row = k + j * k_row;
+        for (int64_t d = 0; d < D; d++) blk[d * 16 + n] = j < L ? row[d] : 0.f;
+    }
+}
+
+/* Scores of four query rows (q, rows D apart) against NB key blocks from kb, into s (rows
+ * ld apart). */
+static inline __attribute__((always_inline)) void scores_f32_4xn(
+    const float *q, const float *kp, int64_t kb, int64_t D, float *s, int64_t ld, const int NB) {
+    __m512 acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d++) {
+        __m512 k[4];
+        for (int b = 0; b < NB; b++) k[b] = _mm512_load_ps(kp + ((kb + b) * D + d) * 16);
+        for (int r = 0; r < 4; r++) {
+            const __m512 qr = _mm512_set1_ps(q[r * D + d]);
+            for (int b = 0; b < NB; b++) acc[r][b] = _mm512_fmadd_ps(qr, k[b], acc[r][b]);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int b = 0; b < NB; b++) _mm512_storeu_ps(s + r * ld + (kb + b) * 16, acc[r][b]);
+}
+
+static inline void store_f32_x16(void *p, int64_t j, __m512 e) { _mm512_storeu_ps((float *)p + j, e); }
+
+/* Row r's softmax numerators in place: s[j] = exp(s[j] * scale - max) for j < n, zero on
+ * to width (a multiple of 16); returns their sum. */
+static float softmax_row_f32(float *s, int64_t n, int64_t width, float scale) {
+    return softmax_numerators(s, n, width, scale, s, store_f32_x16);
+}
+
+/* acc[r][0 .. 16 CN) (rows acc_ld apart) = sum over keys j < n of p[r][j] v_j[0 .. 16 CN)
+ * for four probability rows (ld apart), v_j at v + j * v_row; each V row's chunks loaded
+ * once for the four rows. */
+static inline __attribute__((always_inline)) void values_f32_4(
+    const float *p, int64_t ld, const float *v, int64_t v_row, int64_t n, float *acc,
+    int64_t acc_ld, const int CN) {
+    __m512 a[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < CN; c++) a[r][c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j++) {
+        __m512 vr[4];
+        for (int c = 0; c < CN; c++) vr[c] = _mm512_loadu_ps(v + j * v_row + c * 16);
+        for (int r = 0; r < 4; r++) {
+            const __m512 pr = _mm512_set1_ps(p[r * ld + j]);
+            for (int c = 0; c < CN; c++) a[r][c] = _mm512_fmadd_ps(pr, vr[c], a[r][c]);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < CN; c++) _mm512_storeu_ps(acc + r * acc_ld + c * 16, a[r][c]);
+}
+#endif
+
+/* 1 where prefill_attention_f32 runs (the build has AVX-512F), else 0. */
+int prefill_attention_f32_available(void) {
+#ifdef __AVX512F__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* fp32 causal prefill attention: the arguments and results of prefill_attention_bf16 (no
+ * allow_amx), all fp32, any head size D a multiple of 16 up to 256. -2 where the build
+ * lacks AVX-512F. */
+int prefill_attention_f32(const float *q, int64_t q_row, const float *k, int64_t k_row,
+                          int64_t k_head, const float *v, int64_t v_row, int64_t v_head,
+                          float *out, int64_t out_row, int64_t S, int64_t L, int64_t H,
+                          int64_t Hkv, int64_t D, float scale) {
+#ifdef __AVX512F__
+    if (S < 1 || L < S || Hkv < 1 || H % Hkv || D < 16 || D % 16 || D > 256) return -1;
+    const int64_t G = H / Hkv, L16 = round_up(L, 16), kblocks = L16 / 16;
+    const int64_t qblocks = (S + 15) / 16;
+    const int64_t lds = L16 + 16; /* rows 4 KiB apart would share an L1 set */
+    const int64_t ksize = L16 * D;
+    float *kp = (float *)aligned_alloc(64, (size_t)(Hkv * ksize) * sizeof(float));
+    if (!kp) return -3;
+    int failed = 0;
+#pragma omp parallel
+    {
+        /* Per thread: 16 rows of scores, then a block's 16 query rows and output sums. */
+        float *s = (float *)aligned_alloc(64, (size_t)(16 * lds + 2 * 16 * D) * sizeof(float));
+        if (!s) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static) collapse(2)
+        for (int64_t g = 0; g < Hkv; g++)
+            for (int64_t kb = 0; kb < kblocks; kb++)
+                pack_k_f32(k + g * k_head, k_row, L, D, kb, kp + g * ksize + kb * 16 * D);
+        if (s && !failed) {
+            float *qt = s + 16 * lds, *acc = qt + 16 * D;
+            /* Later query blocks see more keys: handed out one at a time, last first. */
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t item = H * qblocks - 1; item >= 0; item--) {
+                const int64_t h = item % H, qb = item / H, g = h / G;
+                const int64_t rows = S - qb * 16 < 16 ? S - qb * 16 : 16;
+                const int64_t first = L - S + qb * 16; /* keys row 0 sees, less one */
+                const int64_t nkb = (first + rows + 15) / 16;
+                for (int64_t r = 0; r < 16; r++) {
+                    if (r < rows) memcpy(qt + r * D, q + (qb * 16 + r) * q_row + h * D,
+                                         (size_t)D * sizeof(float));
+                    else memset(qt + r * D, 0, (size_t)D * sizeof(float));
+                }
+                const float *kh = kp + g * ksize;
+                for (int64_t r = 0; r < rows; r += 4) {
+                    int64_t kb = 0;
+                    for (; kb + 4 <= nkb; kb += 4) scores_f32_4xn(qt + r * D, kh, kb, D, s + r * lds, lds, 4);
+                    for (; kb < nkb; kb++) scores_f32_4xn(qt + r * D, kh, kb, D, s + r * lds, lds, 1);
+                }
+                float inv[16];
+                for (int64_t r = 0; r < 16; r++) {
+                    const int64_t n = r < rows ? first + r + 1 : 0;
+                    const float sum = softmax_row_f32(s + r * lds, n, nkb * 16, scale);
+                    inv[r] = n ? 1.f / sum : 0.f;
+                }
+                const float *vh = v + g * v_head;
+                for (int64_t r = 0; r < rows; r += 4) {
+                    const int64_t n = first + (r + 4 < rows ? r + 4 : rows); /* the group's last row's keys */
+                    for (int64_t d0 = 0; d0 < D; d0 += 64) {
+                        const float *p = s + r * lds;
+                        float *a = acc + r * D + d0;
+                        switch (D - d0 < 64 ? (D - d0) / 16 : 4) {
+                        case 1: values_f32_4(p, lds, vh + d0, v_row, n, a, D, 1); break;
+                        case 2: values_f32_4(p, lds, vh + d0, v_row, n, a, D, 2); break;
+                        case 3: values_f32_4(p, lds, vh + d0, v_row, n, a, D, 3); break;
+                        default: values_f32_4(p, lds, vh + d0, v_row, n, a, D, 4); break;
+                        }
+                    }
+                }
+                for (int64_t r = 0; r < rows; r++) {
+                    float *o = out + (qb * 16 + r) * out_row + h * D;
+                    const __m512 iv = _mm512_set1_ps(inv[r]);
+                    for (int64_t d = 0; d < D; d += 16)
+                        _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(acc + r * D + d), iv));
+                }
+            }
+        }
+        free(s);
+    }
+    free(kp);
+    return failed ? -3 : 0;
+#else
+    (void)q; (void)q_row; (void)k; (void)k_row; (void)k_head; (void)v; (void)v_row;
+    (void)v_head; (void)out; (void)out_row; (void)S; (void)L; (void)H; (void)Hkv; (void)D;
+    (void)scale;
+    return -2;
+#endif
+}
 
 /* Which back-end a call with allow_amx set takes: 2 AMX (the first call asks Linux for
  * the tile state), 1 AVX-512 BF16, 0 none (every call returns -2). */
