@@ -111,8 +111,8 @@ class Linear(nn.Linear):
     (``engine.native.packed_gemm``), except inputs of up to 64 rows: bf16 ones go to the
     AMX kernel where the CPU has AMX (``native.amx_linear``, from a tile-layout copy of the
     weight packed once), and, where it has AVX-512 BF16 instead, to ``native.vnni_linear``
-    (the same copy); fp32 ones past the GEMV's to ``native.fp32_tile_linear`` (from the
-    weight in blocks of sixteen outputs) where the CPU has AVX-512."""
+    (the same copy); fp32 ones of up to 64 rows to ``native.fp32_tile_linear`` (from the
+    weight in blocks of sixteen outputs) where the CPU has AVX-512, before the GEMV."""
 
     kernel: ctypes.CDLL | None = None
     pack_weight: bool = False  # use the packed GEMM (set by use_packed_gemm)
@@ -158,13 +158,15 @@ class Linear(nn.Linear):
                 and 0 < rows <= native.tile_linear_max_rows()
                 and (tiles := self.amx_packed(self.kernel)) is not None):
             return native.tile_linear_kind(), tiles
-        if (rows <= SMALL_LINEAR_MAX_ROWS and dtype == self.weight.dtype
-                and native.supports(dtype)):
-            return native.LINEAR_GEMV, self.weight
+        # fp32: the tile kernel from one row (1-4 rows of SmolLM2's decode GEMMs took
+        # 0.81-0.45x the GEMV's time: `python -m bench.decode_gemm --dtype float32`).
         if (self.pack_weight and dtype == torch.float32
                 and 0 < rows <= native.fp32_tile_max_rows()
                 and (tiles := self.fp32_tiled(self.kernel)) is not None):
             return native.LINEAR_FP32_TILE, tiles
+        if (rows <= SMALL_LINEAR_MAX_ROWS and dtype == self.weight.dtype
+                and native.supports(dtype)):
+            return native.LINEAR_GEMV, self.weight
         return None
 
     def decode_weight(self, rows: int, dtype: torch.dtype) -> torch.Tensor:
