@@ -159,7 +159,8 @@ class Linear(nn.Linear):
                 and (tiles := self.amx_packed(self.kernel)) is not None):
             return native.tile_linear_kind(), tiles
         # fp32: the tile kernel from one row (1-4 rows of SmolLM2's decode GEMMs took
-        # 0.81-0.45x the GEMV's time: `python -m bench.decode_gemm --dtype float32`).
+        # 0.45-0.91x the GEMV's time in two runs: `python -m bench.decode_gemm --dtype
+        # float32`; the GEMV reads the weights once per row).
         if (self.pack_weight and dtype == torch.float32
                 and 0 < rows <= native.fp32_tile_max_rows()
                 and (tiles := self.fp32_tiled(self.kernel)) is not None):

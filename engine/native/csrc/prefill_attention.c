@@ -56,7 +56,8 @@ static inline __attribute__((always_inline)) float softmax_numerators(
     __m512 m16 = _mm512_set1_ps(-INFINITY);
     for (int64_t j = 0; j < n; j += 16) {
         const __mmask16 live = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
-        m16 = _mm512_mask_max_ps(m16, live, m16, _mm512_mul_ps(_mm512_maskz_loadu_ps(live, s + j), sc));
+        const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(live, s + j), sc);
+        m16 = _mm512_mask_max_ps(m16, live, m16, x);
     }
     const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(m16));
     __m512 sum = _mm512_setzero_ps();
@@ -297,7 +298,9 @@ static inline __attribute__((always_inline)) void scores_f32_4xn(
         for (int b = 0; b < NB; b++) _mm512_storeu_ps(s + r * ld + (kb + b) * 16, acc[r][b]);
 }
 
-static inline void store_f32_x16(void *p, int64_t j, __m512 e) { _mm512_storeu_ps((float *)p + j, e); }
+static inline void store_f32_x16(void *p, int64_t j, __m512 e) {
+    _mm512_storeu_ps((float *)p + j, e);
+}
 
 /* Row r's softmax numerators in place: s[j] = exp(s[j] * scale - max) for j < n, zero on
  * to width (a multiple of 16); returns their sum. */
@@ -380,9 +383,11 @@ int prefill_attention_f32(const float *q, int64_t q_row, const float *k, int64_t
                 }
                 const float *kh = kp + g * ksize;
                 for (int64_t r = 0; r < rows; r += 4) {
+                    const float *qr = qt + r * D;
+                    float *sr = s + r * lds;
                     int64_t kb = 0;
-                    for (; kb + 4 <= nkb; kb += 4) scores_f32_4xn(qt + r * D, kh, kb, D, s + r * lds, lds, 4);
-                    for (; kb < nkb; kb++) scores_f32_4xn(qt + r * D, kh, kb, D, s + r * lds, lds, 1);
+                    for (; kb + 4 <= nkb; kb += 4) scores_f32_4xn(qr, kh, kb, D, sr, lds, 4);
+                    for (; kb < nkb; kb++) scores_f32_4xn(qr, kh, kb, D, sr, lds, 1);
                 }
                 float inv[16];
                 for (int64_t r = 0; r < 16; r++) {
@@ -392,7 +397,8 @@ int prefill_attention_f32(const float *q, int64_t q_row, const float *k, int64_t
                 }
                 const float *vh = v + g * v_head;
                 for (int64_t r = 0; r < rows; r += 4) {
-                    const int64_t n = first + (r + 4 < rows ? r + 4 : rows); /* the group's last row's keys */
+                    /* The keys the group's last row sees (the others' past theirs are 0). */
+                    const int64_t n = first + (r + 4 < rows ? r + 4 : rows);
                     for (int64_t d0 = 0; d0 < D; d0 += 64) {
                         const float *p = s + r * lds;
                         float *a = acc + r * D + d0;
@@ -407,8 +413,10 @@ int prefill_attention_f32(const float *q, int64_t q_row, const float *k, int64_t
                 for (int64_t r = 0; r < rows; r++) {
                     float *o = out + (qb * 16 + r) * out_row + h * D;
                     const __m512 iv = _mm512_set1_ps(inv[r]);
-                    for (int64_t d = 0; d < D; d += 16)
-                        _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(acc + r * D + d), iv));
+                    for (int64_t d = 0; d < D; d += 16) {
+                        const __m512 sums = _mm512_loadu_ps(acc + r * D + d);
+                        _mm512_storeu_ps(o + d, _mm512_mul_ps(sums, iv));
+                    }
                 }
             }
         }
