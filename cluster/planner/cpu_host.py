@@ -7,18 +7,19 @@ profile (DistServe's form, ``cluster.planner.latency``) fitted at it.
 Instances on one host share its cores with each other and with the host's other work: the
 router, Ray's processes, a client on the same host (``background`` cores, kept busy all the
 time). An instance given ``t`` threads steps at the profile of ``t`` threads while the
-threads that are in a step fit the cores, with the background for one-thread instances.
-Past that the host is contended, and an instance's effective thread count is:
+threads that are in a step and the background fit the cores. Past that the host is
+contended, and an instance's effective thread count is:
 
-- one thread: its fair share, ``cores / demand`` (``demand``: every busy thread plus the
-  background); Linux moves a lone thread to wherever there is room;
+- one thread, or a team while the busy threads fit the cores: its fair share,
+  ``t * cores / demand`` (``demand``: every busy thread plus the background); Linux moves
+  a lone thread to wherever there is room, and a team's threads each lose the
+  background's share of their core;
 - a team of ``t`` > 1 OpenMP threads, when the busy threads outnumber the cores:
   ``t * TEAM_EFFICIENCY / max_load``, where ``max_load`` is the runnable threads on the
   most loaded core (the busy instances' threads spread evenly, the background on one of the
   least loaded cores). Every parallel region ends at a barrier, so the team runs at the
   pace of its slowest thread, and the others spin and then sleep there;
-  ``TEAM_EFFICIENCY`` is what that waiting costs besides. A team whose busy threads fit the
-  cores keeps its profile's speed beside the background (measured, below).
+  ``TEAM_EFFICIENCY`` is what that waiting costs besides.
 
 A step's time at a fractional thread count interpolates the measured speeds (1 / step time)
 linearly between the two nearest measured counts; below the smallest it is time-sliced
@@ -44,6 +45,17 @@ requests per Poisson rate of 2-4 req/s, compared with ``baton bench peers-sim``:
 - ``TEAM_EFFICIENCY`` 0.8 fits the oversubscribed runs of that earlier engine: one prefill
   plus one decode instance of two threads each fell to 25% SLO attainment at 4 req/s where
   the pair with one thread each held 100% up to 6.
+
+Refitted after the next engine (fp32 prefill attention and decode GEMMs in C, faster bf16
+decode attention; a fresh quick profile whose two-thread decode step is 8.05 ms + 0.59 a
+request), 120 requests per rate of 2-5 req/s: the lone two-thread instance at its profile
+simulated 100 / 89% at 3 / 4 req/s against 98 / 19% measured (mean TPOT 31 / 89 ms
+against 70 / 233): its served speed had not followed its profile's. Charged its fair
+share beside the background (1.78 threads of 2) it simulates 98 / 41% (TPOT 45 / 256 ms);
+charged as a contended team (1.28) 20% at 3 req/s. So a team that fits the cores now
+takes its fair share too; whether the first calibration's run (another engine, another
+profile) still fits was not rechecked. The two one-thread instances were unchanged (56%
+simulated, 62% measured at 4 req/s).
 """
 
 from __future__ import annotations
@@ -179,11 +191,9 @@ def effective_threads(threads: int, others: list[int], cores: int, background: f
     """The effective thread count of an instance of ``threads`` while instances of
     ``others`` threads are in a step too, on ``cores`` with ``background`` cores busy."""
     whole = threads + sum(others)
-    if threads == 1:
-        demand = whole + background
-        return 1.0 if demand <= cores else cores / demand
-    if whole <= cores:  # a team whose threads fit: its profile, beside the background
-        return float(threads)
+    demand = whole + background
+    if threads == 1 or whole <= cores:  # a lone thread, or a team that fits: its fair share
+        return float(threads) if demand <= cores else threads * cores / demand
     base, extra = divmod(whole, cores)  # ``extra`` cores run base + 1 threads, one runs base
     max_load = max(base + (1 if extra else 0), base + background)  # the background there
     return threads * TEAM_EFFICIENCY / max_load
