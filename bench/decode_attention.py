@@ -67,6 +67,8 @@ def parse(p: argparse.ArgumentParser,
     for flag, value in sizes.items():
         if value < 1:
             p.error(f"{flag}: must be >= 1 (got {value})")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads: must be >= 1 (got {args.threads})")
     if args.heads % args.kv_heads:
         p.error(f"--heads: {args.heads} is not a multiple of --kv-heads {args.kv_heads}")
     return args, [DTYPES[d] for d in names], batches

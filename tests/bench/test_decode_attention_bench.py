@@ -32,6 +32,7 @@ def test_tiny_run_prints_a_row_per_dtype_and_batch(capsys: pytest.CaptureFixture
     (["--batches", "0,4"], "--batches"),
     (["--heads", "9", "--kv-heads", "2"], "--heads"),
     (["--context", "0"], "--context"),
+    (["--threads", "0"], "--threads"),
 ])
 def test_bad_arguments_exit_with_a_usage_error_naming_the_flag(
         argv: list[str], field: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -39,6 +39,7 @@ def test_a_dtype_without_the_kernel_exits_1(monkeypatch: pytest.MonkeyPatch,
     (["--lengths", "0"], "--lengths"),
     (["--lengths", "a"], "--lengths"),
     (["--heads", "9", "--kv-heads", "2"], "--heads"),
+    (["--threads", "0"], "--threads"),
 ])
 def test_bad_arguments_exit_2_naming_the_flag(argv: list[str], flag: str,
                                               capsys: pytest.CaptureFixture[str]) -> None:
