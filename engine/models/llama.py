@@ -124,7 +124,7 @@ class Linear(nn.Linear):
     # The AMX tile-layout copy of a bf16 weight (decode steps of up to 64 rows), or None
     # where this weight or CPU cannot take the AMX kernel; for the weight of its key.
     _amx: tuple[WeightKey, torch.Tensor | None] | None = None
-    # The fp32 weight in blocks of sixteen outputs (decode steps of 5 to 64 rows), or None
+    # The fp32 weight in blocks of sixteen outputs (decode steps of 1 to 64 rows), or None
     # where the kernel does not take it; for the weight of its key.
     _fp32_tiles: tuple[WeightKey, torch.Tensor | None] | None = None
 
