@@ -111,8 +111,8 @@ class Linear(nn.Linear):
     (``engine.native.packed_gemm``), except inputs of up to 64 rows: bf16 ones go to the
     AMX kernel where the CPU has AMX (``native.amx_linear``, from a tile-layout copy of the
     weight packed once), and, where it has AVX-512 BF16 instead, to ``native.vnni_linear``
-    (the same copy); fp32 ones of up to 64 rows to ``native.fp32_tile_linear`` (from the
-    weight in blocks of sixteen outputs) where the CPU has AVX-512, before the GEMV."""
+    (the same copy); fp32 ones past the GEMV's to ``native.fp32_tile_linear`` (from the
+    weight in blocks of sixteen outputs) where the CPU has AVX-512."""
 
     kernel: ctypes.CDLL | None = None
     pack_weight: bool = False  # use the packed GEMM (set by use_packed_gemm)
@@ -124,7 +124,7 @@ class Linear(nn.Linear):
     # The AMX tile-layout copy of a bf16 weight (decode steps of up to 64 rows), or None
     # where this weight or CPU cannot take the AMX kernel; for the weight of its key.
     _amx: tuple[WeightKey, torch.Tensor | None] | None = None
-    # The fp32 weight in blocks of sixteen outputs (decode steps of 1 to 64 rows), or None
+    # The fp32 weight in blocks of sixteen outputs (decode steps of 5 to 64 rows), or None
     # where the kernel does not take it; for the weight of its key.
     _fp32_tiles: tuple[WeightKey, torch.Tensor | None] | None = None
 
@@ -158,16 +158,18 @@ class Linear(nn.Linear):
                 and 0 < rows <= native.tile_linear_max_rows()
                 and (tiles := self.amx_packed(self.kernel)) is not None):
             return native.tile_linear_kind(), tiles
-        # fp32: the tile kernel from one row (1-4 rows of SmolLM2's decode GEMMs took
-        # 0.45-0.91x the GEMV's time in two runs: `python -m bench.decode_gemm --dtype
-        # float32`; the GEMV reads the weights once per row).
+        # fp32 rows 1-4 stay on the GEMV: the tile kernel took 0.45-0.91x its time there
+        # (`python -m bench.decode_gemm --dtype float32`), but routing them to it makes
+        # every fp32 engine hold the tile copy (0.54 GB for SmolLM2) even where it never
+        # decodes more than four rows (a CI run with that route had Ray's OOM killer take
+        # an instance of the serving tests).
+        if (rows <= SMALL_LINEAR_MAX_ROWS and dtype == self.weight.dtype
+                and native.supports(dtype)):
+            return native.LINEAR_GEMV, self.weight
         if (self.pack_weight and dtype == torch.float32
                 and 0 < rows <= native.fp32_tile_max_rows()
                 and (tiles := self.fp32_tiled(self.kernel)) is not None):
             return native.LINEAR_FP32_TILE, tiles
-        if (rows <= SMALL_LINEAR_MAX_ROWS and dtype == self.weight.dtype
-                and native.supports(dtype)):
-            return native.LINEAR_GEMV, self.weight
         return None
 
     def decode_weight(self, rows: int, dtype: torch.dtype) -> torch.Tensor:

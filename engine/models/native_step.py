@@ -3,9 +3,9 @@
 The fused path (``LlamaForCausalLM.forward_fused``) calls about ten C kernels a layer from
 Python. At batch 1 on SmolLM2 in bf16 the Python and torch dispatch between them took
 about 3 ms of a 12 ms step (two cores, EPYC). For a step of decode tokens only, whose
-every GEMM a C kernel computes (``Linear.native_route``: up to ``native.tile_rows(dtype)``
-rows on the tile-layout copies, bf16's ``amx_pack`` and fp32's ``fp32_tile_pack``, else up
-to ``SMALL_LINEAR_MAX_ROWS`` on the GEMV), the layer stack runs as one C call that strings
+every GEMM a C kernel computes (``Linear.native_route``: up to ``SMALL_LINEAR_MAX_ROWS``
+rows on the GEMV, more up to ``native.tile_rows(dtype)`` on the tile-layout copies: bf16's
+``amx_pack``, fp32's ``fp32_tile_pack``), the layer stack runs as one C call that strings
 the same kernels together in the same order: the same bits as the fused path.
 
 The call reads the layers' weights and caches from a table of their addresses. It is built

@@ -8,8 +8,8 @@
 - ``bf16_ops``: the bf16 model's elementwise work and decode attention (fp32 inside,
   rounded to bf16 where torch's bf16 ops round).
 - ``argmax``: greedy sampling's argmax over fp32 or bf16 logits rows, as ``torch.argmax``.
-- ``fp32_gemm``: fp32 GEMMs of up to 64 rows (decode steps, from one row), from a weight
-  packed once into blocks of sixteen outputs.
+- ``fp32_gemm``: fp32 GEMMs of up to 64 rows (decode steps past the GEMV's few), from a
+  weight packed once into blocks of sixteen outputs.
 - ``amx_gemm``: bf16 GEMMs of up to 64 rows (decode steps) on AMX tiles, from a weight
   packed once into tile layout; built only where the compiler targets AMX, used only
   where Linux grants the tile state (``amx_available``).

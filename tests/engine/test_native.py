@@ -86,12 +86,12 @@ def test_packed_linear_sends_fp32_decode_rows_to_the_tile_kernel(kernel: ctypes.
     layer = Linear(40, 48, bias=True)
     layer.kernel = kernel
     layer.pack_weight = True
-    tiles, beyond = SMALL_LINEAR_MAX_ROWS + 1, native.fp32_tile_max_rows() + 1
+    gemv, tiles, beyond = (SMALL_LINEAR_MAX_ROWS, SMALL_LINEAR_MAX_ROWS + 1,
+                           native.fp32_tile_max_rows() + 1)
+    assert layer.native_route(gemv, torch.float32) == (native.LINEAR_GEMV, layer.weight)
     route = layer.native_route(tiles, torch.float32)
     assert route is not None and route[0] == native.LINEAR_FP32_TILE
     assert route[1] is layer.fp32_tiled(kernel)  # made once, kept
-    for rows in range(1, SMALL_LINEAR_MAX_ROWS + 1):  # from one row, before the GEMV
-        assert layer.native_route(rows, torch.float32) == route
     assert layer.native_route(beyond, torch.float32) is None
     x = torch.randn(tiles, 40)
     with torch.inference_mode():
@@ -100,14 +100,8 @@ def test_packed_linear_sends_fp32_decode_rows_to_the_tile_kernel(kernel: ctypes.
     with torch.no_grad():  # a new weight (a TP shard): a new copy
         layer.weight = torch.nn.Parameter(torch.randn(48, 40))
     assert layer.fp32_tiled(kernel) is not route[1]
-    layer.pack_weight = False  # BATON_PACKED_GEMM=0: the GEMV's rows, then torch
-    assert layer.native_route(SMALL_LINEAR_MAX_ROWS, torch.float32) == (
-        native.LINEAR_GEMV, layer.weight)
+    layer.pack_weight = False  # BATON_PACKED_GEMM=0: torch past the GEMV
     assert layer.native_route(tiles, torch.float32) is None
-    odd = Linear(40, 40)  # 40 outputs: not blocks of 16, so the GEMV keeps its rows
-    odd.kernel, odd.pack_weight = kernel, True
-    assert odd.native_route(1, torch.float32) == (native.LINEAR_GEMV, odd.weight)
-    assert odd.native_route(tiles, torch.float32) is None
 
 
 def test_the_build_is_cached(kernel: ctypes.CDLL) -> None:

@@ -243,11 +243,8 @@ def test_decode_weights_are_the_tensors_a_decode_step_reads(
     assert sum(w.numel() * w.element_size() for w in weights) == size * (
         sum(lin.weight.numel() for lin in linears) + sum(n.weight.numel() for n in norms))
     for lin in linears:  # a tile-layout copy where the kernel takes the weight's shape
-        if dtype == "bfloat16":
-            tiles = native.tile_linear_max_rows() > 0 and native.amx_packable(lin.weight)
-        else:  # fp32's tile kernel takes a batch of one too, where the weights are packed
-            tiles = (lin.pack_weight and native.fp32_tile_max_rows() > 0
-                     and native.fp32_tile_packable(lin.weight))
+        tiles = (dtype == "bfloat16" and native.tile_linear_max_rows() > 0
+                 and native.amx_packable(lin.weight))
         copy = lin.decode_weight(1, getattr(torch, dtype))
         assert copy.data_ptr() in ptrs
         assert (copy.data_ptr() != lin.weight.data_ptr()) == tiles

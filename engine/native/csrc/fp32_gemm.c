@@ -1,6 +1,5 @@
-/* fp32 GEMMs of a decode step's rows (1 to 64; the GEMV in small_linear.c takes 1 to 4
- * where this kernel does not apply) from a weight packed once into blocks of sixteen
- * outputs.
+/* fp32 GEMMs of a decode step's rows (5 to 64: the GEMV in small_linear.c takes fewer)
+ * from a weight packed once into blocks of sixteen outputs.
  *
  * oneDNN's fp32 GEMM on a packed weight ran SmolLM2's layers at 45-60 GFLOP/s at 8 rows,
  * 75-93 at 16 and 107-162 at 64 on two Zen 4 cores (30 layers' weights, from memory);
