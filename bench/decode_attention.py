@@ -27,24 +27,17 @@ from collections.abc import Sequence
 
 import torch
 
+from bench.attention_args import add_common, check_common, int_list
 from engine import native
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.decode_attention", description=__doc__)
-    p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated, of "
-                   + ", ".join(DTYPES))
     p.add_argument("--batches", default="1,16,64", help="comma-separated decode batch sizes")
     p.add_argument("--context", type=int, default=330, help="tokens in each request's cache")
     p.add_argument("--layers", type=int, default=30, help="layers' caches per step")
-    p.add_argument("--heads", type=int, default=9)
-    p.add_argument("--kv-heads", type=int, default=3)
-    p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=10, help="timed steps of each (best kept)")
-    p.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads")
+    add_common(p, repeats_help="timed steps of each (best kept)")
     return p
 
 
@@ -52,32 +45,14 @@ def parse(p: argparse.ArgumentParser,
           argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[torch.dtype], list[int]]:
     """The arguments, the dtypes and the batches, or ``p``'s usage error (exit 2)."""
     args = p.parse_args(argv)
-    names = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    bad = [d for d in names if d not in DTYPES]
-    if bad or not names:
-        p.error(f"--dtypes: {', '.join(bad) or 'none given'}: expected any of "
-                + ", ".join(DTYPES))
-    try:
-        batches = [int(b) for b in args.batches.split(",")]
-    except ValueError:
-        p.error("--batches: expected comma-separated ints")
-    sizes = {"--batches": min(batches), "--context": args.context, "--layers": args.layers,
-             "--heads": args.heads, "--kv-heads": args.kv_heads, "--head-dim": args.head_dim,
-             "--block-size": args.block_size, "--repeats": args.repeats}
-    for flag, value in sizes.items():
-        if value < 1:
-            p.error(f"{flag}: must be >= 1 (got {value})")
-    if args.threads is not None and args.threads < 1:
-        p.error(f"--threads: must be >= 1 (got {args.threads})")
-    if args.heads % args.kv_heads:
-        p.error(f"--heads: {args.heads} is not a multiple of --kv-heads {args.kv_heads}")
-    return args, [DTYPES[d] for d in names], batches
+    batches = int_list(p, "--batches", args.batches)
+    dtypes = check_common(p, args, {"--context": args.context, "--layers": args.layers,
+                                    "--block-size": args.block_size})
+    return args, dtypes, batches
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, dtypes, batches = parse(build_parser(), argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     lib = native.load()
     if lib is None or not all(native.supports(d) for d in dtypes):
         print("needs the native decode attention kernels (engine/native)", file=sys.stderr)

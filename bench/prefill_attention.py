@@ -24,49 +24,25 @@ from collections.abc import Sequence
 
 import torch
 
+from bench.attention_args import add_common, check_common, int_list
 from engine import native
 from engine.attention.torch_paged import TorchPagedAttention
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.prefill_attention", description=__doc__)
-    p.add_argument("--dtypes", default="float32,bfloat16",
-                   help="comma-separated, of " + ", ".join(DTYPES))
     p.add_argument("--lengths", default="256,512,1024,2048",
                    help="comma-separated chunk lengths (tokens; no earlier context)")
-    p.add_argument("--heads", type=int, default=9)
-    p.add_argument("--kv-heads", type=int, default=3)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=10, help="timed calls of each (median kept)")
-    p.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads")
+    add_common(p, repeats_help="timed calls of each (median kept)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    names = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    if not names or any(d not in DTYPES for d in names):
-        p.error(f"--dtypes: expected any of {', '.join(DTYPES)}, got {args.dtypes!r}")
-    try:
-        lengths = [int(n) for n in args.lengths.split(",")]
-    except ValueError:
-        p.error("--lengths: expected comma-separated ints")
-    for flag, value in {"--lengths": min(lengths), "--heads": args.heads,
-                        "--kv-heads": args.kv_heads, "--head-dim": args.head_dim,
-                        "--repeats": args.repeats}.items():
-        if value < 1:
-            p.error(f"{flag}: must be >= 1 (got {value})")
-    if args.threads is not None and args.threads < 1:
-        p.error(f"--threads: must be >= 1 (got {args.threads})")
-    if args.heads % args.kv_heads:
-        p.error(f"--heads: {args.heads} is not a multiple of --kv-heads {args.kv_heads}")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    lengths = int_list(p, "--lengths", args.lengths)
+    dtypes = check_common(p, args)
     lib = native.load()
-    dtypes = [DTYPES[d] for d in names]
     missing = [str(d) for d in dtypes
                if lib is None or not native.prefill_attention_takes(d, args.head_dim)]
     if lib is None or missing:

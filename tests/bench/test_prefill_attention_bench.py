@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 
 from bench import prefill_attention as bench
+from bench.attention_args import DTYPES
 from engine import native
 
-HERE = [name for name, dtype in bench.DTYPES.items()
+HERE = [name for name, dtype in DTYPES.items()
         if native.load() is not None and native.prefill_attention_takes(dtype, 64)]
 
 
