@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 
 import pytest
+
+from tests.memory import give_back_freed_heap
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +20,12 @@ def ray_session() -> Iterator[None]:
     ray.init(address="local", num_cpus=8, include_dashboard=False, object_store_memory=128 << 20)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_heap_after_module() -> Iterator[None]:
+    """After each module: collect what it dropped and give the freed heap back
+    (``give_back_freed_heap``), so no module's leftovers weigh on the next."""
+    yield
+    gc.collect()
+    give_back_freed_heap()

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from engine import LLM
+from tests.memory import give_back_freed_heap
 
 _ENGINES: dict[tuple[Any, ...], LLM] = {}
 
@@ -38,6 +39,7 @@ def _drop_engines() -> Iterator[None]:
     yield
     _ENGINES.clear()
     gc.collect()
+    give_back_freed_heap()
 
 
 @pytest.fixture
