@@ -26,9 +26,9 @@ Each wrapper below takes fp32 or bf16 tensors and calls the kernel for their dty
 Plain C files build in about a second with the system compiler and need neither ninja
 nor torch's headers.
 
-The build lands in a cache keyed by the source, the flags and the CPU model (it is built
-with -march=native). No compiler, or a failed build, means ``load()`` returns None and
-the torch backend keeps its pure-torch decode path.
+The build lands in a cache keyed by the source, the flags and the CPU's model and
+features (it is built with -march=native). No compiler, or a failed build, means
+``load()`` returns None and the torch backend keeps its pure-torch decode path.
 """
 
 from __future__ import annotations
@@ -68,16 +68,21 @@ FLAGS = [
 ]
 
 
-def _cpu_model() -> str:
+def _cpu_identity(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name and feature flags, which -march=native builds for: a VM's
+    model name alone ("AMD EPYC") was the same on a Zen 4 with AVX-512 and a Zen 3
+    without, so a cache keyed by it alone would hand one a build for the other."""
     try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("model name")), platform.processor())
+        with open(cpuinfo) as f:
+            lines = [line.strip() for line in f
+                     if line.startswith(("model name", "flags"))][:2]
     except OSError:
-        return platform.processor()
+        lines = []
+    return "\n".join(lines) or platform.processor()
 
 
 def _build(compiler: str) -> Path:
-    digest = hashlib.sha256(" ".join(FLAGS).encode() + _cpu_model().encode())
+    digest = hashlib.sha256(" ".join(FLAGS).encode() + _cpu_identity().encode())
     for source in [*SOURCES, *HEADERS]:
         digest.update(source.read_bytes())
     target = Path(envs.cache_dir()) / "kernels" / f"baton-{digest.hexdigest()[:16]}.so"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,6 +107,19 @@ def test_packed_linear_sends_fp32_decode_rows_to_the_tile_kernel(kernel: ctypes.
 
 def test_the_build_is_cached(kernel: ctypes.CDLL) -> None:
     assert native.load() is kernel
+
+
+def test_the_build_cache_tells_cpus_of_one_name_apart(tmp_path: Path) -> None:
+    # A VM shows "AMD EPYC" for a Zen 4 with AVX-512 and a Zen 3 without: -march=native
+    # builds differ, so the cache key must too.
+    def identity(flags: str) -> str:
+        info = tmp_path / f"cpuinfo-{len(flags)}"
+        info.write_text(f"processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: {flags}\n"
+                        f"processor\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: {flags}\n")
+        return native._cpu_identity(str(info))
+
+    zen4, zen3 = identity("fpu avx2 avx512f avx512_bf16"), identity("fpu avx2")
+    assert zen4 != zen3 and "AMD EPYC" in zen3 and zen3.endswith("fpu avx2")
 
 
 # The fused elementwise kernels against the torch ops they replace (engine/models/llama.py).
