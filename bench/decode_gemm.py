@@ -1,7 +1,7 @@
 """A decode step's GEMMs, kernel by kernel: the plain GEMV (``native.small_linear``),
 oneDNN on a weight packed once (``packed_gemm.linear_onednn``) and the tile-layout kernel
 this CPU has (bf16: ``native.tile_linear``, AMX, else AVX-512 BF16's ``vnni_linear``;
-fp32, ``--dtype float32``: ``native.fp32_tile_linear``, AVX-512), each over every layer's
+fp32, ``--dtype float32``: ``native.fp32_tile_linear``, AVX-512 or AVX2), each over every layer's
 own weights and the LM head, so nothing stays in the caches from one layer to the next (a
 decode step reads them all once). The variants alternate step by step so a loaded machine
 weighs on all alike.

@@ -88,7 +88,7 @@ class TorchPagedAttention:
         # index_copy_; off with BATON_FUSED_OPS=0.
         self.native_kv_write = envs.fused_ops()
         # The dtypes of prefill chunks attended natively (bf16: AMX tiles or vdpbf16ps;
-        # fp32: AVX-512F), for this head size.
+        # fp32: AVX-512F or AVX2), for this head size.
         self.native_prefill = frozenset(
             dtype for dtype in (torch.bfloat16, torch.float32)
             if native_kernel is not None and envs.fused_ops()

@@ -112,7 +112,7 @@ class Linear(nn.Linear):
     AMX kernel where the CPU has AMX (``native.amx_linear``, from a tile-layout copy of the
     weight packed once), and, where it has AVX-512 BF16 instead, to ``native.vnni_linear``
     (the same copy); fp32 ones past the GEMV's to ``native.fp32_tile_linear`` (from the
-    weight in blocks of sixteen outputs) where the CPU has AVX-512."""
+    weight in blocks of sixteen outputs) where the CPU has AVX-512 or AVX2."""
 
     kernel: ctypes.CDLL | None = None
     pack_weight: bool = False  # use the packed GEMM (set by use_packed_gemm)
@@ -192,8 +192,9 @@ class Linear(nn.Linear):
 
     def fp32_tiled(self, kernel: ctypes.CDLL) -> torch.Tensor | None:
         """The fp32 weight in blocks of sixteen outputs (``native.fp32_tile_pack``), or
-        None where the kernel does not take it (not an fp32 CPU weight of [16k, I], or no
-        AVX-512 here): made on first use, again whenever the weight tensor is replaced."""
+        None where the kernel does not take it (not an fp32 CPU weight of [16k, I], or
+        neither AVX-512 nor AVX2 here): made on first use, again whenever the weight tensor
+        is replaced."""
         w = self.weight
         if self._fp32_tiles is None or self._fp32_tiles[0] != weight_key(w):
             takes = (w.is_cpu and native.fp32_tile_packable(w)

@@ -15,7 +15,7 @@
   where Linux grants the tile state (``amx_available``).
 - ``prefill_attention``: a prefill chunk's causal attention: bf16 on AMX tiles where
   ``amx_available``, else with AVX-512 BF16's vdpbf16ps where the build has it
-  (``prefill_attention_isa``); fp32 with AVX-512F (``prefill_attention_takes``).
+  (``prefill_attention_isa``); fp32 with AVX-512F or AVX2 (``prefill_attention_takes``).
 - ``decode_step``: a decode step's decoder layers in one call (``decode_layers``): the
   kernels above in the fused path's order, without Python between them.
 
@@ -469,7 +469,8 @@ def tile_linear(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor,
 
 @cache
 def fp32_tile_max_rows() -> int:
-    """The most rows ``fp32_tile_linear`` takes: 0 where the build lacks AVX-512."""
+    """The most rows ``fp32_tile_linear`` takes: 0 where the build has neither AVX-512 nor
+    AVX2 with FMA."""
     lib = load()
     return 0 if lib is None else int(lib.fp32_tile_max_rows())
 
@@ -507,8 +508,8 @@ def fp32_tile_linear(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor,
         raise TypeError(f"fp32_tile_linear: takes float32 x and weights, not {x.dtype} and "
                         f"{packed.dtype}")
     return _tile_layout_linear(lib.fp32_tile_linear, "fp32_tile_linear",
-                               "this build lacks AVX-512 (see fp32_tile_max_rows)", x, packed,
-                               bias, out_features)
+                               "this build has no fp32 tile pass (see fp32_tile_max_rows)",
+                               x, packed, bias, out_features)
 
 
 # Each decoder layer's row of the ``decode_layers`` table: these tensors' addresses, in this
@@ -584,7 +585,7 @@ def prefill_attention_takes(dtype: torch.dtype, head_dim: int) -> bool:
     """Whether ``prefill_attention`` attends ``dtype`` chunks of heads of ``head_dim`` here:
     bf16 ones of ``PREFILL_ATTENTION_HEAD_DIMS`` on ``prefill_attention_isa()``'s back-end,
     fp32 ones of a multiple of 16 up to ``PREFILL_ATTENTION_F32_MAX_HEAD_DIM`` where the
-    build has AVX-512F."""
+    build has AVX-512F or AVX2 with FMA."""
     if dtype == torch.bfloat16:
         return head_dim in PREFILL_ATTENTION_HEAD_DIMS and prefill_attention_isa() is not None
     if dtype == torch.float32:

@@ -146,7 +146,7 @@ def test_native_decode_head_layouts(
 def _fp32_prefill_kernel() -> ctypes.CDLL:
     kernel = native.load()
     if kernel is None or not native.prefill_attention_takes(torch.float32, 64):
-        pytest.skip("the fp32 prefill attention kernel is not built here (no AVX-512F)")
+        pytest.skip("no fp32 prefill attention kernel here (neither AVX-512F nor AVX2)")
     return kernel
 
 
@@ -161,9 +161,10 @@ def test_native_fp32_prefill_attention_equals_dense(
 ) -> None:
     """The fp32 prefill kernel: partial blocks of 16 queries and keys and of four query
     rows, a chunk after earlier context, 1 to 3 query heads per kv head, every count of
-    16-element value chunks (1 to 4, and past 64 in groups), key blocks past the scores'
-    groups of four; q, k and v strided inside one fused qkv row as the model hands them
-    over (v given its own strides where heads == kv_heads)."""
+    16-element value chunks (1 to 4, and past 64 in groups), runs of 64 keys of V and a
+    partial last one, key blocks past the scores' groups of four; q, k and v strided
+    inside one fused qkv row as the model hands them over (v given its own strides where
+    heads == kv_heads)."""
     kernel = _fp32_prefill_kernel()
     gen = torch.Generator().manual_seed(queries * keys + head_dim)
     qkv = torch.randn(keys, (heads + 2 * kv_heads) * head_dim, generator=gen)

@@ -48,17 +48,18 @@ def test_linear_uses_torch_above_the_row_limit(kernel: ctypes.CDLL) -> None:
 
 
 needs_fp32_tiles = pytest.mark.skipif(native.fp32_tile_max_rows() == 0,
-                                      reason="the build lacks AVX-512 (fp32 tile kernel)")
+                                      reason="the build has neither AVX-512 nor AVX2 with FMA "
+                                             "(fp32 tile kernel)")
 
 
 @needs_fp32_tiles
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 17, 64])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 6, 7, 13, 17, 64])
 @pytest.mark.parametrize(("out_features", "in_features"), [(48, 40), (112, 77), (576, 1536)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_fp32_tile_linear_equals_f_linear(kernel: ctypes.CDLL, rows: int, out_features: int,
                                           in_features: int, bias: bool) -> None:
     # 48: three blocks (a partial group of six); 112: seven (a whole group and one more);
-    # rows not a multiple of the pass's four; odd input counts.
+    # rows not a multiple of the pass's four (AVX-512) or six (AVX2); odd input counts.
     gen = torch.Generator().manual_seed(rows * out_features)
     w = torch.randn(out_features, in_features, generator=gen)
     b = torch.randn(out_features, generator=gen) if bias else None

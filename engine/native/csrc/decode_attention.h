@@ -8,8 +8,11 @@
 
 #include <stdint.h>
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+/* The key pass needs 256-bit FMAs only; the value pass runs on DA_VEC, sixteen lanes with
+ * AVX-512, else eight. */
+#define DA_VECTOR 1
 #endif
 
 /* Work (heads x context x head size) worth waking the other threads for: at batch 1 in a
@@ -45,7 +48,7 @@ static inline int64_t slot(const int64_t *table, int64_t bs, int64_t j) {
     return table[u / b] * bs + u % b;
 }
 
-#ifdef __AVX512F__
+#ifdef DA_VECTOR
 /* Lane r of the result: the sum of a[r]'s eight lanes (a transpose-and-add tree: two
  * unpacks and a permute, about one add per sum; a 512-bit tree of sixteen sums does twice
  * the lane operations per sum). */
@@ -125,18 +128,36 @@ static inline __attribute__((always_inline)) int64_t qk_keys(
     return j;
 }
 
-/* acc[g][c * 16 ..] = sum over keys j of p[g][j] * v_j[c * 16 ..] in fp32, for GN heads
- * (probabilities p [GN, len]) and CN chunks of sixteen value elements (v: the tile's
- * first element in each cached value row, rows `row` elements of `es` bytes apart; acc
- * rows `row` floats apart); load16 reads sixteen elements as fp32. The GN x CN sums live
- * in registers across the keys (summed in memory, each key's update waited on the last
- * one's store), each over the keys in order. Inlined with GN, CN and load16 constant. */
+#ifdef __AVX512F__
+typedef __m512 da_vec;
+#define DA_LANES 16
+#define DA_MAX_CN 4 /* 4 heads x 4 chunks of 16: 16 sums, 4 rows, a broadcast */
+#define da_zero _mm512_setzero_ps
+#define da_set1 _mm512_set1_ps
+#define da_fmadd _mm512_fmadd_ps
+#define da_store _mm512_storeu_ps
+#else
+typedef __m256 da_vec;
+#define DA_LANES 8
+#define DA_MAX_CN 3 /* 4 heads x 3 chunks of 8: 12 sums, 3 rows, a broadcast (16 ymm) */
+#define da_zero _mm256_setzero_ps
+#define da_set1 _mm256_set1_ps
+#define da_fmadd _mm256_fmadd_ps
+#define da_store _mm256_storeu_ps
+#endif
+
+/* acc[g][c * DA_LANES ..] = sum over keys j of p[g][j] * v_j[c * DA_LANES ..] in fp32, for
+ * GN heads (probabilities p [GN, len]) and CN chunks of DA_LANES value elements (v: the
+ * tile's first element in each cached value row, rows `row` elements of `es` bytes apart;
+ * acc rows `row` floats apart); load reads DA_LANES elements as fp32. The GN x CN sums
+ * live in registers across the keys (summed in memory, each key's update waited on the
+ * last one's store), each over the keys in order. Inlined with GN, CN and load constant. */
 static inline __attribute__((always_inline)) void pv_fp32_fixed(
-    const float *p, int64_t len, const char *v, int64_t es, __m512 (*load16)(const void *),
+    const float *p, int64_t len, const char *v, int64_t es, da_vec (*load)(const void *),
     const int64_t *table, int64_t bs, int64_t row, float *acc, const int GN, const int CN) {
-    __m512 a[4][4];
+    da_vec a[4][DA_MAX_CN];
     for (int g = 0; g < GN; g++)
-        for (int c = 0; c < CN; c++) a[g][c] = _mm512_setzero_ps();
+        for (int c = 0; c < CN; c++) a[g][c] = da_zero();
     /* Running blocks and offsets of the row and of the one PREFETCH_ROWS ahead. */
     int64_t blk = 0, off = 0, ablk = PREFETCH_ROWS / bs, aoff = PREFETCH_ROWS % bs;
     for (int64_t j = 0; j < len; j++) {
@@ -146,52 +167,55 @@ static inline __attribute__((always_inline)) void pv_fp32_fixed(
             blk++;
         }
         if (j + PREFETCH_ROWS < len) { /* this tile's columns of that row */
-            prefetch_bytes(v + (table[ablk] * bs + aoff) * row * es, CN * 16 * es);
+            prefetch_bytes(v + (table[ablk] * bs + aoff) * row * es, CN * DA_LANES * es);
             if (++aoff == bs) {
                 aoff = 0;
                 ablk++;
             }
         }
-        __m512 vr[4];
-        for (int c = 0; c < CN; c++) vr[c] = load16(r + c * 16 * es);
+        da_vec vr[DA_MAX_CN];
+        for (int c = 0; c < CN; c++) vr[c] = load(r + c * DA_LANES * es);
         for (int g = 0; g < GN; g++) {
-            const __m512 pg = _mm512_set1_ps(p[g * len + j]);
-            for (int c = 0; c < CN; c++) a[g][c] = _mm512_fmadd_ps(pg, vr[c], a[g][c]);
+            const da_vec pg = da_set1(p[g * len + j]);
+            for (int c = 0; c < CN; c++) a[g][c] = da_fmadd(pg, vr[c], a[g][c]);
         }
     }
     for (int g = 0; g < GN; g++)
-        for (int c = 0; c < CN; c++) _mm512_storeu_ps(acc + g * row + c * 16, a[g][c]);
+        for (int c = 0; c < CN; c++) da_store(acc + g * row + c * DA_LANES, a[g][c]);
 }
 
-/* pv_fp32_fixed for gn (1-4) heads and cn (1-4) chunks. */
+/* pv_fp32_fixed for gn (1-4) heads and cn (1-DA_MAX_CN) chunks. */
 static inline __attribute__((always_inline)) void pv_fp32_tile(
-    const float *p, int64_t len, const char *v, int64_t es, __m512 (*load16)(const void *),
+    const float *p, int64_t len, const char *v, int64_t es, da_vec (*load)(const void *),
     const int64_t *table, int64_t bs, int64_t row, float *acc, int64_t gn, int64_t cn) {
 #define PV_CASE(GN, CN) \
-    case (GN) * 8 + (CN): pv_fp32_fixed(p, len, v, es, load16, table, bs, row, acc, GN, CN); break;
+    case (GN) * 8 + (CN): pv_fp32_fixed(p, len, v, es, load, table, bs, row, acc, GN, CN); break;
+#if DA_MAX_CN == 4
+#define PV_HEAD_CASES(GN) PV_CASE(GN, 1) PV_CASE(GN, 2) PV_CASE(GN, 3) PV_CASE(GN, 4)
+#else
+#define PV_HEAD_CASES(GN) PV_CASE(GN, 1) PV_CASE(GN, 2) PV_CASE(GN, 3)
+#endif
     switch (gn * 8 + cn) {
-        PV_CASE(1, 1) PV_CASE(1, 2) PV_CASE(1, 3) PV_CASE(1, 4)
-        PV_CASE(2, 1) PV_CASE(2, 2) PV_CASE(2, 3) PV_CASE(2, 4)
-        PV_CASE(3, 1) PV_CASE(3, 2) PV_CASE(3, 3) PV_CASE(3, 4)
-        PV_CASE(4, 1) PV_CASE(4, 2) PV_CASE(4, 3) PV_CASE(4, 4)
+        PV_HEAD_CASES(1) PV_HEAD_CASES(2) PV_HEAD_CASES(3) PV_HEAD_CASES(4)
     }
+#undef PV_HEAD_CASES
 #undef PV_CASE
 }
 
 /* The fp32-probability value pass over a (request, kv head)'s G heads: acc[g][0 .. d) for
- * the returned d, D rounded down to sixteen, up to four heads by 64 elements at a time
- * (pv_fp32_tile; p: [G, len], vbase: the cache of D-element rows, acc rows D floats
- * apart). The caller sums the columns past d, if any. */
+ * the returned d, D rounded down to DA_LANES, up to four heads by DA_MAX_CN x DA_LANES
+ * elements at a time (pv_fp32_tile; p: [G, len], vbase: the cache of D-element rows, acc
+ * rows D floats apart). The caller sums the columns past d, if any. */
 static inline __attribute__((always_inline)) int64_t pv_fp32_heads(
-    const float *p, int64_t len, const char *vbase, int64_t es, __m512 (*load16)(const void *),
+    const float *p, int64_t len, const char *vbase, int64_t es, da_vec (*load)(const void *),
     const int64_t *table, int64_t bs, int64_t G, int64_t D, float *acc) {
     int64_t d0 = 0;
-    while (d0 + 16 <= D) {
-        const int64_t cn = (D - d0) / 16 < 4 ? (D - d0) / 16 : 4;
+    while (d0 + DA_LANES <= D) {
+        const int64_t cn = (D - d0) / DA_LANES < DA_MAX_CN ? (D - d0) / DA_LANES : DA_MAX_CN;
         for (int64_t g0 = 0; g0 < G; g0 += 4)
-            pv_fp32_tile(p + g0 * len, len, vbase + d0 * es, es, load16, table, bs, D,
+            pv_fp32_tile(p + g0 * len, len, vbase + d0 * es, es, load, table, bs, D,
                          acc + g0 * D + d0, G - g0 < 4 ? G - g0 : 4, cn);
-        d0 += cn * 16;
+        d0 += cn * DA_LANES;
     }
     return d0;
 }

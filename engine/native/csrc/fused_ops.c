@@ -74,6 +74,13 @@ int silu_mul(const float *gate_up, float *out, int64_t T, int64_t I) {
             _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), e)),
                                                   _mm512_loadu_ps(u + i)));
         }
+#elif defined(__AVX2__) && defined(__FMA__)
+        for (; i + 8 <= I; i += 8) {
+            const __m256 x = _mm256_loadu_ps(g + i);
+            const __m256 e = vexpf8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.f), e)),
+                                                  _mm256_loadu_ps(u + i)));
+        }
 #endif
         for (; i < I; i++) o[i] = (g[i] / (1.f + vexpf(-g[i]))) * u[i];
     }

@@ -10,7 +10,10 @@
  * vectorized loops reduced each score on its own and summed the output in memory, each
  * key's update waiting on the last one's store). Batch 64, 330-token contexts, 30 layers'
  * caches, two threads: 51.9 -> 45.0 ms (a plain read of those caches: 37.0); batch 1
- * 0.81 -> 0.42 ms.
+ * 0.81 -> 0.42 ms. With AVX2 (Zen 3) the same key pass and a value pass of four heads by
+ * 24 elements, and the softmax's exp eight lanes at a time (it was the scalar vexpf):
+ * batch 1 1.29-2.28 -> 0.72-0.73 ms, batch 64 69-73 -> 66-70 (read: 32-35;
+ * `python -m bench.decode_attention`, two runs each, alternating, 2026-12-07).
  */
 #include <math.h>
 #include <stdint.h>
@@ -28,8 +31,12 @@ static inline const float *row_at(const float *base, const int64_t *table, int64
     return base + slot(table, bs, j) * D;
 }
 
+#ifdef DA_VECTOR
 #ifdef __AVX512F__
-static inline __m512 load16_fp32(const void *p) { return _mm512_loadu_ps(p); }
+static inline __m512 load_fp32(const void *p) { return _mm512_loadu_ps(p); }
+#else
+static inline __m256 load_fp32(const void *p) { return _mm256_loadu_ps(p); }
+#endif
 
 /* acc + q * k, eight fp32 lanes (qk_keys' dot). */
 static inline __m256 dot8_fp32(__m256 acc, __m256i q, __m256i k) {
@@ -45,7 +52,7 @@ static void one(const float *q, const float *kc, const float *vc, const int64_t 
     for (int64_t r = 0; r < PREFETCH_ROWS && r < len; r++)
         prefetch_row(row_at(kbase, table, bs, D, r), D);
     int64_t j0 = 0;
-#ifdef __AVX512F__
+#ifdef DA_VECTOR
     if (D % 8 == 0)
         j0 = qk_keys((const char *)q, (const char *)kbase, table, len, scores, G, D,
                      sizeof(float), 8, dot8_fp32, bs, scale);
@@ -65,8 +72,8 @@ static void one(const float *q, const float *kc, const float *vc, const int64_t 
         prefetch_row(row_at(vbase, table, bs, D, r), D);
     for (int64_t g = 0; g < G; g++) softmax_inplace(scores + g * len, len);
     int64_t d0 = 0;
-#ifdef __AVX512F__
-    d0 = pv_fp32_heads(scores, len, (const char *)vbase, sizeof(float), load16_fp32, table, bs,
+#ifdef DA_VECTOR
+    d0 = pv_fp32_heads(scores, len, (const char *)vbase, sizeof(float), load_fp32, table, bs,
                        G, D, out);
 #endif
     if (d0 == D) return;

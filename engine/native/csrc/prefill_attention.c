@@ -2,7 +2,8 @@
  * chunk's own and any before it), grouped-query heads sharing a kv head. Two back-ends
  * with one data layout: AMX tiles where the CPU has them and Linux grants the tile state,
  * else AVX-512 BF16's vdpbf16ps (AMD Zen 4, Intel Cooper Lake on). And in fp32 on
- * AVX-512F (prefill_attention_f32, below: the vector back-end's blocking in fp32 FMAs).
+ * AVX-512F or AVX2 (prefill_attention_f32, below: the vector back-end's blocking in fp32
+ * FMAs).
  *
  * torch's CPU flash attention ran a 256-token chunk of this model's 9 heads at ~165
  * GFLOP/s on one core of a Sapphire Rapids (a quarter of a bf16 prefill step beside GEMMs
@@ -257,19 +258,52 @@ static inline void values(const bf16 *p, int64_t ld, const bf16 *vp, int64_t nkb
 }
 #endif
 
-#ifdef __AVX512F__
-/* fp32, AVX-512F. torch's CPU flash attention ran this model's 256-token chunks at ~70
- * GFLOP/s (causal work) on the two cores of an EPYC (Zen 4), where fp32 GEMMs run at
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+/* fp32, AVX-512F or AVX2. torch's CPU flash attention ran this model's 256-token chunks at
+ * ~70 GFLOP/s (causal work) on the two cores of an EPYC (Zen 4), where fp32 GEMMs run at
  * ~200: an eighth of a fp32 prefill step at 256 tokens, a third at 2048. The same blocking
  * as the bf16 kernels' vector back-end, in fp32 FMAs: K packed per kv head and block of 16
  * keys dim-major ([D][16], keys past L zero), so one load holds sixteen keys' element d
- * and a broadcast query element scores all sixteen; scores of four query rows by four
- * key blocks in sixteen registers; an exact softmax per row in fp32 (maximum, exp of the
- * differences, their sum), its unnormalised probabilities times V read in place (rows of
- * contiguous head elements: four rows by 64 output elements in registers, each V row
- * loaded once for the four), each sum divided by its row's total at the end. torch's flash
+ * (two loads of eight with AVX2) and a broadcast query element scores them all; scores of
+ * four query rows by four key blocks in sixteen registers (AVX2: by one block, eight of
+ * its sixteen); an exact softmax per row in fp32 (maximum, exp of the differences, their
+ * sum), its unnormalised probabilities times V read in place (rows of contiguous head
+ * elements: four rows by 64 output elements in registers, AVX2 by 24, each V row loaded
+ * once for the four), each sum divided by its row's total at the end. torch's flash
  * kernel does the same arithmetic in blocks of keys, rescaling as the maximum grows, so
- * results differ from it only in the order of the fp32 sums. */
+ * results differ from it only in the order of the fp32 sums. On two Zen 3 cores (AVX2)
+ * it ran 80-94 GFLOP/s at 256-1024 tokens, 0.56-0.73x SDPA's time, and 1.01x at 2048
+ * (`python -m bench.prefill_attention --dtypes float32`, 2026-12-07; 1.40x at 2048
+ * before V was taken in runs of keys, below). */
+#define PA_F32 1
+#ifdef __AVX512F__
+typedef __m512 pa_vec;
+#define PA_LANES 16
+#define PA_SCORE_BLOCKS 4 /* key blocks a scores pass takes */
+#define PA_VALUE_CHUNKS 4 /* PA_LANES-wide output chunks a values pass takes */
+#define pa_zero _mm512_setzero_ps
+#define pa_load _mm512_loadu_ps
+#define pa_load_aligned _mm512_load_ps
+#define pa_store _mm512_storeu_ps
+#define pa_set1 _mm512_set1_ps
+#define pa_fmadd _mm512_fmadd_ps
+#define pa_mul _mm512_mul_ps
+#else
+typedef __m256 pa_vec;
+#define PA_LANES 8
+#define PA_SCORE_BLOCKS 1
+#define PA_VALUE_CHUNKS 3
+#define pa_zero _mm256_setzero_ps
+#define pa_load _mm256_loadu_ps
+#define pa_load_aligned _mm256_load_ps
+#define pa_store _mm256_storeu_ps
+#define pa_set1 _mm256_set1_ps
+#define pa_fmadd _mm256_fmadd_ps
+#define pa_mul _mm256_mul_ps
+#endif
+#define PA_VPB (16 / PA_LANES) /* registers a block of sixteen keys fills */
+#define PA_KEY_RUN 64   /* keys of V a values pass takes before the next row group */
+
 static void pack_k_f32(const float *k, int64_t k_row, int64_t L, int64_t D, int64_t kb,
                        float *blk) {
     for (int n = 0; n < 16; n++) {
@@ -283,21 +317,24 @@ static void pack_k_f32(const float *k, int64_t k_row, int64_t L, int64_t D, int6
  * ld apart). */
 static inline __attribute__((always_inline)) void scores_f32_4xn(
     const float *q, const float *kp, int64_t kb, int64_t D, float *s, int64_t ld, const int NB) {
-    __m512 acc[4][4];
+    pa_vec acc[4][PA_SCORE_BLOCKS * PA_VPB];
     for (int r = 0; r < 4; r++)
-        for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
+        for (int b = 0; b < NB * PA_VPB; b++) acc[r][b] = pa_zero();
     for (int64_t d = 0; d < D; d++) {
-        __m512 k[4];
-        for (int b = 0; b < NB; b++) k[b] = _mm512_load_ps(kp + ((kb + b) * D + d) * 16);
+        pa_vec k[PA_SCORE_BLOCKS * PA_VPB];
+        for (int b = 0; b < NB * PA_VPB; b++)
+            k[b] = pa_load_aligned(kp + ((kb + b / PA_VPB) * D + d) * 16 + (b % PA_VPB) * PA_LANES);
         for (int r = 0; r < 4; r++) {
-            const __m512 qr = _mm512_set1_ps(q[r * D + d]);
-            for (int b = 0; b < NB; b++) acc[r][b] = _mm512_fmadd_ps(qr, k[b], acc[r][b]);
+            const pa_vec qr = pa_set1(q[r * D + d]);
+            for (int b = 0; b < NB * PA_VPB; b++) acc[r][b] = pa_fmadd(qr, k[b], acc[r][b]);
         }
     }
     for (int r = 0; r < 4; r++)
-        for (int b = 0; b < NB; b++) _mm512_storeu_ps(s + r * ld + (kb + b) * 16, acc[r][b]);
+        for (int b = 0; b < NB * PA_VPB; b++)
+            pa_store(s + r * ld + kb * 16 + b * PA_LANES, acc[r][b]);
 }
 
+#ifdef __AVX512F__
 static inline void store_f32_x16(void *p, int64_t j, __m512 e) {
     _mm512_storeu_ps((float *)p + j, e);
 }
@@ -307,32 +344,63 @@ static inline void store_f32_x16(void *p, int64_t j, __m512 e) {
 static float softmax_row_f32(float *s, int64_t n, int64_t width, float scale) {
     return softmax_numerators(s, n, width, scale, s, store_f32_x16);
 }
-
-/* acc[r][0 .. 16 CN) (rows acc_ld apart) = sum over keys j < n of p[r][j] v_j[0 .. 16 CN)
- * for four probability rows (ld apart), v_j at v + j * v_row; each V row's chunks loaded
- * once for the four rows. */
-static inline __attribute__((always_inline)) void values_f32_4(
-    const float *p, int64_t ld, const float *v, int64_t v_row, int64_t n, float *acc,
-    int64_t acc_ld, const int CN) {
-    __m512 a[4][4];
-    for (int r = 0; r < 4; r++)
-        for (int c = 0; c < CN; c++) a[r][c] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; j++) {
-        __m512 vr[4];
-        for (int c = 0; c < CN; c++) vr[c] = _mm512_loadu_ps(v + j * v_row + c * 16);
-        for (int r = 0; r < 4; r++) {
-            const __m512 pr = _mm512_set1_ps(p[r * ld + j]);
-            for (int c = 0; c < CN; c++) a[r][c] = _mm512_fmadd_ps(pr, vr[c], a[r][c]);
-        }
+#else
+/* softmax_row_f32 eight at a time (AVX2): lanes past n blended out of the maximum and
+ * zeroed after the exp (the row holds width floats, so every load is inside it). */
+static float softmax_row_f32(float *s, int64_t n, int64_t width, float scale) {
+    const __m256 sc = _mm256_set1_ps(scale), ninf = _mm256_set1_ps(-INFINITY);
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256 m8 = ninf;
+    for (int64_t j = 0; j < n; j += 8) {
+        const __m256 live = _mm256_castsi256_ps(
+            _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n - j)), iota));
+        const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(s + j), sc);
+        m8 = _mm256_max_ps(m8, _mm256_blendv_ps(ninf, x, live));
     }
-    for (int r = 0; r < 4; r++)
-        for (int c = 0; c < CN; c++) _mm512_storeu_ps(acc + r * acc_ld + c * 16, a[r][c]);
+    const __m256 m = _mm256_set1_ps(hmax8(m8));
+    __m256 sum = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j < n; j += 8) {
+        const __m256 live = _mm256_castsi256_ps(
+            _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n - j)), iota));
+        const __m256 x = _mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(s + j), sc), m);
+        const __m256 e = _mm256_and_ps(live, vexpf8(x));
+        sum = _mm256_add_ps(sum, e);
+        _mm256_storeu_ps(s + j, e);
+    }
+    for (; j < width; j += 8) _mm256_storeu_ps(s + j, _mm256_setzero_ps());
+    return n ? hsum8(sum) : 0.f;
 }
 #endif
 
-/* 1 where prefill_attention_f32 runs (the build has AVX-512F), else 0. */
+/* acc[r][0 .. PA_LANES CN) (rows acc_ld apart) += sum over keys j0 <= j < j1 of p[r][j]
+ * v_j[0 .. PA_LANES CN) for four probability rows (ld apart), v_j at v + j * v_row, acc
+ * taken as zero when j0 is 0; each V row's chunks loaded once for the four rows. A run
+ * after another carries its sums on in the same order, so splitting the keys into runs
+ * leaves the result as it was. */
+static inline __attribute__((always_inline)) void values_f32_4(
+    const float *p, int64_t ld, const float *v, int64_t v_row, int64_t j0, int64_t j1,
+    float *acc, int64_t acc_ld, const int CN) {
+    pa_vec a[4][PA_VALUE_CHUNKS];
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < CN; c++)
+            a[r][c] = j0 ? pa_load(acc + r * acc_ld + c * PA_LANES) : pa_zero();
+    for (int64_t j = j0; j < j1; j++) {
+        pa_vec vr[PA_VALUE_CHUNKS];
+        for (int c = 0; c < CN; c++) vr[c] = pa_load(v + j * v_row + c * PA_LANES);
+        for (int r = 0; r < 4; r++) {
+            const pa_vec pr = pa_set1(p[r * ld + j]);
+            for (int c = 0; c < CN; c++) a[r][c] = pa_fmadd(pr, vr[c], a[r][c]);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < CN; c++) pa_store(acc + r * acc_ld + c * PA_LANES, a[r][c]);
+}
+#endif
+
+/* 1 where prefill_attention_f32 runs (the build has AVX-512F or AVX2 with FMA), else 0. */
 int prefill_attention_f32_available(void) {
-#ifdef __AVX512F__
+#ifdef PA_F32
     return 1;
 #else
     return 0;
@@ -341,12 +409,12 @@ int prefill_attention_f32_available(void) {
 
 /* fp32 causal prefill attention: the arguments and results of prefill_attention_bf16 (no
  * allow_amx), all fp32, any head size D a multiple of 16 up to 256. -2 where the build
- * lacks AVX-512F. */
+ * has neither AVX-512F nor AVX2 with FMA. */
 int prefill_attention_f32(const float *q, int64_t q_row, const float *k, int64_t k_row,
                           int64_t k_head, const float *v, int64_t v_row, int64_t v_head,
                           float *out, int64_t out_row, int64_t S, int64_t L, int64_t H,
                           int64_t Hkv, int64_t D, float scale) {
-#ifdef __AVX512F__
+#ifdef PA_F32
     if (S < 1 || L < S || Hkv < 1 || H % Hkv || D < 16 || D % 16 || D > 256) return -1;
     const int64_t G = H / Hkv, L16 = round_up(L, 16), kblocks = L16 / 16;
     const int64_t qblocks = (S + 15) / 16;
@@ -381,14 +449,19 @@ int prefill_attention_f32(const float *q, int64_t q_row, const float *k, int64_t
                                          (size_t)D * sizeof(float));
                     else memset(qt + r * D, 0, (size_t)D * sizeof(float));
                 }
+                /* Key blocks outside, row groups inside: each run of blocks (4 KiB a
+                 * block at D = 64) is read from L2 once and reused from L1 by the four
+                 * groups; with the rows outside, a long context's packed K (512 KiB a
+                 * kv head at 2048 keys) was streamed once per group, past a Zen 3 core's
+                 * L2. */
                 const float *kh = kp + g * ksize;
-                for (int64_t r = 0; r < rows; r += 4) {
-                    const float *qr = qt + r * D;
-                    float *sr = s + r * lds;
-                    int64_t kb = 0;
-                    for (; kb + 4 <= nkb; kb += 4) scores_f32_4xn(qr, kh, kb, D, sr, lds, 4);
-                    for (; kb < nkb; kb++) scores_f32_4xn(qr, kh, kb, D, sr, lds, 1);
-                }
+                int64_t kb = 0;
+                for (; kb + PA_SCORE_BLOCKS <= nkb; kb += PA_SCORE_BLOCKS)
+                    for (int64_t r = 0; r < rows; r += 4)
+                        scores_f32_4xn(qt + r * D, kh, kb, D, s + r * lds, lds, PA_SCORE_BLOCKS);
+                for (; kb < nkb; kb++)
+                    for (int64_t r = 0; r < rows; r += 4)
+                        scores_f32_4xn(qt + r * D, kh, kb, D, s + r * lds, lds, 1);
                 float inv[16];
                 for (int64_t r = 0; r < 16; r++) {
                     const int64_t n = r < rows ? first + r + 1 : 0;
@@ -396,27 +469,39 @@ int prefill_attention_f32(const float *q, int64_t q_row, const float *k, int64_t
                     inv[r] = n ? 1.f / sum : 0.f;
                 }
                 const float *vh = v + g * v_head;
-                for (int64_t r = 0; r < rows; r += 4) {
-                    /* The keys the group's last row sees (the others' past theirs are 0). */
-                    const int64_t n = first + (r + 4 < rows ? r + 4 : rows);
-                    for (int64_t d0 = 0; d0 < D; d0 += 64) {
-                        const float *p = s + r * lds;
-                        float *a = acc + r * D + d0;
-                        switch (D - d0 < 64 ? (D - d0) / 16 : 4) {
-                        case 1: values_f32_4(p, lds, vh + d0, v_row, n, a, D, 1); break;
-                        case 2: values_f32_4(p, lds, vh + d0, v_row, n, a, D, 2); break;
-                        case 3: values_f32_4(p, lds, vh + d0, v_row, n, a, D, 3); break;
-                        default: values_f32_4(p, lds, vh + d0, v_row, n, a, D, 4); break;
+                /* Runs of PA_KEY_RUN keys outside, row groups and output chunks inside:
+                 * a run's V rows (16 KiB at D = 64) are read from memory once and reused
+                 * from L1 by every group and chunk; with the keys inside, a long
+                 * context's V was streamed once per group and chunk (twelve times at
+                 * 2048 keys with AVX2, past a Zen 3 core's L2). */
+                for (int64_t j0 = 0; j0 < first + rows; j0 += PA_KEY_RUN)
+                    for (int64_t r = 0; r < rows; r += 4) {
+                        /* The keys the group's last row sees (the others' past theirs
+                         * are 0); every group sees key 0, so each starts its sums. */
+                        const int64_t n = first + (r + 4 < rows ? r + 4 : rows);
+                        if (j0 >= n) continue;
+                        const int64_t j1 = j0 + PA_KEY_RUN < n ? j0 + PA_KEY_RUN : n;
+                        for (int64_t d0 = 0; d0 < D; d0 += PA_VALUE_CHUNKS * PA_LANES) {
+                            const float *p = s + r * lds;
+                            float *a = acc + r * D + d0;
+                            const int64_t left = (D - d0) / PA_LANES;
+                            switch (left < PA_VALUE_CHUNKS ? left : PA_VALUE_CHUNKS) {
+                            case 1: values_f32_4(p, lds, vh + d0, v_row, j0, j1, a, D, 1); break;
+                            case 2: values_f32_4(p, lds, vh + d0, v_row, j0, j1, a, D, 2); break;
+#if PA_VALUE_CHUNKS == 4
+                            case 3: values_f32_4(p, lds, vh + d0, v_row, j0, j1, a, D, 3); break;
+#endif
+                            default:
+                                values_f32_4(p, lds, vh + d0, v_row, j0, j1, a, D,
+                                             PA_VALUE_CHUNKS);
+                            }
                         }
                     }
-                }
                 for (int64_t r = 0; r < rows; r++) {
                     float *o = out + (qb * 16 + r) * out_row + h * D;
-                    const __m512 iv = _mm512_set1_ps(inv[r]);
-                    for (int64_t d = 0; d < D; d += 16) {
-                        const __m512 sums = _mm512_loadu_ps(acc + r * D + d);
-                        _mm512_storeu_ps(o + d, _mm512_mul_ps(sums, iv));
-                    }
+                    const pa_vec iv = pa_set1(inv[r]);
+                    for (int64_t d = 0; d < D; d += PA_LANES)
+                        pa_store(o + d, pa_mul(pa_load(acc + r * D + d), iv));
                 }
             }
         }

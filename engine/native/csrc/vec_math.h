@@ -7,7 +7,7 @@
 
 #include <math.h>
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -31,6 +31,23 @@ static inline float vexpf(float x) {
     return x != x ? x : out;
 }
 
+/* The vector exps' shared middle: y = e^r for r = c - n ln2 (ln2 in two parts, as vexpf),
+ * the degree-6 polynomial by fused multiply-adds; PFX the intrinsics' prefix (_mm512,
+ * _mm256), T its vector type. */
+#define VEXPF_POLY(PFX, T, c, n, y)                                                  \
+    T y;                                                                             \
+    do {                                                                             \
+        T r_ = PFX##_fnmadd_ps(n, PFX##_set1_ps(0.693359375f), c);                   \
+        r_ = PFX##_fnmadd_ps(n, PFX##_set1_ps(-2.12194440e-4f), r_);                 \
+        T p_ = PFX##_set1_ps(1.9875691500e-4f);                                      \
+        p_ = PFX##_fmadd_ps(p_, r_, PFX##_set1_ps(1.3981999507e-3f));                \
+        p_ = PFX##_fmadd_ps(p_, r_, PFX##_set1_ps(8.3334519073e-3f));                \
+        p_ = PFX##_fmadd_ps(p_, r_, PFX##_set1_ps(4.1665795894e-2f));                \
+        p_ = PFX##_fmadd_ps(p_, r_, PFX##_set1_ps(1.6666665459e-1f));                \
+        p_ = PFX##_fmadd_ps(p_, r_, PFX##_set1_ps(5.0000001201e-1f));                \
+        y = PFX##_add_ps(PFX##_fmadd_ps(p_, PFX##_mul_ps(r_, r_), r_), PFX##_set1_ps(1.0f)); \
+    } while (0)
+
 #ifdef __AVX512F__
 /* vexpf of sixteen lanes at once, the same reduction and polynomial (with fused
  * multiply-adds, so the last bit may differ from vexpf's) and 2^n applied by scalef:
@@ -41,30 +58,79 @@ static inline __m512 vexpf16(__m512 x) {
     const __m512 n = _mm512_roundscale_ps(
         _mm512_fmadd_ps(c, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), c);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+    VEXPF_POLY(_mm512, __m512, c, n, y);
     return _mm512_scalef_ps(y, n);
 }
 #endif
 
-/* max(s[0..n)), -inf for n == 0. Vector maxima where the CPU has AVX-512 (one running
- * maximum was a chain of dependent scalar max instructions: a quarter of the decode
- * attention's time); a max is exact, so the order does not change the result. */
+#if defined(__AVX2__) && defined(__FMA__)
+/* vexpf of eight lanes (AVX2): vexpf16's reduction and polynomial, 2^n built in the
+ * exponent bits as vexpf does (the clamp keeps n in [-126, 127]); within 2 ulp. */
+static inline __m256 vexpf8(__m256 x) {
+    const __m256 c = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.3f), x));
+    const __m256 n = _mm256_floor_ps(
+        _mm256_fmadd_ps(c, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    VEXPF_POLY(_mm256, __m256, c, n, y);
+    const __m256i e = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const __m256 out = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+    return _mm256_blendv_ps(out, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q)); /* NaN stays NaN */
+}
+
+/* The sum and the maximum of eight lanes. */
+static inline float hsum8(__m256 v) {
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    return _mm_cvtss_f32(_mm_add_ss(a, _mm_movehdup_ps(a)));
+}
+
+static inline float hmax8(__m256 v) {
+    __m128 a = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_max_ps(a, _mm_movehl_ps(a, a));
+    return _mm_cvtss_f32(_mm_max_ss(a, _mm_movehdup_ps(a)));
+}
+#endif
+
+/* The vector the loops below run on: sixteen lanes with AVX-512, eight with AVX2. */
+#if defined(__AVX512F__)
+typedef __m512 vm_vec;
+#define VM_LANES 16
+#define vm_exp vexpf16
+#define vm_load _mm512_loadu_ps
+#define vm_store _mm512_storeu_ps
+#define vm_set1 _mm512_set1_ps
+#define vm_zero _mm512_setzero_ps
+#define vm_add _mm512_add_ps
+#define vm_sub _mm512_sub_ps
+#define vm_max _mm512_max_ps
+#define vm_sum _mm512_reduce_add_ps
+#define vm_top _mm512_reduce_max_ps
+#elif defined(__AVX2__) && defined(__FMA__)
+typedef __m256 vm_vec;
+#define VM_LANES 8
+#define vm_exp vexpf8
+#define vm_load _mm256_loadu_ps
+#define vm_store _mm256_storeu_ps
+#define vm_set1 _mm256_set1_ps
+#define vm_zero _mm256_setzero_ps
+#define vm_add _mm256_add_ps
+#define vm_sub _mm256_sub_ps
+#define vm_max _mm256_max_ps
+#define vm_sum hsum8
+#define vm_top hmax8
+#endif
+
+/* max(s[0..n)), -inf for n == 0. Vector maxima where the CPU has AVX-512 or AVX2 (one
+ * running maximum was a chain of dependent scalar max instructions: a quarter of the
+ * decode attention's time); a max is exact, so the order does not change the result. */
 static inline float max_of(const float *s, long n) {
     float m = -INFINITY;
     long j = 0;
-#ifdef __AVX512F__
-    if (n >= 16) {
-        __m512 lanes = _mm512_set1_ps(-INFINITY);
-        for (; j + 16 <= n; j += 16) lanes = _mm512_max_ps(_mm512_loadu_ps(s + j), lanes);
-        m = _mm512_reduce_max_ps(lanes);
+#ifdef VM_LANES
+    if (n >= VM_LANES) {
+        vm_vec lanes = vm_set1(-INFINITY);
+        for (; j + VM_LANES <= n; j += VM_LANES) lanes = vm_max(vm_load(s + j), lanes);
+        m = vm_top(lanes);
     }
 #endif
     for (; j < n; j++) m = s[j] > m ? s[j] : m;
@@ -75,14 +141,14 @@ static inline float max_of(const float *s, long n) {
 static inline void softmax_inplace(float *s, long n) {
     float m = max_of(s, n), sum = 0.f;
     long j = 0;
-#ifdef __AVX512F__
-    __m512 sums = _mm512_setzero_ps();
-    for (; j + 16 <= n; j += 16) {
-        const __m512 e = vexpf16(_mm512_sub_ps(_mm512_loadu_ps(s + j), _mm512_set1_ps(m)));
-        _mm512_storeu_ps(s + j, e);
-        sums = _mm512_add_ps(sums, e);
+#ifdef VM_LANES
+    vm_vec sums = vm_zero();
+    for (; j + VM_LANES <= n; j += VM_LANES) {
+        const vm_vec e = vm_exp(vm_sub(vm_load(s + j), vm_set1(m)));
+        vm_store(s + j, e);
+        sums = vm_add(sums, e);
     }
-    sum = _mm512_reduce_add_ps(sums);
+    sum = vm_sum(sums);
 #endif
     for (; j < n; j++) { s[j] = vexpf(s[j] - m); sum += s[j]; }
     float inv = 1.f / sum;
