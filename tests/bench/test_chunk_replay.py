@@ -53,10 +53,15 @@ def test_replay_serves_every_request_within_the_budget(tmp_path: Path) -> None:
     result, steps = cr.replay(llm, prompts, times, 6, ttft_slo_s=60.0, tpot_slo_s=60.0)
     assert result.budget == 32 and result.requests == len(times)
     assert result.met == 1.0  # a minute's SLOs: every request
-    # Each 40-token prompt prefilled once, in chunks: no step over the budget.
-    assert sum(s.prefill_tokens for s in steps) == 40 * len(times)
+    # Each 40-token prompt prefilled once, in chunks: no step over the budget. A prompt
+    # whose last token was left to a chunk of its own is computed as a decode row and
+    # counted as one (``Chunk.is_decode``); where the chunks fall depends on when requests
+    # arrive between steps, so that happens to some prompts in some runs and not others.
+    tails = 40 * len(times) - sum(s.prefill_tokens for s in steps)
+    assert 0 <= tails <= len(times)
     assert all(0 < s.prefill_tokens + s.decodes <= 32 for s in steps)
-    assert sum(s.decodes for s in steps) == 5 * len(times)  # six tokens: one from prefill
+    # Six tokens each: one from the prefill, five decoded; plus the prompts' tails.
+    assert sum(s.decodes for s in steps) == 5 * len(times) + tails
     assert result.busy_s == pytest.approx(sum(s.ms for s in steps) / 1e3)
     assert not llm.engine.has_unfinished()
 
