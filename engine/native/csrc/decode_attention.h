@@ -10,7 +10,7 @@
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
-/* The key pass needs 256-bit FMAs only; the value pass runs on DA_VEC, sixteen lanes with
+/* The key pass needs 256-bit FMAs only; the value pass runs on da_vec, sixteen lanes with
  * AVX-512, else eight. */
 #define DA_VECTOR 1
 #endif
