@@ -23,6 +23,11 @@ Output: one table (each system's dtype, output tok/s, goodput at the SLO, the sh
 requests that met it, TTFT and TPOT mean and p90, and Baton's ratios to vLLM in the same
 phase), then per system the highest Poisson rate at which the share stays at or above
 ``--attainment`` (DistServe's goodput), and ``--json-out`` with every phase's summary.
+
+The systems run one after another, so a shared machine that slows between them moves the
+ratios. Each system's record says how fast the machine was: an fp32 matmul probe
+(``bench.roofline``) just before its server starts and just after it stops, and per phase
+the share of CPU time the hypervisor stole (``/proc/stat``); a line per system prints them.
 Not in CI: the full run takes tens of minutes (see the README).
 """
 
@@ -44,7 +49,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench import peer_client, peer_setup
+from bench import peer_client, peer_setup, roofline
 from bench.peer_client import Phase, Slo
 
 SERVED_NAME = "smollm2"
@@ -245,11 +250,13 @@ def run_system(
     args: argparse.Namespace, system: str, phase_list: list[Phase], slo: Slo, logs: Path
 ) -> dict[str, Any]:
     grpc_target = None
+    gflops_before = probe_gflops()
     if system == "vllm":
         server, base_url = start_vllm(args, logs)
     else:
         server, base_url, grpc_target = start_baton(args, system.removeprefix("baton-"), logs)
     record: dict[str, Any] = {"system": system, "dtype": args.dtype, "phases": []}
+    record["matmul_gflops_before"] = gflops_before
     if system != "vllm":  # what it served, for `baton bench peers-sim`
         record["serve_args"] = DEPLOYMENTS[system.removeprefix("baton-")]
         if "--plan" in record["serve_args"]:
@@ -265,6 +272,7 @@ def run_system(
             record["instance_niceness"] = instance_priorities(grpc_target)
         for phase in phase_list:
             print(f"[peers] {system}: phase {phase.name}", file=sys.stderr, flush=True)
+            cpu_before = roofline.read_cpu_times()
             if args.client == "vllm":
                 vllm = args.venv / "bin" / "vllm"
                 result = peer_client.run_vllm_bench(
@@ -272,14 +280,42 @@ def run_system(
                 )
             else:
                 result = peer_client.run_builtin(base_url, SERVED_NAME, phase, slo, baton_vocab())
-            record["phases"].append({"phase": phase.name, **asdict(phase), **result})
+            steal = roofline.steal_share(cpu_before, roofline.read_cpu_times())
+            record["phases"].append(
+                {"phase": phase.name, **asdict(phase), **result, "steal_share": steal}
+            )
     except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as e:
         # One system failing (a server that never gets ready) leaves the others' runs.
         record["error"] = str(e)[-3000:]
         print(f"[peers] {system} failed: {record['error']}", file=sys.stderr, flush=True)
     finally:
         record.update(server.stop(args.stop_timeout))
+    record["matmul_gflops_after"] = probe_gflops()
     return record
+
+
+def probe_gflops() -> float:
+    """This machine's speed now, with nothing of ours running: GFLOP/s of a 2048^3 fp32
+    matmul on every core (best of five), the engine bench's compute roofline."""
+    return round(roofline.measure_matmul_gflops(repeats=1), 1)
+
+
+def format_machine(records: list[dict[str, Any]]) -> str:
+    """One line per system: the matmul probe around its run and the CPU time stolen over
+    its phases, so a ratio that moved with the machine shows it."""
+    lines = []
+    for r in records:
+        if "matmul_gflops_before" not in r:
+            continue
+        steals = [p["steal_share"] for p in r["phases"] if p.get("steal_share") is not None]
+        stolen = ""
+        if steals:
+            stolen = f"; CPU stolen by the hypervisor: {max(steals):.1%} at most over a phase"
+        lines.append(
+            f"machine during {r['system']}: fp32 matmul {r['matmul_gflops_before']:.0f} "
+            f"GFLOP/s before, {r.get('matmul_gflops_after', math.nan):.0f} after{stolen}"
+        )
+    return "\n".join(lines)
 
 
 def _ratio(value: float | None, base: float | None) -> str:
@@ -386,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(records))
     if rates := format_rates(records, args.attainment):
         print(rates)
+    print(format_machine(records))
     failed = [r["system"] for r in records if "error" in r]
     if failed:
         print(f"failed: {', '.join(failed)} (see --json-out or the log above)", file=sys.stderr)

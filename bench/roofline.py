@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -66,3 +67,33 @@ def measure(
         read_bytes=read_bytes,
         dtype=dtype,
     )
+
+
+@dataclass(frozen=True)
+class CpuTimes:
+    """All CPUs' time since boot, in clock ticks, from ``/proc/stat``'s ``cpu`` line."""
+
+    steal: int  # ticks the hypervisor ran something else while this VM's CPU was ready
+    total: int  # user, nice, system, idle, iowait, irq, softirq and steal
+
+
+def read_cpu_times(stat: Path = Path("/proc/stat")) -> CpuTimes | None:
+    """The ``cpu`` line of ``stat``; None where there is none (not Linux) or it is short."""
+    try:
+        text = stat.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "cpu" and len(fields) >= 9:
+            ticks = [int(f) for f in fields[1:9]]
+            return CpuTimes(steal=ticks[7], total=sum(ticks))
+    return None
+
+
+def steal_share(before: CpuTimes | None, after: CpuTimes | None) -> float | None:
+    """The share of CPU time stolen by the hypervisor between two readings (a shared
+    machine slowing under a benchmark), or None when either is missing or no time passed."""
+    if before is None or after is None or after.total <= before.total:
+        return None
+    return (after.steal - before.steal) / (after.total - before.total)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import peer_client, peers, peers_sim
+from bench import peer_client, peers, peers_sim, roofline
 from bench.peer_client import Output, Phase, Slo
 from cluster.planner.cpu_host import CpuProfiles, save_cpu_profiles
 from tests.planner_cpu.test_cpu_plan import BF16_ONE, BF16_TWO
@@ -65,6 +65,11 @@ def test_a_tiny_run_against_baton_counts_every_token(
         if p["max_concurrency"]:  # at most that many in flight at any time
             assert p["mean_e2el_ms"] * n / 1e3 <= p["duration"] * p["max_concurrency"]
     assert "| baton-1p1d | bfloat16 | c3 | 6/6 |" in peers.format_table(data["systems"])
+    # How fast the machine was around the run (the probe) and during each phase (steal).
+    assert record["matmul_gflops_before"] > 0 and record["matmul_gflops_after"] > 0
+    for p in record["phases"]:
+        assert 0 <= p["steal_share"] < 1
+    assert peers.format_machine(data["systems"]).startswith("machine during baton-1p1d: fp32 ")
     # What it served is recorded, so `baton bench peers-sim` simulates the same deployment.
     assert record["serve_args"] == peers.DEPLOYMENTS["1p1d"]
     profile = tmp_path / "cpu.json"
@@ -176,3 +181,35 @@ def test_the_highest_rate_meeting_the_attainment_target() -> None:
     ]
     top = peers.format_rates([{"system": "vllm", "phases": [_phase(4, 10)]}], 0.9)
     assert top.endswith("4 req/s (the highest measured: try higher --rates)")
+
+
+def test_stolen_cpu_time_is_read_from_proc_stat(tmp_path: Path) -> None:
+    """/proc/stat's ``cpu`` line: user nice system idle iowait irq softirq steal guest ...;
+    the share stolen between two readings is steal's rise over the total's."""
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 50 800 10 0 5 35 0 0\ncpu0 50 0 25 400 5 0 2 18 0 0\n")
+    before = roofline.read_cpu_times(stat)
+    assert before == roofline.CpuTimes(steal=35, total=1000)
+    stat.write_text("cpu  200 0 100 1600 10 0 5 85 0 0\n")
+    after = roofline.read_cpu_times(stat)
+    assert roofline.steal_share(before, after) == pytest.approx(50 / 1000)
+    assert roofline.steal_share(after, after) is None  # no time passed
+    assert roofline.steal_share(None, after) is None
+    assert roofline.read_cpu_times(tmp_path / "absent") is None
+    stat.write_text("intr 1 2 3\n")
+    assert roofline.read_cpu_times(stat) is None
+
+
+def test_the_machine_line_says_each_systems_probe_and_steal() -> None:
+    records = [
+        {"system": "vllm", "matmul_gflops_before": 180.7, "matmul_gflops_after": 131.2,
+         "phases": [{"steal_share": 0.004}, {"steal_share": 0.061}]},
+        {"system": "baton-plan", "matmul_gflops_before": 150.0, "matmul_gflops_after": 149.6,
+         "phases": [{"steal_share": None}]},
+        {"system": "baton-old", "phases": []},  # a record from before the probe
+    ]  # fmt: skip
+    assert peers.format_machine(records).splitlines() == [
+        "machine during vllm: fp32 matmul 181 GFLOP/s before, 131 after; "
+        "CPU stolen by the hypervisor: 6.1% at most over a phase",
+        "machine during baton-plan: fp32 matmul 150 GFLOP/s before, 150 after",
+    ]
