@@ -1,4 +1,5 @@
-"""Fixtures shared across test packages: one local Ray for the whole session."""
+"""Fixtures shared across test packages: one local Ray for the whole session, and one
+`baton plan` (``tests/plans.py``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.memory import give_back_freed_heap
+from tests.plans import PLAN_ARGS
 
 
 @pytest.fixture(scope="session")
@@ -20,6 +22,16 @@ def ray_session() -> Iterator[None]:
     ray.init(address="local", num_cpus=8, include_dashboard=False, object_store_memory=128 << 20)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def llama13b_plan(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The text of the plan file `baton plan` writes for ``PLAN_ARGS`` (tests/plans.py)."""
+    from cluster import cli
+
+    out = tmp_path_factory.mktemp("plan") / "plan.json"
+    assert cli.main([*PLAN_ARGS, "--out", str(out)]) == 0
+    return out.read_text()
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -22,7 +22,6 @@ import pytest
 import baton
 from engine import LLM
 from engine import SamplingParams as EngineParams
-from tests.cluster.test_cli import PLAN_ARGS
 from tests.serve_proc import EXE, ServeProcess
 
 KEY = "admin-secret"
@@ -180,15 +179,13 @@ def test_requests_lists_and_abort_ends_a_request(server: Server) -> None:
     _idle(server)
 
 
-def _plan(tmp_path: Path, tp1: bool) -> tuple[Path, list[str]]:
-    """A plan from ``baton plan`` (its prefill instance is TP 2, the running one TP 1);
-    ``tp1``: every instance rewritten to one GPU, as this cluster runs, plus a decode
-    instance."""
-    from cluster import cli
-
+def _plan(tmp_path: Path, text: str, tp1: bool) -> tuple[Path, list[str]]:
+    """A plan from ``baton plan`` (the session's ``llama13b_plan``: its prefill instance is
+    TP 2, the running one TP 1); ``tp1``: every instance rewritten to one GPU, as this
+    cluster runs, plus a decode instance."""
     plan = tmp_path / "plan.json"
-    assert cli.main([*PLAN_ARGS, "--out", str(plan)]) == 0
-    data = json.loads(plan.read_text())
+    plan.write_text(text)
+    data = json.loads(text)
     assert {(i["role"], i["tp"]) for i in data["instances"]} == {("prefill", 2), ("decode", 1)}
     if tp1:
         data["instances"].append(dict(data["instances"][-1]))
@@ -198,8 +195,10 @@ def _plan(tmp_path: Path, tp1: bool) -> tuple[Path, list[str]]:
     return plan, [i["role"] for i in data["instances"]]
 
 
-def test_apply_dry_run_shows_the_difference(server: Server, tmp_path: Path) -> None:
-    plan, roles = _plan(tmp_path, tp1=True)
+def test_apply_dry_run_shows_the_difference(
+    server: Server, tmp_path: Path, llama13b_plan: str
+) -> None:
+    plan, roles = _plan(tmp_path, llama13b_plan, tp1=True)
     done = server.cli("apply", str(plan), "--dry-run")
     assert done.returncode == 0, done.stderr
     assert f"prefill: 1 -> {roles.count('prefill')} (no change)" in done.stdout
@@ -210,9 +209,9 @@ def test_apply_dry_run_shows_the_difference(server: Server, tmp_path: Path) -> N
 
 @pytest.mark.parametrize("dry_run", [True, False])
 def test_apply_refuses_a_layout_change_naming_the_instance(
-    server: Server, tmp_path: Path, dry_run: bool
+    server: Server, tmp_path: Path, llama13b_plan: str, dry_run: bool
 ) -> None:
-    plan, _ = _plan(tmp_path, tp1=False)
+    plan, _ = _plan(tmp_path, llama13b_plan, tp1=False)
     done = server.cli("apply", str(plan), *(["--dry-run"] if dry_run else []))
     assert done.returncode == 1, (done.stdout, done.stderr)
     assert "instance prefill-0: runs tp1pp1 but the plan wants tp2pp1 for prefill" in done.stderr

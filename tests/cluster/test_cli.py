@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from cluster import cli
+from tests.plans import PLAN_ARGS
 
 
 def test_help_does_not_import_torch() -> None:
@@ -120,11 +121,6 @@ def test_chat_same_seed_same_text_streamed_or_not(
     assert capsys.readouterr().out == plain
 
 
-PLAN_ARGS = [
-    "plan", "--model", "llama-13b", "--nodes", "1", "--gpus-per-node", "8", "--gpu",
-    "A100-80G", "--workload", "synthetic:in=512,out=128", "--ttft-slo", "0.25",
-    "--tpot-slo", "0.1", "--attainment", "0.9", "--rate", "10",
-]  # fmt: skip
 
 
 def test_plan_is_wired_in_and_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
@@ -141,17 +137,17 @@ def test_plan_bad_slo_is_one_line_error(capsys: pytest.CaptureFixture[str]) -> N
     assert err.startswith("error: ttft") and "Traceback" not in err
 
 
-def _plan_file(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> tuple[Any, dict[str, Any]]:
+def _plan_file(tmp_path: Any, text: str) -> tuple[Any, dict[str, Any]]:
+    """The session's `baton plan` file (``llama13b_plan``), written to ``tmp_path``."""
     out = tmp_path / "plan.json"
-    assert cli.main([*PLAN_ARGS, "--out", str(out)]) == 0
-    capsys.readouterr()
-    return out, json.loads(out.read_text())
+    out.write_text(text)
+    return out, json.loads(text)
 
 
 def test_serve_plan_takes_counts_and_layouts_from_the_plan(
-    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+    tmp_path: Any, llama13b_plan: str
 ) -> None:
-    path, plan = _plan_file(tmp_path, capsys)
+    path, plan = _plan_file(tmp_path, llama13b_plan)
     got = cli.plan_deployment(str(path))
     roles = [i["role"] for i in plan["instances"]]
     assert got["mode"] == "disaggregated"
@@ -161,9 +157,9 @@ def test_serve_plan_takes_counts_and_layouts_from_the_plan(
 
 
 def test_serve_plan_refuses_two_layouts_in_one_role(
-    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+    tmp_path: Any, llama13b_plan: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path, plan = _plan_file(tmp_path, capsys)
+    path, plan = _plan_file(tmp_path, llama13b_plan)
     decode = next(i for i in plan["instances"] if i["role"] == "decode")
     other = 2 if decode["tp"] == 1 else 1
     gpus = list(range(8 - other, 8))  # the node's last GPUs, free in this small plan

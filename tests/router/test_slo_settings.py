@@ -11,24 +11,12 @@ import pytest
 from cluster import cli
 from router.slo import SLOTargets, slo_settings
 
-PLAN_ARGS = [
-    "plan", "--model", "llama-13b", "--nodes", "1", "--gpus-per-node", "8", "--gpu",
-    "A100-80G", "--workload", "synthetic:in=512,out=128", "--ttft-slo", "0.25",
-    "--tpot-slo", "0.1", "--attainment", "0.9", "--rate", "10",
-]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def planned(tmp_path_factory: pytest.TempPathFactory) -> str:
-    out = tmp_path_factory.mktemp("plan") / "plan.json"
-    assert cli.main([*PLAN_ARGS, "--out", str(out)]) == 0
-    return out.read_text()
-
 
 @pytest.fixture
-def plan_file(planned: str, tmp_path: Any) -> Any:
+def plan_file(llama13b_plan: str, tmp_path: Any) -> Any:
+    """The session's `baton plan` file (tests/plans.py), written to ``tmp_path``."""
     out = tmp_path / "plan.json"
-    out.write_text(planned)
+    out.write_text(llama13b_plan)
     return out
 
 
