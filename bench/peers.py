@@ -28,6 +28,7 @@ The systems run one after another, so a shared machine that slows between them m
 ratios. Each system's record says how fast the machine was: an fp32 matmul probe
 (``bench.roofline``) just before its server starts and just after it stops, and per phase
 the share of CPU time the hypervisor stole (``/proc/stat``); a line per system prints them.
+
 Not in CI: the full run takes tens of minutes (see the README).
 """
 
@@ -250,13 +251,12 @@ def run_system(
     args: argparse.Namespace, system: str, phase_list: list[Phase], slo: Slo, logs: Path
 ) -> dict[str, Any]:
     grpc_target = None
-    gflops_before = probe_gflops()
+    record: dict[str, Any] = {"system": system, "dtype": args.dtype, "phases": [],
+                              "matmul_gflops_before": probe_gflops()}  # fmt: skip
     if system == "vllm":
         server, base_url = start_vllm(args, logs)
     else:
         server, base_url, grpc_target = start_baton(args, system.removeprefix("baton-"), logs)
-    record: dict[str, Any] = {"system": system, "dtype": args.dtype, "phases": []}
-    record["matmul_gflops_before"] = gflops_before
     if system != "vllm":  # what it served, for `baton bench peers-sim`
         record["serve_args"] = DEPLOYMENTS[system.removeprefix("baton-")]
         if "--plan" in record["serve_args"]:
@@ -313,7 +313,7 @@ def format_machine(records: list[dict[str, Any]]) -> str:
             stolen = f"; CPU stolen by the hypervisor: {max(steals):.1%} at most over a phase"
         lines.append(
             f"machine during {r['system']}: fp32 matmul {r['matmul_gflops_before']:.0f} "
-            f"GFLOP/s before, {r.get('matmul_gflops_after', math.nan):.0f} after{stolen}"
+            f"GFLOP/s before, {r['matmul_gflops_after']:.0f} after{stolen}"
         )
     return "\n".join(lines)
 
