@@ -28,6 +28,14 @@ import ray
 
 logger = logging.getLogger(__name__)
 
+# Ray starts a pool of plain Python workers ("ray::IDLE", as many as the cores it counts)
+# when the first driver registers, for tasks and actors to start fast. No instance can
+# use one: an instance actor's runtime env (normal niceness, cluster/actors.py) needs a
+# worker of its own. Two of them on this 2-core host held 163 MB and woke for 0.6 CPU
+# seconds a minute between them, beside instances whose OpenMP teams lose a step's worth
+# of time to anything that takes a core from them.
+EMBEDDED_SYSTEM_CONFIG: dict[str, object] = {"prestart_worker_first_driver": False}
+
 DEFAULT_CONNECT_TIMEOUT_S = 60.0
 
 
@@ -81,6 +89,7 @@ def init_ray(
             logging_level=logging.WARNING,
             # The object store carries only control messages here; keep it small.
             object_store_memory=128 << 20,
+            _system_config=EMBEDDED_SYSTEM_CONFIG,
         )
         return True
     if connect_timeout_s <= 0:

@@ -19,7 +19,10 @@ def ray_session() -> Iterator[None]:
     ``ray start`` cluster that happens to run on this machine."""
     import ray
 
-    ray.init(address="local", num_cpus=8, include_dashboard=False, object_store_memory=128 << 20)
+    from cluster.ray_connect import EMBEDDED_SYSTEM_CONFIG
+
+    ray.init(address="local", num_cpus=8, include_dashboard=False, object_store_memory=128 << 20,
+             _system_config=EMBEDDED_SYSTEM_CONFIG)
     yield
     ray.shutdown()
 

@@ -47,6 +47,64 @@ def test_no_address_starts_an_embedded_ray_even_when_ray_address_points_elsewher
     assert not gcs.endswith(f":{silent_port}")
 
 
+# Run in a fresh process: the count of "ray::IDLE" workers among its descendants (the
+# embedded Ray's raylet is its child, and the workers the raylet's), polled for `wait` s.
+_IDLE_WORKERS = """
+import os, time
+
+def idle_workers():
+    parents = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parents[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            pass
+    def mine(pid):
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == os.getpid():
+                return True
+        return False
+    n = 0
+    for pid in filter(mine, parents):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                n += f.read().startswith(b"ray::IDLE")
+        except OSError:
+            pass
+    return n
+
+def poll(wait):
+    start = time.monotonic()
+    while time.monotonic() - start < wait and not idle_workers():
+        time.sleep(0.5)
+    return idle_workers(), time.monotonic() - start
+"""
+
+
+def test_the_embedded_ray_starts_no_idle_worker_pool() -> None:
+    """Ray's default starts plain workers for the first driver (the control, with Ray's
+    own defaults); Baton's embedded Ray does not: no instance could use them."""
+    code = _IDLE_WORKERS + (
+        "import ray\n"
+        "from cluster.ray_connect import init_ray\n"
+        "ray.init(address='local', num_cpus=1, include_dashboard=False,"
+        " object_store_memory=128 << 20)\n"
+        "control, took = poll(60); ray.shutdown()\n"
+        "assert init_ray(None, 1)\n"
+        "ours, _ = poll(max(5.0, 2 * took)); ray.shutdown()\n"
+        "print('IDLE', control, ours)\n"
+    )
+    got = subprocess.run(
+        [sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert got.returncode == 0, got.stderr[-2000:]
+    control, ours = map(int, got.stdout.split("IDLE ", 1)[1].split())
+    assert control >= 1, "Ray's default no longer prestarts workers?"
+    assert ours == 0
+
+
 def test_serve_joining_a_silent_port_gives_up_with_the_address(silent_port: int) -> None:
     argv = [sys.executable, "-m", "cluster.cli", "serve", "--address",
             f"127.0.0.1:{silent_port}", "--connect-timeout", "5"]  # fmt: skip
