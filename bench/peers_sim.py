@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.peers import DEPLOYMENTS, attainment, max_rate_meeting
+from bench.peers import DEPLOYMENTS, attainment, label, max_rate_meeting
 from cluster import cli
 from cluster.actors import default_threads
 from cluster.planner.cluster_spec import SLOs
@@ -138,7 +138,7 @@ def compare(run: dict[str, Any], args: argparse.Namespace) -> tuple[list[str], l
             res, _ = ev.simulate(key, sims, p["rate"], plan_check=True)
             ttft, tpot = res.percentiles("ttft"), res.percentiles("tpot")
             rows.append(
-                f"| {record['system']} | {dep.name} | {p['rate']:g} | "
+                f"| {label(record)} | {dep.name} | {p['rate']:g} | "
                 f"{attainment(p):.0%} / {res.attainment(slos):.0%} | "
                 f"{p['mean_ttft_ms']:.0f} / {_ms(res.mean_ttft_s())} | "
                 f"{p['p90_ttft_ms']:.0f} / {_ms(ttft[1] if ttft else None)} | "
@@ -149,7 +149,7 @@ def compare(run: dict[str, Any], args: argparse.Namespace) -> tuple[list[str], l
         simulated = ev.group_rate(key, sims, planner.rate_bound())
         shown = f"{measured:g}" if measured is not None else f"below {poisson[0]['rate']:g}"
         rates.append(
-            f"{record['system']} ({dep.name}): highest rate with >= {target:.0%} within "
+            f"{label(record)} ({dep.name}): highest rate with >= {target:.0%} within "
             f"the SLO: measured {shown} req/s, simulated {simulated:.2f} req/s"
         )
     return rows, rates

@@ -110,3 +110,20 @@ def test_bad_input_names_the_field(tmp_path: Path, capsys: pytest.CaptureFixture
                     "phases": [phase(1.0, 1.0)]})  # fmt: skip
     assert main(tmp_path, bad_plan) == 2
     assert "plan: instances must be prefill, decode or colocated" in capsys.readouterr().err
+
+
+def test_a_run_of_several_rounds_names_each_rounds_rows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`bench peers --rounds 2` records a deployment twice: each row says its round."""
+    data = run(*({"system": "baton-colocated2-t1", "round": n,
+                  "serve_args": DEPLOYMENTS["colocated2-t1"], "phases": [phase(1.0, 1.0)]}
+                 for n in (1, 2)))  # fmt: skip
+    assert main(tmp_path, data) == 0
+    out = capsys.readouterr().out
+    rows = [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| baton-")]
+    assert rows == ["| baton-colocated2-t1 (round 1)", "| baton-colocated2-t1 (round 2)"]
+    rates = [line for line in out.splitlines() if "highest rate" in line]
+    assert [r.split(" (colocated")[0] for r in rates] == [
+        "baton-colocated2-t1 (round 1)", "baton-colocated2-t1 (round 2)",
+    ]
