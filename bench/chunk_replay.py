@@ -21,13 +21,14 @@ Usage: ``python -m bench.chunk_replay --budgets 128,256,512,2048 --rate 3 --seco
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import random
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -98,14 +99,10 @@ def arrivals(rate: float, seconds: float, seed: int) -> list[float]:
     return out
 
 
-def replay(llm: Any, prompts: list[list[int]], times: list[float], output_len: int,
-           ttft_slo_s: float, tpot_slo_s: float) -> tuple[Replay, list[Step]]:
-    """Feed ``prompts`` to ``llm``'s engine at ``times`` (seconds from now) and step it
-    until all finish; the budget is the engine's own."""
-    from engine import SamplingParams
-
-    engine, runner = llm.engine, llm.engine.runner
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+@contextlib.contextmanager
+def recording(runner: Any) -> Iterator[list[Step]]:
+    """Within the block, each step ``runner`` executes is appended to the yielded list: its
+    shape and its milliseconds."""
     steps: list[Step] = []
     execute = runner.execute
 
@@ -119,14 +116,28 @@ def replay(llm: Any, prompts: list[list[int]], times: list[float], output_len: i
         steps.append(Step(sum(c.num_tokens for c in prefill),
                           sum(c.num_tokens ** 2 for c in prefill), len(decode),
                           sum(c.start_pos + 1 for c in decode),
-                          (time.perf_counter() - start) * 1e3))
+                          (time.perf_counter() - start) * 1e3))  # fmt: skip
         return out
 
     runner.execute = timed
+    try:
+        yield steps
+    finally:
+        del runner.execute
+
+
+def replay(llm: Any, prompts: list[list[int]], times: list[float], output_len: int,
+           ttft_slo_s: float, tpot_slo_s: float) -> tuple[Replay, list[Step]]:
+    """Feed ``prompts`` to ``llm``'s engine at ``times`` (seconds from now) and step it
+    until all finish; the budget is the engine's own."""
+    from engine import SamplingParams
+
+    engine = llm.engine
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     arrived: dict[str, float] = {}
     first: dict[str, float] = {}
     done: dict[str, float] = {}
-    try:
+    with recording(engine.runner) as steps:
         start, nxt = time.perf_counter(), 0
         while len(done) < len(times):
             now = time.perf_counter() - start
@@ -145,8 +156,6 @@ def replay(llm: Any, prompts: list[list[int]], times: list[float], output_len: i
                     first[o.request_id] = now
                 if o.finished:
                     done[o.request_id] = now
-    finally:
-        del runner.execute
     ttft = sorted(first[r] - arrived[r] for r in arrived)
     tpot = [(done[r] - first[r]) / max(1, output_len - 1) for r in arrived]
     met = sum(1 for r, p in zip(arrived, tpot, strict=True)

@@ -5,7 +5,8 @@ Subcommands:
   baton plan ...            the placement planner: layouts and instance counts per SLO
   baton profile             this engine's latencies here, as a profile for `baton plan`
   baton generate "PROMPT"   a completion from a running server (--offline: in-process)
-  baton bench engine|serve|kv-transfer|peers|peers-sim|chunk-replay ...   the README's benchmarks
+  baton bench engine|serve|kv-transfer|peers|peers-sim|chunk-replay|burst-replay ...
+                            the README's benchmarks
   baton status|cordon|uncordon|drain|scale|requests|abort|apply   operate a running
                             cluster through its admin API (cluster/admin_cli.py)
 
@@ -101,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         "peers-sim: bench/peers_sim.py (the planner's simulation of a peers run beside it); "
         "chunk-replay: bench/chunk_replay.py (one engine fed Poisson arrivals offline, per "
         "chunk, against the profile); "
+        "burst-replay: bench/burst_replay.py (the peers bench's burst on one engine with no "
+        "server, optionally beside a busy neighbour); "
         "multihost: bench/multihost.py (1P+1D on two namespace hosts against one; root)",
     )
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options passed to the benchmark")
@@ -528,6 +531,7 @@ _BENCHES = {
     "peers": "bench.peers",
     "peers-sim": "bench.peers_sim",
     "chunk-replay": "bench.chunk_replay",
+    "burst-replay": "bench.burst_replay",
     "multihost": "bench.multihost",
 }
 
