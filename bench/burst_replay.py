@@ -16,6 +16,8 @@ BUSY of every PERIOD (2/20: a tenth of one core), as the router, Ray and the cli
 beside a served instance; its CPU seconds are printed beside the engine's time. On a host
 whose every core runs one of the engine's OpenMP threads, each of its wake-ups leaves one
 thread waiting at a parallel region's end for the one that lost its core.
+``--neighbour-per-step MS`` instead spins MS ms after each engine step, as the router and
+the client handle a step's token events while the instance starts its next step.
 
 Usage: ``python -m bench.burst_replay --dtype float32 [--neighbour 2/20]`` (defaults: the
 peers bench's burst, 64 prompts of 256 tokens, 64 out, 32 in flight).
@@ -50,6 +52,16 @@ while True:
     while time.perf_counter() - start < busy:
         pass
     time.sleep(max(0.0, period - busy))
+"""
+# The per-step neighbour: spin for busy seconds per byte read from the pipe (fd argv[2]).
+_PER_STEP = """
+import os, sys, time
+busy, fd = float(sys.argv[1]) / 1e3, int(sys.argv[2])
+print("ready", flush=True)
+while os.read(fd, 1):
+    start = time.perf_counter()
+    while time.perf_counter() - start < busy:
+        pass
 """
 
 
@@ -91,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=5)
     p.add_argument("--neighbour", default=None, metavar="BUSY/PERIOD",
                    help="a process beside the engine spinning BUSY ms of every PERIOD ms")
+    p.add_argument("--neighbour-per-step", type=float, default=None, metavar="MS",
+                   help="a process beside the engine spinning MS ms after each step")
     p.add_argument("--json-out", type=Path, default=None)
     return p
 
@@ -119,12 +133,47 @@ def neighbour(duty: tuple[float, float] | None) -> Iterator[list[float]]:
     """A spinning process for the block's length (none for None), started before the block
     runs; the yielded list gets its CPU seconds (its start included) when the block ends.
     The process is killed however the block ends."""
-    taken: list[float] = []
     if duty is None:
-        yield taken
+        yield []
         return
-    proc = subprocess.Popen([sys.executable, "-c", _NEIGHBOUR, *(f"{v:g}" for v in duty)],
-                            stdout=subprocess.PIPE, text=True)
+    with _spinner([_NEIGHBOUR, *(f"{v:g}" for v in duty)]) as taken:
+        yield taken
+
+
+@contextlib.contextmanager
+def per_step_neighbour(engine: Any, ms: float | None) -> Iterator[list[float]]:
+    """Within the block, a process spins ``ms`` ms after each of ``engine``'s steps (none for
+    None); the yielded list gets its CPU seconds when the block ends."""
+    if ms is None:
+        yield []
+        return
+    read, write = os.pipe()
+    try:
+        with _spinner([_PER_STEP, f"{ms:g}", str(read)], pass_fds=(read,)) as taken:
+            step = engine.step
+
+            def stepped() -> Any:
+                out = step()
+                os.write(write, b"s")
+                return out
+
+            engine.step = stepped
+            try:
+                yield taken
+            finally:
+                del engine.step
+    finally:
+        os.close(read)
+        os.close(write)
+
+
+@contextlib.contextmanager
+def _spinner(args: list[str], pass_fds: tuple[int, ...] = ()) -> Iterator[list[float]]:
+    """``python -c *args``, once it says it is ready; its CPU seconds are appended to the
+    yielded list when the block ends, and it is killed however the block ends."""
+    taken: list[float] = []
+    proc = subprocess.Popen([sys.executable, "-c", *args], stdout=subprocess.PIPE, text=True,
+                            pass_fds=pass_fds)  # fmt: skip
     try:
         assert proc.stdout is not None
         if proc.stdout.readline().strip() != "ready":
@@ -174,8 +223,10 @@ def format_report(b: Burst, args: argparse.Namespace) -> str:
         f"{b.busy_s:.1f} s",
     ]
     if b.neighbour_cpu_s is not None:
-        lines.append(f"neighbour ({args.neighbour} ms busy/period) took {b.neighbour_cpu_s:.1f} "
-                     "CPU-s")  # fmt: skip
+        what = [f"{args.neighbour} ms busy/period"] if args.neighbour else []
+        if args.neighbour_per_step is not None:
+            what.append(f"{args.neighbour_per_step:g} ms after each step")
+        lines.append(f"neighbour ({'; '.join(what)}) took {b.neighbour_cpu_s:.1f} CPU-s")
     lines += ["", "| steps | count | seconds | prompt tokens | decode rows | ms per step |",
               "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for name, k in b.kinds.items():
@@ -200,9 +251,11 @@ def run(args: argparse.Namespace) -> Burst:
     llm.generate(prompt_token_ids=[prompts[0][:16]],  # warm-up: kernels, packed weights
                  params=SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     llm.engine.block_manager.reset_prefix_cache()  # prompt 0 prefills whole
-    with neighbour(duty) as taken:
+    with (neighbour(duty) as taken,
+          per_step_neighbour(llm.engine, args.neighbour_per_step) as taken_per_step):
         result, _ = burst(llm, prompts, args.output_len, args.max_concurrency)
-    result.neighbour_cpu_s = taken[0] if taken else None
+    if taken or taken_per_step:
+        result.neighbour_cpu_s = sum(taken + taken_per_step)
     return result
 
 
@@ -212,6 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("prompts", "max_concurrency", "input_len", "output_len", "threads", "budget"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: must be >= 1")
+    if args.neighbour_per_step is not None and not args.neighbour_per_step > 0:
+        parser.error("--neighbour-per-step: must be > 0 ms")
     if args.neighbour is not None:
         try:
             neighbour_duty(args.neighbour)

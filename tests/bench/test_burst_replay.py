@@ -1,5 +1,6 @@
 """``baton bench burst-replay``: the peers bench's burst on one engine in this process, on a
-tiny model end to end (with and without a busy neighbour), and its options."""
+tiny model end to end (without a busy neighbour, with one spinning periodically and with
+one spinning after each step), and its options."""
 
 from __future__ import annotations
 
@@ -62,6 +63,13 @@ def test_a_tiny_burst_runs_every_request_at_most_n_at_once(
     assert br.main(argv) == 0  # no neighbour: none started, none reported
     assert "neighbour" not in capsys.readouterr().out
 
+    # One spinning 1 ms after each step: it ran once per step at least partly, and is gone.
+    assert br.main([*argv, "--neighbour-per-step", "1", "--json-out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["output_tokens"] == 6 * 3 and got["neighbour_cpu_s"] > 0
+    assert _neighbours() == []
+    assert "neighbour (1 ms after each step) took" in capsys.readouterr().out
+
 
 def test_the_neighbours_duty_is_parsed_and_checked() -> None:
     assert br.neighbour_duty("2/20") == (2.0, 20.0)
@@ -73,6 +81,7 @@ def test_the_neighbours_duty_is_parsed_and_checked() -> None:
 
 @pytest.mark.parametrize("argv", [["--prompts", "0"], ["--max-concurrency", "0"],
                                   ["--budget", "0"], ["--neighbour", "20/2"],
+                                  ["--neighbour-per-step", "0"],
                                   ["--dtype", "float16"]])  # fmt: skip
 def test_bad_options_exit_with_usage_error(
     argv: list[str], capsys: pytest.CaptureFixture[str]
