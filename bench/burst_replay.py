@@ -236,12 +236,13 @@ def format_report(b: Burst, args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> Burst:
+def run(args: argparse.Namespace, duty: tuple[float, float] | None = None) -> Burst:
+    """The burst of ``args``, beside the periodic neighbour ``duty`` (``neighbour_duty``'s
+    reading of ``--neighbour``; None: none) and ``--neighbour-per-step``'s."""
     from bench.chunk_replay import _ordinary
     from bench.engine_throughput import make_prompts, resolve_model_path
     from engine import LLM, SamplingParams
 
-    duty = None if args.neighbour is None else neighbour_duty(args.neighbour)
     torch.set_num_threads(args.threads)
     llm = LLM(model=resolve_model_path(args.model), dtype=args.dtype,
               max_num_batched_tokens=args.budget)  # fmt: skip
@@ -267,12 +268,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')}: must be >= 1")
     if args.neighbour_per_step is not None and not args.neighbour_per_step > 0:
         parser.error("--neighbour-per-step: must be > 0 ms")
+    duty = None
     if args.neighbour is not None:
         try:
-            neighbour_duty(args.neighbour)
+            duty = neighbour_duty(args.neighbour)
         except ValueError as e:
             parser.error(f"--{e}")
-    result = run(args)
+    result = run(args, duty)
     print(format_report(result, args))
     if args.json_out is not None:
         out = {**asdict(result), "output_tok_s": result.output_tok_s,
